@@ -1,0 +1,65 @@
+"""Storage dtypes: float16 and bfloat16 (kept as raw 16-bit patterns in a uint16 array).
+
+NumPy and CuPy have no bfloat16 dtype, so a bf16 array is a ``uint16`` array of bit patterns
+and the storage dtype travels as a *name* ("float16" or "bfloat16") next to it. Everything
+here works on NumPy and CuPy arrays alike (the array module is taken from the input).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+STORAGE_DTYPES = ("float16", "bfloat16")
+
+
+def array_module(x):
+    """NumPy for NumPy arrays, CuPy for CuPy arrays (without importing CuPy eagerly)."""
+    mod = type(x).__module__
+    if mod.startswith("cupy"):
+        import cupy
+
+        return cupy
+    return np
+
+
+def check_dtype_name(dtype, argument: str = "dtype") -> str:
+    """Normalise a storage dtype given as a name or as ``numpy.float16``; reject the rest."""
+    name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype), "name", None)
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"{argument}: expected one of {STORAGE_DTYPES}, got {dtype!r}")
+    return name
+
+
+def storage_numpy_dtype(dtype: str):
+    """The array dtype that holds values of storage dtype ``dtype``."""
+    return np.float16 if dtype == "float16" else np.uint16
+
+
+def to_storage(x, dtype: str):
+    """float32/float64 values -> storage array (float16, or bf16 bits rounded to nearest even)."""
+    xp = array_module(x)
+    if dtype == "float16":
+        return x.astype(xp.float16)
+    u = xp.ascontiguousarray(x, dtype=xp.float32).view(xp.uint32)
+    # round to nearest even on the 16 dropped bits; NaN stays NaN (quiet bit survives)
+    rounded = (u + xp.uint32(0x7FFF) + ((u >> 16) & xp.uint32(1))) >> 16
+    nan = (u & xp.uint32(0x7FFFFFFF)) > xp.uint32(0x7F800000)
+    rounded = xp.where(nan, (u >> 16) | xp.uint32(0x40), rounded)
+    return rounded.astype(xp.uint16)
+
+
+def to_float32(x, dtype: str):
+    """storage array -> float32 values."""
+    xp = array_module(x)
+    if dtype == "float16":
+        return x.astype(xp.float32)
+    return (xp.ascontiguousarray(x).astype(xp.uint32) << 16).view(xp.float32)
+
+
+def round_to_storage(x, dtype: str):
+    """Values as float32 after one round trip through the storage dtype."""
+    return to_float32(to_storage(x, dtype), dtype)
+
+
+def unit_roundoff(dtype: str) -> float:
+    """Half an ulp at 1.0: the relative error of one rounding to ``dtype``."""
+    return {"float16": 2.0**-11, "bfloat16": 2.0**-8}[dtype]

@@ -1,0 +1,497 @@
+"""The chunk tree: a prefix-aware KV cache of fixed-size chunks in a preallocated paged pool.
+
+One tree serves every layer. Tree nodes are chunks of up to ``c`` tokens; the pool holds K and V
+for every layer, heads-first inside a chunk so that one (chunk, kv head) is a contiguous
+``c x head_dim`` page::
+
+    k_pool, v_pool: [num_layers, num_chunks, num_kv_heads, c, head_dim]   (storage dtype)
+
+Rules (DESIGN.md, "The chunk tree"):
+
+* A node is shared by every live sequence whose path passes through it; ``ref`` counts them.
+* Only *complete* chunks (full, K/V written for every layer, i.e. committed) are matched by later
+  prompts. A partially filled chunk is private to its sequence, so appends never copy on write.
+* A released sequence drops its references. Complete chunks with no reference stay cached and
+  are evicted least-recently-used when the pool needs room; anything else is freed at once.
+* Sequence ids are stable integers chosen by the cache. ``fork`` shares every full chunk and
+  copies only the partial tail.
+* Every mutating call checks everything first, so an error leaves the cache exactly as it was.
+
+The pool's array module is a parameter (``xp=numpy`` or ``cupy``): both backends share this
+tree and this layout; only where the bytes live differs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence as _Seq
+
+import numpy as np
+
+from .dtypes import check_dtype_name, storage_numpy_dtype
+
+
+class CacheError(ValueError):
+    """Bad use of the cache (unknown sequence, wrong shape, ...). Nothing was changed."""
+
+
+class CacheFullError(CacheError):
+    """The pool has no free chunk and nothing evictable. Nothing was changed."""
+
+
+@dataclass(eq=False)
+class Node:
+    """One chunk of the tree. ``serial`` orders siblings by creation (depth-first order)."""
+
+    chunk: int  # pool index, -1 for the root
+    serial: int
+    parent: "Node | None"
+    tokens: list = field(default_factory=list)
+    children: list = field(default_factory=list)
+    index: dict = field(default_factory=dict)  # token tuple -> registered (matchable) child
+    ref: int = 0
+    registered: bool = False  # complete and reachable by matching from the root
+    last_use: int = 0
+
+
+@dataclass(eq=False)
+class SeqState:
+    id: int
+    slot: int
+    path: list  # Node, root excluded, root -> tail
+    n_tokens: int = 0
+    n_committed: int = 0
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Where tokens go in the pool: token i lands in page ``chunk[i]`` at row ``offset[i]``."""
+
+    chunk: np.ndarray  # int32 [n]
+    offset: np.ndarray  # int32 [n]
+
+
+class ChunkCache:
+    """Prefix tree of chunks over a paged K/V pool (see the module docstring).
+
+    Args:
+        num_layers, num_kv_heads, head_dim: pool geometry.
+        num_chunks: pool capacity in chunks (allocated up front, never grows).
+        chunk_size: tokens per chunk ``c``, a power of two in [1, 128] (2 and 4 are for tests;
+            kernels support 16 to 128).
+        dtype: storage dtype name, "float16" or "bfloat16" (bf16 kept as uint16 bit patterns).
+        xp: array module of the pool (numpy or cupy).
+        share_prefix: False stores every sequence on its own (for A/B checks); results must
+            not change.
+        max_sequences: capacity of the per-slot length table.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_chunks: int,
+                 chunk_size: int = 64, dtype="float16", xp=np, share_prefix: bool = True,
+                 max_sequences: int = 4096):
+        for name, val, lo in (("num_layers", num_layers, 1), ("num_kv_heads", num_kv_heads, 1),
+                              ("head_dim", head_dim, 1), ("num_chunks", num_chunks, 1),
+                              ("max_sequences", max_sequences, 1)):
+            if not isinstance(val, (int, np.integer)) or val < lo:
+                raise ValueError(f"{name}: expected an integer >= {lo}, got {val!r}")
+        if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1 or chunk_size > 128 \
+                or chunk_size & (chunk_size - 1):
+            raise ValueError(f"chunk_size: expected a power of two in [1, 128], got {chunk_size!r}")
+        self.num_layers, self.num_kv_heads, self.head_dim = int(num_layers), int(num_kv_heads), int(head_dim)
+        self.num_chunks, self.chunk_size = int(num_chunks), int(chunk_size)
+        self.dtype = check_dtype_name(dtype)
+        self.xp = xp
+        self.share_prefix = bool(share_prefix)
+        shape = (self.num_layers, self.num_chunks, self.num_kv_heads, self.chunk_size, self.head_dim)
+        self.k_pool = xp.zeros(shape, dtype=storage_numpy_dtype(self.dtype))
+        self.v_pool = xp.zeros(shape, dtype=storage_numpy_dtype(self.dtype))
+        # per-slot token counts on the host; a GPU cache mirrors them on the device
+        self.max_sequences = int(max_sequences)
+        self.slot_lens = np.zeros(self.max_sequences, dtype=np.int32)
+        self.root = Node(chunk=-1, serial=0, parent=None, registered=True)
+        self._free = list(range(self.num_chunks - 1, -1, -1))  # pop() gives the lowest id
+        self._free_slots = list(range(self.max_sequences - 1, -1, -1))
+        self._cached: dict = {}  # Node -> None, ordered by when it became cached (LRU first)
+        self._seqs: dict[int, SeqState] = {}
+        self._next_id = 0
+        self._serial = 0
+        self._tick = 0
+        self.version = 0  # bumps on every structural change (plans compare it)
+        self.on_copy_chunk = None  # hook for a GPU pool copy; default copies with xp
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def sequences(self) -> list[int]:
+        return list(self._seqs)
+
+    def seq_len(self, seq: int) -> int:
+        return self._get(seq).n_tokens
+
+    def seq_slot(self, seq: int) -> int:
+        return self._get(seq).slot
+
+    def seq_chunks(self, seq: int) -> list[int]:
+        """Pool chunk ids of the sequence's path, root side first."""
+        return [n.chunk for n in self._get(seq).path]
+
+    def seq_nodes(self, seq: int) -> list[Node]:
+        return list(self._get(seq).path)
+
+    def seq_tokens(self, seq: int) -> list[int]:
+        return [t for n in self._get(seq).path for t in n.tokens]
+
+    def is_live(self, seq) -> bool:
+        return seq in self._seqs
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
+
+    @property
+    def num_referenced(self) -> int:
+        return self.num_chunks - len(self._free) - len(self._cached)
+
+    def nodes(self):
+        """Every node of the tree (root excluded) in depth-first order."""
+        stack = list(reversed(self.root.children))
+        while stack:
+            n = stack.pop()
+            yield n
+            stack.extend(reversed(n.children))
+
+    def stats(self) -> dict:
+        """Memory accounting: tokens stored in the pool vs a flat per-sequence cache."""
+        stored = sum(len(n.tokens) for n in self.nodes())
+        flat = sum(s.n_tokens for s in self._seqs.values())
+        return dict(sequences=len(self._seqs), chunks_free=self.num_free, chunks_cached=self.num_cached,
+                    chunks_referenced=self.num_referenced, tokens_stored=stored, tokens_flat=flat)
+
+    def read_kv(self, seq: int, layer: int):
+        """K and V of a sequence gathered from the pool: two arrays [n_tokens, Hkv, D] (storage dtype)."""
+        s = self._get(seq)
+        self._check_layer(layer)
+        c = self.chunk_size
+        if not s.path:
+            e = self.xp.zeros((0, self.num_kv_heads, self.head_dim), self.k_pool.dtype)
+            return e, e.copy()
+        ids = np.array([n.chunk for n in s.path], dtype=np.int64)
+        # [n_chunks, Hkv, c, D] -> [n_chunks, c, Hkv, D] -> [n_chunks*c, Hkv, D]
+        k = self.k_pool[layer, ids].transpose(0, 2, 1, 3).reshape(-1, self.num_kv_heads, self.head_dim)
+        v = self.v_pool[layer, ids].transpose(0, 2, 1, 3).reshape(-1, self.num_kv_heads, self.head_dim)
+        return k[: s.n_tokens], v[: s.n_tokens]
+
+    # ------------------------------------------------------------------ sequences
+    def add_sequence(self, tokens: _Seq[int] = (), k=None, v=None, *, max_match: int | None = None) -> int:
+        """Start a sequence from a prompt, reusing its longest cached prefix of complete chunks.
+
+        Without ``k``/``v`` only the cached prefix is taken (``seq_len`` says how many tokens);
+        the caller extends with the rest. With ``k``, ``v`` ([num_layers, len(tokens), Hkv, D],
+        storage dtype) the rest of the prompt is written too (K/V rows of matched tokens are
+        ignored) and committed. ``max_match`` caps the reused tokens (e.g. ``len(tokens) - 1``
+        so the last prompt token is recomputed to get its logits).
+        """
+        tokens = self._check_tokens(tokens, "tokens")
+        if (k is None) != (v is None):
+            raise ValueError("k, v: expected both or neither, got only one")
+        if k is not None:
+            self._check_kv(k, "k", len(tokens))
+            self._check_kv(v, "v", len(tokens))
+        if not self._free_slots:
+            raise CacheError(f"max_sequences: all {self.max_sequences} sequence slots are in use")
+        limit = len(tokens) if max_match is None else max(0, min(int(max_match), len(tokens)))
+        matched = self._match(tokens[:limit])
+        n_matched = len(matched) * self.chunk_size
+        rest = len(tokens) - n_matched if k is not None else 0
+        reviving = sum(1 for n in matched if n.ref == 0)
+        self._check_room(self._chunks_needed(None, 0, rest), reviving)
+        # --- checks done: mutate
+        s = SeqState(id=self._next_id, slot=self._free_slots.pop(), path=[])
+        self._next_id += 1
+        self._seqs[s.id] = s
+        self._tick += 1
+        for n in matched:
+            self._take(n)
+        s.path = list(matched)
+        s.n_tokens = s.n_committed = n_matched
+        self.slot_lens[s.slot] = n_matched
+        self.version += 1
+        if rest:
+            slots = self._reserve(s, tokens[n_matched:])
+            self._write_all(slots, k[:, n_matched:], v[:, n_matched:])
+            self._commit(s)
+        return s.id
+
+    def extend(self, seq: int, tokens: _Seq[int], k, v) -> None:
+        """Append tokens with their K/V for every layer (k, v: [num_layers, n, Hkv, D]) and commit."""
+        s = self._get(seq)
+        tokens = self._check_tokens(tokens, "tokens")
+        self._check_kv(k, "k", len(tokens))
+        self._check_kv(v, "v", len(tokens))
+        slots = self.reserve(seq, tokens)
+        self._write_all(slots, k, v)
+        self._commit(s)
+
+    def append(self, seqs: _Seq[int], tokens: _Seq[int], k, v) -> None:
+        """Decode step: one token per sequence (k, v: [num_layers, batch, Hkv, D]), committed."""
+        n = len(np.asarray(seqs).reshape(-1))
+        self._check_kv(k, "k", n)
+        self._check_kv(v, "v", n)
+        slots = self.reserve_batch(seqs, tokens)
+        self._write_all(slots, k, v)
+        for sid in seqs:
+            self._commit(self._seqs[int(sid)])
+
+    def reserve(self, seq: int, tokens: _Seq[int]) -> Slots:
+        """Make room for ``tokens`` at the end of ``seq``; K/V is written later (``write_kv``)
+        and the tokens become matchable by other prompts only after ``commit``."""
+        s = self._get(seq)
+        tokens = self._check_tokens(tokens, "tokens")
+        self._check_committed(s)
+        self._check_room(self._chunks_needed(s.path[-1] if s.path else None, s.n_tokens, len(tokens)))
+        return self._reserve(s, tokens)
+
+    def reserve_batch(self, seqs: _Seq[int], tokens: _Seq[int]) -> Slots:
+        """``reserve`` of one token for each sequence of a batch, all or nothing."""
+        seqs = self._check_batch(seqs)
+        tokens = self._check_tokens(tokens, "tokens")
+        if len(tokens) != len(seqs):
+            raise ValueError(f"tokens: expected one token per sequence ({len(seqs)}), got {len(tokens)}")
+        states = [self._seqs[i] for i in seqs]
+        for s in states:
+            self._check_committed(s)
+        need = sum(self._chunks_needed(s.path[-1] if s.path else None, s.n_tokens, 1) for s in states)
+        self._check_room(need)
+        parts = [self._reserve(s, [t]) for s, t in zip(states, tokens)]
+        return Slots(np.concatenate([p.chunk for p in parts]), np.concatenate([p.offset for p in parts]))
+
+    def write_kv(self, layer: int, slots: Slots, k, v) -> None:
+        """Write k, v ([n, Hkv, D], storage dtype) of one layer into the reserved slots."""
+        self._check_layer(layer)
+        n = len(slots.chunk)
+        for name, x in (("k", k), ("v", v)):
+            self._check_array(x, name, (n, self.num_kv_heads, self.head_dim))
+        self._scatter(layer, slots, k, v)
+
+    def commit(self, seq: int) -> None:
+        """Declare every reserved token of ``seq`` written for all layers."""
+        self._commit(self._get(seq))
+
+    def fork(self, seq: int) -> int:
+        """A new sequence with the same tokens: full chunks are shared, the partial tail copied."""
+        s = self._get(seq)
+        self._check_committed(s)
+        if not self._free_slots:
+            raise CacheError(f"max_sequences: all {self.max_sequences} sequence slots are in use")
+        c = self.chunk_size
+        copy_from = [i for i, n in enumerate(s.path)
+                     if not self.share_prefix or len(n.tokens) < c]
+        self._check_room(len(copy_from))
+        # --- mutate
+        t = SeqState(id=self._next_id, slot=self._free_slots.pop(), path=[],
+                     n_tokens=s.n_tokens, n_committed=s.n_committed)
+        self._next_id += 1
+        self._seqs[t.id] = t
+        self._tick += 1
+        parent = self.root
+        for i, n in enumerate(s.path):
+            if i in copy_from:
+                m = self._new_node(parent, n.tokens)
+                self._copy_chunk(n.chunk, m.chunk)
+                n = m
+            self._take(n)
+            t.path.append(n)
+            parent = n
+        self.slot_lens[t.slot] = t.n_tokens
+        self.version += 1
+        self._commit(t)
+        return t.id
+
+    def release(self, seq: int) -> None:
+        """Drop the sequence. Its complete chunks stay cached for later prompts until evicted."""
+        s = self._get(seq)
+        del self._seqs[s.id]
+        self._free_slots.append(s.slot)
+        self.slot_lens[s.slot] = 0
+        self._tick += 1
+        for n in reversed(s.path):  # leaf first, so leaves are older in the LRU order
+            n.ref -= 1
+            n.last_use = self._tick
+            if n.ref == 0:
+                if n.registered:
+                    self._cached[n] = None
+                else:
+                    self._free_node(n)
+        self.version += 1
+
+    def evict(self, max_chunks: int | None = None) -> int:
+        """Evict up to ``max_chunks`` cached chunks (all when None), least recently used first."""
+        count = 0
+        while self._cached and (max_chunks is None or count < max_chunks):
+            self._evict_one()
+            count += 1
+        return count
+
+    # ------------------------------------------------------------------ internals
+    def _get(self, seq) -> SeqState:
+        try:
+            return self._seqs[int(seq)]
+        except (KeyError, TypeError, ValueError):
+            raise CacheError(f"seq: expected a live sequence id, got {seq!r} "
+                             f"(unknown or released)") from None
+
+    def _check_batch(self, seqs) -> list[int]:
+        seqs = [int(x) for x in np.asarray(seqs).reshape(-1)] if not isinstance(seqs, list) else list(seqs)
+        if not seqs:
+            raise ValueError("seqs: expected a non-empty batch of sequence ids, got an empty one")
+        for x in seqs:
+            self._get(x)
+        if len(set(seqs)) != len(seqs):
+            dup = sorted({x for x in seqs if seqs.count(x) > 1})
+            raise ValueError(f"seqs: expected distinct sequence ids, got duplicates {dup}")
+        return [int(x) for x in seqs]
+
+    def _check_committed(self, s: SeqState) -> None:
+        if s.n_committed != s.n_tokens:
+            raise CacheError(f"seq: sequence {s.id} has {s.n_tokens - s.n_committed} reserved tokens "
+                             f"not yet committed (mid-prefill); commit it first")
+
+    def _check_layer(self, layer) -> None:
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer: expected an integer in [0, {self.num_layers}), got {layer!r}")
+
+    @staticmethod
+    def _check_tokens(tokens, name) -> list[int]:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise TypeError(f"{name}: expected a 1-D sequence of integer token ids, got "
+                            f"{arr.dtype} with shape {arr.shape}")
+        return [int(t) for t in arr]
+
+    def _check_array(self, x, name, shape) -> None:
+        want = storage_numpy_dtype(self.dtype)
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
+        if np.dtype(x.dtype) != np.dtype(want):
+            raise TypeError(f"{name}: expected dtype {np.dtype(want).name} for {self.dtype} storage, "
+                            f"got {x.dtype} (convert with cpattn.reference.dtypes.to_storage)")
+
+    def _check_kv(self, x, name, n) -> None:
+        self._check_array(x, name, (self.num_layers, n, self.num_kv_heads, self.head_dim))
+
+    def _chunks_needed(self, tail: Node | None, n_tokens: int, n_new: int) -> int:
+        c = self.chunk_size
+        room = (c - len(tail.tokens)) if tail is not None else 0
+        return -(-max(0, n_new - room) // c)
+
+    def _check_room(self, need: int, reviving: int = 0) -> None:
+        have = len(self._free) + len(self._cached) - reviving
+        if need > have:
+            raise CacheFullError(
+                f"pool: need {need} free chunks, have {len(self._free)} free and "
+                f"{len(self._cached) - reviving} evictable of {self.num_chunks}; release sequences "
+                f"or make the pool larger")
+
+    def _match(self, tokens: list[int]) -> list[Node]:
+        if not self.share_prefix:
+            return []
+        c, node, out = self.chunk_size, self.root, []
+        for i in range(0, len(tokens) - c + 1, c):
+            nxt = node.index.get(tuple(tokens[i:i + c]))
+            if nxt is None:
+                break
+            out.append(nxt)
+            node = nxt
+        return out
+
+    def _take(self, n: Node) -> None:
+        if n.ref == 0:
+            self._cached.pop(n, None)
+        n.ref += 1
+        n.last_use = self._tick
+
+    def _alloc_chunk(self) -> int:
+        if not self._free:
+            self._evict_one()
+        return self._free.pop()
+
+    def _evict_one(self) -> None:
+        victim = next((n for n in self._cached if not n.children), None)
+        if victim is None:  # cannot happen: a cached node's children are cached too
+            raise AssertionError("no cached leaf to evict")
+        self._free_node(victim)
+
+    def _new_node(self, parent: Node, tokens) -> Node:
+        self._serial += 1
+        n = Node(chunk=self._alloc_chunk(), serial=self._serial, parent=parent, tokens=list(tokens),
+                 last_use=self._tick)
+        parent.children.append(n)
+        self.version += 1
+        return n
+
+    def _free_node(self, n: Node) -> None:
+        self._cached.pop(n, None)
+        p = n.parent
+        p.children.remove(n)
+        if n.registered and p.index.get(tuple(n.tokens)) is n:
+            del p.index[tuple(n.tokens)]
+        n.registered = False
+        self._free.append(n.chunk)
+        self.version += 1
+
+    def _reserve(self, s: SeqState, tokens: list[int]) -> Slots:
+        c = self.chunk_size
+        chunk = np.empty(len(tokens), np.int32)
+        offset = np.empty(len(tokens), np.int32)
+        i = 0
+        while i < len(tokens):  # fill the tail, then one new chunk at a time
+            tail = s.path[-1] if s.path else None
+            if tail is None or len(tail.tokens) == c:
+                tail = self._new_node(tail if tail is not None else self.root, [])
+                self._take(tail)
+                s.path.append(tail)
+            j = min(len(tokens), i + c - len(tail.tokens))
+            chunk[i:j] = tail.chunk
+            offset[i:j] = np.arange(len(tail.tokens), len(tail.tokens) + j - i)
+            tail.tokens.extend(tokens[i:j])
+            i = j
+        s.n_tokens += len(tokens)
+        self.slot_lens[s.slot] = s.n_tokens
+        return Slots(chunk, offset)
+
+    def _commit(self, s: SeqState) -> None:
+        s.n_committed = s.n_tokens
+        if not self.share_prefix:
+            return
+        # register complete chunks root-first; a registered node's ancestors are registered
+        parent = self.root
+        for n in s.path:
+            if not n.registered:
+                key = tuple(n.tokens)
+                if len(n.tokens) < self.chunk_size or not parent.registered or key in parent.index:
+                    return
+                parent.index[key] = n
+                n.registered = True
+            parent = n
+
+    def _scatter(self, layer, slots: Slots, k, v) -> None:
+        xp = self.xp
+        ch, off = xp.asarray(slots.chunk), xp.asarray(slots.offset)
+        # pool[layer, chunk, :, offset, :] = k[i]  (advanced indices split by a slice -> [n, Hkv, D])
+        self.k_pool[layer, ch, :, off, :] = xp.asarray(k)
+        self.v_pool[layer, ch, :, off, :] = xp.asarray(v)
+
+    def _write_all(self, slots: Slots, k, v) -> None:
+        for layer in range(self.num_layers):
+            self._scatter(layer, slots, k[layer], v[layer])
+
+    def _copy_chunk(self, src: int, dst: int) -> None:
+        if self.on_copy_chunk is not None:
+            self.on_copy_chunk(src, dst)
+            return
+        self.k_pool[:, dst] = self.k_pool[:, src]
+        self.v_pool[:, dst] = self.v_pool[:, src]
