@@ -1,0 +1,773 @@
+"""CompactAttention chunked prefill in NumPy: block-union KV selection over the chunk tree.
+
+A prompt is prefilled chunk by chunk. A sequence has ``P`` cached tokens (a multiple of the
+chunk size ``c``); the next prompt chunk of ``n >= 1`` tokens has had its K/V written into the
+cache, so the chunk is the sequence's last ``n`` tokens. Its queries ``q [n, Hq, D]`` attend to
+the ``P`` past tokens and to the chunk's tokens causally (DESIGN.md, "CompactAttention chunked
+prefill"). The block size is the chunk size, ``b = c``, so a KV block *is* a pool page.
+
+Vocabulary and sizes::
+
+    c   chunk size = block size          G   Hq // Hkv, query heads per kv head (GQA group)
+    Pb  P // c past blocks (all full)    s   group_size, query heads per sub-group; S = G // s
+    Cb  ceil(n / c) own blocks           q_tile  query rows per tile (multiple of c); T tiles
+    Qb  ceil(n / c) query blocks         table   one CSR row per (tile, kv head, sub-group)
+
+The passes, written as the GPU runs them (each is one function below)::
+
+    1. summarise  BlockMeans.update     kmean[layer, chunk] = mean of the page's c keys  [Hkv, D] f32
+    2. score      select_blocks         z[h,r,j] = scale * q[r,h] . kmean[j, h//G]        [Hq, n, Pb]
+                                        s[h,i,j] = sum_{r in query block i} exp(z - max_j z),
+                                                   normalised over j                       [Hq, Qb, Pb]
+    3. select                           keep[h,i,j] = s >= alpha * max_j s
+                                                      or j < sink or j >= Pb - window      [Hq, Qb, Pb]
+    4. Q-union                          OR over the query blocks of a tile               [Hq, T, Pb]
+    5. group union                      OR over the query heads of a sub-group           [T, Hkv, S, Pb]
+    6. tables     build_block_tables    per table: kept past pool ids ascending in token
+                                        order, then the chunk's own blocks up to the tile end (CSR)
+    7. execute    sparse_prefill        per table: state over past pages (no mask) merged with
+                                        the state over own pages (bottom-right causal mask)
+
+``compact_prefill`` runs 2-7 for one chunk and layer; ``chunked_prefill`` drives a whole prompt
+(write K/V, attend, commit, summarise). ``dense_prefill`` is the float64 oracle;
+``attention_mass``, ``mass_recall``, ``relative_error`` and ``needle_recall`` are the metrics.
+
+Why the own blocks go last: a paged prefill kernel's causal mask is bottom-right aligned. With
+every own block of the tile present and last in the list, compacted key position
+``len(keys) - rows + r`` of tile row ``r`` is exactly that row's own token, so the bottom-right
+mask reproduces causality inside the chunk and never touches a past block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .chunk_attention import attention_state, merge_states
+from .dtypes import storage_numpy_dtype, to_float32
+from .tree import CacheError, ChunkCache
+
+_I32 = np.int32
+
+
+def _host(x):
+    """A NumPy view of a pool (CuPy pools are copied to the host)."""
+    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ============================================================================ 1. block means
+class BlockMeans:
+    """Mean key of every summarised pool page, per layer and kv head: the selector's view of
+    the past. Lives next to the cache; a GPU cache keeps the same array on the device.
+
+    Arrays:
+        kmean: float32 [num_layers, num_chunks, Hkv, D]; ``kmean[l, chunk, h]`` is the mean of
+            the ``c`` keys of kv head ``h`` in pool page ``chunk`` (summed in float64, rounded
+            once to float32, so every backend can match it to an ulp).
+
+    A page is summarised once, when it is full and committed; a page shared by several
+    sequences (a reused prefix) is summarised once for all of them. Entries are keyed by pool
+    chunk id *and* the tree node that owned the page when it was summarised, so a page that was
+    evicted and reused for other tokens is summarised again, never read stale.
+    """
+
+    def __init__(self, cache: ChunkCache):
+        self.cache = cache
+        self.chunk_size = cache.chunk_size
+        self.kmean = np.zeros((cache.num_layers, cache.num_chunks, cache.num_kv_heads, cache.head_dim),
+                              np.float32)
+        self._owner: list = [None] * cache.num_chunks  # tree Node summarised in each page
+
+    def _check_cache(self, cache) -> None:
+        if cache is not self.cache:
+            raise ValueError("cache: expected the cache these block means were made for "
+                             f"(id {id(self.cache):#x}), got another one (id {id(cache):#x})")
+
+    def update(self, cache: ChunkCache, seq: int, num_tokens: int | None = None) -> int:
+        """Summarise every full page among the sequence's first ``num_tokens`` tokens (default:
+        all its committed tokens) that is not summarised yet. Returns how many were computed.
+
+        Only committed tokens count: a reserved chunk may still be missing K/V of later layers.
+        """
+        self._check_cache(cache)
+        state = cache._get(seq)
+        committed = state.n_committed
+        upto = committed if num_tokens is None else num_tokens
+        if not isinstance(upto, (int, np.integer)) or not 0 <= upto <= committed:
+            raise ValueError(f"num_tokens: expected an integer in [0, {committed}] (committed tokens "
+                             f"of sequence {seq}), got {num_tokens!r}")
+        c, count = self.chunk_size, 0
+        for node in state.path[: upto // c]:  # every node but a path's tail is full
+            if self._owner[node.chunk] is node:
+                continue
+            k = to_float32(_host(cache.k_pool[:, node.chunk]), cache.dtype)  # [L, Hkv, c, D]
+            self.kmean[:, node.chunk] = k.astype(np.float64).mean(axis=2).astype(np.float32)
+            self._owner[node.chunk] = node
+            count += 1
+        return count
+
+    def is_current(self, cache: ChunkCache, seq: int, num_blocks: int) -> bool:
+        """True when the sequence's first ``num_blocks`` pages are all summarised."""
+        self._check_cache(cache)
+        return all(self._owner[n.chunk] is n for n in cache._get(seq).path[:num_blocks])
+
+    def gather(self, cache: ChunkCache, seq: int, layer: int, num_blocks: int) -> np.ndarray:
+        """kmean of the sequence's first ``num_blocks`` pages: float32 [num_blocks, Hkv, D]."""
+        if not self.is_current(cache, seq, num_blocks):
+            raise CacheError(f"means: the first {num_blocks} blocks of sequence {seq} are not all "
+                             f"summarised; call means.update(cache, seq) after each commit")
+        ids = np.array(cache.seq_chunks(seq)[:num_blocks], np.int64)
+        return self.kmean[layer, ids]
+
+
+# ============================================================================ argument checks
+def _check_chunk(cache: ChunkCache, seq: int, q, layer: int):
+    """Validate one prefill call; returns (P, n, G). The chunk is the sequence's last n tokens."""
+    length = cache.seq_len(seq)  # unknown or released sequence -> CacheError
+    cache._check_layer(layer)
+    want = storage_numpy_dtype(cache.dtype)
+    if not hasattr(q, "shape") or not hasattr(q, "dtype"):
+        raise TypeError(f"q: expected an array [n, num_q_heads, head_dim], got {type(q).__name__}")
+    if q.ndim != 3:
+        raise ValueError(f"q: expected an array [n, num_q_heads, head_dim], got shape {tuple(q.shape)}")
+    n, hq, d = q.shape
+    if np.dtype(q.dtype) != np.dtype(want):
+        raise TypeError(f"q: expected dtype {np.dtype(want).name} for {cache.dtype} storage, got {q.dtype}")
+    if d != cache.head_dim:
+        raise ValueError(f"q: expected head_dim {cache.head_dim}, got {d}")
+    if hq == 0 or hq % cache.num_kv_heads:
+        raise ValueError(f"q: expected num_q_heads a positive multiple of num_kv_heads "
+                         f"{cache.num_kv_heads}, got {hq}")
+    if n < 1:
+        raise ValueError("q: expected at least one query row (n >= 1), got 0")
+    if n > length:
+        raise ValueError(f"q: expected at most {length} rows (the chunk is the last n tokens of "
+                         f"sequence {seq}, which has {length}), got n = {n}")
+    P = length - n
+    if P % cache.chunk_size:
+        raise ValueError(f"q: expected the chunk to start at a multiple of chunk_size "
+                         f"{cache.chunk_size} (P = seq_len - n cached tokens before it), got "
+                         f"P = {P} (seq_len {length}, n {n})")
+    return P, n, hq // cache.num_kv_heads
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / float(np.sqrt(head_dim))
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)) \
+            or not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale: expected None or a finite number > 0, got {scale!r}")
+    return float(scale)
+
+
+def _check_options(c: int, n: int, G: int, alpha, sink, window, q_tile, group_size):
+    """Validate the selection options; returns (q_tile in rows, group_size)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) \
+            or not 0.0 <= float(alpha) <= 1.0:  # NaN fails the comparison too
+        raise ValueError(f"alpha: expected a number in [0, 1], got {alpha!r}")
+    for name, val in (("sink", sink), ("window", window)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 0:
+            raise ValueError(f"{name}: expected an integer >= 0 (blocks), got {val!r}")
+    if q_tile is None:
+        q_tile = _cdiv(n, c) * c  # the whole chunk
+    elif isinstance(q_tile, bool) or not isinstance(q_tile, (int, np.integer)) or q_tile < c or q_tile % c:
+        raise ValueError(f"q_tile: expected None or a positive multiple of chunk_size {c} (query "
+                         f"rows per tile), got {q_tile!r}")
+    if group_size is None:
+        group_size = G
+    elif isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
+            or group_size < 1 or G % group_size:
+        raise ValueError(f"group_size: expected None or a divisor of the GQA group size {G} "
+                         f"(query heads per sub-group), got {group_size!r}")
+    return int(q_tile), int(group_size)
+
+
+# ============================================================================ 2-5. selection
+def block_scores(q: np.ndarray, kmean: np.ndarray, chunk_size: int, scale: float) -> np.ndarray:
+    """FlashPrefill-style block scores of one chunk against the past blocks.
+
+    Args:
+        q: float32 [n, Hq, D] query values of the chunk.
+        kmean: float32 [Pb, Hkv, D] mean key of every past block.
+    Returns:
+        s: float32 [Hq, Qb, Pb], each (h, i) row normalised to sum 1 over j (empty when Pb = 0).
+    """
+    n, Hq, D = q.shape
+    Pb, Hkv, _ = kmean.shape
+    Qb = _cdiv(n, chunk_size)
+    if Pb == 0:
+        return np.zeros((Hq, Qb, 0), np.float32)
+    km = kmean[:, np.arange(Hq) // (Hq // Hkv)]  # [Pb, Hq, D], each query head's kv head
+    z = np.einsum("nhd,jhd->hnj", q, km).astype(np.float32) * np.float32(scale)  # [Hq, n, Pb]
+    e = np.exp(z - z.max(axis=2, keepdims=True))  # each row's best block contributes 1
+    s = np.add.reduceat(e, np.arange(0, n, chunk_size), axis=1)  # [Hq, Qb, Pb] sum over block rows
+    return s / s.sum(axis=2, keepdims=True)
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """What the selector kept, stage by stage (the input of ``build_block_tables``).
+
+    Arrays (bool unless said):
+        scores      float32 [Hq, Qb, Pb]  normalised block scores (pass 2)
+        selected    [Hq, Qb, Pb]   kept by the score rule alone
+        forced      [Pb]           sink and window blocks, kept for every (head, query block)
+        keep        [Hq, Qb, Pb]   selected | forced: the per-(head, query block) selection
+        q_union     [Hq, T, Pb]    OR over the query blocks of each tile
+        group_union [T, Hkv, S, Pb]  OR over the query heads of each sub-group
+    ``density`` maps each stage to the fraction of (query head, query block, past block)
+    triples whose past block is read at that stage (1.0 when there is no past).
+    """
+
+    seq: int
+    version: int
+    chunk_size: int
+    past_len: int  # P
+    chunk_len: int  # n
+    num_q_heads: int
+    num_kv_heads: int
+    group_size: int  # s
+    q_tile: int  # query rows per tile
+    alpha: float
+    sink: int
+    window: int
+    scores: np.ndarray
+    selected: np.ndarray
+    forced: np.ndarray
+    keep: np.ndarray
+    q_union: np.ndarray
+    group_union: np.ndarray
+    density: dict = field(default_factory=dict)
+
+    @property
+    def num_tiles(self) -> int:
+        return self.q_union.shape[1]
+
+
+def select_blocks(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int = 0, *,
+                  scale: float | None = None, alpha: float = 0.06, sink: int = 2, window: int = 4,
+                  q_tile: int | None = None, group_size: int | None = None) -> BlockSelection:
+    """Passes 2-5: score the past blocks for the chunk and take the two unions.
+
+    Args:
+        q: [n, Hq, D] storage dtype, the queries of the sequence's last n tokens (the chunk).
+        alpha: keep a block when its score is at least alpha times the row's best (0 keeps all).
+        sink, window: the first ``sink`` and last ``window`` past blocks are always kept.
+        q_tile: query rows per tile of the Q-block union (None: the whole chunk).
+        group_size: query heads per sub-group of the group union (None: the whole GQA group).
+    Past pages not yet summarised (e.g. a freshly matched prefix) are summarised first.
+    """
+    P, n, G = _check_chunk(cache, seq, q, layer)
+    scale = _check_scale(scale, cache.head_dim)
+    c, Hkv = cache.chunk_size, cache.num_kv_heads
+    q_tile, s = _check_options(c, n, G, alpha, sink, window, q_tile, group_size)
+    means._check_cache(cache)
+    Pb, Qb, Hq = P // c, _cdiv(n, c), q.shape[1]
+    means.update(cache, seq, num_tokens=P)  # checks done: past pages are committed
+
+    # 2. scores [Hq, Qb, Pb]
+    kmean = means.gather(cache, seq, layer, Pb)  # [Pb, Hkv, D] float32
+    scores = block_scores(to_float32(np.asarray(q), cache.dtype), kmean, c, scale)
+
+    # 3. threshold relative to the (head, query block)'s best block, plus the forced blocks
+    if Pb:
+        selected = scores >= np.float32(alpha) * scores.max(axis=2, keepdims=True)
+    else:
+        selected = np.zeros((Hq, Qb, 0), bool)
+    j = np.arange(Pb)
+    forced = (j < sink) | (j >= Pb - window)  # [Pb]
+    keep = selected | forced
+
+    # 4. Q-block union over each tile of tb query blocks: [Hq, Qb, Pb] -> [Hq, T, Pb]
+    tb = q_tile // c
+    T = _cdiv(Qb, tb)
+    q_union = np.logical_or.reduceat(keep, np.arange(0, Qb, tb), axis=1) if Pb else np.zeros((Hq, T, 0), bool)
+
+    # 5. group union over the s query heads of each sub-group: [Hq, T, Pb] -> [T, Hkv, S, Pb]
+    S = G // s
+    group_union = q_union.reshape(Hkv, S, s, T, Pb).any(axis=2).transpose(2, 0, 1, 3)
+
+    # density per stage, counted per (query head, query block, past block)
+    tile_of_block = np.arange(Qb) // tb
+    head_sub = np.arange(Hq) // s  # sub-group index over all heads = h * S + g
+    gu = group_union.transpose(1, 2, 0, 3).reshape(Hkv * S, T, Pb)
+    stages = dict(select=keep, q_union=q_union[:, tile_of_block], group_union=gu[head_sub][:, tile_of_block])
+    density = {k: float(v.mean()) if Pb else 1.0 for k, v in stages.items()}
+    return BlockSelection(seq=int(seq), version=cache.version, chunk_size=c, past_len=P, chunk_len=n,
+                          num_q_heads=Hq, num_kv_heads=Hkv, group_size=s, q_tile=q_tile,
+                          alpha=float(alpha), sink=int(sink), window=int(window), scores=scores,
+                          selected=selected, forced=forced, keep=keep, q_union=q_union,
+                          group_union=group_union, density=density)
+
+
+# ============================================================================ 6. block tables
+@dataclass(frozen=True)
+class BlockTables:
+    """Per-(tile, kv head, sub-group) page lists in CSR form: what the paged kernel reads.
+
+    Table ``r = (t * Hkv + h) * S + g`` serves query rows ``qo_indptr[t]:qo_indptr[t+1]`` of the
+    chunk and query heads ``h*G + g*s ... h*G + g*s + s - 1``; it reads kv head ``h`` of pages
+    ``indices[indptr[r]:indptr[r+1]]``: first the kept past pages (no mask), then the chunk's own
+    pages from the chunk start to the tile end (bottom-right causal mask), all in token order.
+
+    Arrays (int32):
+        indptr     [R + 1]   R = T * Hkv * S tables
+        indices    [nnz]     pool chunk ids
+        blocks     [nnz]     block position of each entry in the sequence (token // c)
+        num_past   [R]       the first num_past[r] entries of table r are past blocks
+        qo_indptr  [T + 1]   query rows of each tile
+    The chunk's last page holds ``last_page_len`` tokens; every other page is full.
+    """
+
+    seq: int
+    version: int
+    chunk_size: int
+    past_len: int
+    chunk_len: int
+    num_q_heads: int
+    num_kv_heads: int
+    group_size: int
+    indptr: np.ndarray
+    indices: np.ndarray
+    blocks: np.ndarray
+    num_past: np.ndarray
+    qo_indptr: np.ndarray
+
+    @property
+    def num_tiles(self) -> int:
+        return len(self.qo_indptr) - 1
+
+    @property
+    def num_subgroups(self) -> int:
+        return self.num_q_heads // self.num_kv_heads // self.group_size
+
+    @property
+    def num_tables(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def num_past_blocks(self) -> int:
+        return self.past_len // self.chunk_size
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks of the sequence up to the chunk end (past + own)."""
+        return self.num_past_blocks + _cdiv(self.chunk_len, self.chunk_size)
+
+    @property
+    def last_page_len(self) -> int:
+        return self.chunk_len - (_cdiv(self.chunk_len, self.chunk_size) - 1) * self.chunk_size
+
+    def table(self, t: int, h: int, g: int = 0) -> int:
+        """Row index of the table of tile t, kv head h, sub-group g."""
+        return (t * self.num_kv_heads + h) * self.num_subgroups + g
+
+    def arrays(self) -> dict:
+        """Every int32 array by name (what a GPU backend uploads)."""
+        return {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
+
+    def to_dense(self) -> np.ndarray:
+        """bool [T, Hkv, S, num_blocks]: which sequence blocks each table reads."""
+        T, Hkv, S = self.num_tiles, self.num_kv_heads, self.num_subgroups
+        dense = np.zeros((T * Hkv * S, self.num_blocks), bool)
+        rows = np.repeat(np.arange(T * Hkv * S), np.diff(self.indptr))
+        dense[rows, self.blocks] = True
+        return dense.reshape(T, Hkv, S, self.num_blocks)
+
+    def _own_blocks(self) -> np.ndarray:
+        """int [T]: own blocks each tile reads (chunk start to tile end)."""
+        return np.array([_cdiv(int(e), self.chunk_size) for e in self.qo_indptr[1:]], np.int64)
+
+    def density(self, past_only: bool = False) -> float:
+        """Fraction of the causally valid blocks the tables read (1.0 = dense).
+
+        ``past_only`` counts past blocks alone (the selector's part; own blocks are always read).
+        """
+        own = np.repeat(self._own_blocks(), self.num_kv_heads * self.num_subgroups)  # [R]
+        Pb = self.num_past_blocks
+        if past_only:
+            return float(self.num_past.sum() / (Pb * self.num_tables)) if Pb else 1.0
+        return float(len(self.indices) / (Pb * self.num_tables + own.sum()))
+
+    def to_string(self, max_width: int = 96, max_rows: int = 48) -> str:
+        """An ASCII picture: one line per table, one column per block (or per ``w`` blocks).
+
+        '#' past block read, '.' skipped, '|' chunk start, 'o' own block (causal mask),
+        ' ' own block after the tile; when a column covers w > 1 blocks, '-' means under half of
+        them are read and '+' half or more.
+        """
+        c, Pb, Kb = self.chunk_size, self.num_past_blocks, self.num_blocks
+        T, Hkv, S = self.num_tiles, self.num_kv_heads, self.num_subgroups
+        w = max(1, _cdiv(Kb, max(8, max_width)))
+        dense = self.to_dense().reshape(T * Hkv * S, Kb)
+        own_end = self._own_blocks()
+
+        def columns(bits, own: bool):
+            out = []
+            for a in range(0, len(bits), w):
+                part = bits[a:a + w]
+                frac = part.mean() if len(part) else 0.0
+                if own:
+                    out.append("o" if part.any() else " ")
+                else:
+                    out.append("#" if frac == 1 else "." if frac == 0 else "+" if frac >= 0.5 else "-")
+            return "".join(out)
+
+        lines = [f"BlockTables: seq {self.seq}, chunk of {self.chunk_len} tokens after P = {self.past_len} "
+                 f"cached (block {c}: {Pb} past + {Kb - Pb} own blocks)",
+                 f"  {T} tile(s) x {Hkv} kv head(s) x {S} sub-group(s) of {self.group_size} query "
+                 f"head(s); density {self.density():.3f} (past blocks {self.density(past_only=True):.3f})",
+                 "  '#' past block read  '.' skipped  '|' chunk start  'o' own block (causal mask)"
+                 + (f"; one column = {w} blocks, '-' under half read, '+' half or more" if w > 1 else "")]
+        label_w = len(f"t{T - 1} h{Hkv - 1}" + (f" g{S - 1}" if S > 1 else ""))
+        for r in range(min(T * Hkv * S, max_rows)):
+            t, rest = divmod(r, Hkv * S)
+            h, g = divmod(rest, S)
+            label = f"t{t} h{h}" + (f" g{g}" if S > 1 else "")
+            row = dense[r]
+            past_cols = columns(row[:Pb], own=False)
+            own_cols = columns(row[Pb:], own=True)
+            n_past, n_own = int(self.num_past[r]), int(own_end[t])
+            lines.append(f"  {label:<{label_w}} {past_cols}|{own_cols}  {n_past}/{Pb} past + {n_own} own")
+        if T * Hkv * S > max_rows:
+            lines.append(f"  ... {T * Hkv * S - max_rows} more table(s)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_string()
+
+
+def tables_from_mask(cache: ChunkCache, seq: int, past_mask: np.ndarray, *, chunk_len: int,
+                     num_q_heads: int, q_tile: int) -> BlockTables:
+    """CSR tables from a past-block mask bool [T, Hkv, S, Pb] (the group union, or an oracle's).
+
+    The sequence's last ``chunk_len`` tokens are the chunk; ``q_tile`` query rows per tile.
+    """
+    c = cache.chunk_size
+    length = cache.seq_len(seq)
+    P, n = length - chunk_len, chunk_len
+    T, Hkv, S, Pb = past_mask.shape
+    if Pb * c != P or Hkv != cache.num_kv_heads or T != _cdiv(n, q_tile):
+        raise ValueError(f"past_mask: expected shape [{_cdiv(n, q_tile)}, {cache.num_kv_heads}, S, {P // c}] "
+                         f"for a chunk of {n} after P = {P}, got {tuple(past_mask.shape)}")
+    ids = np.array(cache.seq_chunks(seq), _I32)
+    past_ids, own_ids = ids[:Pb], ids[Pb:]
+    qo_indptr = np.minimum(np.arange(T + 1) * q_tile, n).astype(_I32)
+    own_end = [_cdiv(int(e), c) for e in qo_indptr[1:]]  # own blocks up to each tile's end
+
+    # counts, then a prefix sum: the GPU builds the same arrays without a host round trip
+    counts = past_mask.sum(axis=3) + np.array(own_end)[:, None, None]  # [T, Hkv, S]
+    indptr = np.concatenate([[0], np.cumsum(counts.reshape(-1))]).astype(_I32)
+    indices = np.empty(indptr[-1], _I32)
+    blocks = np.empty(indptr[-1], _I32)
+    num_past = past_mask.sum(axis=3).reshape(-1).astype(_I32)
+    for r in range(T * Hkv * S):
+        t, rest = divmod(r, Hkv * S)
+        h, g = divmod(rest, S)
+        past = np.flatnonzero(past_mask[t, h, g])  # ascending block positions
+        own = np.arange(own_end[t])
+        sl = slice(indptr[r], indptr[r + 1])
+        indices[sl] = np.concatenate([past_ids[past], own_ids[own]])
+        blocks[sl] = np.concatenate([past, Pb + own])
+    return BlockTables(seq=int(seq), version=cache.version, chunk_size=c, past_len=P, chunk_len=n,
+                       num_q_heads=int(num_q_heads), num_kv_heads=Hkv,
+                       group_size=int(num_q_heads) // Hkv // S, indptr=indptr, indices=indices,
+                       blocks=blocks, num_past=num_past, qo_indptr=qo_indptr)
+
+
+def build_block_tables(cache: ChunkCache, seq: int, selection: BlockSelection) -> BlockTables:
+    """Pass 6: the group union of a selection as CSR page lists (see ``BlockTables``)."""
+    if selection.seq != seq or selection.version != cache.version \
+            or cache.seq_len(seq) != selection.past_len + selection.chunk_len:
+        raise ValueError(f"selection: expected one made for sequence {seq} at cache version "
+                         f"{cache.version} with {cache.seq_len(seq)} tokens, got one for sequence "
+                         f"{selection.seq} at version {selection.version} with "
+                         f"{selection.past_len + selection.chunk_len} tokens")
+    return tables_from_mask(cache, seq, selection.group_union, chunk_len=selection.chunk_len,
+                            num_q_heads=selection.num_q_heads, q_tile=selection.q_tile)
+
+
+# ============================================================================ 7. execution
+def _causal_state(q, k, v, scale, last):
+    """State of q [M, D] over k, v [N, D] where row m sees keys 0..last[m]: (o [M, D], lse [M])."""
+    s = (q @ k.T) * np.float32(scale)  # [M, N]
+    s = np.where(np.arange(k.shape[0])[None, :] <= last[:, None], s, -np.inf)
+    m = s.max(axis=1, keepdims=True)
+    m = np.where(np.isneginf(m), 0, m)  # a row that sees nothing stays an empty state
+    p = np.exp(s - m)
+    l = p.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        o = np.where(l > 0, (p @ v) / np.where(l > 0, l, 1), 0)
+        lse = np.where(l[:, 0] > 0, m[:, 0] + np.log(l[:, 0]), -np.inf)
+    return o.astype(np.float32), lse.astype(np.float32)
+
+
+def sparse_prefill(cache: ChunkCache, tables: BlockTables, q, layer: int = 0,
+                   scale: float | None = None):
+    """Pass 7: dense attention over each table's pages, read in place from the pool.
+
+    Args:
+        q: [n, Hq, D] storage dtype, the chunk's queries (n = tables.chunk_len).
+    Returns:
+        o: float32 [n, Hq, D] and lse: float32 [n, Hq] (natural log of the scaled-score sum).
+    """
+    if tables.version != cache.version:
+        raise CacheError(f"tables: built for cache version {tables.version}, cache is at "
+                         f"{cache.version} (the tree changed); select and build again")
+    P, n, G = _check_chunk(cache, tables.seq, q, layer)
+    if (P, n, q.shape[1]) != (tables.past_len, tables.chunk_len, tables.num_q_heads):
+        raise ValueError(f"q: expected [{tables.chunk_len}, {tables.num_q_heads}, D] after P = "
+                         f"{tables.past_len} as the tables were built, got {tuple(q.shape)} after P = {P}")
+    scale = _check_scale(scale, cache.head_dim)
+    c, D, Hkv = cache.chunk_size, cache.head_dim, cache.num_kv_heads
+    s, S = tables.group_size, tables.num_subgroups
+    qf = to_float32(np.asarray(q), cache.dtype)  # [n, Hq, D]
+    kp, vp = _host(cache.k_pool[layer]), _host(cache.v_pool[layer])  # [num_chunks, Hkv, c, D]
+
+    def pages(pool, ids, h):  # [len(ids) * c, D] float32, in list order
+        return to_float32(pool[ids, h], cache.dtype).reshape(-1, D)
+
+    o = np.zeros((n, tables.num_q_heads, D), np.float32)
+    lse = np.full((n, tables.num_q_heads), -np.inf, np.float32)
+    for r in range(tables.num_tables):
+        t, rest = divmod(r, Hkv * S)
+        h, g = divmod(rest, S)
+        r0, r1 = int(tables.qo_indptr[t]), int(tables.qo_indptr[t + 1])
+        heads = slice(h * G + g * s, h * G + (g + 1) * s)
+        ids = tables.indices[tables.indptr[r]: tables.indptr[r + 1]]
+        past, own = ids[: tables.num_past[r]], ids[tables.num_past[r]:]
+        qm = qf[r0:r1, heads].reshape(-1, D)  # [(r1-r0) * s, D]: tile rows x sub-group heads
+
+        # past pages: every key visible
+        o1, l1 = attention_state(qm, pages(kp, past, h), pages(vp, past, h), scale)
+        # own pages: bottom-right causal; own keys cover chunk tokens [0, r1)
+        n_own = min(len(own) * c, n)
+        last = np.repeat(n_own - (r1 - r0) + np.arange(r1 - r0), s)  # [(r1-r0) * s]
+        o2, l2 = _causal_state(qm, pages(kp, own, h)[:n_own], pages(vp, own, h)[:n_own], scale, last)
+
+        om, lm = merge_states(o1, l1, o2, l2)
+        o[r0:r1, heads] = om.reshape(r1 - r0, s, D)
+        lse[r0:r1, heads] = lm.reshape(r1 - r0, s)
+    return o, lse
+
+
+# ============================================================================ oracle and metrics
+def causal_attention(q, k, v, scale: float | None = None):
+    """float64 causal attention of the last n positions of a sequence (bottom-right aligned).
+
+    Args:
+        q: [n, Hq, D] values; k, v: [L, Hkv, D] values (L >= n), any float dtype.
+    Returns:
+        o float64 [n, Hq, D], lse float64 [n, Hq]: query t sees keys 0 .. L - n + t.
+    """
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    n, Hq, D = q.shape
+    L, Hkv, _ = k.shape
+    scale = 1.0 / np.sqrt(D) if scale is None else float(scale)
+    G = Hq // Hkv
+    s = np.einsum("nhd,lhd->hnl", q, k[:, np.arange(Hq) // G]) * scale  # [Hq, n, L]
+    visible = np.arange(L)[None, :] <= (L - n + np.arange(n))[:, None]  # [n, L]
+    s = np.where(visible[None], s, -np.inf)
+    m = s.max(axis=2, keepdims=True)
+    p = np.exp(s - m)
+    l = p.sum(axis=2, keepdims=True)
+    o = np.einsum("hnl,lhd->nhd", p / l, v[:, np.arange(Hq) // G])
+    return o, (m + np.log(l))[:, :, 0].T
+
+
+def _chunk_kv64(cache: ChunkCache, seq: int, layer: int):
+    k, v = cache.read_kv(seq, layer)
+    return (to_float32(_host(x), cache.dtype).astype(np.float64) for x in (k, v))
+
+
+def dense_prefill(cache: ChunkCache, seq: int, q, layer: int = 0, scale: float | None = None):
+    """float64 oracle: the chunk (the sequence's last n tokens) attends densely and causally to
+    every token of the sequence, K/V read back through the tree.
+
+    Args:
+        q: [n, Hq, D] storage dtype.
+    Returns:
+        o float64 [n, Hq, D], lse float64 [n, Hq].
+    """
+    _check_chunk(cache, seq, q, layer)
+    scale = _check_scale(scale, cache.head_dim)
+    k, v = _chunk_kv64(cache, seq, layer)
+    return causal_attention(to_float32(np.asarray(q), cache.dtype), k, v, scale)
+
+
+def attention_mass(cache: ChunkCache, seq: int, q, layer: int = 0, scale: float | None = None) -> np.ndarray:
+    """Exact share of each row's attention on each block: float64 [n, Hq, num_blocks].
+
+    Block j covers tokens j*c .. j*c + c - 1 of the sequence (past blocks first, then the
+    chunk's own blocks); every (row, head) sums to 1.
+    """
+    P, n, G = _check_chunk(cache, seq, q, layer)
+    scale = _check_scale(scale, cache.head_dim)
+    k, _ = _chunk_kv64(cache, seq, layer)
+    qf = to_float32(np.asarray(q), cache.dtype).astype(np.float64)
+    L, Hq, c = k.shape[0], qf.shape[1], cache.chunk_size
+    s = np.einsum("nhd,lhd->nhl", qf, k[:, np.arange(Hq) // G]) * scale  # [n, Hq, L]
+    visible = np.arange(L)[None, :] <= (P + np.arange(n))[:, None]
+    s = np.where(visible[:, None], s, -np.inf)
+    p = np.exp(s - s.max(axis=2, keepdims=True))
+    p /= p.sum(axis=2, keepdims=True)
+    return np.add.reduceat(p, np.arange(0, L, c), axis=2)
+
+
+def mass_recall(lse_sparse, lse_dense) -> np.ndarray:
+    """Attention-mass recall per (row, head): exp(lse_sparse - lse_dense), in [0, 1].
+
+    The sparse softmax sum is the dense sum restricted to the read keys, so the ratio is the
+    share of the dense attention probability that fell on the read keys.
+    """
+    return np.exp(np.asarray(lse_sparse, np.float64) - np.asarray(lse_dense, np.float64))
+
+
+def relative_error(o, o_ref) -> float:
+    """||o - o_ref|| / ||o_ref|| (Frobenius, over everything)."""
+    o, o_ref = np.asarray(o, np.float64), np.asarray(o_ref, np.float64)
+    den = np.linalg.norm(o_ref)
+    return float(np.linalg.norm(o - o_ref) / den) if den else float(np.linalg.norm(o))
+
+
+def needle_recall(tables: BlockTables, query_pos, q_head, key_block) -> tuple[int, int]:
+    """How many (query row, query head, key block) needle triples the tables read.
+
+    Args (int arrays [M], sequence coordinates):
+        query_pos: token position of the querying row; q_head: its query head;
+        key_block: the block (token // c) it should retrieve.
+    Only triples whose row is in this chunk and whose block is in the past count.
+    Returns (found, counted).
+    """
+    query_pos, q_head, key_block = (np.asarray(x, np.int64).reshape(-1) for x in (query_pos, q_head, key_block))
+    P, n, c = tables.past_len, tables.chunk_len, tables.chunk_size
+    use = (query_pos >= P) & (query_pos < P + n) & (key_block < P // c)
+    if not use.any():
+        return 0, 0
+    row = query_pos[use] - P
+    tile = np.searchsorted(tables.qo_indptr, row, side="right") - 1
+    G = tables.num_q_heads // tables.num_kv_heads
+    h, g = q_head[use] // G, (q_head[use] % G) // tables.group_size
+    found = tables.to_dense()[tile, h, g, key_block[use]]
+    return int(found.sum()), int(use.sum())
+
+
+# ============================================================================ one call, and a prompt driver
+@dataclass(frozen=True)
+class CompactPrefill:
+    """Result of ``compact_prefill``: o float32 [n, Hq, D], lse float32 [n, Hq], and how."""
+
+    o: np.ndarray
+    lse: np.ndarray
+    selection: BlockSelection
+    tables: BlockTables
+
+    @property
+    def density(self) -> dict:
+        """Density after each stage: select, q_union, group_union (past blocks), tables (all)."""
+        return dict(self.selection.density, tables=self.tables.density())
+
+
+def compact_prefill(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int = 0, *,
+                    scale: float | None = None, alpha: float = 0.06, sink: int = 2, window: int = 4,
+                    q_tile: int | None = None, group_size: int | None = None) -> CompactPrefill:
+    """CompactAttention for one chunk and layer: select_blocks, build_block_tables, sparse_prefill.
+
+    The chunk is the sequence's last n = q.shape[0] tokens, its K/V already written for this
+    layer; q: [n, Hq, D] storage dtype. Options as in ``select_blocks``.
+    """
+    sel = select_blocks(cache, means, seq, q, layer, scale=scale, alpha=alpha, sink=sink,
+                        window=window, q_tile=q_tile, group_size=group_size)
+    tables = build_block_tables(cache, seq, sel)
+    o, lse = sparse_prefill(cache, tables, q, layer, scale)
+    return CompactPrefill(o, lse, sel, tables)
+
+
+def split_chunks(length: int, chunks, chunk_size: int) -> list[int]:
+    """Chunk lengths of a prompt: ``chunks`` is an int (every chunk that long, the last shorter)
+    or a list of lengths summing to ``length``, every one but the last a multiple of c."""
+    if isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
+        if chunks < chunk_size or chunks % chunk_size:
+            raise ValueError(f"chunks: expected a positive multiple of chunk_size {chunk_size}, got {chunks}")
+        return [min(int(chunks), length - a) for a in range(0, length, int(chunks))]
+    sizes = [int(x) for x in chunks]
+    if sum(sizes) != length or any(x < 1 for x in sizes) or any(x % chunk_size for x in sizes[:-1]):
+        raise ValueError(f"chunks: expected lengths >= 1 summing to {length}, every one but the last "
+                         f"a multiple of chunk_size {chunk_size}, got {sizes}")
+    return sizes
+
+
+def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k, v, chunks, **options):
+    """Prefill ``tokens`` at the end of ``seq`` chunk by chunk, as a model would.
+
+    Per chunk: reserve its slots; per layer write its K/V and run ``compact_prefill``; commit;
+    summarise the pages that filled. The sequence's current length must be a multiple of c.
+
+    Args:
+        tokens: [m] ints; q: [L, m, Hq, D], k, v: [L, m, Hkv, D] storage dtype (L = num_layers).
+        chunks: chunk length (int) or list of lengths (see ``split_chunks``).
+        options: passed to ``compact_prefill`` (alpha, sink, window, q_tile, group_size, scale).
+    Returns:
+        o float32 [L, m, Hq, D], lse float32 [L, m, Hq], results: one list of CompactPrefill
+        per chunk (one per layer).
+    Everything is checked before the cache changes.
+    """
+    c, L = cache.chunk_size, cache.num_layers
+    length = cache.seq_len(seq)
+    tokens = cache._check_tokens(tokens, "tokens")
+    m = len(tokens)
+    if length % c:
+        raise ValueError(f"seq: expected a sequence whose length is a multiple of chunk_size {c} "
+                         f"(prefill chunks start on a block), got length {length}")
+    if m < 1:
+        raise ValueError("tokens: expected at least one token, got 0")
+    cache._check_kv(k, "k", m)
+    cache._check_kv(v, "v", m)
+    if not hasattr(q, "shape") or q.ndim != 4 or q.shape[:2] != (L, m):
+        raise ValueError(f"q: expected an array [{L}, {m}, num_q_heads, head_dim], got "
+                         f"{getattr(q, 'shape', type(q).__name__)}")
+    sizes = split_chunks(m, chunks, c)
+    # dry-run every check that does not need the chunk's K/V, so a bad call changes nothing
+    G = _check_q_heads(cache, q)
+    _check_scale(options.get("scale"), cache.head_dim)
+    for n in sizes:
+        _check_options(c, n, G, options.get("alpha", 0.06), options.get("sink", 2),
+                       options.get("window", 4), options.get("q_tile"), options.get("group_size"))
+    means._check_cache(cache)
+    state = cache._get(seq)
+    cache._check_committed(state)
+    cache._check_room(cache._chunks_needed(state.path[-1] if state.path else None, length, m))
+
+    o = np.zeros((L, m, q.shape[2], cache.head_dim), np.float32)
+    lse = np.zeros((L, m, q.shape[2]), np.float32)
+    results, a = [], 0
+    for n in sizes:
+        slots = cache.reserve(seq, tokens[a:a + n])
+        per_layer = []
+        for layer in range(L):
+            cache.write_kv(layer, slots, k[layer, a:a + n], v[layer, a:a + n])
+            res = compact_prefill(cache, means, seq, q[layer, a:a + n], layer, **options)
+            o[layer, a:a + n], lse[layer, a:a + n] = res.o, res.lse
+            per_layer.append(res)
+        cache.commit(seq)
+        means.update(cache, seq)
+        results.append(per_layer)
+        a += n
+    return o, lse, results
+
+
+def _check_q_heads(cache: ChunkCache, q) -> int:
+    """dtype, head_dim and GQA checks of a stacked q [L, m, Hq, D]; returns G."""
+    want = storage_numpy_dtype(cache.dtype)
+    if np.dtype(q.dtype) != np.dtype(want):
+        raise TypeError(f"q: expected dtype {np.dtype(want).name} for {cache.dtype} storage, got {q.dtype}")
+    if q.shape[3] != cache.head_dim:
+        raise ValueError(f"q: expected head_dim {cache.head_dim}, got {q.shape[3]}")
+    if q.shape[2] == 0 or q.shape[2] % cache.num_kv_heads:
+        raise ValueError(f"q: expected num_q_heads a positive multiple of num_kv_heads "
+                         f"{cache.num_kv_heads}, got {q.shape[2]}")
+    return q.shape[2] // cache.num_kv_heads
