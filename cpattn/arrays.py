@@ -1,0 +1,42 @@
+"""Array interop: CuPy arrays, ``__cuda_array_interface__`` and DLPack producers, zero copy."""
+from __future__ import annotations
+
+import numpy as np
+
+from .reference.dtypes import storage_numpy_dtype
+
+
+def as_cupy(x, name: str, dtype: str | None = None, shape=None, contiguous: bool = True):
+    """View ``x`` as a CuPy array without copying; check dtype (storage name), shape, layout.
+
+    torch bfloat16 tensors are viewed as int16 first (CuPy has no bf16), then as uint16.
+    """
+    import cupy
+
+    if isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a GPU array (CuPy, __cuda_array_interface__ or DLPack), "
+                        f"got a NumPy array on the host")
+    if not isinstance(x, cupy.ndarray):
+        if type(x).__module__.startswith("torch") and str(getattr(x, "dtype", "")) == "torch.bfloat16":
+            x = x.view(getattr(__import__("torch"), "int16"))
+        if hasattr(x, "__cuda_array_interface__"):
+            x = cupy.asarray(x)
+        elif hasattr(x, "__dlpack__"):
+            x = cupy.from_dlpack(x)
+        else:
+            raise TypeError(f"{name}: expected a GPU array (CuPy, __cuda_array_interface__ or DLPack), "
+                            f"got {type(x).__name__}")
+        if x.dtype == np.int16:
+            x = x.view(np.uint16)
+    if dtype is not None:
+        want = np.dtype(storage_numpy_dtype(dtype))
+        if x.dtype != want:
+            raise TypeError(f"{name}: expected dtype {want.name} ({dtype} storage), got {x.dtype}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
+    if contiguous and not x.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array, got strides {x.strides}")
+    if x.device.id != cupy.cuda.Device().id:
+        raise ValueError(f"{name}: expected an array on the current device {cupy.cuda.Device().id}, "
+                         f"got device {x.device.id}")
+    return x

@@ -1,0 +1,56 @@
+"""The chunk tree with its pool on the GPU.
+
+Same tree, same layout as ``cpattn.reference.ChunkCache`` (it *is* that class with
+``xp=cupy``); writes into the pool go through the ``kv_append`` kernel, and per-slot sequence
+lengths are mirrored in a device array that the decode kernels read, so a decode plan stays
+valid while sequences grow inside their tail chunks.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .arrays import as_cupy
+from .kernels import get_kernels
+from .reference.tree import ChunkCache, Slots
+
+
+class GpuChunkCache(ChunkCache):
+    """``ChunkCache`` whose pool is CuPy memory on the current device (see its docstring)."""
+
+    def __init__(self, num_layers, num_kv_heads, head_dim, num_chunks, chunk_size=64, dtype="float16",
+                 share_prefix=True, max_sequences=4096):
+        import cupy
+
+        super().__init__(num_layers, num_kv_heads, head_dim, num_chunks, chunk_size=chunk_size, dtype=dtype,
+                         xp=cupy, share_prefix=share_prefix, max_sequences=max_sequences)
+        self._kern = get_kernels("chunk_attention", self.dtype, self.head_dim, self.chunk_size)
+        self.d_slot_lens = cupy.zeros(self.max_sequences, np.int32)
+        self._lens_dirty = False
+
+    def sync_lens(self) -> None:
+        """Upload the host length table if it changed (a small H2D copy on the current stream)."""
+        if self._lens_dirty:
+            self.d_slot_lens.set(self.slot_lens)
+            self._lens_dirty = False
+
+    def _reserve(self, s, tokens):
+        out = super()._reserve(s, tokens)
+        self._lens_dirty = True
+        return out
+
+    def _scatter(self, layer, slots: Slots, k, v) -> None:
+        import cupy
+
+        n = len(slots.chunk)
+        shape = (n, self.num_kv_heads, self.head_dim)
+        k = as_cupy(k, "k", self.dtype, shape) if not isinstance(k, np.ndarray) else cupy.asarray(k)
+        v = as_cupy(v, "v", self.dtype, shape) if not isinstance(v, np.ndarray) else cupy.asarray(v)
+        k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
+        sl = cupy.asarray(np.concatenate([slots.chunk, slots.offset]).astype(np.int32))
+        total = n * self.num_kv_heads * (self.head_dim // 8)
+        if total:
+            self._kern["kv_append"](
+                ((total + 255) // 256,), (256,),
+                (k, v, sl[:n], sl[n:], self.k_pool, self.v_pool,
+                 np.int64(layer * self.num_chunks * self.num_kv_heads), np.int32(self.num_kv_heads), np.int32(n)))
+        self.sync_lens()

@@ -1,0 +1,360 @@
+// ChunkAttention decode: the two-phase partition as one "attend" launch plus one "merge" launch.
+//
+// Both phases are the same computation on different rows and keys, so one kernel runs both:
+// a *unit* is (a list of chunks, up to 64 query rows, one kv head).
+//   phase 1 (chunk-first):    chunks = a shared segment piece, rows = (sequences of the piece's
+//                             batch range) x (query heads of the kv head), 64 rows per unit
+//   phase 2 (sequence-first): chunks = one private item of one sequence, rows = the group's heads
+// Every unit emits one fp32 attention state (o, lse) per row; `chunk_merge` then merges the
+// states on each sequence's path (DESIGN.md, "Attention state and merge"). Running both phases
+// in one grid keeps the GPU full with no tail between them.
+//
+// Tiles: 4 warps; Q K^T and P V on tensor cores (mma.sync m16n8k16, fp16/bf16 in, fp32
+// accumulate). The 4 warps split a unit's 64 rows (KS=1) or, when the unit has few rows, its
+// keys (KS=2 or 4, partial states merged through shared memory at the end). K and V pages
+// stream through a 2-stage cp.async pipeline. Shared-memory rows are padded by 16 bytes, which
+// makes every ldmatrix conflict-free.
+#include "common.cuh"
+
+namespace cpattn {
+
+constexpr int kThreads = 128;
+constexpr int kRows = 64;  // rows per unit (4 warps x 16)
+// unit table: int32 [num_units][kUnitFields]
+enum {
+  U_CHUNK_BEGIN,  // first entry of this unit in chunk_list
+  U_CHUNK_END,
+  U_LEN_SLOT,     // -1: every chunk full; else keys = slot_lens[slot] - U_LEN_MINUS
+  U_LEN_MINUS,
+  U_POS_BEGIN,    // batch position (DFS order) of row 0 of the unit's row space
+  U_ROW0,         // first row of this unit within that row space
+  U_ROW_COUNT,    // rows in this unit (<= 64)
+  U_KVH,          // kv head
+  U_OUT_BASE,     // state row of the row space's first sequence
+  kUnitFields
+};
+
+template <typename T, int D, int C>
+struct AttendSmem {
+  static constexpr int LD = D + 8;
+  static constexpr int bytes = (kRows * LD + 4 * C * LD) * 2;
+  static constexpr int reduce_bytes = 4 * (16 * D + 32) * 4;
+};
+
+template <typename T, int D, int C>
+__device__ __forceinline__ void load_page(const T* __restrict__ gk, const T* __restrict__ gv, T* dk, T* dv,
+                                          int valid, int tid) {
+  constexpr int LD = D + 8, V = D / 8;
+  for (int j = tid; j < C * V; j += kThreads) {
+    const int r = j / V, c = (j % V) * 8;
+    if (r < valid) {
+      cp_async16(dk + r * LD + c, gk + r * D + c);
+      cp_async16(dv + r * LD + c, gv + r * D + c);
+    } else {  // stale pool rows may hold anything; P is 0 there, V must be finite
+      *reinterpret_cast<uint4*>(dk + r * LD + c) = make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(dv + r * LD + c) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+template <typename T, int D, int C, int KS>
+__device__ __forceinline__ void attend_unit(
+    const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
+    const int* __restrict__ chunk_list, int cb, int nk, int kvh, int num_kv_heads,
+    T* sQ, T* sK, T* sV, float scale_log2,
+    float (&o)[D / 8][4], float& m0, float& m1, float& l0, float& l1) {
+  constexpr int LD = D + 8;
+  constexpr int RB = 4 / KS;        // row blocks
+  constexpr int KW = C / KS;        // keys per warp per chunk
+  constexpr int NB = KW < 64 ? KW : 64;  // keys per sub-block (bounds the score registers)
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int rb = warp % RB, ks = warp / RB;
+  const int nchunks = (nk + C - 1) / C;
+
+  u32 qf[D / 16][4];
+  auto page = [&](int i) { return layer_page0 + (long long)chunk_list[cb + i] * num_kv_heads + kvh; };
+  {
+    const long long p = page(0);
+    load_page<T, D, C>(k_pool + p * C * D, v_pool + p * C * D, sK, sV, min(C, nk), tid);
+  }
+  cp_async_commit();
+  for (int i = 0; i < nchunks; ++i) {
+    if (i + 1 < nchunks) {
+      const long long p = page(i + 1);
+      const int st = (i + 1) & 1;
+      load_page<T, D, C>(k_pool + p * C * D, v_pool + p * C * D, sK + st * C * LD, sV + st * C * LD,
+                         min(C, nk - (i + 1) * C), tid);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    if (i == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        ldmatrix_x4(qf[kk], smem_addr(sQ + (rb * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8));
+    }
+    const T* ks_ = sK + (i & 1) * C * LD;
+    const T* vs_ = sV + (i & 1) * C * LD;
+    const int valid = min(C, nk - i * C);
+#pragma unroll
+    for (int sb = 0; sb < KW; sb += NB) {
+      const int key0 = ks * KW + sb;
+      if (key0 < valid) {
+        float s[NB / 8][4];
+#pragma unroll
+        for (int j = 0; j < NB / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+          for (int j = 0; j < NB / 16; ++j) {
+            u32 b[4];
+            ldmatrix_x4(b, smem_addr(ks_ + (key0 + j * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 +
+                                     ((lane >> 3) & 1) * 8));
+            mma16816<T>(s[2 * j], qf[kk], b[0], b[1]);
+            mma16816<T>(s[2 * j + 1], qf[kk], b[2], b[3]);
+          }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < NB / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = key0 + j * 8 + (lane & 3) * 2 + (e & 1);
+            s[j][e] = key < valid ? s[j][e] * scale_log2 : -INFINITY;
+          }
+          mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+          mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+        }
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
+        const float a0 = exp2f(m0 - base0), a1 = exp2f(m1 - base1);
+        m0 = mn0;
+        m1 = mn1;
+        l0 *= a0;
+        l1 *= a1;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          o[n][0] *= a0; o[n][1] *= a0; o[n][2] *= a1; o[n][3] *= a1;
+        }
+#pragma unroll
+        for (int j = 0; j < NB / 8; ++j) {
+          s[j][0] = exp2f(s[j][0] - base0);
+          s[j][1] = exp2f(s[j][1] - base0);
+          s[j][2] = exp2f(s[j][2] - base1);
+          s[j][3] = exp2f(s[j][3] - base1);
+          l0 += s[j][0] + s[j][1];
+          l1 += s[j][2] + s[j][3];
+        }
+#pragma unroll
+        for (int kk = 0; kk < NB / 16; ++kk) {
+          const u32 a[4] = {Pack<T>::two(s[2 * kk][0], s[2 * kk][1]), Pack<T>::two(s[2 * kk][2], s[2 * kk][3]),
+                            Pack<T>::two(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                            Pack<T>::two(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+          for (int np = 0; np < D / 16; ++np) {
+            u32 b[4];
+            ldmatrix_x4_trans(b, smem_addr(vs_ + (key0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
+                                           np * 16 + (lane >> 4) * 8));
+            mma16816<T>(o[2 * np], a, b[0], b[1]);
+            mma16816<T>(o[2 * np + 1], a, b[2], b[3]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // this stage is refilled by the next iteration's prefetch
+  }
+  l0 = quad_sum(l0);
+  l1 = quad_sum(l1);
+
+  if (KS > 1) {  // merge the key-split warps of each row block through shared memory
+    float* red = reinterpret_cast<float*>(sK);
+    if (ks > 0) {
+      float* w = red + warp * (16 * D + 32);
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const int col = n * 8 + (lane & 3) * 2;
+        w[(lane >> 2) * D + col] = o[n][0];
+        w[(lane >> 2) * D + col + 1] = o[n][1];
+        w[((lane >> 2) + 8) * D + col] = o[n][2];
+        w[((lane >> 2) + 8) * D + col + 1] = o[n][3];
+      }
+      if ((lane & 3) == 0) {
+        w[16 * D + (lane >> 2)] = m0;
+        w[16 * D + (lane >> 2) + 8] = m1;
+        w[16 * D + 16 + (lane >> 2)] = l0;
+        w[16 * D + 16 + (lane >> 2) + 8] = l1;
+      }
+    }
+    __syncthreads();
+    if (ks == 0) {
+#pragma unroll
+      for (int k = 1; k < KS; ++k) {
+        const float* w = red + (rb + k * RB) * (16 * D + 32);
+        const float om0 = w[16 * D + (lane >> 2)], om1 = w[16 * D + (lane >> 2) + 8];
+        const float ol0 = w[16 * D + 16 + (lane >> 2)], ol1 = w[16 * D + 16 + (lane >> 2) + 8];
+        const float mn0 = fmaxf(m0, om0), mn1 = fmaxf(m1, om1);
+        const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
+        const float a0 = exp2f(m0 - base0), b0 = exp2f(om0 - base0);
+        const float a1 = exp2f(m1 - base1), b1 = exp2f(om1 - base1);
+        l0 = l0 * a0 + ol0 * b0;
+        l1 = l1 * a1 + ol1 * b1;
+        m0 = mn0;
+        m1 = mn1;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          const int col = n * 8 + (lane & 3) * 2;
+          o[n][0] = o[n][0] * a0 + w[(lane >> 2) * D + col] * b0;
+          o[n][1] = o[n][1] * a0 + w[(lane >> 2) * D + col + 1] * b0;
+          o[n][2] = o[n][2] * a1 + w[((lane >> 2) + 8) * D + col] * b1;
+          o[n][3] = o[n][3] * a1 + w[((lane >> 2) + 8) * D + col + 1] * b1;
+        }
+      }
+    }
+  }
+}
+
+// One block per unit. Dynamic shared memory: AttendSmem<T, D, C>::bytes.
+template <typename T, int D, int C>
+__global__ void __launch_bounds__(kThreads) chunk_attend(
+    const T* __restrict__ q,        // [batch, Hq, D] caller order
+    const T* __restrict__ k_pool,   // [layers, chunks, Hkv, C, D]
+    const T* __restrict__ v_pool,
+    long long layer_page0,          // layer * chunks * Hkv
+    const int* __restrict__ units,  // [num_units, kUnitFields]
+    const int* __restrict__ chunk_list,
+    const int* __restrict__ order,  // [batch] caller index of DFS position
+    const int* __restrict__ slot_lens,
+    float* __restrict__ o_states,   // [rows, Hq, D]
+    float* __restrict__ lse_states, // [rows, Hq]
+    int num_q_heads, int num_kv_heads, int group, float scale_log2) {
+  constexpr int LD = D + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kRows * LD;
+  T* sV = sK + 2 * C * LD;
+  const int* u = units + (long long)blockIdx.x * kUnitFields;
+  const int cb = u[U_CHUNK_BEGIN], ce = u[U_CHUNK_END], len_slot = u[U_LEN_SLOT];
+  const int pos_begin = u[U_POS_BEGIN], row0 = u[U_ROW0], row_count = u[U_ROW_COUNT], kvh = u[U_KVH];
+  const int out_base = u[U_OUT_BASE];
+  const int nk = len_slot < 0 ? (ce - cb) * C : slot_lens[len_slot] - u[U_LEN_MINUS];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+
+  for (int i = tid; i < kRows * (D / 8); i += kThreads) {  // Q rows; zeros past row_count
+    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+    if (r < row_count) {
+      const int gr = row0 + r;
+      const int head = kvh * group + gr % group;
+      cp_async16(sQ + r * LD + c, q + ((long long)order[pos_begin + gr / group] * num_q_heads + head) * D + c);
+    } else {
+      *reinterpret_cast<uint4*>(sQ + r * LD + c) = make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  // few rows: split the keys across warps instead of the rows (needs >= 16 keys per warp)
+  const int ks_want = row_count <= 16 ? 4 : (row_count <= 32 ? 2 : 1);
+  int rblocks;
+  if (C >= 64 && ks_want == 4) {
+    attend_unit<T, D, C, (C >= 64 ? 4 : 1)>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads,
+                                           sQ, sK, sV, scale_log2, o, m0, m1, l0, l1);
+    rblocks = 1;
+  } else if (C >= 32 && ks_want >= 2) {
+    attend_unit<T, D, C, (C >= 32 ? 2 : 1)>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads,
+                                           sQ, sK, sV, scale_log2, o, m0, m1, l0, l1);
+    rblocks = 2;
+  } else {
+    attend_unit<T, D, C, 1>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads,
+                            sQ, sK, sV, scale_log2, o, m0, m1, l0, l1);
+    rblocks = 4;
+  }
+  if (warp >= rblocks) return;  // key-split helpers: their part is merged into warp rb
+
+  const float kLn2 = 0.6931471805599453f;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = warp * 16 + (lane >> 2) + half * 8;
+    if (r >= row_count) continue;
+    const int gr = row0 + r;
+    const long long srow = (long long)(out_base + gr / group) * num_q_heads + kvh * group + gr % group;
+    const float l = half ? l1 : l0, m = half ? m1 : m0;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float* dst = o_states + srow * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const int col = n * 8 + (lane & 3) * 2;
+      *reinterpret_cast<float2*>(dst + col) = make_float2(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
+    }
+    if ((lane & 3) == 0) lse_states[srow] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+  }
+}
+
+// One warp per (batch position, query head): merge the states on the sequence's path and write
+// the output row in the caller's order, and its lse when write_lse is set.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) chunk_merge(
+    const float* __restrict__ o_states, const float* __restrict__ lse_states,
+    const int* __restrict__ seq_piece_indptr, const int* __restrict__ seq_pieces,
+    const int* __restrict__ piece_state_offset, const int* __restrict__ piece_begin,
+    const int* __restrict__ seq_item_indptr, int item_state_base, const int* __restrict__ order,
+    T* __restrict__ out, float* __restrict__ out_lse, int write_lse, int batch, int num_q_heads) {
+  constexpr int E = D / 32;  // elements per lane
+  const int gw = blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (gw >= batch * num_q_heads) return;
+  const int pos = gw / num_q_heads, head = gw % num_q_heads;
+  const int p0 = seq_piece_indptr[pos], np = seq_piece_indptr[pos + 1] - p0;
+  const int i0 = seq_item_indptr[pos], n = np + seq_item_indptr[pos + 1] - i0;
+  auto state_row = [&](int k) -> long long {
+    if (k < np) {
+      const int p = seq_pieces[p0 + k];
+      return piece_state_offset[p] + pos - piece_begin[p];
+    }
+    return item_state_base + i0 + (k - np);
+  };
+  float mx = -INFINITY;
+  for (int k = 0; k < n; ++k) mx = fmaxf(mx, lse_states[state_row(k) * num_q_heads + head]);
+  const float base = mx == -INFINITY ? 0.f : mx;
+  float acc[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) acc[e] = 0.f;
+  float wsum = 0.f;
+  for (int k = 0; k < n; ++k) {
+    const long long r = state_row(k) * num_q_heads + head;
+    const float w = __expf(lse_states[r] - base);  // exp(-inf) = 0
+    wsum += w;
+    const float* src = o_states + r * D + lane * E;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] += w * src[e];
+  }
+  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  T* dst = out + ((long long)order[pos] * num_q_heads + head) * D + lane * E;
+#pragma unroll
+  for (int e = 0; e < E; ++e) dst[e] = Pack<T>::one(acc[e] * inv);
+  if (write_lse && lane == 0)
+    out_lse[(long long)order[pos] * num_q_heads + head] = wsum > 0.f ? base + logf(wsum) : -INFINITY;
+}
+
+// KV append: token t of k, v ([n, Hkv, D], contiguous) goes to page (slot_chunk[t], h) at row
+// slot_off[t] of one layer. One thread per 16-byte vector. Serves decode (one token per
+// sequence) and prefill (a run of tokens of one sequence) alike.
+template <typename T, int D, int C>
+__global__ void kv_append(const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ slot_chunk,
+                          const int* __restrict__ slot_off, T* __restrict__ k_pool, T* __restrict__ v_pool,
+                          long long layer_page0, int num_kv_heads, int n) {
+  constexpr int V = D / 8;
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (long long)n * num_kv_heads * V) return;
+  const int c = (int)(i % V) * 8;
+  const long long th = i / V;  // token * Hkv + head
+  const int h = (int)(th % num_kv_heads), t = (int)(th / num_kv_heads);
+  const long long page = layer_page0 + (long long)slot_chunk[t] * num_kv_heads + h;
+  const long long dst = (page * C + slot_off[t]) * D + c;
+  *reinterpret_cast<uint4*>(k_pool + dst) = *reinterpret_cast<const uint4*>(k + th * D + c);
+  *reinterpret_cast<uint4*>(v_pool + dst) = *reinterpret_cast<const uint4*>(v + th * D + c);
+}
+
+}  // namespace cpattn
