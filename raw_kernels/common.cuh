@@ -5,6 +5,11 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+// NVRTC has no <math.h>; INFINITY is the only macro of it we use.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 namespace cpattn {
 
 typedef unsigned int u32;

@@ -1,0 +1,154 @@
+"""CUDA ChunkAttention decode vs the NumPy reference and the float64 oracle (marker: gpu).
+
+Every GPU cache is mirrored by a NumPy cache fed the same operations, so the tree, the plan
+and the pool bytes must be identical; outputs are poisoned before each run.
+"""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cpattn import gpu_available
+from cpattn.reference import ChunkCache, build_decode_plan, decode, dense_decode
+from cpattn.reference.dtypes import to_float32, unit_roundoff
+from cpattn.reference.workloads import TokenKV, fill_cache, prefix_tree_prompts, random_queries
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")]
+
+POISON = {"float16": 0x7E00, "bfloat16": 0x7FC0}  # NaN bit patterns
+
+
+def make_pair(prompts, kv, L, Hkv, D, c, dtype, share=True, order=None):
+    from cpattn.cache import GpuChunkCache
+
+    need = sum(-(-(len(p) + 1) // c) for p in prompts) + 4
+    gpu = GpuChunkCache(L, Hkv, D, need, chunk_size=c, dtype=dtype, share_prefix=share)
+    cpu = ChunkCache(L, Hkv, D, need, chunk_size=c, dtype=dtype, share_prefix=share)
+    ids_g = fill_cache(gpu, prompts, kv, order)
+    ids_c = fill_cache(cpu, prompts, kv, order)
+    assert ids_g == ids_c
+    return gpu, cpu, ids_g
+
+
+def budget(dtype, v_absmax):
+    # kernel: P rounded to the storage dtype for the P.V product, output rounded once
+    return 4 * unit_roundoff(dtype) * v_absmax + 1e-6
+
+
+def run_gpu(gpu, ids, q, layer, piece=None, private=None, scale=None):
+    import cupy
+
+    from cpattn.decode import ChunkAttentionDecode
+
+    dec = ChunkAttentionDecode(gpu, piece_chunks=piece or "auto", private_piece_chunks=private or "auto")
+    dec.plan(ids, q.shape[1])
+    out = cupy.full(q.shape, POISON[gpu.dtype], dtype=cupy.float16 if gpu.dtype == "float16" else cupy.uint16)
+    lse = cupy.full(q.shape[:2], np.nan, cupy.float32)
+    dec.run(cupy.asarray(q), layer, scale=scale, out=out, lse=lse)
+    return to_float32(cupy.asnumpy(out), gpu.dtype), cupy.asnumpy(lse), dec
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**31 - 1), n=st.sampled_from([1, 3, 7, 20, 77]),
+       c=st.sampled_from([16, 32, 64, 128]), ratio=st.sampled_from([1, 4, 8]),
+       dtype=st.sampled_from(["float16", "bfloat16"]), D=st.sampled_from([64, 128]),
+       share=st.booleans(), piece=st.sampled_from([None, 1, 3]), private=st.sampled_from([None, 1, 2]))
+def test_decode_matches_reference(seed, n, c, ratio, dtype, D, share, piece, private):
+    Hkv = 2
+    Hq = Hkv * ratio
+    prompts = prefix_tree_prompts(seed, n, c, levels=2, fanout=3, max_chunks=3, vocab=8)
+    kv = TokenKV(2, Hkv, D, dtype=dtype, seed=seed, vocab=8, max_len=max(map(len, prompts)) + 4)
+    gpu, cpu, ids = make_pair(prompts, kv, 2, Hkv, D, c, dtype, share)
+    import cupy
+
+    for layer in range(2):  # identical pools, then identical results
+        assert np.array_equal(cupy.asnumpy(gpu.k_pool[layer]), cpu.k_pool[layer])
+    q = random_queries(seed + 1, n, Hq, D, dtype)
+    layer = 1
+    o, lse, dec = run_gpu(gpu, ids, q, layer, piece, private)
+    plan = build_decode_plan(cpu, ids, piece, private)
+    ref, ref_lse = decode(cpu, plan, q, layer, return_lse=True)
+    oracle = dense_decode(cpu, ids, q, layer)
+    assert np.isfinite(o).all() and np.isfinite(lse).all(), "unwritten or NaN output"
+    vmax = float(np.abs(to_float32(cpu.v_pool[layer], dtype)).max())
+    err_oracle = np.abs(o - oracle).max()
+    assert err_oracle <= budget(dtype, vmax), (err_oracle, budget(dtype, vmax))
+    assert np.abs(o - ref).max() <= budget(dtype, vmax)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("batch", [1, 3, 77, 200])
+def test_batch_sizes_and_gqa(dtype, batch):
+    c, D, Hkv, Hq = 64, 128, 2, 16
+    prompts = prefix_tree_prompts(batch, batch, c, levels=3, fanout=4, max_chunks=4, vocab=6)
+    kv = TokenKV(1, Hkv, D, dtype=dtype, seed=batch, vocab=6, max_len=max(map(len, prompts)) + 4)
+    gpu, cpu, ids = make_pair(prompts, kv, 1, Hkv, D, c, dtype)
+    q = random_queries(batch, batch, Hq, D, dtype)
+    o, _, dec = run_gpu(gpu, ids, q, 0)
+    oracle = dense_decode(cpu, ids, q, 0)
+    vmax = float(np.abs(to_float32(cpu.v_pool[0], dtype)).max())
+    assert np.isfinite(o).all()
+    assert np.abs(o - oracle).max() <= budget(dtype, vmax)
+
+
+def test_decode_steps_reuse_plan_until_tree_changes():
+    """A plan stays valid while tails fill; lengths come from the device table."""
+    import cupy
+
+    from cpattn.decode import ChunkAttentionDecode
+    from cpattn.reference.tree import CacheError
+
+    c, D, Hkv, Hq, dtype = 16, 64, 2, 4, "float16"
+    prompts = prefix_tree_prompts(5, 9, c, levels=2, vocab=8)
+    kv = TokenKV(1, Hkv, D, dtype=dtype, seed=5, vocab=8, max_len=max(map(len, prompts)) + 64)
+    gpu, cpu, ids = make_pair(prompts, kv, 1, Hkv, D, c, dtype)
+    extra = 40
+    dec = ChunkAttentionDecode(gpu)
+    dec.plan(ids, Hq)
+    replans = 0
+    for step in range(extra):
+        q = random_queries(step, len(ids), Hq, D, dtype)
+        try:
+            o = dec.run(cupy.asarray(q), 0)
+        except CacheError:
+            dec.plan(ids, Hq)
+            replans += 1
+            o = dec.run(cupy.asarray(q), 0)
+        oracle = dense_decode(cpu, ids, q, 0)
+        vmax = float(np.abs(to_float32(cpu.v_pool[0], dtype)).max())
+        assert np.abs(to_float32(cupy.asnumpy(o), dtype) - oracle).max() <= budget(dtype, vmax)
+        for cache in (gpu, cpu):  # one more token each, like a decode step
+            for i, sid in enumerate(ids):
+                n = cache.seq_len(sid)
+                k, v = kv([i], start=n)
+                cache.append([sid], [i], cache.xp.asarray(k), cache.xp.asarray(v))
+    assert 0 < replans < extra  # rebuilt only when a tail chunk filled up
+
+
+def test_extreme_logits_no_nan():
+    c, D, Hkv, Hq = 64, 128, 1, 4
+    for dtype, qscale in (("float16", 60.0), ("bfloat16", 60.0)):
+        prompts = prefix_tree_prompts(11, 5, c, vocab=8)
+        kv = TokenKV(1, Hkv, D, dtype=dtype, seed=11, vocab=8, max_len=max(map(len, prompts)) + 4, spread=3.0)
+        gpu, cpu, ids = make_pair(prompts, kv, 1, Hkv, D, c, dtype)
+        q = random_queries(3, len(ids), Hq, D, dtype, scale=qscale)  # scores reach ~1e4
+        o, lse, _ = run_gpu(gpu, ids, q, 0)
+        oracle = dense_decode(cpu, ids, q, 0)
+        assert np.isfinite(o).all() and np.isfinite(lse).all()
+        vmax = float(np.abs(to_float32(cpu.v_pool[0], dtype)).max())
+        assert np.abs(o - oracle).max() <= budget(dtype, vmax) * 2
+
+
+def test_torch_interop_zero_copy():
+    torch = pytest.importorskip("torch")
+    import cupy
+
+    from cpattn.arrays import as_cupy
+
+    t = torch.randn(4, 8, 64, device="cuda", dtype=torch.float16)
+    x = as_cupy(t, "q", "float16")
+    assert x.data.ptr == t.data_ptr()
+    tb = torch.randn(4, 8, 64, device="cuda", dtype=torch.bfloat16)
+    xb = as_cupy(tb, "q", "bfloat16")
+    assert xb.data.ptr == tb.data_ptr() and xb.dtype == cupy.uint16
