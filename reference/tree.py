@@ -22,6 +22,7 @@ tree and this layout; only where the bytes live differs.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Sequence as _Seq
 
@@ -201,7 +202,7 @@ class ChunkCache:
             self._check_kv(v, "v", len(tokens))
         if not self._free_slots:
             raise CacheError(f"max_sequences: all {self.max_sequences} sequence slots are in use")
-        limit = len(tokens) if max_match is None else max(0, min(int(max_match), len(tokens)))
+        limit = len(tokens) if max_match is None else max(0, min(self._check_max_match(max_match), len(tokens)))
         matched = self._match(tokens[:limit])
         n_matched = len(matched) * self.chunk_size
         rest = len(tokens) - n_matched if k is not None else 0
@@ -335,23 +336,35 @@ class ChunkCache:
         return count
 
     # ------------------------------------------------------------------ internals
-    def _get(self, seq) -> SeqState:
+    def _get(self, seq, name: str = "seq") -> SeqState:
+        # integers only: int() would truncate 0.7 to sequence 0 and accept True and "1"
         try:
-            return self._seqs[int(seq)]
-        except (KeyError, TypeError, ValueError):
-            raise CacheError(f"seq: expected a live sequence id, got {seq!r} "
-                             f"(unknown or released)") from None
+            key = None if isinstance(seq, (bool, np.bool_)) else operator.index(seq)
+        except TypeError:
+            key = None
+        s = self._seqs.get(key)
+        if s is None:
+            raise CacheError(f"{name}: expected a live sequence id, got {seq!r} (unknown or released)")
+        return s
 
     def _check_batch(self, seqs) -> list[int]:
-        seqs = [int(x) for x in np.asarray(seqs).reshape(-1)] if not isinstance(seqs, list) else list(seqs)
+        seqs = list(seqs) if isinstance(seqs, (list, tuple)) else list(np.asarray(seqs).reshape(-1))
         if not seqs:
             raise ValueError("seqs: expected a non-empty batch of sequence ids, got an empty one")
-        for x in seqs:
-            self._get(x)
+        seqs = [self._get(x, "seqs").id for x in seqs]
         if len(set(seqs)) != len(seqs):
             dup = sorted({x for x in seqs if seqs.count(x) > 1})
             raise ValueError(f"seqs: expected distinct sequence ids, got duplicates {dup}")
-        return [int(x) for x in seqs]
+        return seqs
+
+    @staticmethod
+    def _check_max_match(max_match) -> int:
+        try:
+            if isinstance(max_match, (bool, np.bool_)):
+                raise TypeError
+            return operator.index(max_match)
+        except TypeError:
+            raise TypeError(f"max_match: expected None or an integer, got {max_match!r}") from None
 
     def _check_committed(self, s: SeqState) -> None:
         if s.n_committed != s.n_tokens:
@@ -364,7 +377,11 @@ class ChunkCache:
 
     @staticmethod
     def _check_tokens(tokens, name) -> list[int]:
-        arr = np.asarray(tokens)
+        try:
+            arr = np.asarray(tokens)
+        except ValueError:  # ragged nesting: NumPy's own message would name nothing
+            raise TypeError(f"{name}: expected a 1-D sequence of integer token ids, got a ragged "
+                            f"nested sequence") from None
         if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
             raise TypeError(f"{name}: expected a 1-D sequence of integer token ids, got "
                             f"{arr.dtype} with shape {arr.shape}")
