@@ -60,8 +60,9 @@ def _check_q(cache: ChunkCache, q, batch: int, num_q_heads: int | None = None):
         raise ValueError(f"q: expected batch {batch} (one row per sequence), got {b}")
     if d != cache.head_dim:
         raise ValueError(f"q: expected head_dim {cache.head_dim}, got {d}")
-    if hq % cache.num_kv_heads:
-        raise ValueError(f"q: expected num_q_heads a multiple of num_kv_heads {cache.num_kv_heads}, got {hq}")
+    if hq < 1 or hq % cache.num_kv_heads:  # 0 heads would make the GQA group size 0
+        raise ValueError(f"q: expected num_q_heads a positive multiple of num_kv_heads "
+                         f"{cache.num_kv_heads}, got {hq}")
     if np.dtype(q.dtype) != np.dtype(want):
         raise TypeError(f"q: expected dtype {np.dtype(want).name} for {cache.dtype} storage, got {q.dtype}")
     return hq // cache.num_kv_heads
