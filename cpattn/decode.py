@@ -18,7 +18,7 @@ import numpy as np
 
 from .arrays import as_cupy
 from .kernels import get_kernels
-from .reference.plan import DecodePlan, build_decode_plan
+from .reference.plan import DecodePlan, build_decode_plan, split_plan
 from .reference.tree import CacheError
 
 ROWS_PER_UNIT = 64
@@ -35,35 +35,42 @@ def _smem_bytes(head_dim: int, chunk_size: int) -> int:
 def build_units(plan: DecodePlan, num_kv_heads: int, group: int):
     """Work units of the fused attend launch (see raw_kernels/chunk_attention.cu).
 
-    Returns (units int32 [U, 9], chunk_list int32): phase-1 units for every (piece, kv head,
-    64-row tile of range x group) and phase-2 units for every (private item, kv head, tile),
+    Returns (units int32 [U, 9], chunk_list int32): phase-1 units for every (piece, 64-row tile
+    of range x group, kv head) and phase-2 units for every (private item, tile, kv head),
     largest first so the long ones start early.
     """
-    c = plan.chunk_size
-    P = plan.num_pieces
+    c, H = plan.chunk_size, num_kv_heads
     chunk_list = np.concatenate([plan.piece_chunks, plan.private_chunks]).astype(np.int32)
     off2 = len(plan.piece_chunks)
-    rows = []
-    # phase 1
-    rng = (plan.piece_end - plan.piece_begin).astype(np.int64) * group
-    for p in range(P):
-        cb, ce = plan.piece_chunk_indptr[p], plan.piece_chunk_indptr[p + 1]
-        for r0 in range(0, int(rng[p]), ROWS_PER_UNIT):
-            for h in range(num_kv_heads):
-                rows.append((cb, ce, -1, 0, plan.piece_begin[p], r0, min(ROWS_PER_UNIT, rng[p] - r0), h,
-                             plan.piece_state_offset[p]))
-    # phase 2: keys of an item = slot_lens[slot] - (tokens on the path before the item)
-    S1 = plan.num_state_rows
-    for i in range(plan.num_items):
-        pos = plan.item_pos[i]
-        before = (plan.path_len[pos] - (plan.private_indptr[pos + 1] - plan.item_begin[i])) * c
-        last = plan.item_end[i] == plan.private_indptr[pos + 1]
-        slot, minus = (plan.slots[pos], before) if last else (-1, 0)
-        for r0 in range(0, group, ROWS_PER_UNIT):
-            for h in range(num_kv_heads):
-                rows.append((off2 + plan.item_begin[i], off2 + plan.item_end[i], slot, minus, pos, r0,
-                             min(ROWS_PER_UNIT, group - r0), h, S1 + i))
-    units = np.array(rows, dtype=np.int32).reshape(-1, 9)
+
+    def expand(n_rows, cols):
+        """One row per (entry, 64-row tile, kv head); cols: per-entry columns (tile/head filled in)."""
+        tiles = -(-n_rows // ROWS_PER_UNIT)
+        e = np.repeat(np.arange(len(n_rows)), tiles * H)
+        k = np.arange(len(e)) - np.repeat(np.cumsum(tiles * H) - tiles * H, tiles * H)
+        r0 = (k // H) * ROWS_PER_UNIT
+        out = np.empty((len(e), 9), np.int64)
+        for f, col in cols.items():
+            out[:, f] = col[e]
+        out[:, 5] = r0
+        out[:, 6] = np.minimum(ROWS_PER_UNIT, n_rows[e] - r0)
+        out[:, 7] = k % H
+        return out
+
+    P, I = plan.num_pieces, plan.num_items
+    n1 = (plan.piece_end - plan.piece_begin).astype(np.int64) * group
+    u1 = expand(n1, {0: plan.piece_chunk_indptr[:-1], 1: plan.piece_chunk_indptr[1:], 2: np.full(P, -1),
+                     3: np.zeros(P, np.int64), 4: plan.piece_begin, 8: plan.piece_state_offset[:-1]})
+    # phase 2: keys of an item = slot_lens[slot] - (tokens on the path before the item); only
+    # a position's last item reads the length, the others are whole chunks
+    pos = plan.item_pos
+    last = plan.item_end == plan.private_indptr[pos + 1]
+    before = (plan.path_len[pos].astype(np.int64) - (plan.private_indptr[pos + 1] - plan.item_begin)) * c
+    u2 = expand(np.full(I, group, np.int64), {
+        0: off2 + plan.item_begin.astype(np.int64), 1: off2 + plan.item_end.astype(np.int64),
+        2: np.where(last, plan.slots[pos], -1), 3: np.where(last, before, 0), 4: pos,
+        8: plan.num_state_rows + np.arange(I)})
+    units = np.concatenate([u1, u2]).astype(np.int32)
     work = units[:, 1] - units[:, 0]
     return units[np.argsort(-work, kind="stable")], chunk_list
 
@@ -101,14 +108,12 @@ class ChunkAttentionDecode:
         pc, ppc = self.piece_chunks, self.private_piece_chunks
         auto = pc == "auto" or ppc == "auto"
         plan = build_decode_plan(cache, seqs, None if pc == "auto" else pc, None if ppc == "auto" else ppc)
-        if auto:  # split so that about units_per_sm units per SM exist, then replan if needed
-            tiles1 = -(-(plan.piece_end - plan.piece_begin) * group // ROWS_PER_UNIT)
-            work = (int((np.diff(plan.piece_chunk_indptr) * tiles1).sum()) + int(plan.private_indptr[-1])
+        if auto:  # split so that about units_per_sm units per SM exist (chunk reads per unit <= cap)
+            tiles1 = -(-(plan.seg_end - plan.seg_begin).astype(np.int64) * group // ROWS_PER_UNIT)
+            work = (int((np.diff(plan.seg_chunk_indptr) * tiles1).sum()) + int(plan.private_indptr[-1])
                     * -(-group // ROWS_PER_UNIT)) * cache.num_kv_heads
             cap = max(1, math.ceil(work / (self.units_per_sm * self._sms)))
-            need = max(np.diff(plan.piece_chunk_indptr).max(initial=0), (plan.item_end - plan.item_begin).max(initial=0))
-            if need > cap:
-                plan = build_decode_plan(cache, seqs, cap if pc == "auto" else pc, cap if ppc == "auto" else ppc)
+            plan = split_plan(plan, cap if pc == "auto" else pc, cap if ppc == "auto" else ppc)
         units, chunk_list = build_units(plan, cache.num_kv_heads, group)
         host = [units.ravel(), chunk_list, plan.order, plan.seq_piece_indptr, plan.seq_pieces,
                 plan.piece_state_offset, plan.piece_begin, plan.seq_item_indptr]
