@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Where decode time goes: the attend launch with only phase-1 units, only phase-2 units, all
+units, and the merge launch, for one configuration (CUDA events, median).
+
+    python tools/profile_decode.py --batch 128 --shared 4096 --own 256 --hq 32 --hkv 8
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_decode import build, median_ms  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    for k, v in (("batch", 128), ("shared", 4096), ("own", 256), ("hq", 32), ("hkv", 8), ("chunk", 64)):
+        ap.add_argument(f"--{k}", type=int, default=v)
+    ap.add_argument("--units-per-sm", type=int, nargs="*", default=[2, 4, 8])
+    a = ap.parse_args()
+    import cupy
+
+    from cpattn.decode import THREADS, ChunkAttentionDecode
+
+    cache, ids = build(a.batch, a.shared, a.own, a.hkv, 128, a.chunk)
+    q = cupy.random.RandomState(1).standard_normal((a.batch, a.hq, 128), dtype=cupy.float32).astype(cupy.float16)
+    for ups in a.units_per_sm:
+        dec = ChunkAttentionDecode(cache, units_per_sm=ups)
+        plan = dec.plan(ids, a.hq)
+        units_all = dec._units.copy()
+        host = cupy.asnumpy(units_all).reshape(-1, 9)
+        is1 = host[:, 2] < 0
+        is1 &= host[:, 8] < plan.num_state_rows
+        out = cupy.empty_like(q)
+        t_all = median_ms(lambda: dec.run(q, 0, out=out))
+        res = {}
+        for name, mask in (("phase1", is1), ("phase2", ~is1)):
+            sub = cupy.asarray(np.ascontiguousarray(host[mask]).ravel())
+            k = dec._kern["chunk_attend"]
+
+            def launch():
+                k((int(mask.sum()),), (THREADS,), (q, cache.k_pool, cache.v_pool, np.int64(0), sub, dec._chunk_list,
+                                                  dec._order, cache.d_slot_lens, dec._o_states, dec._lse_states,
+                                                  np.int32(a.hq), np.int32(a.hkv), np.int32(dec._group),
+                                                  np.float32(0.1275)), shared_mem=dec._smem)
+            res[name] = (int(mask.sum()), median_ms(launch))
+        rows1 = host[is1, 6].sum()
+        chunks1 = ((host[is1, 1] - host[is1, 0])).sum()
+        flops1 = 4.0 * 64 * 128 * a.chunk * chunks1  # 64-row tiles as computed (padded rows included)
+        print(f"units/SM {ups}: pieces {plan.num_pieces} items {plan.num_items} units {len(host)}; "
+              f"run {1e3 * t_all:.1f} us; phase1 {res['phase1'][0]} units {1e3 * res['phase1'][1]:.1f} us "
+              f"({flops1 / res['phase1'][1] / 1e9:.0f} TFLOP/s on padded tiles, {rows1} real rows); "
+              f"phase2 {res['phase2'][0]} units {1e3 * res['phase2'][1]:.1f} us", flush=True)
+
+
+if __name__ == "__main__":
+    main()
