@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from conftest import assert_same_snapshot, snapshot
+from cpattn.reference.chunk_attention import decode, dense_decode
+from cpattn.reference.plan import build_decode_plan
 from cpattn.reference.tree import CacheError, CacheFullError, ChunkCache
-from cpattn.reference.workloads import TokenKV
+from cpattn.reference.workloads import TokenKV, random_queries
 
 L, HKV, D = 2, 1, 2
 tokens_st = st.lists(st.integers(0, 2), max_size=10)
@@ -32,6 +34,7 @@ class CacheMachine(RuleBasedStateMachine):
                                 max_sequences=6)
         self.kv = TokenKV(L, HKV, D, dtype=dtype, seed=3, vocab=3)
         self.model: dict[int, list[int]] = {}
+        self.plan = None  # the last decode plan, reused while the cache version allows
 
     # ------------------------------------------------------------------ helpers
     def attempt(self, fn):
@@ -146,6 +149,40 @@ class CacheMachine(RuleBasedStateMachine):
         self.cache.release(seq)
         del self.model[seq]
         assert not self.cache.is_live(seq)
+
+    @precondition(lambda self: any(self.model.values()))
+    @rule(data=st.data(), seed=st.integers(0, 2**16))
+    def decode(self, data, seed):
+        """Two-phase decode over whatever tree the operations built equals the dense oracle."""
+        ready = sorted(s for s, t in self.model.items() if t)
+        batch = data.draw(st.lists(st.sampled_from(ready), min_size=1, unique=True), label="batch")
+        self.plan = build_decode_plan(self.cache, batch, piece_chunks=data.draw(st.none() | st.just(1)))
+        self.check_decode(self.plan, seed)
+
+    @precondition(lambda self: self.plan is not None)
+    @rule(seed=st.integers(0, 2**16))
+    def decode_with_last_plan(self, seed):
+        """A plan stays valid while the version is unchanged (appends inside tail chunks)."""
+        if self.plan.version == self.cache.version:
+            event("plan reused")
+            self.check_decode(self.plan, seed)
+        else:
+            q = random_queries(seed, self.plan.batch_size, 2 * HKV, D, self.cache.dtype)
+            before = snapshot(self.cache)
+            try:
+                decode(self.cache, self.plan, q)
+                raise AssertionError("a stale plan was accepted")
+            except CacheError as e:
+                assert str(e).startswith("plan:")
+            assert_same_snapshot(before, snapshot(self.cache))
+            self.plan = None
+            event("stale plan refused")
+
+    def check_decode(self, plan, seed):
+        q = random_queries(seed, plan.batch_size, 2 * HKV, D, self.cache.dtype)
+        o = decode(self.cache, plan, q)
+        ref = dense_decode(self.cache, list(plan.batch), q)
+        assert np.abs(o - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
     @rule(max_chunks=st.none() | st.integers(0, 3))
     def evict(self, max_chunks):
