@@ -202,10 +202,10 @@ def _rotate(x, pos, base: float):
 
 def long_context_qkv(seed: int, n_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
                      num_layers: int = 1, dtype: str = "float16", num_sinks: int = 4,
-                     sink_logit: float = 6.0, locality: float = 8.0, locality_len: int = 512,
+                     sink_logit: float = 10.0, locality: float = 8.0, locality_len: int = 512,
                      rope_logit: float = 2.0, temperature=(0.7, 3.0), noise: float = 0.7,
                      num_needles: int = 8, needle_len: int = 64, needle_queries: int = 8,
-                     needle_logit: float = 12.0, rope_base: float = 10000.0) -> LongContext:
+                     needle_logit: float = 20.0, rope_base: float = 10000.0) -> LongContext:
     """Q/K/V of a long prompt with the structure sparse prefill selectors rely on.
 
     Per layer and query head g (kv head h = g // G), with position p and RoPE rotation R(p)::
