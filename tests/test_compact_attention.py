@@ -80,10 +80,10 @@ def options(draw, g, alpha=None):
                 group_size=draw(st.sampled_from([None] + [s for s in (1, 2, 4) if G % s == 0])))
 
 
-def prefill_one_chunk(g, P, n, chunk_opts=None):
+def prefill_one_chunk(g, P, n):
     """A cache holding a prompt of P + n tokens whose last n are the chunk (K/V written)."""
     w = workload(g, P + n)
-    cache, means = new_cache(g)
+    cache, means = new_cache(g, num_chunks=max(64, (P + n) // g["c"] + 1))
     seq = cache.add_sequence([])
     if P:
         cache.extend(seq, list(range(P)), w.k[:, :P], w.v[:, :P])
@@ -234,8 +234,7 @@ def test_prefill_after_a_prefix_cached_by_another_sequence_equals_prefill_from_s
     c = g["c"]
     p = c * data.draw(st.integers(1, 4))  # reused prefix, whole chunks
     m = p + awkward(data.draw, c, 4)
-    head = chunking(data.draw, p, c)
-    head = [x for x in head]  # p is a multiple of c: every piece is aligned
+    head = chunking(data.draw, p, c)  # p is a multiple of c: every piece is aligned
     rest = chunking(data.draw, m - p, c)
     opts = options(data.draw, g)
     w = workload(g, m)
@@ -250,7 +249,7 @@ def test_prefill_after_a_prefix_cached_by_another_sequence_equals_prefill_from_s
     cache2, means2 = new_cache(g)
     extra = awkward(data.draw, c, 2, low=0)
     other = tokens[:p] + [10_000 + i for i in range(extra)]
-    ko = np.concatenate([w.k[:, :p], w.k[:, :extra][:, ::-1]], axis=1)
+    ko = np.concatenate([w.k[:, :p], w.k[:, :extra]], axis=1)
     vo = np.concatenate([w.v[:, :p], w.v[:, :extra]], axis=1)
     qo = np.concatenate([w.q[:, :p], w.q[:, :extra]], axis=1)
     a = cache2.add_sequence([])
@@ -377,11 +376,22 @@ def test_block_tables_to_string_to_dense_and_density():
         assert past == "".join("#" if b else "." for b in dense[tt, h, gg, :10])
         assert own_cols.rstrip() == "o" * own[tt]
         assert line.split()[:3] == [f"t{tt}", f"h{h}", f"g{gg}"]
-    # a long sequence is drawn compressed to the width asked for
-    wide = BlockTables(**{**t.__dict__})
-    assert wide.to_string(max_width=8).count("\n") == len(lines) - 1
-    assert all(len(row.split()[3]) <= 8 + 8 for row in wide.to_string(max_width=8).splitlines()[3:])
     assert str(t) == text
+
+
+def test_block_tables_to_string_compresses_long_sequences():
+    g = dict(c=4, Hkv=1, Hq=2, D=8, dtype="float16", layers=1, seed=8)
+    w, cache, means, seq = prefill_one_chunk(g, 400, 6)  # 100 past blocks
+    t = compact_prefill(cache, means, seq, w.q[0, 400:], alpha=0.5, sink=0, window=0).tables
+    lines = t.to_string(max_width=20).splitlines()
+    assert "one column = 6 blocks" in lines[2]
+    past, own = lines[3].split()[2].split("|")
+    assert len(past) == 17 and own == "o"  # 100 past blocks in columns of 6, then 2 own blocks in one
+    row = t.to_dense()[0, 0, 0, :100]
+    for col, ch in enumerate(past):
+        frac = row[6 * col: 6 * col + 6].mean()
+        assert ch == ("#" if frac == 1 else "." if frac == 0 else "+" if frac >= 0.5 else "-")
+    assert set(past) - {"#", "."}  # this selection has partly-read columns
 
 
 def test_split_chunks():
