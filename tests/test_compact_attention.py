@@ -249,9 +249,8 @@ def test_prefill_after_a_prefix_cached_by_another_sequence_equals_prefill_from_s
     cache2, means2 = new_cache(g)
     extra = awkward(data.draw, c, 2, low=0)
     other = tokens[:p] + [10_000 + i for i in range(extra)]
-    ko = np.concatenate([w.k[:, :p], w.k[:, :extra]], axis=1)
-    vo = np.concatenate([w.v[:, :p], w.v[:, :extra]], axis=1)
-    qo = np.concatenate([w.q[:, :p], w.q[:, :extra]], axis=1)
+    w2 = workload(dict(g, seed=g["seed"] ^ 1), max(extra, 1))  # the other prompt's own tail
+    ko, vo, qo = (np.concatenate([x[:, :p], y[:, :extra]], axis=1) for x, y in ((w.k, w2.k), (w.v, w2.v), (w.q, w2.q)))
     a = cache2.add_sequence([])
     chunked_prefill(cache2, means2, a, other, qo, ko, vo, chunking(data.draw, len(other), c) if extra else head, **opts)
     if data.draw(st.booleans()):
