@@ -96,7 +96,7 @@ def prefill_one_chunk(g, P, n):
 @given(data=st.data(), g=geometries())
 def test_alpha_zero_equals_dense_causal_attention_for_any_chunking(data, g):
     c = g["c"]
-    m = awkward(data.draw, c, 8)
+    m = awkward(data.draw, c, 12)
     sizes = chunking(data.draw, m, c)
     opts = options(data.draw, g, alpha=0.0)
     w = workload(g, m)
@@ -139,7 +139,7 @@ def brute_scores(q, k, P, n, c, scale):
 @given(data=st.data(), g=geometries())
 def test_union_is_minimal_and_matches_brute_force(data, g):
     c = g["c"]
-    P = c * data.draw(st.integers(0, 8))
+    P = c * data.draw(st.integers(0, 12))
     n = awkward(data.draw, c, 4)
     opts = options(data.draw, g)
     alpha, sink, window = opts["alpha"], opts["sink"], opts["window"]
@@ -197,7 +197,7 @@ def test_union_is_minimal_and_matches_brute_force(data, g):
 @given(data=st.data(), g=geometries())
 def test_recall_is_mass_on_read_blocks_and_bounds_the_error(data, g):
     c = g["c"]
-    P = c * data.draw(st.integers(1, 8))
+    P = c * data.draw(st.integers(1, 12))
     n = awkward(data.draw, c, 3)
     opts = options(data.draw, g)
     opts["alpha"] = data.draw(st.floats(0.05, 1))
