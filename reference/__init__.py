@@ -12,3 +12,15 @@ __all__ = [
     "decode", "dense_decode", "merge_states", "attention_state", "STORAGE_DTYPES",
     "to_storage", "to_float32", "round_to_storage",
 ]
+
+# CompactAttention chunked prefill (reference/compact_attention.py)
+from .compact_attention import (BlockMeans, BlockSelection, BlockTables, CompactPrefill,  # noqa: E402
+                                attention_mass, build_block_tables, chunked_prefill, compact_prefill,
+                                dense_prefill, mass_recall, needle_recall, relative_error,
+                                select_blocks, sparse_prefill)
+
+__all__ += [
+    "BlockMeans", "BlockSelection", "BlockTables", "CompactPrefill", "select_blocks",
+    "build_block_tables", "sparse_prefill", "dense_prefill", "compact_prefill", "chunked_prefill",
+    "attention_mass", "mass_recall", "relative_error", "needle_recall",
+]
