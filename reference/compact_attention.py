@@ -556,6 +556,9 @@ def sparse_prefill(cache: ChunkCache, tables: BlockTables, q, layer: int = 0,
 
 
 # ============================================================================ oracle and metrics
+_SLAB = 1 << 24  # score-matrix elements per slab: the float64 oracles stay in memory at 128K
+
+
 def causal_attention(q, k, v, scale: float | None = None):
     """float64 causal attention of the last n positions of a sequence (bottom-right aligned).
 
@@ -569,14 +572,19 @@ def causal_attention(q, k, v, scale: float | None = None):
     L, Hkv, _ = k.shape
     scale = 1.0 / np.sqrt(D) if scale is None else float(scale)
     G = Hq // Hkv
-    s = np.einsum("nhd,lhd->hnl", q, k[:, np.arange(Hq) // G]) * scale  # [Hq, n, L]
-    visible = np.arange(L)[None, :] <= (L - n + np.arange(n))[:, None]  # [n, L]
-    s = np.where(visible[None], s, -np.inf)
-    m = s.max(axis=2, keepdims=True)
-    p = np.exp(s - m)
-    l = p.sum(axis=2, keepdims=True)
-    o = np.einsum("hnl,lhd->nhd", p / l, v[:, np.arange(Hq) // G])
-    return o, (m + np.log(l))[:, :, 0].T
+    o, lse = np.empty((n, Hq, D)), np.empty((n, Hq))
+    step = max(1, _SLAB // L)
+    for h in range(Hq):
+        for a in range(0, n, step):  # rows a..b of head h: scores [b-a, L]
+            rows = np.arange(a, min(n, a + step))
+            s = (q[rows, h] @ k[:, h // G].T) * scale
+            s[np.arange(L)[None, :] > (L - n + rows)[:, None]] = -np.inf
+            m = s.max(axis=1, keepdims=True)
+            p = np.exp(s - m)
+            l = p.sum(axis=1, keepdims=True)
+            o[rows, h] = (p @ v[:, h // G]) / l
+            lse[rows, h] = (m + np.log(l))[:, 0]
+    return o, lse
 
 
 def _chunk_kv64(cache: ChunkCache, seq: int, layer: int):
@@ -610,12 +618,17 @@ def attention_mass(cache: ChunkCache, seq: int, q, layer: int = 0, scale: float 
     k, _ = _chunk_kv64(cache, seq, layer)
     qf = to_float32(np.asarray(q), cache.dtype).astype(np.float64)
     L, Hq, c = k.shape[0], qf.shape[1], cache.chunk_size
-    s = np.einsum("nhd,lhd->nhl", qf, k[:, np.arange(Hq) // G]) * scale  # [n, Hq, L]
-    visible = np.arange(L)[None, :] <= (P + np.arange(n))[:, None]
-    s = np.where(visible[:, None], s, -np.inf)
-    p = np.exp(s - s.max(axis=2, keepdims=True))
-    p /= p.sum(axis=2, keepdims=True)
-    return np.add.reduceat(p, np.arange(0, L, c), axis=2)
+    mass = np.empty((n, Hq, _cdiv(L, c)))
+    step = max(1, _SLAB // L)
+    for h in range(Hq):
+        for a in range(0, n, step):
+            rows = np.arange(a, min(n, a + step))
+            s = (qf[rows, h] @ k[:, h // G].T) * scale  # [rows, L]
+            s[np.arange(L)[None, :] > (P + rows)[:, None]] = -np.inf
+            p = np.exp(s - s.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            mass[rows, h] = np.add.reduceat(p, np.arange(0, L, c), axis=1)
+    return mass
 
 
 def mass_recall(lse_sparse, lse_dense) -> np.ndarray:
@@ -687,6 +700,19 @@ def compact_prefill(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: in
     return CompactPrefill(o, lse, sel, tables)
 
 
+def _check_q_heads(cache: ChunkCache, q) -> int:
+    """dtype, head_dim and GQA checks of a stacked q [L, m, Hq, D]; returns G."""
+    want = storage_numpy_dtype(cache.dtype)
+    if np.dtype(q.dtype) != np.dtype(want):
+        raise TypeError(f"q: expected dtype {np.dtype(want).name} for {cache.dtype} storage, got {q.dtype}")
+    if q.shape[3] != cache.head_dim:
+        raise ValueError(f"q: expected head_dim {cache.head_dim}, got {q.shape[3]}")
+    if q.shape[2] == 0 or q.shape[2] % cache.num_kv_heads:
+        raise ValueError(f"q: expected num_q_heads a positive multiple of num_kv_heads "
+                         f"{cache.num_kv_heads}, got {q.shape[2]}")
+    return q.shape[2] // cache.num_kv_heads
+
+
 def split_chunks(length: int, chunks, chunk_size: int) -> list[int]:
     """Chunk lengths of a prompt: ``chunks`` is an int (every chunk that long, the last shorter)
     or a list of lengths summing to ``length``, every one but the last a multiple of c."""
@@ -727,10 +753,14 @@ def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k
         raise ValueError("tokens: expected at least one token, got 0")
     cache._check_kv(k, "k", m)
     cache._check_kv(v, "v", m)
-    if not hasattr(q, "shape") or q.ndim != 4 or q.shape[:2] != (L, m):
-        raise ValueError(f"q: expected an array [{L}, {m}, num_q_heads, head_dim], got "
-                         f"{getattr(q, 'shape', type(q).__name__)}")
+    if not hasattr(q, "shape") or not hasattr(q, "dtype"):
+        raise TypeError(f"q: expected an array [{L}, {m}, num_q_heads, head_dim], got {type(q).__name__}")
+    if q.ndim != 4 or q.shape[:2] != (L, m):
+        raise ValueError(f"q: expected an array [{L}, {m}, num_q_heads, head_dim], got shape {tuple(q.shape)}")
     sizes = split_chunks(m, chunks, c)
+    unknown = sorted(set(options) - {"scale", "alpha", "sink", "window", "q_tile", "group_size"})
+    if unknown:
+        raise TypeError(f"options: expected scale, alpha, sink, window, q_tile, group_size, got {unknown}")
     # dry-run every check that does not need the chunk's K/V, so a bad call changes nothing
     G = _check_q_heads(cache, q)
     _check_scale(options.get("scale"), cache.head_dim)
@@ -759,15 +789,3 @@ def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k
         a += n
     return o, lse, results
 
-
-def _check_q_heads(cache: ChunkCache, q) -> int:
-    """dtype, head_dim and GQA checks of a stacked q [L, m, Hq, D]; returns G."""
-    want = storage_numpy_dtype(cache.dtype)
-    if np.dtype(q.dtype) != np.dtype(want):
-        raise TypeError(f"q: expected dtype {np.dtype(want).name} for {cache.dtype} storage, got {q.dtype}")
-    if q.shape[3] != cache.head_dim:
-        raise ValueError(f"q: expected head_dim {cache.head_dim}, got {q.shape[3]}")
-    if q.shape[2] == 0 or q.shape[2] % cache.num_kv_heads:
-        raise ValueError(f"q: expected num_q_heads a positive multiple of num_kv_heads "
-                         f"{cache.num_kv_heads}, got {q.shape[2]}")
-    return q.shape[2] // cache.num_kv_heads

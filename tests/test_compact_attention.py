@@ -489,6 +489,8 @@ def test_chunked_prefill_bad_input_changes_nothing(unchanged):
         (dict(chunks=4, seq=odd), ValueError, "seq: expected a sequence whose length is a multiple of chunk_size 4"),
         (dict(chunks=4, tokens=toks + toks), ValueError, "k: expected shape (2, 24, 2, 8)"),
         (dict(chunks=4, sink=-2), ValueError, "sink: expected an integer >= 0"),
+        (dict(chunks=4, alpah=0.1), TypeError, "options: expected scale, alpha"),
+        (dict(chunks=4, q=list(range(12))), TypeError, "q: expected an array [2, 12, num_q_heads, head_dim], got list"),
     ]
     before = means_state(means)
     for kw, err, msg in cases:

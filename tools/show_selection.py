@@ -10,7 +10,7 @@ recall for the exact-mass oracle selector at equal density, and needle recall.
     python tools/show_selection.py [--tokens 8192] [--chunk 1024] [--block 64] [--alpha 0.06]
                                    [--q-tile ROWS] [--group-size S] [--width 96]
 
-CPU only; the defaults take about ten seconds (the float64 oracles dominate).
+CPU only; the defaults take a few seconds.
 """
 from __future__ import annotations
 
