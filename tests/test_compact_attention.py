@@ -250,15 +250,18 @@ def test_prefill_after_a_prefix_cached_by_another_sequence_equals_prefill_from_s
     extra = awkward(data.draw, c, 2, low=0)
     other = tokens[:p] + [10_000 + i for i in range(extra)]
     w2 = workload(dict(g, seed=g["seed"] ^ 1), max(extra, 1))  # the other prompt's own tail
-    ko, vo, qo = (np.concatenate([x[:, :p], y[:, :extra]], axis=1) for x, y in ((w.k, w2.k), (w.v, w2.v), (w.q, w2.q)))
+    ko, vo, qo = (np.concatenate([x[:, :p], y[:, :extra]], axis=1)
+                  for x, y in ((w.k, w2.k), (w.v, w2.v), (w.q, w2.q)))
     a = cache2.add_sequence([])
-    chunked_prefill(cache2, means2, a, other, qo, ko, vo, chunking(data.draw, len(other), c) if extra else head, **opts)
+    other_chunks = chunking(data.draw, len(other), c) if extra else head
+    chunked_prefill(cache2, means2, a, other, qo, ko, vo, other_chunks, **opts)
     if data.draw(st.booleans()):
         cache2.release(a)  # the prefix stays cached, unreferenced
     b = cache2.add_sequence(tokens, max_match=p)
     assert cache2.seq_len(b) == p
     assert means2.update(cache2, b) == 0  # the shared pages were summarised by the other sequence
-    o2, lse2, _ = chunked_prefill(cache2, means2, b, tokens[p:], w.q[:, p:], w.k[:, p:], w.v[:, p:], rest, **opts)
+    tail = (w.q[:, p:], w.k[:, p:], w.v[:, p:])
+    o2, lse2, _ = chunked_prefill(cache2, means2, b, tokens[p:], *tail, rest, **opts)
     np.testing.assert_array_equal(o2, o1[:, p:])
     np.testing.assert_array_equal(lse2, lse1[:, p:])
 
@@ -451,7 +454,8 @@ def bad_args(w, seq, make_q, kw):
 
 @pytest.mark.parametrize("what,make_q,kw,err,words", BAD_CHUNK, ids=[b[0] for b in BAD_CHUNK])
 @pytest.mark.parametrize("fn", [compact_prefill, select_blocks], ids=["compact_prefill", "select_blocks"])
-def test_bad_input_names_the_argument_and_changes_nothing(chunk_setup, unchanged, fn, what, make_q, kw, err, words):
+def test_bad_input_names_the_argument_and_changes_nothing(chunk_setup, unchanged, fn, what, make_q, kw, err,
+                                                         words):
     g, w, cache, means, seq = chunk_setup
     q, seq, layer, kw = bad_args(w, seq, make_q, kw)
     check_bad_call(cache, means, unchanged, lambda: fn(cache, means, seq, q, layer, **kw), err, words)
@@ -484,13 +488,16 @@ def test_chunked_prefill_bad_input_changes_nothing(unchanged):
         (dict(chunks=4, alpha=2.0), ValueError, "alpha: expected a number in [0, 1], got 2.0"),
         (dict(chunks=4, q_tile=2), ValueError, "q_tile: expected None or a positive multiple of chunk_size 4"),
         (dict(chunks=4, k=w.k[:, 8:19]), ValueError, "k: expected shape (2, 12, 2, 8), got (2, 11, 2, 8)"),
-        (dict(chunks=4, q=w.q[:, 8:, :3]), ValueError, "q: expected num_q_heads a positive multiple of num_kv_heads 2, got 3"),
+        (dict(chunks=4, q=w.q[:, 8:, :3]), ValueError,
+         "q: expected num_q_heads a positive multiple of num_kv_heads 2, got 3"),
         (dict(chunks=4, q=w.q[:, 9:]), ValueError, "q: expected an array [2, 12, num_q_heads, head_dim]"),
-        (dict(chunks=4, seq=odd), ValueError, "seq: expected a sequence whose length is a multiple of chunk_size 4"),
+        (dict(chunks=4, seq=odd), ValueError,
+         "seq: expected a sequence whose length is a multiple of chunk_size 4"),
         (dict(chunks=4, tokens=toks + toks), ValueError, "k: expected shape (2, 24, 2, 8)"),
         (dict(chunks=4, sink=-2), ValueError, "sink: expected an integer >= 0"),
         (dict(chunks=4, alpah=0.1), TypeError, "options: expected scale, alpha"),
-        (dict(chunks=4, q=list(range(12))), TypeError, "q: expected an array [2, 12, num_q_heads, head_dim], got list"),
+        (dict(chunks=4, q=list(range(12))), TypeError,
+         "q: expected an array [2, 12, num_q_heads, head_dim], got list"),
     ]
     before = means_state(means)
     for kw, err, msg in cases:
