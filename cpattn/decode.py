@@ -26,13 +26,10 @@ THREADS = 128
 
 
 def _smem_bytes(head_dim: int, chunk_size: int) -> int:
-    """AttendSmem<D, C>::bytes of raw_kernels/chunk_attention.cu: two K/V stages + reduction area."""
     ld = head_dim + 8
-    red = 3 * (16 * head_dim + 32) * 4 if chunk_size >= 32 else 0
-    return 2 * (2 * chunk_size * ld) * 2 + red
-
-
-SMEM_PER_SM = 227 * 1024
+    tiles = (ROWS_PER_UNIT * ld + 4 * chunk_size * ld) * 2
+    reduce = 4 * (16 * head_dim + 32) * 4 if chunk_size >= 32 else 0
+    return max(tiles, reduce)
 
 
 def build_units(plan: DecodePlan, num_kv_heads: int, group: int):
@@ -95,7 +92,6 @@ class ChunkAttentionDecode:
         self._smem = _smem_bytes(cache.head_dim, cache.chunk_size)
         self._kern["chunk_attend"].max_dynamic_shared_size_bytes = self._smem
         self._sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
-        self._blocks_per_sm = max(1, min(2, SMEM_PER_SM // self._smem))  # persistent grid
         self._states_cap = 0
         self.ref_plan: DecodePlan | None = None
 
@@ -166,9 +162,9 @@ class ChunkAttentionDecode:
         o_st = self._o_states
         lse_st = self._lse_states
         self._kern["chunk_attend"](
-            (max(1, min(self._num_units, self._blocks_per_sm * self._sms)),), (THREADS,),
+            (self._num_units,), (THREADS,),
             (q, cache.k_pool, cache.v_pool, np.int64(layer * cache.num_chunks * cache.num_kv_heads),
-             self._units, np.int32(self._num_units), self._chunk_list, self._order, cache.d_slot_lens, o_st, lse_st,
+             self._units, self._chunk_list, self._order, cache.d_slot_lens, o_st, lse_st,
              np.int32(Hq), np.int32(cache.num_kv_heads), np.int32(self._group),
              np.float32(scale * 1.4426950408889634)),
             shared_mem=self._smem)

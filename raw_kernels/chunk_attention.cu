@@ -11,10 +11,9 @@
 //
 // Tiles: 4 warps; Q K^T and P V on tensor cores (mma.sync m16n8k16, fp16/bf16 in, fp32
 // accumulate). The 4 warps split a unit's 64 rows (KS=1) or, when the unit has few rows, its
-// keys (KS=2 or 4, partial states merged through shared memory at the end). The grid is
-// persistent (two blocks per SM); K and V pages stream through a 2-stage cp.async ring that
-// runs across unit boundaries. Shared-memory rows are padded by 16 bytes, which makes every
-// ldmatrix conflict-free.
+// keys (KS=2 or 4, partial states merged through shared memory at the end). K and V pages
+// stream through a 2-stage cp.async pipeline. Shared-memory rows are padded by 16 bytes, which
+// makes every ldmatrix conflict-free.
 #include "common.cuh"
 
 namespace cpattn {
@@ -35,48 +34,17 @@ enum {
   kUnitFields
 };
 
-// Shared memory: two K/V stages [K0][V0][K1][V1] of one chunk each, then the reduction area
-// of the key-split warps (3 x 16 rows x D floats, m and l). Q never goes through shared
-// memory: each warp loads its A fragments straight from global memory into registers, one
-// unit ahead, so a CTA streams chunks across unit boundaries with no bubble.
-template <int D, int C>
+template <typename T, int D, int C>
 struct AttendSmem {
   static constexpr int LD = D + 8;
-  static constexpr int stage = 2 * C * LD;  // elements
-  static constexpr int red_floats = C >= 32 ? 3 * (16 * D + 32) : 0;
-  static constexpr int bytes = 2 * stage * 2 + red_floats * 4;
+  static constexpr int bytes = (kRows * LD + 4 * C * LD) * 2;
+  static constexpr int reduce_bytes = 4 * (16 * D + 32) * 4;
 };
-
-struct Unit {
-  int cb, nk, len_slot, pos_begin, row0, row_count, kvh, out_base, ks;
-};
-
-template <int C>
-__device__ __forceinline__ Unit read_unit(const int* __restrict__ units, int u, const int* __restrict__ slot_lens) {
-  const int* p = units + (long long)u * kUnitFields;
-  Unit d;
-  d.cb = p[U_CHUNK_BEGIN];
-  d.len_slot = p[U_LEN_SLOT];
-  d.nk = d.len_slot < 0 ? (p[U_CHUNK_END] - d.cb) * C : slot_lens[d.len_slot] - p[U_LEN_MINUS];
-  d.pos_begin = p[U_POS_BEGIN];
-  d.row0 = p[U_ROW0];
-  d.row_count = p[U_ROW_COUNT];
-  d.kvh = p[U_KVH];
-  d.out_base = p[U_OUT_BASE];
-  // few rows: the 4 warps split the keys instead (needs >= 16 keys per warp and chunk)
-  const int want = d.row_count <= 16 ? 4 : (d.row_count <= 32 ? 2 : 1);
-  d.ks = want > C / 16 ? C / 16 : want;
-  return d;
-}
 
 template <typename T, int D, int C>
-__device__ __forceinline__ void load_page(const T* __restrict__ k_pool, const T* __restrict__ v_pool,
-                                          long long page, T* dst, int valid, int tid) {
+__device__ __forceinline__ void load_page(const T* __restrict__ gk, const T* __restrict__ gv, T* dk, T* dv,
+                                          int valid, int tid) {
   constexpr int LD = D + 8, V = D / 8;
-  const T* gk = k_pool + page * C * D;
-  const T* gv = v_pool + page * C * D;
-  T* dk = dst;
-  T* dv = dst + C * LD;
   for (int j = tid; j < C * V; j += kThreads) {
     const int r = j / V, c = (j % V) * 8;
     if (r < valid) {
@@ -89,124 +57,121 @@ __device__ __forceinline__ void load_page(const T* __restrict__ k_pool, const T*
   }
 }
 
-// This warp's Q A-fragments (rows rb*16 .. +15 of the unit, all of D) from global memory;
-// rows past row_count are zero. Plain 4-byte loads: issued early, consumed a unit later.
-template <typename T, int D>
-__device__ __forceinline__ void load_q(u32 (&qf)[D / 16][4], const T* __restrict__ q, const int* __restrict__ order,
-                                       const Unit& d, int num_q_heads, int group, int lane) {
-  const int rb = (threadIdx.x >> 5) % (4 / d.ks);
-  const u32* rows[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = rb * 16 + (lane >> 2) + 8 * h;
-    if (r < d.row_count) {
-      const int gr = d.row0 + r;
-      const int head = d.kvh * group + gr % group;
-      rows[h] = reinterpret_cast<const u32*>(q + ((long long)order[d.pos_begin + gr / group] * num_q_heads + head) * D);
-    } else {
-      rows[h] = nullptr;
-    }
-  }
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int c = (kk * 16 + (lane & 3) * 2) / 2;  // in u32 (pairs)
-    qf[kk][0] = rows[0] ? rows[0][c] : 0u;
-    qf[kk][1] = rows[1] ? rows[1][c] : 0u;
-    qf[kk][2] = rows[0] ? rows[0][c + 4] : 0u;
-    qf[kk][3] = rows[1] ? rows[1][c + 4] : 0u;
-  }
-}
-
-// One chunk of keys (already in shared memory) into this warp's online-softmax state.
 template <typename T, int D, int C, int KS>
-__device__ __forceinline__ void attend_chunk(const u32 (&qf)[D / 16][4], const T* ks_, const T* vs_, int valid,
-                                             float scale_log2, float (&o)[D / 8][4], float& m0, float& m1,
-                                             float& l0, float& l1) {
+__device__ __forceinline__ void attend_unit(
+    const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
+    const int* __restrict__ chunk_list, int cb, int nk, int kvh, int num_kv_heads,
+    T* sQ, T* sK, T* sV, float scale_log2,
+    float (&o)[D / 8][4], float& m0, float& m1, float& l0, float& l1) {
   constexpr int LD = D + 8;
-  constexpr int RB = 4 / KS;
-  constexpr int KW = C / KS;             // keys per warp per chunk
+  constexpr int RB = 4 / KS;        // row blocks
+  constexpr int KW = C / KS;        // keys per warp per chunk
   constexpr int NB = KW < 64 ? KW : 64;  // keys per sub-block (bounds the score registers)
-  const int lane = threadIdx.x & 31, ks = (threadIdx.x >> 5) / RB;
-#pragma unroll
-  for (int sb = 0; sb < KW; sb += NB) {
-    const int key0 = ks * KW + sb;
-    if (key0 >= valid) break;
-    float s[NB / 8][4];
-#pragma unroll
-    for (int j = 0; j < NB / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int j = 0; j < NB / 16; ++j) {
-        u32 b[4];
-        ldmatrix_x4(b, smem_addr(ks_ + (key0 + j * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 +
-                                 ((lane >> 3) & 1) * 8));
-        mma16816<T>(s[2 * j], qf[kk], b[0], b[1]);
-        mma16816<T>(s[2 * j + 1], qf[kk], b[2], b[3]);
-      }
-    }
-    float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < NB / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key0 + j * 8 + (lane & 3) * 2 + (e & 1);
-        s[j][e] = key < valid ? s[j][e] * scale_log2 : -INFINITY;
-      }
-      mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
-      mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
-    }
-    mx0 = quad_max(mx0);
-    mx1 = quad_max(mx1);
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-    const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
-    const float a0 = exp2f(m0 - base0), a1 = exp2f(m1 - base1);
-    m0 = mn0;
-    m1 = mn1;
-    l0 *= a0;
-    l1 *= a1;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[n][0] *= a0; o[n][1] *= a0; o[n][2] *= a1; o[n][3] *= a1;
-    }
-#pragma unroll
-    for (int j = 0; j < NB / 8; ++j) {
-      s[j][0] = exp2f(s[j][0] - base0);
-      s[j][1] = exp2f(s[j][1] - base0);
-      s[j][2] = exp2f(s[j][2] - base1);
-      s[j][3] = exp2f(s[j][3] - base1);
-      l0 += s[j][0] + s[j][1];
-      l1 += s[j][2] + s[j][3];
-    }
-#pragma unroll
-    for (int kk = 0; kk < NB / 16; ++kk) {
-      const u32 a[4] = {Pack<T>::two(s[2 * kk][0], s[2 * kk][1]), Pack<T>::two(s[2 * kk][2], s[2 * kk][3]),
-                        Pack<T>::two(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                        Pack<T>::two(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int np = 0; np < D / 16; ++np) {
-        u32 b[4];
-        ldmatrix_x4_trans(b, smem_addr(vs_ + (key0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
-                                       np * 16 + (lane >> 4) * 8));
-        mma16816<T>(o[2 * np], a, b[0], b[1]);
-        mma16816<T>(o[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-  }
-}
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int rb = warp % RB, ks = warp / RB;
+  const int nchunks = (nk + C - 1) / C;
 
-// End of a unit: merge the key-split warps (through `red`), write one state per row, reset.
-template <int D>
-__device__ __forceinline__ void finish_unit(const Unit& d, float* red, float (&o)[D / 8][4], float& m0, float& m1,
-                                            float& l0, float& l1, float* __restrict__ o_states,
-                                            float* __restrict__ lse_states, int num_q_heads, int group) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int RB = 4 / d.ks, rb = warp % RB, ks = warp / RB;
+  u32 qf[D / 16][4];
+  auto page = [&](int i) { return layer_page0 + (long long)chunk_list[cb + i] * num_kv_heads + kvh; };
+  {
+    const long long p = page(0);
+    load_page<T, D, C>(k_pool + p * C * D, v_pool + p * C * D, sK, sV, min(C, nk), tid);
+  }
+  cp_async_commit();
+  for (int i = 0; i < nchunks; ++i) {
+    if (i + 1 < nchunks) {
+      const long long p = page(i + 1);
+      const int st = (i + 1) & 1;
+      load_page<T, D, C>(k_pool + p * C * D, v_pool + p * C * D, sK + st * C * LD, sV + st * C * LD,
+                         min(C, nk - (i + 1) * C), tid);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    if (i == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        ldmatrix_x4(qf[kk], smem_addr(sQ + (rb * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8));
+    }
+    const T* ks_ = sK + (i & 1) * C * LD;
+    const T* vs_ = sV + (i & 1) * C * LD;
+    const int valid = min(C, nk - i * C);
+#pragma unroll
+    for (int sb = 0; sb < KW; sb += NB) {
+      const int key0 = ks * KW + sb;
+      if (key0 < valid) {
+        float s[NB / 8][4];
+#pragma unroll
+        for (int j = 0; j < NB / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+          for (int j = 0; j < NB / 16; ++j) {
+            u32 b[4];
+            ldmatrix_x4(b, smem_addr(ks_ + (key0 + j * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 +
+                                     ((lane >> 3) & 1) * 8));
+            mma16816<T>(s[2 * j], qf[kk], b[0], b[1]);
+            mma16816<T>(s[2 * j + 1], qf[kk], b[2], b[3]);
+          }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < NB / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = key0 + j * 8 + (lane & 3) * 2 + (e & 1);
+            s[j][e] = key < valid ? s[j][e] * scale_log2 : -INFINITY;
+          }
+          mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+          mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+        }
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
+        const float a0 = exp2f(m0 - base0), a1 = exp2f(m1 - base1);
+        m0 = mn0;
+        m1 = mn1;
+        l0 *= a0;
+        l1 *= a1;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          o[n][0] *= a0; o[n][1] *= a0; o[n][2] *= a1; o[n][3] *= a1;
+        }
+#pragma unroll
+        for (int j = 0; j < NB / 8; ++j) {
+          s[j][0] = exp2f(s[j][0] - base0);
+          s[j][1] = exp2f(s[j][1] - base0);
+          s[j][2] = exp2f(s[j][2] - base1);
+          s[j][3] = exp2f(s[j][3] - base1);
+          l0 += s[j][0] + s[j][1];
+          l1 += s[j][2] + s[j][3];
+        }
+#pragma unroll
+        for (int kk = 0; kk < NB / 16; ++kk) {
+          const u32 a[4] = {Pack<T>::two(s[2 * kk][0], s[2 * kk][1]), Pack<T>::two(s[2 * kk][2], s[2 * kk][3]),
+                            Pack<T>::two(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                            Pack<T>::two(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+          for (int np = 0; np < D / 16; ++np) {
+            u32 b[4];
+            ldmatrix_x4_trans(b, smem_addr(vs_ + (key0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
+                                           np * 16 + (lane >> 4) * 8));
+            mma16816<T>(o[2 * np], a, b[0], b[1]);
+            mma16816<T>(o[2 * np + 1], a, b[2], b[3]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // this stage is refilled by the next iteration's prefetch
+  }
   l0 = quad_sum(l0);
   l1 = quad_sum(l1);
-  if (d.ks > 1) {  // uniform across the block
+
+  if (KS > 1) {  // merge the key-split warps of each row block through shared memory
+    float* red = reinterpret_cast<float*>(sK);
     if (ks > 0) {
-      float* w = red + (warp - RB) * (16 * D + 32);
+      float* w = red + warp * (16 * D + 32);
 #pragma unroll
       for (int n = 0; n < D / 8; ++n) {
         const int col = n * 8 + (lane & 3) * 2;
@@ -224,8 +189,9 @@ __device__ __forceinline__ void finish_unit(const Unit& d, float* red, float (&o
     }
     __syncthreads();
     if (ks == 0) {
-      for (int k = 1; k < d.ks; ++k) {
-        const float* w = red + (rb + k * RB - RB) * (16 * D + 32);
+#pragma unroll
+      for (int k = 1; k < KS; ++k) {
+        const float* w = red + (rb + k * RB) * (16 * D + 32);
         const float om0 = w[16 * D + (lane >> 2)], om1 = w[16 * D + (lane >> 2) + 8];
         const float ol0 = w[16 * D + 16 + (lane >> 2)], ol1 = w[16 * D + 16 + (lane >> 2) + 8];
         const float mn0 = fmaxf(m0, om0), mn1 = fmaxf(m1, om1);
@@ -247,111 +213,83 @@ __device__ __forceinline__ void finish_unit(const Unit& d, float* red, float (&o
       }
     }
   }
-  if (ks == 0) {
-    const float kLn2 = 0.6931471805599453f;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = rb * 16 + (lane >> 2) + half * 8;
-      if (r >= d.row_count) continue;
-      const int gr = d.row0 + r;
-      const long long srow = (long long)(d.out_base + gr / group) * num_q_heads + d.kvh * group + gr % group;
-      const float l = half ? l1 : l0, m = half ? m1 : m0;
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      float* dst = o_states + srow * D;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        const int col = n * 8 + (lane & 3) * 2;
-        *reinterpret_cast<float2*>(dst + col) = make_float2(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
-      }
-      if ((lane & 3) == 0) lse_states[srow] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
-    }
-  }
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  m0 = m1 = -INFINITY;
-  l0 = l1 = 0.f;
 }
 
-// Persistent: block b runs units b, b + gridDim.x, ...; the 2-stage cp.async ring runs over
-// the concatenation of their chunks, so the next unit's first chunk (and its Q fragments) are
-// in flight while the current unit's last chunk is computed.
+// One block per unit. Dynamic shared memory: AttendSmem<T, D, C>::bytes.
 template <typename T, int D, int C>
-__global__ void __launch_bounds__(kThreads, 2) chunk_attend(
+__global__ void __launch_bounds__(kThreads) chunk_attend(
     const T* __restrict__ q,        // [batch, Hq, D] caller order
     const T* __restrict__ k_pool,   // [layers, chunks, Hkv, C, D]
     const T* __restrict__ v_pool,
     long long layer_page0,          // layer * chunks * Hkv
     const int* __restrict__ units,  // [num_units, kUnitFields]
-    int num_units,
     const int* __restrict__ chunk_list,
     const int* __restrict__ order,  // [batch] caller index of DFS position
     const int* __restrict__ slot_lens,
     float* __restrict__ o_states,   // [rows, Hq, D]
     float* __restrict__ lse_states, // [rows, Hq]
     int num_q_heads, int num_kv_heads, int group, float scale_log2) {
-  using S = AttendSmem<D, C>;
+  constexpr int LD = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* stages = reinterpret_cast<T*>(smem_raw);
-  float* red = reinterpret_cast<float*>(smem_raw + 2 * S::stage * 2);
-  const int tid = threadIdx.x, lane = tid & 31;
-  int u = blockIdx.x;
-  if (u >= num_units) return;
-  auto page_of = [&](const Unit& d, int i) {
-    return layer_page0 + (long long)chunk_list[d.cb + i] * num_kv_heads + d.kvh;
-  };
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kRows * LD;
+  T* sV = sK + 2 * C * LD;
+  const int* u = units + (long long)blockIdx.x * kUnitFields;
+  const int cb = u[U_CHUNK_BEGIN], ce = u[U_CHUNK_END], len_slot = u[U_LEN_SLOT];
+  const int pos_begin = u[U_POS_BEGIN], row0 = u[U_ROW0], row_count = u[U_ROW_COUNT], kvh = u[U_KVH];
+  const int out_base = u[U_OUT_BASE];
+  const int nk = len_slot < 0 ? (ce - cb) * C : slot_lens[len_slot] - u[U_LEN_MINUS];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
-  Unit d = read_unit<C>(units, u, slot_lens);
-  u32 qf[D / 16][4], qn[D / 16][4];
-  load_q<T, D>(qf, q, order, d, num_q_heads, group, lane);
-  load_page<T, D, C>(k_pool, v_pool, page_of(d, 0), stages, min(C, d.nk), tid);
-  cp_async_commit();
+  for (int i = tid; i < kRows * (D / 8); i += kThreads) {  // Q rows; zeros past row_count
+    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+    if (r < row_count) {
+      const int gr = row0 + r;
+      const int head = kvh * group + gr % group;
+      cp_async16(sQ + r * LD + c, q + ((long long)order[pos_begin + gr / group] * num_q_heads + head) * D + c);
+    } else {
+      *reinterpret_cast<uint4*>(sQ + r * LD + c) = make_uint4(0, 0, 0, 0);
+    }
+  }
+
   float o[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  // few rows: split the keys across warps instead of the rows (needs >= 16 keys per warp)
+  const int ks_want = row_count <= 16 ? 4 : (row_count <= 32 ? 2 : 1);
+  int rblocks;
+  if (C >= 64 && ks_want == 4) {
+    attend_unit<T, D, C, (C >= 64 ? 4 : 1)>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads,
+                                           sQ, sK, sV, scale_log2, o, m0, m1, l0, l1);
+    rblocks = 1;
+  } else if (C >= 32 && ks_want >= 2) {
+    attend_unit<T, D, C, (C >= 32 ? 2 : 1)>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads,
+                                           sQ, sK, sV, scale_log2, o, m0, m1, l0, l1);
+    rblocks = 2;
+  } else {
+    attend_unit<T, D, C, 1>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads,
+                            sQ, sK, sV, scale_log2, o, m0, m1, l0, l1);
+    rblocks = 4;
+  }
+  if (warp >= rblocks) return;  // key-split helpers: their part is merged into warp rb
 
-  int i = 0, st = 0;
-  Unit dn = d;
-  for (;;) {
-    const int nchunks = (d.nk + C - 1) / C;
-    const bool last = i + 1 == nchunks;
-    const int un = u + gridDim.x;
-    T* nxt = stages + (st ^ 1) * S::stage;
-    if (!last) {
-      load_page<T, D, C>(k_pool, v_pool, page_of(d, i + 1), nxt, min(C, d.nk - (i + 1) * C), tid);
-    } else if (un < num_units) {
-      dn = read_unit<C>(units, un, slot_lens);
-      load_page<T, D, C>(k_pool, v_pool, page_of(dn, 0), nxt, min(C, dn.nk), tid);
-      load_q<T, D>(qn, q, order, dn, num_q_heads, group, lane);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    const T* cur = stages + st * S::stage;
-    const int valid = min(C, d.nk - i * C);
-    if (d.ks == 4 && C >= 64) {
-      attend_chunk<T, D, C, (C >= 64 ? 4 : 1)>(qf, cur, cur + C * (D + 8), valid, scale_log2, o, m0, m1, l0, l1);
-    } else if (d.ks == 2 && C >= 32) {
-      attend_chunk<T, D, C, (C >= 32 ? 2 : 1)>(qf, cur, cur + C * (D + 8), valid, scale_log2, o, m0, m1, l0, l1);
-    } else {
-      attend_chunk<T, D, C, 1>(qf, cur, cur + C * (D + 8), valid, scale_log2, o, m0, m1, l0, l1);
-    }
-    __syncthreads();  // this stage is refilled by the next step's prefetch
-    st ^= 1;
-    if (!last) {
-      ++i;
-      continue;
-    }
-    finish_unit<D>(d, red, o, m0, m1, l0, l1, o_states, lse_states, num_q_heads, group);
-    if (un >= num_units) break;
-    u = un;
-    d = dn;
-    i = 0;
+  const float kLn2 = 0.6931471805599453f;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
+  for (int half = 0; half < 2; ++half) {
+    const int r = warp * 16 + (lane >> 2) + half * 8;
+    if (r >= row_count) continue;
+    const int gr = row0 + r;
+    const long long srow = (long long)(out_base + gr / group) * num_q_heads + kvh * group + gr % group;
+    const float l = half ? l1 : l0, m = half ? m1 : m0;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float* dst = o_states + srow * D;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) qf[kk][e] = qn[kk][e];
+    for (int n = 0; n < D / 8; ++n) {
+      const int col = n * 8 + (lane & 3) * 2;
+      *reinterpret_cast<float2*>(dst + col) = make_float2(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
     }
+    if ((lane & 3) == 0) lse_states[srow] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
   }
 }
 

@@ -41,9 +41,7 @@ def main():
             k = dec._kern["chunk_attend"]
 
             def launch():
-                n = int(mask.sum())
-                k((min(n, dec._blocks_per_sm * dec._sms),), (THREADS,), (q, cache.k_pool, cache.v_pool, np.int64(0),
-                                                                       sub, np.int32(n), dec._chunk_list,
+                k((int(mask.sum()),), (THREADS,), (q, cache.k_pool, cache.v_pool, np.int64(0), sub, dec._chunk_list,
                                                   dec._order, cache.d_slot_lens, dec._o_states, dec._lse_states,
                                                   np.int32(a.hq), np.int32(a.hkv), np.int32(dec._group),
                                                   np.float32(0.1275)), shared_mem=dec._smem)
