@@ -14,11 +14,10 @@
 // keys (KS=2 or 4, partial states merged through shared memory at the end). K and V pages
 // stream through a 2-stage cp.async pipeline. Shared-memory rows are padded by 16 bytes, which
 // makes every ldmatrix conflict-free.
-#include "common.cuh"
+#include "attend_core.cuh"
 
 namespace cpattn {
 
-constexpr int kThreads = 128;
 constexpr int kRows = 64;  // rows per unit (4 warps x 16)
 // unit table: int32 [num_units][kUnitFields]
 enum {
@@ -41,22 +40,6 @@ struct AttendSmem {
   static constexpr int reduce_bytes = 4 * (16 * D + 32) * 4;
 };
 
-template <typename T, int D, int C>
-__device__ __forceinline__ void load_page(const T* __restrict__ gk, const T* __restrict__ gv, T* dk, T* dv,
-                                          int valid, int tid) {
-  constexpr int LD = D + 8, V = D / 8;
-  for (int j = tid; j < C * V; j += kThreads) {
-    const int r = j / V, c = (j % V) * 8;
-    if (r < valid) {
-      cp_async16(dk + r * LD + c, gk + r * D + c);
-      cp_async16(dv + r * LD + c, gv + r * D + c);
-    } else {  // stale pool rows may hold anything; P is 0 there, V must be finite
-      *reinterpret_cast<uint4*>(dk + r * LD + c) = make_uint4(0, 0, 0, 0);
-      *reinterpret_cast<uint4*>(dv + r * LD + c) = make_uint4(0, 0, 0, 0);
-    }
-  }
-}
-
 template <typename T, int D, int C, int KS>
 __device__ __forceinline__ void attend_unit(
     const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
@@ -65,8 +48,6 @@ __device__ __forceinline__ void attend_unit(
     float (&o)[D / 8][4], float& m0, float& m1, float& l0, float& l1) {
   constexpr int LD = D + 8;
   constexpr int RB = 4 / KS;        // row blocks
-  constexpr int KW = C / KS;        // keys per warp per chunk
-  constexpr int NB = KW < 64 ? KW : 64;  // keys per sub-block (bounds the score registers)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int rb = warp % RB, ks = warp / RB;
   const int nchunks = (nk + C - 1) / C;
@@ -96,73 +77,7 @@ __device__ __forceinline__ void attend_unit(
     const T* ks_ = sK + (i & 1) * C * LD;
     const T* vs_ = sV + (i & 1) * C * LD;
     const int valid = min(C, nk - i * C);
-#pragma unroll
-    for (int sb = 0; sb < KW; sb += NB) {
-      const int key0 = ks * KW + sb;
-      if (key0 < valid) {
-        float s[NB / 8][4];
-#pragma unroll
-        for (int j = 0; j < NB / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-          for (int j = 0; j < NB / 16; ++j) {
-            u32 b[4];
-            ldmatrix_x4(b, smem_addr(ks_ + (key0 + j * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 +
-                                     ((lane >> 3) & 1) * 8));
-            mma16816<T>(s[2 * j], qf[kk], b[0], b[1]);
-            mma16816<T>(s[2 * j + 1], qf[kk], b[2], b[3]);
-          }
-        }
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < NB / 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int key = key0 + j * 8 + (lane & 3) * 2 + (e & 1);
-            s[j][e] = key < valid ? s[j][e] * scale_log2 : -INFINITY;
-          }
-          mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
-          mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
-        }
-        mx0 = quad_max(mx0);
-        mx1 = quad_max(mx1);
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
-        const float a0 = exp2f(m0 - base0), a1 = exp2f(m1 - base1);
-        m0 = mn0;
-        m1 = mn1;
-        l0 *= a0;
-        l1 *= a1;
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-          o[n][0] *= a0; o[n][1] *= a0; o[n][2] *= a1; o[n][3] *= a1;
-        }
-#pragma unroll
-        for (int j = 0; j < NB / 8; ++j) {
-          s[j][0] = exp2f(s[j][0] - base0);
-          s[j][1] = exp2f(s[j][1] - base0);
-          s[j][2] = exp2f(s[j][2] - base1);
-          s[j][3] = exp2f(s[j][3] - base1);
-          l0 += s[j][0] + s[j][1];
-          l1 += s[j][2] + s[j][3];
-        }
-#pragma unroll
-        for (int kk = 0; kk < NB / 16; ++kk) {
-          const u32 a[4] = {Pack<T>::two(s[2 * kk][0], s[2 * kk][1]), Pack<T>::two(s[2 * kk][2], s[2 * kk][3]),
-                            Pack<T>::two(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                            Pack<T>::two(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-          for (int np = 0; np < D / 16; ++np) {
-            u32 b[4];
-            ldmatrix_x4_trans(b, smem_addr(vs_ + (key0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
-                                           np * 16 + (lane >> 4) * 8));
-            mma16816<T>(o[2 * np], a, b[0], b[1]);
-            mma16816<T>(o[2 * np + 1], a, b[2], b[3]);
-          }
-        }
-      }
-    }
+    attend_chunk<T, D, C, KS>(qf, ks_, vs_, valid, 0, kNoLimit, kNoLimit, scale_log2, o, m0, m1, l0, l1);
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
   }
   l0 = quad_sum(l0);

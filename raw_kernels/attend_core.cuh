@@ -1,0 +1,112 @@
+// The attention inner loop shared by the decode (chunk_attention.cu) and prefill
+// (compact_attention.cu) kernels: one page of keys in shared memory folded into each warp's
+// online-softmax state, on tensor cores (mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate).
+#pragma once
+#include "common.cuh"
+
+namespace cpattn {
+
+constexpr int kThreads = 128;
+constexpr int kNoLimit = 0x7fffffff;
+
+// One page (C keys, both K and V, each C x D) -> shared memory rows padded to D + 8 elements
+// (16 bytes), which makes every ldmatrix below conflict-free. Rows >= valid are zero-filled.
+template <typename T, int D, int C>
+__device__ __forceinline__ void load_page(const T* __restrict__ gk, const T* __restrict__ gv, T* dk, T* dv,
+                                          int valid, int tid) {
+  constexpr int LD = D + 8, V = D / 8;
+  for (int j = tid; j < C * V; j += kThreads) {
+    const int r = j / V, c = (j % V) * 8;
+    if (r < valid) {
+      cp_async16(dk + r * LD + c, gk + r * D + c);
+      cp_async16(dv + r * LD + c, gv + r * D + c);
+    } else {  // stale pool rows may hold anything; P is 0 there, V must be finite
+      *reinterpret_cast<uint4*>(dk + r * LD + c) = make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(dv + r * LD + c) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// Fold one page of keys into this warp's state. The warp owns 16 query rows (qf: A fragments)
+// and keys [ks*C/KS, (ks+1)*C/KS) of the page (KS warps split the page's keys). Key k of the page
+// is masked when k >= valid or key_base + k >= the row's limit (lim0: rows lane/4, lim1: rows
+// lane/4 + 8); scores are in log2 units (scale_log2 = scale * log2(e)).
+template <typename T, int D, int C, int KS>
+__device__ __forceinline__ void attend_chunk(const u32 (&qf)[D / 16][4], const T* ks_, const T* vs_, int valid,
+                                             int key_base, int lim0, int lim1, float scale_log2,
+                                             float (&o)[D / 8][4], float& m0, float& m1, float& l0, float& l1) {
+  constexpr int LD = D + 8;
+  constexpr int RB = 4 / KS;
+  constexpr int KW = C / KS;             // keys per warp per page
+  constexpr int NB = KW < 64 ? KW : 64;  // keys per sub-block (bounds the score registers)
+  const int lane = threadIdx.x & 31, ks = (threadIdx.x >> 5) / RB;
+#pragma unroll
+  for (int sb = 0; sb < KW; sb += NB) {
+    const int key0 = ks * KW + sb;
+    if (key0 < valid) {
+      float s[NB / 8][4];
+#pragma unroll
+      for (int j = 0; j < NB / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int j = 0; j < NB / 16; ++j) {
+          u32 b[4];
+          ldmatrix_x4(b, smem_addr(ks_ + (key0 + j * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 +
+                                   ((lane >> 3) & 1) * 8));
+          mma16816<T>(s[2 * j], qf[kk], b[0], b[1]);
+          mma16816<T>(s[2 * j + 1], qf[kk], b[2], b[3]);
+        }
+      }
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < NB / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key0 + j * 8 + (lane & 3) * 2 + (e & 1);
+          s[j][e] = (key < valid && key_base + key < (e < 2 ? lim0 : lim1)) ? s[j][e] * scale_log2 : -INFINITY;
+        }
+        mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+      }
+      mx0 = quad_max(mx0);
+      mx1 = quad_max(mx1);
+      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+      const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
+      const float a0 = exp2f(m0 - base0), a1 = exp2f(m1 - base1);
+      m0 = mn0;
+      m1 = mn1;
+      l0 *= a0;
+      l1 *= a1;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][0] *= a0; o[n][1] *= a0; o[n][2] *= a1; o[n][3] *= a1;
+      }
+#pragma unroll
+      for (int j = 0; j < NB / 8; ++j) {
+        s[j][0] = exp2f(s[j][0] - base0);
+        s[j][1] = exp2f(s[j][1] - base0);
+        s[j][2] = exp2f(s[j][2] - base1);
+        s[j][3] = exp2f(s[j][3] - base1);
+        l0 += s[j][0] + s[j][1];
+        l1 += s[j][2] + s[j][3];
+      }
+#pragma unroll
+      for (int kk = 0; kk < NB / 16; ++kk) {
+        const u32 a[4] = {Pack<T>::two(s[2 * kk][0], s[2 * kk][1]), Pack<T>::two(s[2 * kk][2], s[2 * kk][3]),
+                          Pack<T>::two(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                          Pack<T>::two(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int np = 0; np < D / 16; ++np) {
+          u32 b[4];
+          ldmatrix_x4_trans(b, smem_addr(vs_ + (key0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
+                                         np * 16 + (lane >> 4) * 8));
+          mma16816<T>(o[2 * np], a, b[0], b[1]);
+          mma16816<T>(o[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace cpattn
