@@ -329,6 +329,10 @@ class ChunkCache:
 
     def evict(self, max_chunks: int | None = None) -> int:
         """Evict up to ``max_chunks`` cached chunks (all when None), least recently used first."""
+        if max_chunks is not None and (isinstance(max_chunks, (bool, np.bool_))
+                                       or not isinstance(max_chunks, (int, np.integer)) or max_chunks < 0):
+            # a float would evict one chunk too many (count < 1.5), a negative count nothing
+            raise ValueError(f"max_chunks: expected None or an integer >= 0, got {max_chunks!r}")
         count = 0
         while self._cached and (max_chunks is None or count < max_chunks):
             self._evict_one()
