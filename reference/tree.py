@@ -111,6 +111,11 @@ class ChunkCache:
         self.root = Node(chunk=-1, serial=0, parent=None, registered=True)
         self._free = list(range(self.num_chunks - 1, -1, -1))  # pop() gives the lowest id
         self._free_slots = list(range(self.max_sequences - 1, -1, -1))
+        # rows [lo, hi) of each page are reserved and not committed yet: the only rows write_kv
+        # may touch (empty: lo = c, hi = 0), so a stale or made-up Slots cannot overwrite
+        # another sequence's committed K/V, or write outside the pool from a GPU kernel
+        self._pending_lo = np.full(self.num_chunks, self.chunk_size, np.int32)
+        self._pending_hi = np.zeros(self.num_chunks, np.int32)
         self._cached: dict = {}  # Node -> None, ordered by when it became cached (LRU first)
         self._seqs: dict[int, SeqState] = {}
         self._next_id = 0
@@ -269,9 +274,13 @@ class ChunkCache:
         return Slots(np.concatenate([p.chunk for p in parts]), np.concatenate([p.offset for p in parts]))
 
     def write_kv(self, layer: int, slots: Slots, k, v) -> None:
-        """Write k, v ([n, Hkv, D], storage dtype) of one layer into the reserved slots."""
+        """Write k, v ([n, Hkv, D], storage dtype) of one layer into the reserved slots.
+
+        ``slots`` must address tokens reserved since their sequence's last commit (what
+        ``reserve``/``reserve_batch`` returned); anything else raises and writes nothing.
+        """
         self._check_layer(layer)
-        n = len(slots.chunk)
+        n = self._check_slots(slots)
         for name, x in (("k", k), ("v", v)):
             self._check_array(x, name, (n, self.num_kv_heads, self.head_dim))
         self._scatter(layer, slots, k, v)
@@ -401,6 +410,25 @@ class ChunkCache:
             raise TypeError(f"{name}: expected dtype {np.dtype(want).name} for {self.dtype} storage, "
                             f"got {x.dtype} (convert with cpattn.reference.dtypes.to_storage)")
 
+    def _check_slots(self, slots) -> int:
+        chunk, offset = getattr(slots, "chunk", None), getattr(slots, "offset", None)
+        if not isinstance(chunk, np.ndarray) or not isinstance(offset, np.ndarray) \
+                or chunk.ndim != 1 or offset.shape != chunk.shape \
+                or not (np.issubdtype(chunk.dtype, np.integer) and np.issubdtype(offset.dtype, np.integer)):
+            raise TypeError(f"slots: expected the Slots returned by reserve/reserve_batch (two 1-D "
+                            f"integer arrays of one length), got {type(slots).__name__}")
+        inside = (chunk >= 0) & (chunk < self.num_chunks) & (offset >= 0) & (offset < self.chunk_size)
+        pending = np.zeros_like(inside)
+        pending[inside] = (offset[inside] >= self._pending_lo[chunk[inside]]) & \
+                          (offset[inside] < self._pending_hi[chunk[inside]])
+        if not pending.all():
+            i = int(np.flatnonzero(~pending)[0])
+            raise ValueError(f"slots: expected token slots reserved and not yet committed (from the "
+                             f"latest reserve of a sequence), got chunk {int(chunk[i])} row {int(offset[i])} "
+                             f"at position {i}, which is "
+                             + ("outside the pool" if not inside[i] else "not pending (stale slots?)"))
+        return len(chunk)
+
     def _check_kv(self, x, name, n) -> None:
         self._check_array(x, name, (self.num_layers, n, self.num_kv_heads, self.head_dim))
 
@@ -461,6 +489,7 @@ class ChunkCache:
         if n.registered and p.index.get(tuple(n.tokens)) is n:
             del p.index[tuple(n.tokens)]
         n.registered = False
+        self._pending_lo[n.chunk], self._pending_hi[n.chunk] = self.chunk_size, 0
         self._free.append(n.chunk)
         self.version += 1
 
@@ -476,6 +505,9 @@ class ChunkCache:
                 self._take(tail)
                 s.path.append(tail)
             j = min(len(tokens), i + c - len(tail.tokens))
+            lo, hi = len(tail.tokens), len(tail.tokens) + j - i
+            self._pending_lo[tail.chunk] = min(int(self._pending_lo[tail.chunk]), lo)
+            self._pending_hi[tail.chunk] = max(int(self._pending_hi[tail.chunk]), hi)
             chunk[i:j] = tail.chunk
             offset[i:j] = np.arange(len(tail.tokens), len(tail.tokens) + j - i)
             tail.tokens.extend(tokens[i:j])
@@ -485,6 +517,9 @@ class ChunkCache:
         return Slots(chunk, offset)
 
     def _commit(self, s: SeqState) -> None:
+        c = self.chunk_size
+        for n in s.path[s.n_committed // c: -(-s.n_tokens // c)]:  # pages of the reserved rows
+            self._pending_lo[n.chunk], self._pending_hi[n.chunk] = c, 0
         s.n_committed = s.n_tokens
         if not self.share_prefix:
             return
