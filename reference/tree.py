@@ -206,7 +206,8 @@ class ChunkCache:
             self._check_kv(k, "k", len(tokens))
             self._check_kv(v, "v", len(tokens))
         if not self._free_slots:
-            raise CacheError(f"max_sequences: all {self.max_sequences} sequence slots are in use")
+            raise CacheError(f"max_sequences: expected a free sequence slot, got all {self.max_sequences} "
+                             f"in use; release a sequence or make max_sequences larger")
         limit = len(tokens) if max_match is None else max(0, min(self._check_max_match(max_match), len(tokens)))
         matched = self._match(tokens[:limit])
         n_matched = len(matched) * self.chunk_size
@@ -267,7 +268,7 @@ class ChunkCache:
             raise ValueError(f"tokens: expected one token per sequence ({len(seqs)}), got {len(tokens)}")
         states = [self._seqs[i] for i in seqs]
         for s in states:
-            self._check_committed(s)
+            self._check_committed(s, "seqs")
         need = sum(self._chunks_needed(s.path[-1] if s.path else None, s.n_tokens, 1) for s in states)
         self._check_room(need)
         parts = [self._reserve(s, [t]) for s, t in zip(states, tokens)]
@@ -294,7 +295,8 @@ class ChunkCache:
         s = self._get(seq)
         self._check_committed(s)
         if not self._free_slots:
-            raise CacheError(f"max_sequences: all {self.max_sequences} sequence slots are in use")
+            raise CacheError(f"max_sequences: expected a free sequence slot, got all {self.max_sequences} "
+                             f"in use; release a sequence or make max_sequences larger")
         c = self.chunk_size
         copy_from = [i for i, n in enumerate(s.path)
                      if not self.share_prefix or len(n.tokens) < c]
@@ -379,10 +381,11 @@ class ChunkCache:
         except TypeError:
             raise TypeError(f"max_match: expected None or an integer, got {max_match!r}") from None
 
-    def _check_committed(self, s: SeqState) -> None:
+    def _check_committed(self, s: SeqState, name: str = "seq") -> None:
         if s.n_committed != s.n_tokens:
-            raise CacheError(f"seq: sequence {s.id} has {s.n_tokens - s.n_committed} reserved tokens "
-                             f"not yet committed (mid-prefill); commit it first")
+            raise CacheError(f"{name}: expected a sequence with every token committed, got sequence {s.id} "
+                             f"with {s.n_tokens - s.n_committed} reserved tokens not yet committed "
+                             f"(mid-prefill); commit it first")
 
     def _check_layer(self, layer) -> None:
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
@@ -441,7 +444,7 @@ class ChunkCache:
         have = len(self._free) + len(self._cached) - reviving
         if need > have:
             raise CacheFullError(
-                f"pool: need {need} free chunks, have {len(self._free)} free and "
+                f"pool: expected {need} free or evictable chunks, got {len(self._free)} free and "
                 f"{len(self._cached) - reviving} evictable of {self.num_chunks}; release sequences "
                 f"or make the pool larger")
 

@@ -267,9 +267,11 @@ def test_reserve_with_uncommitted_tokens(setup, unchanged):
     k, v = one(kv)
     with unchanged(cache):
         for call in (lambda: cache.reserve(a, [4]), lambda: cache.extend(a, [4], k, v),
-                     lambda: cache.fork(a), lambda: cache.append([b, a], [4, 4], *one(kv, batch=2))):
+                     lambda: cache.fork(a)):
             with raises(CacheError, "seq"):
                 call()
+        with raises(CacheError, "seqs"):  # the batch calls name their own argument
+            cache.append([b, a], [4, 4], *one(kv, batch=2))
 
 
 def test_stale_plan(setup, unchanged):
