@@ -511,7 +511,7 @@ def test_chunked_prefill_bad_input_changes_nothing(unchanged):
         assert means_state(means) == before
     # a pool without room for the prompt: refused before anything is written
     with unchanged(cache):
-        with pytest.raises(ValueError, match="pool: need"):
+        with pytest.raises(ValueError, match="pool: expected"):
             chunked_prefill(cache, means, seq, toks, *args, 4)
 
 
