@@ -75,6 +75,34 @@ def build_units(plan: DecodePlan, num_kv_heads: int, group: int):
     return units[np.argsort(-work, kind="stable")], chunk_list
 
 
+def plan_host(cache, seqs, num_q_heads: int, piece_chunks="auto", private_piece_chunks="auto",
+              units_per_sm: int = 4, num_sms: int = 132):
+    """Host part of ``ChunkAttentionDecode.plan``: everything but the upload (no GPU needed).
+
+    Returns (plan, buf, offs, num_units): ``buf`` int32 concatenates units [U, 9] (raveled),
+    chunk_list, order, seq_piece_indptr, seq_pieces, piece_state_offset, piece_begin and
+    seq_item_indptr; array ``i`` is ``buf[offs[i]:offs[i + 1]]`` (``offs`` has 9 entries).
+    """
+    if not isinstance(num_q_heads, (int, np.integer)) or num_q_heads < 1 or num_q_heads % cache.num_kv_heads:
+        raise ValueError(f"num_q_heads: expected a positive multiple of num_kv_heads "
+                         f"{cache.num_kv_heads}, got {num_q_heads!r}")
+    group = num_q_heads // cache.num_kv_heads
+    pc, ppc = piece_chunks, private_piece_chunks
+    auto = pc == "auto" or ppc == "auto"
+    plan = build_decode_plan(cache, seqs, None if pc == "auto" else pc, None if ppc == "auto" else ppc)
+    if auto:  # split so that about units_per_sm units per SM exist (chunk reads per unit <= cap)
+        tiles1 = -(-(plan.seg_end - plan.seg_begin).astype(np.int64) * group // ROWS_PER_UNIT)
+        work = (int((np.diff(plan.seg_chunk_indptr) * tiles1).sum()) + int(plan.private_indptr[-1])
+                * -(-group // ROWS_PER_UNIT)) * cache.num_kv_heads
+        cap = max(1, math.ceil(work / (units_per_sm * num_sms)))
+        plan = split_plan(plan, cap if pc == "auto" else pc, cap if ppc == "auto" else ppc)
+    units, chunk_list = build_units(plan, cache.num_kv_heads, group)
+    host = [units.ravel(), chunk_list, plan.order, plan.seq_piece_indptr, plan.seq_pieces,
+            plan.piece_state_offset, plan.piece_begin, plan.seq_item_indptr]
+    offs = np.cumsum([0] + [len(a) for a in host])
+    return plan, np.concatenate(host).astype(np.int32), offs, len(units)
+
+
 class ChunkAttentionDecode:
     """Plan/run wrapper of the two-phase partition decode over a ``GpuChunkCache``.
 
@@ -101,34 +129,18 @@ class ChunkAttentionDecode:
         import cupy
 
         cache = self.cache
-        if not isinstance(num_q_heads, (int, np.integer)) or num_q_heads < 1 or num_q_heads % cache.num_kv_heads:
-            raise ValueError(f"num_q_heads: expected a positive multiple of num_kv_heads "
-                             f"{cache.num_kv_heads}, got {num_q_heads!r}")
-        group = num_q_heads // cache.num_kv_heads
-        pc, ppc = self.piece_chunks, self.private_piece_chunks
-        auto = pc == "auto" or ppc == "auto"
-        plan = build_decode_plan(cache, seqs, None if pc == "auto" else pc, None if ppc == "auto" else ppc)
-        if auto:  # split so that about units_per_sm units per SM exist (chunk reads per unit <= cap)
-            tiles1 = -(-(plan.seg_end - plan.seg_begin).astype(np.int64) * group // ROWS_PER_UNIT)
-            work = (int((np.diff(plan.seg_chunk_indptr) * tiles1).sum()) + int(plan.private_indptr[-1])
-                    * -(-group // ROWS_PER_UNIT)) * cache.num_kv_heads
-            cap = max(1, math.ceil(work / (self.units_per_sm * self._sms)))
-            plan = split_plan(plan, cap if pc == "auto" else pc, cap if ppc == "auto" else ppc)
-        units, chunk_list = build_units(plan, cache.num_kv_heads, group)
-        host = [units.ravel(), chunk_list, plan.order, plan.seq_piece_indptr, plan.seq_pieces,
-                plan.piece_state_offset, plan.piece_begin, plan.seq_item_indptr]
-        offs = np.cumsum([0] + [len(a) for a in host])
-        buf = cupy.asarray(np.concatenate(host).astype(np.int32))  # the one upload
-        views = [buf[offs[i]:offs[i + 1]] for i in range(len(host))]
+        plan, host, offs, self._num_units = plan_host(cache, seqs, num_q_heads, self.piece_chunks,
+                                                      self.private_piece_chunks, self.units_per_sm, self._sms)
+        buf = cupy.asarray(host)  # the one upload
+        views = [buf[offs[i]:offs[i + 1]] for i in range(len(offs) - 1)]
         (self._units, self._chunk_list, self._order, self._seq_piece_indptr, self._seq_pieces,
          self._piece_state_offset, self._piece_begin, self._seq_item_indptr) = views
-        self._num_units = len(units)
         rows = plan.num_state_rows + plan.num_items
         if rows * num_q_heads > self._states_cap:  # grow only; fixed while a graph replays
             self._states_cap = rows * num_q_heads
             self._o_states = cupy.empty(self._states_cap * cache.head_dim, np.float32)
             self._lse_states = cupy.empty(self._states_cap, np.float32)
-        self._num_q_heads, self._group = num_q_heads, group
+        self._num_q_heads, self._group = num_q_heads, num_q_heads // cache.num_kv_heads
         cache.sync_lens()
         self.ref_plan = plan
         return plan
