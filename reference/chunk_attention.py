@@ -23,6 +23,11 @@ from .plan import DecodePlan
 from .tree import CacheError, ChunkCache
 
 
+def _host(x):
+    """A NumPy array of ``x`` (a GPU cache's CuPy pool is copied to the host)."""
+    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
+
+
 def merge_states(o1, lse1, o2, lse2):
     """Merge two attention states over disjoint key sets.
 
@@ -75,12 +80,12 @@ def dense_decode(cache: ChunkCache, seqs, q, layer: int = 0, scale: float | None
     ids = cache._check_batch(seqs)
     group = _check_q(cache, q, len(ids))
     scale = 1.0 / np.sqrt(cache.head_dim) if scale is None else float(scale)
-    qf = to_float32(np.asarray(q), cache.dtype).astype(np.float64)
+    qf = to_float32(_host(q), cache.dtype).astype(np.float64)
     B, Hq, D = q.shape
     o = np.zeros((B, Hq, D))
     lse = np.zeros((B, Hq))
     for b, sid in enumerate(ids):
-        k, v = (to_float32(np.asarray(x), cache.dtype).astype(np.float64) for x in cache.read_kv(sid, layer))
+        k, v = (to_float32(_host(x), cache.dtype).astype(np.float64) for x in cache.read_kv(sid, layer))
         for h in range(Hq):
             ob, lb = attention_state(qf[b, h][None], k[:, h // group], v[:, h // group], scale, np.float64)
             o[b, h], lse[b, h] = ob[0], lb[0]
@@ -91,15 +96,15 @@ def decode(cache: ChunkCache, plan: DecodePlan, q, layer: int = 0, scale: float 
            return_lse: bool = False):
     """Two-phase partition decode (float32 states), the semantics the CUDA kernels implement."""
     if plan.version != cache.version:
-        raise CacheError(f"plan: built for cache version {plan.version}, cache is at {cache.version} "
-                         f"(the tree changed); build a new plan")
+        raise CacheError(f"plan: expected a plan for cache version {cache.version}, got one built for "
+                         f"version {plan.version} (the tree changed); build a new plan")
     group = _check_q(cache, q, plan.batch_size)
     cache._check_layer(layer)
     scale = 1.0 / np.sqrt(cache.head_dim) if scale is None else float(scale)
     c, Hkv = cache.chunk_size, cache.num_kv_heads
     B, Hq, D = q.shape
-    qf = to_float32(np.asarray(q), cache.dtype)[plan.order]  # [B, Hq, D] in DFS order
-    kp, vp = np.asarray(cache.k_pool[layer]), np.asarray(cache.v_pool[layer])  # [N, Hkv, c, D]
+    qf = to_float32(_host(q), cache.dtype)[plan.order]  # [B, Hq, D] in DFS order
+    kp, vp = _host(cache.k_pool[layer]), _host(cache.v_pool[layer])  # [N, Hkv, c, D]
 
     def keys(chunks, n_last=c):
         """[n_keys, Hkv, D] float32 of a chunk list whose last chunk holds n_last tokens."""
