@@ -24,6 +24,13 @@ KERNELS = {
         ("cpattn::chunk_merge", lambda t, d, c: f"{t}, {d}"),
         ("cpattn::kv_append", lambda t, d, c: f"{t}, {d}, {c}"),
     ),
+    "compact_attention": (
+        ("cpattn::block_mean", lambda t, d, c: f"{t}, {d}, {c}"),
+        ("cpattn::block_score", lambda t, d, c: f"{t}, {d}, {c}"),
+        ("cpattn::paged_prefill", lambda t, d, c: f"{t}, {d}, {c}"),
+        ("cpattn::block_union", None),
+        ("cpattn::tables_csr", None),
+    ),
 }
 
 
@@ -39,7 +46,8 @@ def all_variants():
 def name_expressions(file: str, dtype: str, head_dim: int, chunk_size: int) -> dict:
     """short kernel name -> C++ name expression, e.g. 'chunk_attend' -> 'cpattn::chunk_attend<__half, 128, 64>'."""
     ctype = DTYPES[dtype][1]
-    return {name.split("::")[-1]: f"{name}<{args(ctype, head_dim, chunk_size)}>" for name, args in KERNELS[file]}
+    return {name.split("::")[-1]: (f"{name}<{args(ctype, head_dim, chunk_size)}>" if args else name)
+            for name, args in KERNELS[file]}
 
 
 def _read(name: str) -> str:

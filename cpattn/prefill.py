@@ -1,0 +1,194 @@
+"""CompactAttention chunked prefill on the GPU: selection, unions, CSR tables, paged kernel.
+
+Mirrors ``cpattn.reference.compact_attention`` name for name::
+
+    means = GpuBlockMeans(cache)                       # mean key per full page, on the device
+    r = compact_prefill(cache, means, seq, q, layer)   # q [n, Hq, D]: the sequence's last n tokens
+    r.o, r.lse                                         # [n, Hq, D] storage dtype, [n, Hq] float32
+    r.density()                                        # per-stage densities (syncs to read them)
+
+Five launches on the current stream, no host synchronisation: block_score (tensor cores),
+block_union (threshold + sink/window + Q-block and group unions + compaction), tables_csr
+(prefix sums -> indptr, indices), paged_prefill (flash attention over each table's pages,
+read in place from the pool; bottom-right causal mask on the chunk's own pages). Index
+buffers have fixed capacity (every table could keep every block), so nothing waits for counts.
+
+Numerics: block scores use the mean keys rounded to the storage dtype on the tensor cores
+(fp32 accumulate), so a block whose score lies within rounding of the threshold
+``alpha * max`` may be kept by one backend and not the other; everything else is identical.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .arrays import as_cupy
+from .kernels import get_kernels
+from .reference.compact_attention import _cdiv, _check_chunk, _check_options, _check_scale
+from .reference.dtypes import storage_numpy_dtype
+
+THREADS = 128
+
+
+def _prefill_smem(head_dim: int, chunk_size: int) -> int:
+    ld = head_dim + 8
+    tiles = 4 * chunk_size * ld * 2
+    red = 3 * (16 * head_dim + 32) * 4 if chunk_size >= 32 else 0
+    return max(tiles, red)
+
+
+class GpuBlockMeans:
+    """Mean key of every summarised pool page, on the device (see reference ``BlockMeans``).
+
+    Arrays:
+        kmean: float32 [num_layers, num_chunks, Hkv, D]
+        kmean_lp: the same rounded to the storage dtype (what the score kernel reads)
+    Pages are summarised once, when full and committed; keyed by pool id and owning tree node.
+    """
+
+    def __init__(self, cache):
+        import cupy
+
+        self.cache = cache
+        shape = (cache.num_layers, cache.num_chunks, cache.num_kv_heads, cache.head_dim)
+        self.kmean = cupy.zeros(shape, np.float32)
+        self.kmean_lp = cupy.zeros(shape, storage_numpy_dtype(cache.dtype))
+        self._owner: list = [None] * cache.num_chunks
+        self._kern = get_kernels("compact_attention", cache.dtype, cache.head_dim, cache.chunk_size)
+
+    def _check_cache(self, cache) -> None:
+        if cache is not self.cache:
+            raise ValueError("cache: expected the cache these block means were made for "
+                             f"(id {id(self.cache):#x}), got another one (id {id(cache):#x})")
+
+    def update(self, cache, seq: int, num_tokens: int | None = None) -> int:
+        """Summarise the full committed pages among the first ``num_tokens`` tokens of ``seq``
+        that are not summarised yet (one launch). Returns how many."""
+        import cupy
+
+        self._check_cache(cache)
+        state = cache._get(seq)
+        committed = state.n_committed
+        upto = committed if num_tokens is None else num_tokens
+        if not isinstance(upto, (int, np.integer)) or not 0 <= upto <= committed:
+            raise ValueError(f"num_tokens: expected an integer in [0, {committed}] (committed tokens "
+                             f"of sequence {seq}), got {num_tokens!r}")
+        todo = [n for n in state.path[: upto // cache.chunk_size] if self._owner[n.chunk] is not n]
+        if todo:
+            pages = cupy.asarray(np.array([n.chunk for n in todo], np.int32))
+            self._kern["block_mean"](
+                (len(todo), cache.num_kv_heads), (cache.head_dim,),
+                (cache.k_pool, pages, np.int32(len(todo)), np.int32(cache.num_layers), np.int32(cache.num_chunks),
+                 np.int32(cache.num_kv_heads), self.kmean, self.kmean_lp))
+            for n in todo:
+                self._owner[n.chunk] = n
+        return len(todo)
+
+
+@dataclass
+class GpuCompactPrefill:
+    """Result of ``compact_prefill``. Device arrays; reading ``density()`` synchronises."""
+
+    o: object  # cupy [n, Hq, D] storage dtype
+    lse: object  # cupy float32 [n, Hq]
+    indptr: object  # cupy int32 [R + 1], R = T * Hkv * S tables (reference BlockTables order)
+    indices: object  # cupy int32 [capacity]; the first indptr[-1] entries are the page lists
+    stats: object  # cupy uint64 [3]: kept triples at select / q_union / group_union
+    num_past_blocks: int
+    num_tables: int
+    denominator: int  # Hq * Qb * Pb
+
+    def density(self) -> dict:
+        """Past-block density after each stage, as the reference counts it (syncs)."""
+        if self.num_past_blocks == 0:
+            return dict(select=1.0, q_union=1.0, group_union=1.0)
+        s = self.stats.get().astype(np.float64) / self.denominator
+        return dict(select=float(s[0]), q_union=float(s[1]), group_union=float(s[2]))
+
+    def tables(self):
+        """(indptr, indices) on the host (syncs): the CSR page lists, compare with the reference."""
+        indptr = self.indptr.get()
+        return indptr, self.indices[: int(indptr[-1])].get()
+
+
+def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *, scale: float | None = None,
+                    alpha: float = 0.06, sink: int = 2, window: int = 4, q_tile: int | None = None,
+                    group_size: int | None = None, return_lse: bool = True, out=None) -> GpuCompactPrefill:
+    """CompactAttention for one chunk and layer of a ``GpuChunkCache`` (see the module docstring).
+
+    The chunk is the sequence's last n = q.shape[0] tokens, their K/V written for this layer;
+    q: [n, Hq, D] storage dtype (CuPy, __cuda_array_interface__ or DLPack). alpha 0 keeps every
+    block (dense chunked prefill). Launches on the current stream; never synchronises.
+    """
+    import cupy
+
+    q = as_cupy(q, "q", cache.dtype)
+    P, n, G = _check_chunk(cache, seq, q, layer)
+    scale = _check_scale(scale, cache.head_dim)
+    c, Hkv, D = cache.chunk_size, cache.num_kv_heads, cache.head_dim
+    q_tile, s = _check_options(c, n, G, alpha, sink, window, q_tile, group_size)
+    means._check_cache(cache)
+    Hq = q.shape[1]
+    if out is not None:
+        out = as_cupy(out, "out", cache.dtype, (n, Hq, D))
+    k = means._kern
+    means.update(cache, seq, num_tokens=P)
+
+    Pb, Qb, Cb = P // c, _cdiv(n, c), _cdiv(n, c)
+    tb = q_tile // c
+    T, S = _cdiv(Qb, tb), G // s
+    R = T * Hkv * S
+    blocks = cupy.asarray(np.array(cache.seq_chunks(seq)[: Pb + Cb], np.int32))
+    page0 = np.int64(layer * cache.num_chunks * Hkv)
+    scale_log2 = np.float32(scale * 1.4426950408889634)
+
+    # 2. scores
+    s_raw = cupy.zeros((Hq, Qb, max(Pb, 1)), np.float32)
+    if Pb and alpha > 0:  # alpha 0 keeps every block: all-zero scores pass a zero threshold
+        k["block_score"]((_cdiv(n, 64), Hq), (THREADS,),
+                         (q, means.kmean_lp, page0, blocks, np.int32(Pb), np.int32(n), np.int32(Hq),
+                          np.int32(Hkv), scale_log2, s_raw))
+    # 3-5. threshold, unions, compaction
+    cap = Pb + Cb
+    padded = cupy.empty(R * cap, np.int32)
+    counts = cupy.empty(R, np.int32)
+    stats = cupy.zeros(3, np.uint64)
+    k["block_union"]((R,), (256,),
+                     (s_raw, np.int32(Pb), np.int32(Qb), np.int32(tb), np.int32(T), np.int32(Hkv), np.int32(G),
+                      np.int32(s), np.float32(alpha), np.int32(sink), np.int32(window), blocks, np.int32(Cb),
+                      padded, np.int32(cap), counts, stats),
+                     shared_mem=4 * s * tb)
+    # 6. CSR
+    indptr = cupy.empty(R + 1, np.int32)
+    indices = cupy.empty(R * cap, np.int32)
+    k["tables_csr"]((R,), (128,), (padded, np.int32(cap), counts, np.int32(R), indptr, indices))
+    # 7. paged prefill: units (table, 64-row block) are known on the host from the shapes
+    tile_tokens = np.minimum(q_tile, n - np.arange(T) * q_tile)  # [T]
+    rows = np.repeat(tile_tokens * s, Hkv * S)  # [R]
+    per = -(-rows // 64)
+    table_of = np.repeat(np.arange(R), per)
+    row0 = (np.arange(len(table_of)) - np.repeat(np.cumsum(per) - per, per)) * 64
+    units = cupy.asarray(np.stack([table_of, row0], axis=1).astype(np.int32).ravel())
+    o = out if out is not None else cupy.empty((n, Hq, D), q.dtype)
+    lse = cupy.empty((n, Hq), np.float32) if return_lse else cupy.empty(1, np.float32)
+    smem = _prefill_smem(D, c)
+    pk = k["paged_prefill"]
+    pk.max_dynamic_shared_size_bytes = smem
+    pk((len(table_of),), (THREADS,),
+       (q, cache.k_pool, cache.v_pool, page0, units, indptr, indices, np.int32(n), np.int32(q_tile),
+        np.int32(Hq), np.int32(Hkv), np.int32(G), np.int32(s), np.int32(Cb), scale_log2, o, lse,
+        np.int32(return_lse)),
+       shared_mem=smem)
+    return GpuCompactPrefill(o=o, lse=lse if return_lse else None, indptr=indptr, indices=indices, stats=stats,
+                             num_past_blocks=Pb, num_tables=R, denominator=Hq * Qb * max(Pb, 1))
+
+
+def dense_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, **kw) -> GpuCompactPrefill:
+    """Our dense chunked prefill: the same kernel with every block selected (alpha 0)."""
+    kw.setdefault("sink", 0)
+    kw.setdefault("window", 0)
+    return compact_prefill(cache, means, seq, q, layer, alpha=0.0, **kw)
+
+
+__all__ = ["GpuBlockMeans", "GpuCompactPrefill", "compact_prefill", "dense_prefill"]

@@ -1,0 +1,417 @@
+// CompactAttention chunked prefill on the GPU: block means, block scores, the two unions and
+// CSR block tables (no host synchronisation), and the paged prefill kernel that reads the
+// selected pool pages in place. Semantics: reference/compact_attention.py (passes 1-7).
+//
+//   block_mean      pass 1  kmean[l, page, h] = mean of the page's C keys (fp32, and a copy in
+//                           the storage dtype that feeds the tensor cores in block_score)
+//   block_score     pass 2  s_raw[h, i, j] = sum over rows r of query block i of
+//                           exp(z[r, j] - max_j z[r, j]), z = scale * q_r . kmean_j (two sweeps
+//                           over the past blocks: row max, then the sums)
+//   block_union     3-5     threshold s_raw >= alpha * max_j s_raw (normalising over j cancels),
+//                           sink and window blocks, OR over the tile's query blocks and the
+//                           sub-group's heads; kept pool ids compacted in order; stage counts
+//   tables_csr      6       counts -> indptr (prefix sums) and compacted indices
+//   paged_prefill   7       per (table, 64 rows): flash attention over the table's pages with the
+//                           bottom-right causal mask on the chunk's own pages
+#include "attend_core.cuh"
+
+namespace cpattn {
+
+// ---------------------------------------------------------------------------------- pass 1
+// grid (num_pages, Hkv), D threads. pages: pool ids to summarise; all layers.
+template <typename T, int D, int C>
+__global__ void block_mean(const T* __restrict__ k_pool, const int* __restrict__ pages, int num_pages,
+                           int num_layers, int num_chunks, int num_kv_heads, float* __restrict__ kmean,
+                           T* __restrict__ kmean_lp) {
+  const int p = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+  if (p >= num_pages || d >= D) return;
+  const long long page = pages[p];
+  for (int l = 0; l < num_layers; ++l) {
+    const long long base = ((long long)l * num_chunks + page) * num_kv_heads + h;
+    const T* src = k_pool + base * C * D + d;
+    float acc = 0.f;
+#pragma unroll 8
+    for (int r = 0; r < C; ++r) acc += static_cast<float>(src[r * D]);
+    const float mean = acc / C;
+    kmean[base * D + d] = mean;
+    kmean_lp[base * D + d] = Pack<T>::one(mean);
+  }
+}
+
+// ---------------------------------------------------------------------------------- pass 2
+// grid (ceil(n / 64), Hq), 128 threads. Each warp owns 16 query rows; kmean tiles of 64 past
+// blocks stream through shared memory twice (sweep 0: row max, sweep 1: column sums of
+// exp(z - row max)). Sums of a query block's rows are reduced in shared memory and added to
+// s_raw[h, i, j] (zeroed by the caller) with one atomic per (block, column, CTA).
+template <typename T, int D, int C>
+__global__ void __launch_bounds__(kThreads) block_score(
+    const T* __restrict__ q,          // [n, Hq, D]
+    const T* __restrict__ kmean_lp,   // [L, N, Hkv, D] storage dtype
+    long long layer_page0,            // layer * N * Hkv
+    const int* __restrict__ blocks,   // [Pb] pool ids of the past blocks, in token order
+    int Pb, int n, int num_q_heads, int num_kv_heads, float scale_log2,
+    float* __restrict__ s_raw) {      // [Hq, Qb, Pb]
+  constexpr int LD = D + 8, TJ = 64;
+  __shared__ __align__(16) T tile[TJ * LD];
+  __shared__ float colsum[4][TJ];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int h = blockIdx.y, kvh = h / (num_q_heads / num_kv_heads);
+  const int row_base = blockIdx.x * 64 + warp * 16;
+  const int Qb = (n + C - 1) / C;
+
+  u32 qf[D / 16][4];
+  {
+    const int r0 = row_base + (lane >> 2), r1 = r0 + 8;
+    const u32* p0 = r0 < n ? reinterpret_cast<const u32*>(q + ((long long)r0 * num_q_heads + h) * D) : nullptr;
+    const u32* p1 = r1 < n ? reinterpret_cast<const u32*>(q + ((long long)r1 * num_q_heads + h) * D) : nullptr;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int c = kk * 8 + (lane & 3);
+      qf[kk][0] = p0 ? p0[c] : 0u;
+      qf[kk][1] = p1 ? p1[c] : 0u;
+      qf[kk][2] = p0 ? p0[c + 4] : 0u;
+      qf[kk][3] = p1 ? p1[c + 4] : 0u;
+    }
+  }
+  const bool row0_ok = row_base + (lane >> 2) < n, row1_ok = row_base + (lane >> 2) + 8 < n;
+  float mrow0 = -INFINITY, mrow1 = -INFINITY;
+  for (int sweep = 0; sweep < 2; ++sweep) {
+    for (int j0 = 0; j0 < Pb; j0 += TJ) {
+      __syncthreads();
+      for (int e = tid; e < TJ * (D / 8); e += kThreads) {
+        const int r = e / (D / 8), c = (e % (D / 8)) * 8;
+        if (j0 + r < Pb) {
+          cp_async16(tile + r * LD + c, kmean_lp + (layer_page0 + (long long)blocks[j0 + r] * num_kv_heads + kvh) * D + c);
+        } else {
+          *reinterpret_cast<uint4*>(tile + r * LD + c) = make_uint4(0, 0, 0, 0);
+        }
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      float z[TJ / 8][4];
+#pragma unroll
+      for (int j = 0; j < TJ / 8; ++j) z[j][0] = z[j][1] = z[j][2] = z[j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int j = 0; j < TJ / 16; ++j) {
+          u32 b[4];
+          ldmatrix_x4(b, smem_addr(tile + (j * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8));
+          mma16816<T>(z[2 * j], qf[kk], b[0], b[1]);
+          mma16816<T>(z[2 * j + 1], qf[kk], b[2], b[3]);
+        }
+      }
+      if (sweep == 0) {
+#pragma unroll
+        for (int j = 0; j < TJ / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = j0 + j * 8 + (lane & 3) * 2 + (e & 1);
+            if (col < Pb) {
+              if (e < 2) mrow0 = fmaxf(mrow0, z[j][e] * scale_log2);
+              else mrow1 = fmaxf(mrow1, z[j][e] * scale_log2);
+            }
+          }
+        }
+      } else {
+        // column sums over this warp's valid rows, then over the warp (lanes with equal lane&3)
+#pragma unroll
+        for (int j = 0; j < TJ / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float v = (row0_ok ? exp2f(z[j][e] * scale_log2 - mrow0) : 0.f) +
+                      (row1_ok ? exp2f(z[j][e + 2] * scale_log2 - mrow1) : 0.f);
+            v += __shfl_xor_sync(0xffffffffu, v, 4);
+            v += __shfl_xor_sync(0xffffffffu, v, 8);
+            v += __shfl_xor_sync(0xffffffffu, v, 16);
+            if (lane < 4) colsum[warp][j * 8 + lane * 2 + e] = v;
+          }
+        }
+        __syncthreads();
+        // warps of one query block add up; one atomic per (query block, column)
+        if (tid < TJ && j0 + tid < Pb) {
+          for (int w = 0; w < 4; ++w) {
+            const int r = blockIdx.x * 64 + w * 16;
+            if (r >= n) break;
+            const int i = r / C;
+            float acc = colsum[w][tid];
+            while (w + 1 < 4 && (blockIdx.x * 64 + (w + 1) * 16) < n && (blockIdx.x * 64 + (w + 1) * 16) / C == i) {
+              ++w;
+              acc += colsum[w][tid];
+            }
+            atomicAdd(s_raw + ((long long)h * Qb + i) * Pb + j0 + tid, acc);
+          }
+        }
+      }
+    }
+    if (sweep == 0) {
+      mrow0 = quad_max(mrow0);
+      mrow1 = quad_max(mrow1);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------- passes 3-5
+// grid (num_tables) = T x Hkv x S, 256 threads, s * tb floats of dynamic shared memory. Table (t, kvh, g) ORs the keep masks of the s
+// heads kvh*G + g*s + [0, s) over the query blocks of tile t, then compacts the kept past
+// blocks' pool ids (ascending token order) followed by the tile's own blocks into
+// padded[table * cap ...]; counts[table] = length. stats[0..2] += kept (head, query block,
+// past block) triples at the select / q-union / group-union stage (same weighting as the
+// reference's densities).
+__global__ void __launch_bounds__(256) block_union(
+    const float* __restrict__ s_raw, int Pb, int Qb, int tb, int T, int num_kv_heads, int G, int s,
+    float alpha, int sink, int window, const int* __restrict__ blocks, int own_total,
+    int* __restrict__ padded, int cap, int* __restrict__ counts, unsigned long long* __restrict__ stats) {
+  extern __shared__ float thr[];  // [s * tb] thresholds (dynamic shared memory)
+  __shared__ int scan[256];
+  __shared__ int base_s;
+  const int table = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int S = G / s;
+  const int t = table / (num_kv_heads * S), kvh = (table / S) % num_kv_heads, g = table % S;
+  const int i0 = t * tb, nb = min(tb, Qb - i0);  // query blocks of this tile
+  const int h0 = kvh * G + g * s;
+  // thresholds: alpha * max_j s_raw[h, i, :], one warp per (head, block) row
+  for (int row = warp; row < s * nb; row += 8) {
+    const float* src = s_raw + ((long long)(h0 + row / nb) * Qb + i0 + row % nb) * Pb;
+    float mx = 0.f;
+    for (int j = lane; j < Pb; j += 32) mx = fmaxf(mx, src[j]);
+#pragma unroll
+    for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (lane == 0) thr[row] = alpha * mx;
+  }
+  if (tid == 0) base_s = 0;
+  __syncthreads();
+  unsigned long long n_sel = 0, n_qu = 0, n_gu = 0;
+  for (int j0 = 0; j0 < Pb; j0 += 256) {
+    const int j = j0 + tid;
+    int keep_g = 0;
+    if (j < Pb) {
+      const bool forced = j < sink || j >= Pb - window;
+      for (int hh = 0; hh < s; ++hh) {
+        int keep_h = 0;
+        for (int b = 0; b < nb; ++b) {
+          const float v = s_raw[((long long)(h0 + hh) * Qb + i0 + b) * Pb + j];
+          const int k = forced || v >= thr[hh * nb + b];
+          n_sel += k;
+          keep_h |= k;
+        }
+        n_qu += keep_h * nb;
+        keep_g |= keep_h;
+      }
+      n_gu += (unsigned long long)keep_g * s * nb;
+    }
+    // block-wide exclusive scan of keep_g (Hillis-Steele over 256 threads)
+    scan[tid] = keep_g;
+    __syncthreads();
+    for (int off = 1; off < 256; off <<= 1) {
+      const int v = tid >= off ? scan[tid - off] : 0;
+      __syncthreads();
+      scan[tid] += v;
+      __syncthreads();
+    }
+    if (keep_g) padded[(long long)table * cap + base_s + scan[tid] - 1] = blocks[j];
+    __syncthreads();
+    if (tid == 255) base_s += scan[255];
+    __syncthreads();
+  }
+  // the tile's own blocks: chunk blocks [0, min(tile end, chunk) / C rounded up)
+  const int own = min((t + 1) * tb, own_total);
+  for (int b = tid; b < own; b += 256) padded[(long long)table * cap + base_s + b] = blocks[Pb + b];
+  if (tid == 0) counts[table] = base_s + own;
+  // stats: warp sums, then one atomic per warp
+#pragma unroll
+  for (int o = 16; o; o >>= 1) {
+    n_sel += __shfl_xor_sync(0xffffffffu, n_sel, o);
+    n_qu += __shfl_xor_sync(0xffffffffu, n_qu, o);
+    n_gu += __shfl_xor_sync(0xffffffffu, n_gu, o);
+  }
+  if (lane == 0) {
+    atomicAdd(stats + 0, n_sel);
+    atomicAdd(stats + 1, n_qu);
+    atomicAdd(stats + 2, n_gu);
+  }
+}
+
+// -------------------------------------------------------------------------------- pass 6
+// grid (num_tables), 128 threads: indptr[t] = sum of earlier counts; compacted indices.
+__global__ void tables_csr(const int* __restrict__ padded, int cap, const int* __restrict__ counts, int num_tables,
+                           int* __restrict__ indptr, int* __restrict__ indices) {
+  __shared__ int off_s;
+  const int t = blockIdx.x;
+  if (threadIdx.x == 0) {
+    int off = 0;
+    for (int u = 0; u < t; ++u) off += counts[u];
+    off_s = off;
+    indptr[t] = off;
+    if (t == num_tables - 1) indptr[num_tables] = off + counts[t];
+  }
+  __syncthreads();
+  const int n = counts[t], off = off_s;
+  for (int k = threadIdx.x; k < n; k += blockDim.x) indices[off + k] = padded[(long long)t * cap + k];
+}
+
+// -------------------------------------------------------------------------------- pass 7
+// grid (num_units), 128 threads. units[u] = (table, row0): 64 rows of the table's row space,
+// row gr -> chunk token tile_start + gr / s, query head kvh*G + g*s + gr % s. Keys: the
+// table's pages (past pages first, then the chunk's own pages); row token x may read every past
+// key and own keys <= x (bottom-right causal mask). Writes o [n, Hq, D] and lse [n, Hq].
+template <typename T, int D, int C>
+__global__ void __launch_bounds__(kThreads) paged_prefill(
+    const T* __restrict__ q,          // [n, Hq, D]
+    const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
+    const int* __restrict__ units,    // [U, 2]: table, row0
+    const int* __restrict__ indptr, const int* __restrict__ indices,
+    int n, int q_tile, int num_q_heads, int num_kv_heads, int G, int s, int own_total,
+    float scale_log2, T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
+  constexpr int LD = D + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);  // [2][C][LD]
+  T* sV = sK + 2 * C * LD;                 // [2][C][LD]
+  float* red = reinterpret_cast<float*>(smem_raw);  // reused after the loop (key-split warps)
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int table = units[2 * blockIdx.x], row0 = units[2 * blockIdx.x + 1];
+  const int S = G / s;
+  const int t = table / (num_kv_heads * S), kvh = (table / S) % num_kv_heads, g = table % S;
+  const int tile_start = t * q_tile, tile_tokens = min(q_tile, n - tile_start);
+  const int row_count = min(64, tile_tokens * s - row0);
+  const int own = min((t + 1) * (q_tile / C), own_total);  // own pages in this table
+  const int p0 = indptr[table], npages = indptr[table + 1] - p0, npast = npages - own;
+  const int past_keys = npast * C;
+  // rows' token limits: row r may read keys [0, past_keys + token + 1)
+  const int tok_max = tile_start + (row0 + row_count - 1) / s;
+  const int lim_unit = past_keys + tok_max + 1;
+  const int nchunks = (lim_unit + C - 1) / C;
+
+  const int ks_want = row_count <= 16 ? 4 : (row_count <= 32 ? 2 : 1);
+  const int KS = ks_want > C / 16 ? C / 16 : ks_want;
+  const int RB = 4 / KS, rb = warp % RB, ks = warp / RB;
+  // Q fragments of this warp's 16 rows straight from global memory
+  u32 qf[D / 16][4];
+  int lim[2];
+  {
+    const u32* rows[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = rb * 16 + (lane >> 2) + 8 * hh;
+      if (r < row_count) {
+        const int gr = row0 + r, tok = tile_start + gr / s, head = kvh * G + g * s + gr % s;
+        rows[hh] = reinterpret_cast<const u32*>(q + ((long long)tok * num_q_heads + head) * D);
+        lim[hh] = past_keys + tok + 1;
+      } else {
+        rows[hh] = nullptr;
+        lim[hh] = 0;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int c = kk * 8 + (lane & 3);
+      qf[kk][0] = rows[0] ? rows[0][c] : 0u;
+      qf[kk][1] = rows[1] ? rows[1][c] : 0u;
+      qf[kk][2] = rows[0] ? rows[0][c + 4] : 0u;
+      qf[kk][3] = rows[1] ? rows[1][c + 4] : 0u;
+    }
+  }
+  auto page_valid = [&](int i) {  // rows of page i holding keys any row of this unit may read
+    int v = i < npast ? C : min(C, n - (i - npast) * C);
+    return min(v, lim_unit - i * C);
+  };
+  auto page_ptr = [&](int i) { return layer_page0 + (long long)indices[p0 + i] * num_kv_heads + kvh; };
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int nn = 0; nn < D / 8; ++nn) o[nn][0] = o[nn][1] = o[nn][2] = o[nn][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  if (nchunks > 0) {
+    const long long p = page_ptr(0);
+    load_page<T, D, C>(k_pool + p * C * D, v_pool + p * C * D, sK, sV, page_valid(0), tid);
+  }
+  cp_async_commit();
+  for (int i = 0; i < nchunks; ++i) {
+    if (i + 1 < nchunks) {
+      const long long p = page_ptr(i + 1);
+      const int st = (i + 1) & 1;
+      load_page<T, D, C>(k_pool + p * C * D, v_pool + p * C * D, sK + st * C * LD, sV + st * C * LD,
+                         page_valid(i + 1), tid);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* ks_ = sK + (i & 1) * C * LD;
+    const T* vs_ = sV + (i & 1) * C * LD;
+    const int valid = page_valid(i);
+    if (KS == 4 && C >= 64) {
+      attend_chunk<T, D, C, (C >= 64 ? 4 : 1)>(qf, ks_, vs_, valid, i * C, lim[0], lim[1], scale_log2, o, m0, m1, l0, l1);
+    } else if (KS == 2 && C >= 32) {
+      attend_chunk<T, D, C, (C >= 32 ? 2 : 1)>(qf, ks_, vs_, valid, i * C, lim[0], lim[1], scale_log2, o, m0, m1, l0, l1);
+    } else {
+      attend_chunk<T, D, C, 1>(qf, ks_, vs_, valid, i * C, lim[0], lim[1], scale_log2, o, m0, m1, l0, l1);
+    }
+    __syncthreads();
+  }
+  l0 = quad_sum(l0);
+  l1 = quad_sum(l1);
+  if (KS > 1) {  // merge key-split warps through shared memory (stages are free now)
+    if (ks > 0) {
+      float* w = red + (warp - RB) * (16 * D + 32);
+#pragma unroll
+      for (int nn = 0; nn < D / 8; ++nn) {
+        const int col = nn * 8 + (lane & 3) * 2;
+        w[(lane >> 2) * D + col] = o[nn][0];
+        w[(lane >> 2) * D + col + 1] = o[nn][1];
+        w[((lane >> 2) + 8) * D + col] = o[nn][2];
+        w[((lane >> 2) + 8) * D + col + 1] = o[nn][3];
+      }
+      if ((lane & 3) == 0) {
+        w[16 * D + (lane >> 2)] = m0;
+        w[16 * D + (lane >> 2) + 8] = m1;
+        w[16 * D + 16 + (lane >> 2)] = l0;
+        w[16 * D + 16 + (lane >> 2) + 8] = l1;
+      }
+    }
+    __syncthreads();
+    if (ks == 0) {
+      for (int k = 1; k < KS; ++k) {
+        const float* w = red + (rb + k * RB - RB) * (16 * D + 32);
+        const float om0 = w[16 * D + (lane >> 2)], om1 = w[16 * D + (lane >> 2) + 8];
+        const float ol0 = w[16 * D + 16 + (lane >> 2)], ol1 = w[16 * D + 16 + (lane >> 2) + 8];
+        const float mn0 = fmaxf(m0, om0), mn1 = fmaxf(m1, om1);
+        const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
+        const float a0 = exp2f(m0 - base0), b0 = exp2f(om0 - base0);
+        const float a1 = exp2f(m1 - base1), b1 = exp2f(om1 - base1);
+        l0 = l0 * a0 + ol0 * b0;
+        l1 = l1 * a1 + ol1 * b1;
+        m0 = mn0;
+        m1 = mn1;
+#pragma unroll
+        for (int nn = 0; nn < D / 8; ++nn) {
+          const int col = nn * 8 + (lane & 3) * 2;
+          o[nn][0] = o[nn][0] * a0 + w[(lane >> 2) * D + col] * b0;
+          o[nn][1] = o[nn][1] * a0 + w[(lane >> 2) * D + col + 1] * b0;
+          o[nn][2] = o[nn][2] * a1 + w[((lane >> 2) + 8) * D + col] * b1;
+          o[nn][3] = o[nn][3] * a1 + w[((lane >> 2) + 8) * D + col + 1] * b1;
+        }
+      }
+    }
+  }
+  if (ks != 0) return;
+  const float kLn2 = 0.6931471805599453f;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int r = rb * 16 + (lane >> 2) + hh * 8;
+    if (r >= row_count) continue;
+    const int gr = row0 + r, tok = tile_start + gr / s, head = kvh * G + g * s + gr % s;
+    const float l = hh ? l1 : l0, m = hh ? m1 : m0;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    T* dst = out + ((long long)tok * num_q_heads + head) * D;
+#pragma unroll
+    for (int nn = 0; nn < D / 8; ++nn) {
+      const int col = nn * 8 + (lane & 3) * 2;
+      *reinterpret_cast<u32*>(dst + col) = Pack<T>::two(o[nn][2 * hh] * inv, o[nn][2 * hh + 1] * inv);
+    }
+    if (write_lse && (lane & 3) == 0)
+      lse_out[(long long)tok * num_q_heads + head] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+  }
+}
+
+}  // namespace cpattn

@@ -1,0 +1,164 @@
+"""CUDA CompactAttention prefill vs the NumPy reference (marker: gpu).
+
+A GPU cache and a NumPy cache receive the same prompt; tables, densities and outputs are
+compared. Scores on the GPU use the mean keys rounded to the storage dtype, so a block whose
+reference score lies within a small band around its threshold may differ; every other block
+must agree, and the kernel output is checked against the reference run on the GPU's own tables.
+"""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cpattn import gpu_available
+from cpattn.reference import compact_attention as ca
+from cpattn.reference.chunk_attention import attention_state  # noqa: F401
+from cpattn.reference.dtypes import to_float32, unit_roundoff
+from cpattn.reference.tree import ChunkCache
+from cpattn.reference.workloads import long_context_qkv
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")]
+POISON = {"float16": 0x7E00, "bfloat16": 0x7FC0}
+
+
+def setup(seed, P, n, c, Hq, Hkv, D, dtype, layers=1):
+    import cupy
+
+    from cpattn.cache import GpuChunkCache
+    from cpattn.prefill import GpuBlockMeans
+
+    w = long_context_qkv(seed, P + n, Hq, Hkv, D, num_layers=layers, dtype=dtype, num_sinks=2,
+                         locality_len=2 * c, needle_len=c, num_needles=2, needle_queries=2)
+    chunks = (P + n) // c + 2
+    caches = []
+    for make in (lambda: ChunkCache(layers, Hkv, D, chunks, chunk_size=c, dtype=dtype),
+                 lambda: GpuChunkCache(layers, Hkv, D, chunks, chunk_size=c, dtype=dtype)):
+        cache = make()
+        seq = cache.add_sequence([])
+        if P:
+            cache.extend(seq, list(range(P)), w.k[:, :P], w.v[:, :P])
+        cache.extend(seq, list(range(P, P + n)), w.k[:, P:], w.v[:, P:])
+        caches.append((cache, seq))
+    (cpu, seq), (gpu, gseq) = caches
+    assert seq == gseq
+    assert np.array_equal(cupy.asnumpy(gpu.k_pool), cpu.k_pool)
+    return w, cpu, ca.BlockMeans(cpu), gpu, GpuBlockMeans(gpu), seq
+
+
+def run_gpu(gpu, gmeans, seq, q, **opt):
+    import cupy
+
+    from cpattn.prefill import compact_prefill
+
+    out = cupy.full(q.shape, POISON[gpu.dtype], dtype=np.float16 if gpu.dtype == "float16" else np.uint16)
+    r = compact_prefill(gpu, gmeans, seq, cupy.asarray(q), out=out, **opt)
+    return r, to_float32(cupy.asnumpy(r.o), gpu.dtype), cupy.asnumpy(r.lse)
+
+
+def gpu_mask(r, cpu, seq, sel):
+    """The GPU's past-block selection as a reference-shaped mask [T, Hkv, S, Pb]."""
+    indptr, indices = r.tables()
+    Pb = sel.past_len // cpu.chunk_size
+    pos = {cid: i for i, cid in enumerate(cpu.seq_chunks(seq))}
+    T, Hkv, S, _ = sel.group_union.shape
+    mask = np.zeros((T * Hkv * S, Pb), bool)
+    for t in range(T * Hkv * S):
+        for cid in indices[indptr[t]: indptr[t + 1]]:
+            if pos[int(cid)] < Pb:
+                mask[t, pos[int(cid)]] = True
+    return mask.reshape(T, Hkv, S, Pb)
+
+
+def budget(dtype, vmax):
+    return 4 * unit_roundoff(dtype) * vmax + 1e-5
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**31 - 1), c=st.sampled_from([16, 32, 64, 128]), pb=st.integers(0, 9),
+       n_blocks=st.integers(1, 4), off=st.sampled_from([0, -1, -5]), ratio=st.sampled_from([1, 4, 8]),
+       dtype=st.sampled_from(["float16", "bfloat16"]), D=st.sampled_from([64, 128]),
+       tile=st.sampled_from([None, 1, 2]), sub=st.sampled_from([None, 1]))
+def test_alpha_zero_equals_dense_and_tables_are_all_blocks(seed, c, pb, n_blocks, off, ratio, dtype, D, tile, sub):
+    Hkv = 2
+    Hq = Hkv * ratio
+    n = max(1, n_blocks * c + off)
+    P = pb * c
+    w, cpu, means, gpu, gmeans, seq = setup(seed, P, n, c, Hq, Hkv, D, dtype)
+    q = w.q[0, P:]
+    opt = dict(alpha=0.0, q_tile=None if tile is None else tile * c, group_size=sub)
+    r, o, lse = run_gpu(gpu, gmeans, seq, q, **opt)
+    ref = ca.compact_prefill(cpu, means, seq, q, 0, **opt)
+    oracle, oracle_lse = ca.dense_prefill(cpu, seq, q, 0)
+    indptr, indices = r.tables()
+    assert np.array_equal(indptr, ref.tables.indptr) and np.array_equal(indices, ref.tables.indices)
+    vmax = float(np.abs(to_float32(w.v[0], dtype)).max())
+    assert np.isfinite(o).all() and np.isfinite(lse).all()
+    assert np.abs(o - oracle).max() <= budget(dtype, vmax)
+    np.testing.assert_allclose(lse, oracle_lse, rtol=2e-3, atol=2e-3)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**31 - 1), c=st.sampled_from([16, 32, 64]), pb=st.integers(4, 24),
+       n_blocks=st.integers(1, 5), ratio=st.sampled_from([1, 4]), dtype=st.sampled_from(["float16", "bfloat16"]),
+       alpha=st.sampled_from([0.02, 0.06, 0.3]), tile=st.sampled_from([None, 1]), sub=st.sampled_from([None, 1]))
+def test_selection_and_output_match_reference(seed, c, pb, n_blocks, ratio, dtype, alpha, tile, sub):
+    Hkv, D = 2, 64
+    Hq = Hkv * ratio
+    n, P = n_blocks * c - (seed % 3), pb * c
+    w, cpu, means, gpu, gmeans, seq = setup(seed, P, n, c, Hq, Hkv, D, dtype)
+    q = w.q[0, P:]
+    opt = dict(alpha=alpha, q_tile=None if tile is None else tile * c, group_size=sub)
+    r, o, lse = run_gpu(gpu, gmeans, seq, q, **opt)
+    sel = ca.select_blocks(cpu, means, seq, q, 0, **opt)
+    got = gpu_mask(r, cpu, seq, sel)
+    # blocks may differ only where some (head, query block) of the table sits near its threshold
+    thr = np.float32(alpha) * sel.scores.max(axis=2, keepdims=True)
+    band = 0.06 if dtype == "bfloat16" else 0.02
+    near = np.abs(sel.scores - thr) <= band * thr + 1e-7  # [Hq, Qb, Pb]
+    G, s = Hq // Hkv, sel.group_size
+    T, S = sel.group_union.shape[0], sel.group_union.shape[2]
+    tb = sel.q_tile // c
+    diff = np.argwhere(got != sel.group_union)
+    for t, h, g, j in diff:
+        heads = slice(h * G + g * s, h * G + (g + 1) * s)
+        assert near[heads, t * tb:(t + 1) * tb, j].any(), (t, h, g, j)
+    assert len(diff) <= max(2, 0.02 * got.size)
+    # the kernel on the GPU's own tables == the reference on those tables
+    tables = ca.tables_from_mask(cpu, seq, got, chunk_len=n, num_q_heads=Hq, q_tile=sel.q_tile)
+    ro, rlse = ca.sparse_prefill(cpu, tables, q, 0)
+    vmax = float(np.abs(to_float32(w.v[0], dtype)).max())
+    assert np.abs(o - ro).max() <= budget(dtype, vmax)
+    np.testing.assert_allclose(lse, rlse, rtol=2e-3, atol=2e-3)
+    d_gpu, d_ref = r.density(), sel.density
+    for k in ("select", "q_union", "group_union"):
+        assert abs(d_gpu[k] - d_ref[k]) <= 0.03, (k, d_gpu, d_ref)
+
+
+def test_prefix_reused_from_another_sequence_equals_from_scratch():
+    import cupy
+
+    from cpattn.cache import GpuChunkCache
+    from cpattn.prefill import GpuBlockMeans, compact_prefill
+
+    c, Hq, Hkv, D, dtype = 64, 8, 2, 128, "bfloat16"
+    P, n = 8 * c, 3 * c - 7
+    w = long_context_qkv(3, P + n, Hq, Hkv, D, dtype=dtype, locality_len=2 * c, needle_len=c)
+    toks = list(range(P + n))
+    # from scratch
+    a = GpuChunkCache(1, Hkv, D, 64, chunk_size=c, dtype=dtype)
+    sa = a.add_sequence([])
+    a.extend(sa, toks, w.k[:, :], w.v[:, :])
+    ra = compact_prefill(a, GpuBlockMeans(a), sa, cupy.asarray(w.q[0, P:]))
+    # another sequence caches the prefix; ours reuses it and writes only its chunk
+    b = GpuChunkCache(1, Hkv, D, 64, chunk_size=c, dtype=dtype)
+    mb = GpuBlockMeans(b)
+    other = b.add_sequence(toks[:P] + [999], np.concatenate([w.k[:, :P], w.k[:, :1]], 1),
+                           np.concatenate([w.v[:, :P], w.v[:, :1]], 1))
+    mb.update(b, other)
+    sb = b.add_sequence(toks[:P])
+    assert b.seq_len(sb) == P and b.seq_chunks(sb) == b.seq_chunks(other)[:P // c]
+    b.extend(sb, toks[P:], w.k[:, P:], w.v[:, P:])
+    rb = compact_prefill(b, mb, sb, cupy.asarray(w.q[0, P:]))
+    assert np.array_equal(cupy.asnumpy(ra.o), cupy.asnumpy(rb.o))
+    assert np.array_equal(cupy.asnumpy(ra.lse), cupy.asnumpy(rb.lse))
+    assert ra.density() == rb.density()
