@@ -33,6 +33,22 @@ class GpuChunkCache(ChunkCache):
             self.d_slot_lens.set(self.slot_lens)
             self._lens_dirty = False
 
+    # every change of the host length table marks the device copy stale (plan() and writes
+    # upload it): a forked sequence or a matched prompt gets its length without a _reserve
+    def add_sequence(self, *args, **kwargs) -> int:
+        sid = super().add_sequence(*args, **kwargs)
+        self._lens_dirty = True
+        return sid
+
+    def fork(self, seq: int) -> int:
+        sid = super().fork(seq)
+        self._lens_dirty = True
+        return sid
+
+    def release(self, seq: int) -> None:
+        super().release(seq)
+        self._lens_dirty = True
+
     def _reserve(self, s, tokens):
         out = super()._reserve(s, tokens)
         self._lens_dirty = True
