@@ -54,14 +54,27 @@ class GpuChunkCache(ChunkCache):
         self._lens_dirty = True
         return out
 
+    def _check_array(self, x, name, shape) -> None:
+        if isinstance(x, np.ndarray):  # host K/V is accepted and copied up in _scatter
+            super()._check_array(x, name, shape)
+            return
+        # type, device, dtype and shape before anything changes; layout is _scatter's business
+        as_cupy(x, name, self.dtype, shape, contiguous=False)
+
+    def _device_kv(self, x, name, shape):
+        """x as a C-contiguous, 16-byte aligned CuPy array (kv_append loads uint4 vectors)."""
+        import cupy
+
+        x = cupy.asarray(x) if isinstance(x, np.ndarray) else as_cupy(x, name, self.dtype, shape, contiguous=False)
+        x = cupy.ascontiguousarray(x)
+        return x if x.data.ptr % 16 == 0 else x.copy()
+
     def _scatter(self, layer, slots: Slots, k, v) -> None:
         import cupy
 
         n = len(slots.chunk)
         shape = (n, self.num_kv_heads, self.head_dim)
-        k = as_cupy(k, "k", self.dtype, shape) if not isinstance(k, np.ndarray) else cupy.asarray(k)
-        v = as_cupy(v, "v", self.dtype, shape) if not isinstance(v, np.ndarray) else cupy.asarray(v)
-        k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
+        k, v = self._device_kv(k, "k", shape), self._device_kv(v, "v", shape)
         sl = cupy.asarray(np.concatenate([slots.chunk, slots.offset]).astype(np.int32))
         total = n * self.num_kv_heads * (self.head_dim // 8)
         if total:
