@@ -16,7 +16,7 @@ if has tests; then
 fi
 if has sanitize; then
   for tool in memcheck racecheck synccheck; do
-    timeout 300 compute-sanitizer --tool $tool --error-exitcode 99 python3 tools/sanitize_decode.py >"$OUT/sanitize_$tool.log" 2>&1
+    timeout 300 compute-sanitizer --tool $tool --error-exitcode 99 python3 tools/sanitize_kernels.py >"$OUT/sanitize_$tool.log" 2>&1
     rc=$?
     summary+=("sanitizer $tool: exit $rc, $(grep -c 'ERROR SUMMARY: 0 errors\|RACECHECK SUMMARY: 0 hazards' "$OUT/sanitize_$tool.log") clean summaries; $(grep -m1 'SUMMARY' "$OUT/sanitize_$tool.log")")
   done

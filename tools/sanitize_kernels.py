@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Small decode and prefill workloads for compute-sanitizer (memcheck, racecheck, synccheck):
+every kernel family and the awkward shapes (partial tails, key-split warps, multiple row tiles,
+partial own pages, tiles and sub-groups) run once."""
+import sys
+
+import cupy
+import numpy as np
+
+from cpattn.cache import GpuChunkCache
+from cpattn.decode import ChunkAttentionDecode
+from cpattn.reference.workloads import TokenKV, fill_cache, prefix_tree_prompts, random_queries
+
+for dtype, D, c, Hkv, ratio, n in (("float16", 128, 64, 2, 1, 5), ("bfloat16", 64, 32, 1, 8, 9),
+                                   ("float16", 64, 16, 2, 4, 3), ("bfloat16", 128, 128, 1, 1, 70)):
+    prompts = prefix_tree_prompts(n, n, c, levels=2, vocab=6)
+    kv = TokenKV(1, Hkv, D, dtype=dtype, seed=n, vocab=6, max_len=max(map(len, prompts)) + 4)
+    cache = GpuChunkCache(1, Hkv, D, sum(-(-(len(p) + 1) // c) for p in prompts) + 2, chunk_size=c, dtype=dtype)
+    ids = fill_cache(cache, prompts, kv)
+    dec = ChunkAttentionDecode(cache, piece_chunks=2, private_piece_chunks=1)
+    dec.plan(ids, Hkv * ratio)
+    q = cupy.asarray(random_queries(1, n, Hkv * ratio, D, dtype))
+    lse = cupy.empty((n, Hkv * ratio), cupy.float32)
+    o, _ = dec.run(q, 0, lse=lse)
+    cupy.cuda.Device().synchronize()
+    assert bool(cupy.isfinite(lse).all())
+    print(f"sanitize: {dtype} D={D} c={c} ratio={ratio} batch={n}: ok")
+from cpattn.prefill import GpuBlockMeans, compact_prefill
+from cpattn.reference.workloads import long_context_qkv
+
+for dtype, D, c, Hkv, ratio, P, n, tile, sub in (("bfloat16", 128, 64, 2, 4, 5 * 64, 2 * 64 - 3, None, None),
+                                                 ("float16", 64, 32, 1, 8, 7 * 32, 70, 32, 2),
+                                                 ("float16", 128, 16, 2, 1, 3 * 16, 5, None, None),
+                                                 ("bfloat16", 64, 128, 1, 4, 2 * 128, 130, 128, 1)):
+    w = long_context_qkv(P + n, P + n, Hkv * ratio, Hkv, D, dtype=dtype, locality_len=2 * c, needle_len=c)
+    cache = GpuChunkCache(1, Hkv, D, (P + n) // c + 2, chunk_size=c, dtype=dtype)
+    seq = cache.add_sequence([])
+    cache.extend(seq, list(range(P + n)), w.k, w.v)
+    means = GpuBlockMeans(cache)
+    for alpha in (0.0, 0.06):
+        r = compact_prefill(cache, means, seq, cupy.asarray(w.q[0, P:]), alpha=alpha, q_tile=tile, group_size=sub)
+        cupy.cuda.Device().synchronize()
+        assert bool(cupy.isfinite(r.lse).all())
+    print(f"sanitize prefill: {dtype} D={D} c={c} ratio={ratio} P={P} n={n}: ok")
+sys.exit(0)
