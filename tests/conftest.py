@@ -26,9 +26,21 @@ else:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+def to_host(x) -> np.ndarray:
+    """A NumPy copy of a NumPy or CuPy array."""
+    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.array(x, copy=True)
+
+
 def snapshot(cache) -> dict:
-    """Everything observable about a cache (host state and pool bytes), for "unchanged" checks."""
+    """Everything observable about a cache (host state and pool bytes), for "unchanged" checks.
+
+    Works for GPU caches too (pools copied to the host; the device length table included)."""
     seqs = sorted(cache.sequences)
+    extra = {}
+    if hasattr(cache, "_pending_lo"):
+        extra.update(pending_lo=cache._pending_lo.copy(), pending_hi=cache._pending_hi.copy())
+    if hasattr(cache, "d_slot_lens"):
+        extra["device_slot_lens"] = to_host(cache.d_slot_lens)
     return dict(
         stats=cache.stats(),
         version=cache.version,
@@ -46,8 +58,9 @@ def snapshot(cache) -> dict:
               for n in cache.nodes()],
         index=sorted((n.chunk, k) for n in [cache.root, *cache.nodes()] for k in n.index),
         slot_lens=cache.slot_lens.copy(),
-        k_pool=np.array(cache.k_pool, copy=True),
-        v_pool=np.array(cache.v_pool, copy=True),
+        k_pool=to_host(cache.k_pool),
+        v_pool=to_host(cache.v_pool),
+        **extra,
     )
 
 
