@@ -114,12 +114,14 @@ class GpuCompactPrefill:
 
 def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *, scale: float | None = None,
                     alpha: float = 0.06, sink: int = 2, window: int = 4, q_tile: int | None = None,
-                    group_size: int | None = None, return_lse: bool = True, out=None) -> GpuCompactPrefill:
+                    group_size: int | None = None, return_lse: bool = True, out=None,
+                    events: list | None = None) -> GpuCompactPrefill:
     """CompactAttention for one chunk and layer of a ``GpuChunkCache`` (see the module docstring).
 
     The chunk is the sequence's last n = q.shape[0] tokens, their K/V written for this layer;
     q: [n, Hq, D] storage dtype (CuPy, __cuda_array_interface__ or DLPack). alpha 0 keeps every
     block (dense chunked prefill). Launches on the current stream; never synchronises.
+    ``events``: a list that receives (stage name, CUDA event) after each stage, for profiling.
     """
     import cupy
 
@@ -133,7 +135,16 @@ def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *,
     if out is not None:
         out = as_cupy(out, "out", cache.dtype, (n, Hq, D))
     k = means._kern
+
+    def mark(name):
+        if events is not None:
+            ev = cupy.cuda.Event()
+            ev.record()
+            events.append((name, ev))
+
+    mark("start")
     means.update(cache, seq, num_tokens=P)
+    mark("means")
 
     Pb, Qb, Cb = P // c, _cdiv(n, c), _cdiv(n, c)
     tb = q_tile // c
@@ -149,6 +160,7 @@ def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *,
         k["block_score"]((_cdiv(n, 64), Hq), (THREADS,),
                          (q, means.kmean_lp, page0, blocks, np.int32(Pb), np.int32(n), np.int32(Hq),
                           np.int32(Hkv), scale_log2, s_raw))
+    mark("score")
     # 3-5. threshold, unions, compaction
     cap = Pb + Cb
     padded = cupy.empty(R * cap, np.int32)
@@ -163,6 +175,7 @@ def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *,
     indptr = cupy.empty(R + 1, np.int32)
     indices = cupy.empty(R * cap, np.int32)
     k["tables_csr"]((R,), (128,), (padded, np.int32(cap), counts, np.int32(R), indptr, indices))
+    mark("tables")
     # 7. paged prefill: units (table, 64-row block) are known on the host from the shapes
     tile_tokens = np.minimum(q_tile, n - np.arange(T) * q_tile)  # [T]
     rows = np.repeat(tile_tokens * s, Hkv * S)  # [R]
@@ -180,6 +193,7 @@ def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *,
         np.int32(Hq), np.int32(Hkv), np.int32(G), np.int32(s), np.int32(Cb), scale_log2, o, lse,
         np.int32(return_lse)),
        shared_mem=smem)
+    mark("attention")
     return GpuCompactPrefill(o=o, lse=lse if return_lse else None, indptr=indptr, indices=indices, stats=stats,
                              num_past_blocks=Pb, num_tables=R, denominator=Hq * Qb * max(Pb, 1))
 
