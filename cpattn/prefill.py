@@ -31,11 +31,12 @@ from .reference.dtypes import storage_numpy_dtype
 THREADS = 128
 
 
+ROWS_PER_UNIT = 128  # kPrefillRows of raw_kernels/compact_attention.cu
+
+
 def _prefill_smem(head_dim: int, chunk_size: int) -> int:
-    ld = head_dim + 8
-    tiles = 4 * chunk_size * ld * 2
-    red = 3 * (16 * head_dim + 32) * 4 if chunk_size >= 32 else 0
-    return max(tiles, red)
+    """PrefillSmem<D, C>::bytes: the Q tile and two K/V stages."""
+    return (ROWS_PER_UNIT + 4 * chunk_size) * (head_dim + 8) * 2
 
 
 class GpuBlockMeans:
@@ -176,12 +177,12 @@ def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *,
     indices = cupy.empty(R * cap, np.int32)
     k["tables_csr"]((R,), (128,), (padded, np.int32(cap), counts, np.int32(R), indptr, indices))
     mark("tables")
-    # 7. paged prefill: units (table, 64-row block) are known on the host from the shapes
+    # 7. paged prefill: units (table, 128-row block) are known on the host from the shapes
     tile_tokens = np.minimum(q_tile, n - np.arange(T) * q_tile)  # [T]
     rows = np.repeat(tile_tokens * s, Hkv * S)  # [R]
-    per = -(-rows // 64)
+    per = -(-rows // ROWS_PER_UNIT)
     table_of = np.repeat(np.arange(R), per)
-    row0 = (np.arange(len(table_of)) - np.repeat(np.cumsum(per) - per, per)) * 64
+    row0 = (np.arange(len(table_of)) - np.repeat(np.cumsum(per) - per, per)) * ROWS_PER_UNIT
     units = cupy.asarray(np.stack([table_of, row0], axis=1).astype(np.int32).ravel())
     o = out if out is not None else cupy.empty((n, Hq, D), q.dtype)
     lse = cupy.empty((n, Hq), np.float32) if return_lse else cupy.empty(1, np.float32)

@@ -11,11 +11,13 @@
 //                           sink and window blocks, OR over the tile's query blocks and the
 //                           sub-group's heads; kept pool ids compacted in order; stage counts
 //   tables_csr      6       counts -> indptr (prefix sums) and compacted indices
-//   paged_prefill   7       per (table, 64 rows): flash attention over the table's pages with the
+//   paged_prefill   7       per (table, 128 rows): flash attention over the table's pages with the
 //                           bottom-right causal mask on the chunk's own pages
 #include "attend_core.cuh"
 
 namespace cpattn {
+
+constexpr int kPrefillRows = 128;  // query rows per paged_prefill block (4 warps x 32)
 
 // ---------------------------------------------------------------------------------- pass 1
 // grid (num_pages, Hkv), D threads. pages: pool ids to summarise; all layers.
@@ -252,12 +254,23 @@ __global__ void tables_csr(const int* __restrict__ padded, int cap, const int* _
 }
 
 // -------------------------------------------------------------------------------- pass 7
-// grid (num_units), 128 threads. units[u] = (table, row0): 64 rows of the table's row space,
+// grid (num_units), 128 threads. units[u] = (table, row0): 128 rows of the table's row space,
 // row gr -> chunk token tile_start + gr / s, query head kvh*G + g*s + gr % s. Keys: the
 // table's pages (past pages first, then the chunk's own pages); row token x may read every past
 // key and own keys <= x (bottom-right causal mask). Writes o [n, Hq, D] and lse [n, Hq].
+//
+// Compute-bound, so the tile differs from decode's: each warp owns 32 rows (two 16-row mma
+// tiles) and every K/V fragment read from shared memory feeds both, halving shared-memory
+// traffic per FLOP; Q stays in shared memory (re-read per page) to leave registers for the
+// two accumulators. Shared memory: Q [128][D+8], then two K/V stages.
+template <int D, int C>
+struct PrefillSmem {
+  static constexpr int LD = D + 8;
+  static constexpr int bytes = (kPrefillRows + 4 * C) * LD * 2;
+};
+
 template <typename T, int D, int C>
-__global__ void __launch_bounds__(kThreads) paged_prefill(
+__global__ void __launch_bounds__(kThreads, 2) paged_prefill(
     const T* __restrict__ q,          // [n, Hq, D]
     const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
     const int* __restrict__ units,    // [U, 2]: table, row0
@@ -265,63 +278,56 @@ __global__ void __launch_bounds__(kThreads) paged_prefill(
     int n, int q_tile, int num_q_heads, int num_kv_heads, int G, int s, int own_total,
     float scale_log2, T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
   constexpr int LD = D + 8;
+  // keys per sub-block (the score registers); 32 at D = 128, C = 128 keeps it spill-free
+  constexpr int NB = C < 64 ? C : (D == 128 && C == 128 ? 32 : 64);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sK = reinterpret_cast<T*>(smem_raw);  // [2][C][LD]
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // [128][LD]
+  T* sK = sQ + kPrefillRows * LD;          // [2][C][LD]
   T* sV = sK + 2 * C * LD;                 // [2][C][LD]
-  float* red = reinterpret_cast<float*>(smem_raw);  // reused after the loop (key-split warps)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int table = units[2 * blockIdx.x], row0 = units[2 * blockIdx.x + 1];
   const int S = G / s;
   const int t = table / (num_kv_heads * S), kvh = (table / S) % num_kv_heads, g = table % S;
   const int tile_start = t * q_tile, tile_tokens = min(q_tile, n - tile_start);
-  const int row_count = min(64, tile_tokens * s - row0);
+  const int row_count = min(kPrefillRows, tile_tokens * s - row0);
   const int own = min((t + 1) * (q_tile / C), own_total);  // own pages in this table
   const int p0 = indptr[table], npages = indptr[table + 1] - p0, npast = npages - own;
   const int past_keys = npast * C;
-  // rows' token limits: row r may read keys [0, past_keys + token + 1)
   const int tok_max = tile_start + (row0 + row_count - 1) / s;
-  const int lim_unit = past_keys + tok_max + 1;
+  const int lim_unit = past_keys + tok_max + 1;  // keys any row of this unit may read
   const int nchunks = (lim_unit + C - 1) / C;
 
-  const int ks_want = row_count <= 16 ? 4 : (row_count <= 32 ? 2 : 1);
-  const int KS = ks_want > C / 16 ? C / 16 : ks_want;
-  const int RB = 4 / KS, rb = warp % RB, ks = warp / RB;
-  // Q fragments of this warp's 16 rows straight from global memory
-  u32 qf[D / 16][4];
-  int lim[2];
-  {
-    const u32* rows[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int r = rb * 16 + (lane >> 2) + 8 * hh;
-      if (r < row_count) {
-        const int gr = row0 + r, tok = tile_start + gr / s, head = kvh * G + g * s + gr % s;
-        rows[hh] = reinterpret_cast<const u32*>(q + ((long long)tok * num_q_heads + head) * D);
-        lim[hh] = past_keys + tok + 1;
-      } else {
-        rows[hh] = nullptr;
-        lim[hh] = 0;
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int c = kk * 8 + (lane & 3);
-      qf[kk][0] = rows[0] ? rows[0][c] : 0u;
-      qf[kk][1] = rows[1] ? rows[1][c] : 0u;
-      qf[kk][2] = rows[0] ? rows[0][c + 4] : 0u;
-      qf[kk][3] = rows[1] ? rows[1][c + 4] : 0u;
+  // Q rows -> shared memory (zeros past row_count); row limits of this thread's 4 rows
+  for (int e = tid; e < kPrefillRows * (D / 8); e += kThreads) {
+    const int r = e / (D / 8), c = (e % (D / 8)) * 8;
+    if (r < row_count) {
+      const int gr = row0 + r;
+      cp_async16(sQ + r * LD + c, q + ((long long)(tile_start + gr / s) * num_q_heads + kvh * G + g * s + gr % s) * D + c);
+    } else {
+      *reinterpret_cast<uint4*>(sQ + r * LD + c) = make_uint4(0, 0, 0, 0);
     }
   }
-  auto page_valid = [&](int i) {  // rows of page i holding keys any row of this unit may read
-    int v = i < npast ? C : min(C, n - (i - npast) * C);
+  int lim[2][2];
+#pragma unroll
+  for (int tt = 0; tt < 2; ++tt)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = warp * 32 + tt * 16 + (lane >> 2) + 8 * hh;
+      lim[tt][hh] = r < row_count ? past_keys + tile_start + (row0 + r) / s + 1 : 0;
+    }
+  auto page_valid = [&](int i) {
+    const int v = i < npast ? C : min(C, n - (i - npast) * C);
     return min(v, lim_unit - i * C);
   };
   auto page_ptr = [&](int i) { return layer_page0 + (long long)indices[p0 + i] * num_kv_heads + kvh; };
 
-  float o[D / 8][4];
+  float o[2][D / 8][4];
 #pragma unroll
-  for (int nn = 0; nn < D / 8; ++nn) o[nn][0] = o[nn][1] = o[nn][2] = o[nn][3] = 0.f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  for (int tt = 0; tt < 2; ++tt)
+#pragma unroll
+    for (int nn = 0; nn < D / 8; ++nn) o[tt][nn][0] = o[tt][nn][1] = o[tt][nn][2] = o[tt][nn][3] = 0.f;
+  float m[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, l[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+
   if (nchunks > 0) {
     const long long p = page_ptr(0);
     load_page<T, D, C>(k_pool + p * C * D, v_pool + p * C * D, sK, sV, page_valid(0), tid);
@@ -340,77 +346,109 @@ __global__ void __launch_bounds__(kThreads) paged_prefill(
     const T* ks_ = sK + (i & 1) * C * LD;
     const T* vs_ = sV + (i & 1) * C * LD;
     const int valid = page_valid(i);
-    if (KS == 4 && C >= 64) {
-      attend_chunk<T, D, C, (C >= 64 ? 4 : 1)>(qf, ks_, vs_, valid, i * C, lim[0], lim[1], scale_log2, o, m0, m1, l0, l1);
-    } else if (KS == 2 && C >= 32) {
-      attend_chunk<T, D, C, (C >= 32 ? 2 : 1)>(qf, ks_, vs_, valid, i * C, lim[0], lim[1], scale_log2, o, m0, m1, l0, l1);
-    } else {
-      attend_chunk<T, D, C, 1>(qf, ks_, vs_, valid, i * C, lim[0], lim[1], scale_log2, o, m0, m1, l0, l1);
-    }
-    __syncthreads();
-  }
-  l0 = quad_sum(l0);
-  l1 = quad_sum(l1);
-  if (KS > 1) {  // merge key-split warps through shared memory (stages are free now)
-    if (ks > 0) {
-      float* w = red + (warp - RB) * (16 * D + 32);
 #pragma unroll
-      for (int nn = 0; nn < D / 8; ++nn) {
-        const int col = nn * 8 + (lane & 3) * 2;
-        w[(lane >> 2) * D + col] = o[nn][0];
-        w[(lane >> 2) * D + col + 1] = o[nn][1];
-        w[((lane >> 2) + 8) * D + col] = o[nn][2];
-        w[((lane >> 2) + 8) * D + col + 1] = o[nn][3];
+    for (int key0 = 0; key0 < C; key0 += NB) {
+      if (key0 >= valid) break;
+      float sc[2][NB / 8][4];
+#pragma unroll
+      for (int tt = 0; tt < 2; ++tt)
+#pragma unroll
+        for (int j = 0; j < NB / 8; ++j) sc[tt][j][0] = sc[tt][j][1] = sc[tt][j][2] = sc[tt][j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        u32 a0[4], a1[4];
+        ldmatrix_x4(a0, smem_addr(sQ + (warp * 32 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8));
+        ldmatrix_x4(a1, smem_addr(sQ + (warp * 32 + 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+        for (int j = 0; j < NB / 16; ++j) {
+          u32 b[4];
+          ldmatrix_x4(b, smem_addr(ks_ + (key0 + j * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 +
+                                   ((lane >> 3) & 1) * 8));
+          mma16816<T>(sc[0][2 * j], a0, b[0], b[1]);
+          mma16816<T>(sc[0][2 * j + 1], a0, b[2], b[3]);
+          mma16816<T>(sc[1][2 * j], a1, b[0], b[1]);
+          mma16816<T>(sc[1][2 * j + 1], a1, b[2], b[3]);
+        }
       }
-      if ((lane & 3) == 0) {
-        w[16 * D + (lane >> 2)] = m0;
-        w[16 * D + (lane >> 2) + 8] = m1;
-        w[16 * D + 16 + (lane >> 2)] = l0;
-        w[16 * D + 16 + (lane >> 2) + 8] = l1;
-      }
-    }
-    __syncthreads();
-    if (ks == 0) {
-      for (int k = 1; k < KS; ++k) {
-        const float* w = red + (rb + k * RB - RB) * (16 * D + 32);
-        const float om0 = w[16 * D + (lane >> 2)], om1 = w[16 * D + (lane >> 2) + 8];
-        const float ol0 = w[16 * D + 16 + (lane >> 2)], ol1 = w[16 * D + 16 + (lane >> 2) + 8];
-        const float mn0 = fmaxf(m0, om0), mn1 = fmaxf(m1, om1);
+#pragma unroll
+      for (int tt = 0; tt < 2; ++tt) {
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < NB / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = key0 + j * 8 + (lane & 3) * 2 + (e & 1);
+            sc[tt][j][e] = (key < valid && i * C + key < lim[tt][e >> 1]) ? sc[tt][j][e] * scale_log2 : -INFINITY;
+          }
+          mx0 = fmaxf(mx0, fmaxf(sc[tt][j][0], sc[tt][j][1]));
+          mx1 = fmaxf(mx1, fmaxf(sc[tt][j][2], sc[tt][j][3]));
+        }
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
+        const float mn0 = fmaxf(m[tt][0], mx0), mn1 = fmaxf(m[tt][1], mx1);
         const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
-        const float a0 = exp2f(m0 - base0), b0 = exp2f(om0 - base0);
-        const float a1 = exp2f(m1 - base1), b1 = exp2f(om1 - base1);
-        l0 = l0 * a0 + ol0 * b0;
-        l1 = l1 * a1 + ol1 * b1;
-        m0 = mn0;
-        m1 = mn1;
+        const float c0 = exp2f(m[tt][0] - base0), c1 = exp2f(m[tt][1] - base1);
+        m[tt][0] = mn0;
+        m[tt][1] = mn1;
+        l[tt][0] *= c0;
+        l[tt][1] *= c1;
 #pragma unroll
         for (int nn = 0; nn < D / 8; ++nn) {
-          const int col = nn * 8 + (lane & 3) * 2;
-          o[nn][0] = o[nn][0] * a0 + w[(lane >> 2) * D + col] * b0;
-          o[nn][1] = o[nn][1] * a0 + w[(lane >> 2) * D + col + 1] * b0;
-          o[nn][2] = o[nn][2] * a1 + w[((lane >> 2) + 8) * D + col] * b1;
-          o[nn][3] = o[nn][3] * a1 + w[((lane >> 2) + 8) * D + col + 1] * b1;
+          o[tt][nn][0] *= c0; o[tt][nn][1] *= c0; o[tt][nn][2] *= c1; o[tt][nn][3] *= c1;
+        }
+#pragma unroll
+        for (int j = 0; j < NB / 8; ++j) {
+          sc[tt][j][0] = exp2f(sc[tt][j][0] - base0);
+          sc[tt][j][1] = exp2f(sc[tt][j][1] - base0);
+          sc[tt][j][2] = exp2f(sc[tt][j][2] - base1);
+          sc[tt][j][3] = exp2f(sc[tt][j][3] - base1);
+          l[tt][0] += sc[tt][j][0] + sc[tt][j][1];
+          l[tt][1] += sc[tt][j][2] + sc[tt][j][3];
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < NB / 16; ++kk) {
+        u32 pa[2][4];
+#pragma unroll
+        for (int tt = 0; tt < 2; ++tt) {
+          pa[tt][0] = Pack<T>::two(sc[tt][2 * kk][0], sc[tt][2 * kk][1]);
+          pa[tt][1] = Pack<T>::two(sc[tt][2 * kk][2], sc[tt][2 * kk][3]);
+          pa[tt][2] = Pack<T>::two(sc[tt][2 * kk + 1][0], sc[tt][2 * kk + 1][1]);
+          pa[tt][3] = Pack<T>::two(sc[tt][2 * kk + 1][2], sc[tt][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int np = 0; np < D / 16; ++np) {
+          u32 b[4];
+          ldmatrix_x4_trans(b, smem_addr(vs_ + (key0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
+                                         np * 16 + (lane >> 4) * 8));
+          mma16816<T>(o[0][2 * np], pa[0], b[0], b[1]);
+          mma16816<T>(o[0][2 * np + 1], pa[0], b[2], b[3]);
+          mma16816<T>(o[1][2 * np], pa[1], b[0], b[1]);
+          mma16816<T>(o[1][2 * np + 1], pa[1], b[2], b[3]);
         }
       }
     }
+    __syncthreads();
   }
-  if (ks != 0) return;
   const float kLn2 = 0.6931471805599453f;
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int r = rb * 16 + (lane >> 2) + hh * 8;
-    if (r >= row_count) continue;
-    const int gr = row0 + r, tok = tile_start + gr / s, head = kvh * G + g * s + gr % s;
-    const float l = hh ? l1 : l0, m = hh ? m1 : m0;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    T* dst = out + ((long long)tok * num_q_heads + head) * D;
+  for (int tt = 0; tt < 2; ++tt) {
 #pragma unroll
-    for (int nn = 0; nn < D / 8; ++nn) {
-      const int col = nn * 8 + (lane & 3) * 2;
-      *reinterpret_cast<u32*>(dst + col) = Pack<T>::two(o[nn][2 * hh] * inv, o[nn][2 * hh + 1] * inv);
+    for (int hh = 0; hh < 2; ++hh) {
+      const float lsum = quad_sum(l[tt][hh]);
+      const int r = warp * 32 + tt * 16 + (lane >> 2) + hh * 8;
+      if (r >= row_count) continue;
+      const int gr = row0 + r, tok = tile_start + gr / s, head = kvh * G + g * s + gr % s;
+      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+      T* dst = out + ((long long)tok * num_q_heads + head) * D;
+#pragma unroll
+      for (int nn = 0; nn < D / 8; ++nn) {
+        const int col = nn * 8 + (lane & 3) * 2;
+        *reinterpret_cast<u32*>(dst + col) = Pack<T>::two(o[tt][nn][2 * hh] * inv, o[tt][nn][2 * hh + 1] * inv);
+      }
+      if (write_lse && (lane & 3) == 0)
+        lse_out[(long long)tok * num_q_heads + head] = lsum > 0.f ? (m[tt][hh] + log2f(lsum)) * kLn2 : -INFINITY;
     }
-    if (write_lse && (lane & 3) == 0)
-      lse_out[(long long)tok * num_q_heads + head] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
   }
 }
 
