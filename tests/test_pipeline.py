@@ -1,0 +1,187 @@
+"""End to end: the serving example (cpattn/examples/serving.py) against a dense model.
+
+A tiny model (2 layers, D=16, GQA 4/2) serves requests that share system prompts through one
+chunk-tree cache: cached prefix chunks are reused, the rest is prefilled chunk by chunk with
+CompactAttention, live requests decode together with ChunkAttention. The check is
+``dense_generate``: the same model with no cache, no sharing and no sparsity, full causal
+attention recomputed over the whole sequence at every step.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cpattn import gpu_available
+from cpattn.examples.serving import (ModelConfig, PrefillOptions, Server, TinyLM, check_against_dense,
+                                     dense_generate, footprint_chunks, main, system_prompt_workload)
+from cpattn.reference.tree import CacheFullError
+
+CFG = ModelConfig(vocab_size=64, num_layers=2, hidden=64, num_q_heads=4, num_kv_heads=2, head_dim=16,
+                  mlp_hidden=128, locality=16.0)
+C, PREFILL = 8, 16  # chunk size (= block size) and prefill chunk
+
+
+def workload(seed, n, systems=2, system_len=120, max_new=6):
+    return system_prompt_workload(seed, n, num_systems=systems, system_len=system_len, own_len=(3, 30),
+                                  max_new_tokens=max_new, vocab=CFG.vocab_size)
+
+
+def serve(work, alpha, pool=400, model=None, **options):
+    model = model or TinyLM(CFG, seed=0)
+    server = Server(model, pool, chunk_size=C, prefill_chunk=PREFILL, backend="numpy",
+                    options=PrefillOptions(alpha=alpha, **options))
+    reqs = [server.submit(p, m) for p, m in work]
+    return server, reqs, server.run()
+
+
+def test_alpha0_generates_the_dense_models_tokens():
+    work = workload(1, 6)
+    server, reqs, rep = serve(work, alpha=0.0)
+    agree = check_against_dense(server.model, reqs, rep)
+    for r, (p, m) in zip(reqs, work):
+        assert r.output == dense_generate(server.model, p, m), f"request {r.rid}"
+    assert agree["requests_equal"] == len(reqs) and agree["tokens"] == sum(m for _, m in work)
+    # the shared system prompts were reused, not recomputed: every request after the first of
+    # its system prompt skips the prompt's full chunks (the last token is always recomputed)
+    assert rep.prefill_reused > 0 and rep.prefill_reused + rep.prefill_computed == rep.prompt_tokens
+    assert all(r.reused % C == 0 and r.reused < len(r.prompt) for r in reqs)
+    assert max(r.reused for r in reqs) >= 120 // C * C
+    # alpha 0 reads every block: recall 1 up to float32 rounding, density 1
+    assert all(rec[1] > 1 - 1e-4 for rec in rep.recall)
+    assert rep.density["group_union"] == 1.0
+    # one plan per step at most, reused by both layers (and by later steps while the tree holds)
+    assert rep.decode_calls == rep.decode_steps * CFG.num_layers
+    assert rep.plans_built <= rep.decode_steps
+    # sharing stores fewer tokens than a flat cache would
+    assert rep.peak["tokens_stored"] < rep.peak["tokens_flat"]
+    assert not server.cache.sequences  # everything released
+
+
+def test_default_alpha_recall_and_agreement(capsys):
+    work = workload(2, 6, system_len=160)
+    server, reqs, rep = serve(work, alpha=0.06)
+    agree = check_against_dense(server.model, reqs, rep)
+    with capsys.disabled():
+        print(f"\n  default alpha: density {rep.density}, recall {rep.recall}, agreement {agree}")
+    assert rep.density["group_union"] < 0.95  # blocks were actually skipped ...
+    for mean, low in rep.recall:  # ... and the attention mass they held was small
+        assert mean > 0.99 and low > 0.5
+    assert agree["tokens_equal"] >= 0.8 * agree["tokens"]
+    assert rep.prefill_reused > 0
+
+
+def test_the_check_can_fail():
+    """The dense comparison detects attention that reads too little, and the model's tokens
+    depend on tokens far back in the prompt (so a wrong reused prefix would show)."""
+    work = workload(1, 6)
+    server, reqs, rep = serve(work, alpha=1.0, sink=0, window=0)  # only each row's best block
+    agree = check_against_dense(server.model, reqs, rep)
+    assert agree["requests_equal"] < len(reqs)
+    model, changed = server.model, 0
+    for p, m in work:
+        far = list(p)
+        far[3] = (far[3] + 1) % CFG.vocab_size
+        changed += dense_generate(model, p, m) != dense_generate(model, far, m)
+    assert changed > 0
+
+
+def test_second_wave_reuses_released_prefixes():
+    work = workload(3, 8)
+    model = TinyLM(CFG, seed=0)
+    server = Server(model, 400, chunk_size=C, prefill_chunk=PREFILL, options=PrefillOptions(alpha=0.0))
+    first = [server.submit(p, m) for p, m in work[:4]]
+    rep1 = server.run()
+    assert not server.cache.sequences and server.cache.num_cached > 0  # released, still cached
+    second = [server.submit(p, m) for p, m in work[4:]] + [server.submit(*work[0])]  # and one repeat
+    rep2 = server.run()
+    assert rep2.prefill_reused > 0 and rep2.requests == len(second)
+    # the second wave's first request of each system prompt reuses it from the prefix cache
+    assert all(r.reused >= 120 // C * C for r in second)
+    # a repeated prompt reuses every full chunk but the one holding its last token
+    assert second[-1].reused == (len(work[0][0]) - 1) // C * C and second[-1].output == first[0].output
+    assert rep2.prefill_computed < rep1.prefill_computed
+    agree = check_against_dense(model, first + second)
+    assert agree["requests_equal"] == len(first) + len(second)
+
+
+def test_small_pool_evicts_lru_and_outputs_stay_exact():
+    # three waves over six system prompts: each wave's prompts push out the last wave's
+    work = workload(4, 12, systems=6, system_len=80)
+    need = max(footprint_chunks(work[i:i + 4], C) for i in (0, 4, 8))
+    model = TinyLM(CFG, seed=0)
+    server = Server(model, need + 2, chunk_size=C, prefill_chunk=PREFILL, options=PrefillOptions(alpha=0.0))
+    reqs, evicted = [], 0
+    for w in range(3):
+        reqs += [server.submit(p, m) for p, m in work[4 * w:4 * w + 4]]
+        rep = server.run()
+        evicted += rep.evictions
+        assert server.cache.num_free + server.cache.num_cached == server.cache.num_chunks
+    assert evicted > 0
+    assert check_against_dense(model, reqs)["requests_equal"] == len(reqs)
+
+
+def test_requests_wait_for_room_and_a_too_small_pool_raises():
+    work = workload(5, 6, systems=1)
+    one = max(-(-(len(p) + m) // C) for p, m in work)
+    model = TinyLM(CFG, seed=0)
+    # room for about one request at a time: the others queue, results stay exact
+    server = Server(model, one + 1, chunk_size=C, prefill_chunk=PREFILL, options=PrefillOptions(alpha=0.0))
+    reqs = [server.submit(p, m) for p, m in work]
+    rep = server.run()
+    assert rep.peak["sequences"] < len(reqs)
+    assert check_against_dense(model, reqs)["requests_equal"] == len(reqs)
+    tiny = Server(model, 3, chunk_size=C, prefill_chunk=PREFILL)
+    tiny.submit(*work[0])
+    with pytest.raises(CacheFullError, match="pool"):
+        tiny.run()
+
+
+def test_arrivals_join_a_running_batch():
+    """Continuous batching: a request arriving mid-decode joins the batch; results stay exact."""
+    work = workload(6, 4, max_new=8)
+    model = TinyLM(CFG, seed=0)
+    server = Server(model, 400, chunk_size=C, prefill_chunk=PREFILL, options=PrefillOptions(alpha=0.0))
+    reqs = [server.submit(p, m, arrival=3 * i) for i, (p, m) in enumerate(work)]
+    rep = server.run()
+    assert rep.decode_steps < sum(m for _, m in work)  # batches of more than one
+    assert check_against_dense(model, reqs)["requests_equal"] == len(reqs)
+
+
+def test_module_entry_point_prints_the_report(capsys):
+    assert main(["--backend", "numpy", "--requests", "3", "--waves", "2", "--system-len", "40",
+                 "--own-len", "4", "12", "--new-tokens", "3", "--hidden", "32", "--head-dim", "16",
+                 "--vocab", "32"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("wave 2:", "reused from the cache", "tokens stored vs", "prefill density",
+                   "vs dense model", "tok/s"):
+        assert needle in out
+    assert "requests identical" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")
+def test_gpu_backend_matches_dense_and_the_reference():
+    """CUDA kernels (GpuChunkCache, ChunkAttentionDecode, cpattn.prefill) in the same pipeline."""
+    import cupy
+
+    cfg = ModelConfig(vocab_size=128, num_layers=2, hidden=128, num_q_heads=8, num_kv_heads=2, head_dim=64,
+                      mlp_hidden=256, locality=24.0)
+    work = system_prompt_workload(7, 16, num_systems=2, system_len=400, own_len=(5, 90), max_new_tokens=8,
+                                  vocab=cfg.vocab_size)
+    reports = {}
+    for backend, xp, alpha in (("cupy", cupy, 0.0), ("cupy", cupy, 0.06), ("numpy", np, 0.06)):
+        model = TinyLM(cfg, seed=0, xp=xp)
+        server = Server(model, 600, chunk_size=16, prefill_chunk=64, backend=backend,
+                        options=PrefillOptions(alpha=alpha))
+        reqs = [server.submit(p, m) for p, m in work]
+        rep = server.run()
+        agree = check_against_dense(model, reqs, rep)
+        reports[backend, alpha] = rep
+        print(backend, alpha, rep)
+        if alpha == 0.0:
+            assert agree["requests_equal"] == len(reqs)
+        assert rep.prefill_reused > 0
+    gpu, ref = reports["cupy", 0.06], reports["numpy", 0.06]
+    for (m_gpu, _), (m_ref, _) in zip(gpu.recall, ref.recall):
+        assert m_gpu > 0.99 and abs(m_gpu - m_ref) < 0.01
+    assert abs(gpu.density["group_union"] - ref.density["group_union"]) < 0.02
