@@ -1,4 +1,9 @@
-"""Command line: ``cpattn demo`` (also ``python -m cpattn demo``)."""
+"""Command line: ``cpattn demo`` (also ``python -m cpattn demo``).
+
+The demo checks a prefix-sharing decode against a float64 oracle, then runs the serving
+example (``cpattn.examples.serving``): a small model whose attention goes through the chunk
+tree, with prefix reuse, CompactAttention prefill and ChunkAttention decode.
+"""
 from __future__ import annotations
 
 import argparse
@@ -78,7 +83,28 @@ def demo(args) -> int:
               f"{err:.2e} (relative to max |o|)")
     ok = worst < args.tolerance
     print(f"  {'OK' if ok else 'FAILED'}: worst relative error {worst:.2e} (tolerance {args.tolerance:.0e})")
+    if args.serving_requests > 0:
+        ok = serving(args, backend) and ok
     return 0 if ok else 1
+
+
+def serving(args, backend: str) -> bool:
+    """The whole serving flow on the same geometry; True when prefixes were reused and every
+    layer's prefill read at least ``--min-recall`` of the attention mass on average."""
+    from .examples.serving import ModelConfig, run_demo
+
+    cfg = ModelConfig(num_layers=args.layers, num_q_heads=args.q_heads, num_kv_heads=args.kv_heads,
+                      head_dim=args.head_dim, dtype=args.dtype)
+    print()
+    reports = run_demo(backend, requests=args.serving_requests, waves=2, system_len=args.system_len,
+                       chunk_size=args.chunk_size, prefill_chunk=4 * args.chunk_size, check=args.check_requests,
+                       config=cfg, seed=args.seed)
+    recall = [r[0] for rep in reports for r in rep.recall if r]
+    reused = sum(rep.prefill_reused for rep in reports)
+    ok = reused > 0 and all(r >= args.min_recall for r in recall)
+    print(f"  {'OK' if ok else 'FAILED'}: {reused} prompt tokens reused, lowest per-layer prefill recall "
+          f"{min(recall, default=1.0):.4f} (at least {args.min_recall} expected)")
+    return ok
 
 
 def _host_copy(cache):
@@ -95,7 +121,7 @@ def _host_copy(cache):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="cpattn", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="prefix-sharing decode through the chunk tree, checked against a dense oracle")
+    d = sub.add_parser("demo", help="prefix-sharing decode checked against a dense oracle, then the serving example")
     d.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
     d.add_argument("--requests", type=int, default=24)
     d.add_argument("--levels", type=int, default=2)
@@ -109,6 +135,12 @@ def main(argv=None) -> int:
     d.add_argument("--piece-chunks", type=int, default=4)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--tolerance", type=float, default=1e-2)
+    d.add_argument("--serving-requests", type=int, default=8,
+                   help="requests per wave of the serving example (0 skips it)")
+    d.add_argument("--system-len", type=int, default=256, help="tokens of each system prompt (serving)")
+    d.add_argument("--min-recall", type=float, default=0.9, help="lowest acceptable mean prefill recall")
+    d.add_argument("--check-requests", type=int, default=4,
+                   help="requests per wave compared with a dense no-cache model (the slow part on a CPU)")
     args = p.parse_args(argv)
     if args.command == "demo":
         return demo(args)

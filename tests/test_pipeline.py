@@ -185,3 +185,22 @@ def test_gpu_backend_matches_dense_and_the_reference():
     for (m_gpu, _), (m_ref, _) in zip(gpu.recall, ref.recall):
         assert m_gpu > 0.99 and abs(m_gpu - m_ref) < 0.01
     assert abs(gpu.density["group_union"] - ref.density["group_union"]) < 0.02
+
+
+def test_cli_demo_runs_the_decode_check_then_the_serving_flow(capsys):
+    from cpattn.cli import main as cli_main
+
+    args = ["demo", "--backend", "numpy", "--requests", "6", "--serving-requests", "3", "--system-len", "48",
+            "--check-requests", "1"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    decode_ok, serving_ok = out.index("OK: worst relative error"), out.index("prompt tokens reused, lowest")
+    assert decode_ok < out.index("serving:") < serving_ok
+    for needle in ("memory saved", "% of prefill skipped", "tokens stored vs", "prefill density", "tok/s",
+                   "(first 1 of 3 checked)"):
+        assert needle in out
+    # an impossible recall bar fails the demo
+    assert cli_main(args + ["--min-recall", "1.5"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    assert cli_main(args[:-4] + ["--serving-requests", "0"]) == 0
+    assert "serving:" not in capsys.readouterr().out
