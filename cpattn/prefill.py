@@ -35,8 +35,8 @@ ROWS_PER_UNIT = 128  # kPrefillRows of raw_kernels/compact_attention.cu
 
 
 def _prefill_smem(head_dim: int, chunk_size: int) -> int:
-    """PrefillSmem<D, C>::bytes: the Q tile and two K/V stages."""
-    return (ROWS_PER_UNIT + 4 * chunk_size) * (head_dim + 8) * 2
+    """PrefillSmem<D, C>::bytes: the Q tile and two K/V stages of min(C, 64) keys."""
+    return (ROWS_PER_UNIT + 4 * min(chunk_size, 64)) * (head_dim + 8) * 2
 
 
 class GpuBlockMeans:

@@ -263,10 +263,13 @@ __global__ void tables_csr(const int* __restrict__ padded, int cap, const int* _
 // tiles) and every K/V fragment read from shared memory feeds both, halving shared-memory
 // traffic per FLOP; Q stays in shared memory (re-read per page) to leave registers for the
 // two accumulators. Shared memory: Q [128][D+8], then two K/V stages.
+// Keys stream in tiles of TK = min(C, 64) rows (a page of 128 keys is two tiles), so shared
+// memory is (128 + 4 TK) (D + 8) halves whatever the page size: two blocks per SM.
 template <int D, int C>
 struct PrefillSmem {
   static constexpr int LD = D + 8;
-  static constexpr int bytes = (kPrefillRows + 4 * C) * LD * 2;
+  static constexpr int TK = C < 64 ? C : 64;
+  static constexpr int bytes = (kPrefillRows + 4 * TK) * LD * 2;
 };
 
 template <typename T, int D, int C>
@@ -278,12 +281,13 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
     int n, int q_tile, int num_q_heads, int num_kv_heads, int G, int s, int own_total,
     float scale_log2, T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
   constexpr int LD = D + 8;
-  // keys per sub-block (the score registers); 32 at D = 128, C = 128 keeps it spill-free
-  constexpr int NB = C < 64 ? C : (D == 128 && C == 128 ? 32 : 64);
+  constexpr int TK = PrefillSmem<D, C>::TK;  // keys per pipeline step
+  constexpr int NB = TK;                      // keys per sub-block
+  constexpr int SUB = C / TK;                 // steps per page
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [128][LD]
-  T* sK = sQ + kPrefillRows * LD;          // [2][C][LD]
-  T* sV = sK + 2 * C * LD;                 // [2][C][LD]
+  T* sK = sQ + kPrefillRows * LD;          // [2][TK][LD]
+  T* sV = sK + 2 * TK * LD;                // [2][TK][LD]
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int table = units[2 * blockIdx.x], row0 = units[2 * blockIdx.x + 1];
   const int S = G / s;
@@ -295,7 +299,7 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
   const int past_keys = npast * C;
   const int tok_max = tile_start + (row0 + row_count - 1) / s;
   const int lim_unit = past_keys + tok_max + 1;  // keys any row of this unit may read
-  const int nchunks = (lim_unit + C - 1) / C;
+  const int nsteps = (lim_unit + TK - 1) / TK;
 
   // Q rows -> shared memory (zeros past row_count); row limits of this thread's 4 rows
   for (int e = tid; e < kPrefillRows * (D / 8); e += kThreads) {
@@ -315,11 +319,15 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
       const int r = warp * 32 + tt * 16 + (lane >> 2) + 8 * hh;
       lim[tt][hh] = r < row_count ? past_keys + tile_start + (row0 + r) / s + 1 : 0;
     }
-  auto page_valid = [&](int i) {
-    const int v = i < npast ? C : min(C, n - (i - npast) * C);
-    return min(v, lim_unit - i * C);
+  auto step_valid = [&](int i) {  // key rows of step i that any row of this unit may read
+    const int page = i / SUB, first = (i % SUB) * TK;
+    const int v = page < npast ? TK : min(TK, n - (page - npast) * C - first);
+    return min(v, lim_unit - i * TK);
   };
-  auto page_ptr = [&](int i) { return layer_page0 + (long long)indices[p0 + i] * num_kv_heads + kvh; };
+  auto step_src = [&](int i) {  // element offset of step i's first key row in the pools
+    const long long page = layer_page0 + (long long)indices[p0 + i / SUB] * num_kv_heads + kvh;
+    return (page * C + (i % SUB) * TK) * D;
+  };
 
   float o[2][D / 8][4];
 #pragma unroll
@@ -328,26 +336,25 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
     for (int nn = 0; nn < D / 8; ++nn) o[tt][nn][0] = o[tt][nn][1] = o[tt][nn][2] = o[tt][nn][3] = 0.f;
   float m[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, l[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 
-  if (nchunks > 0) {
-    const long long p = page_ptr(0);
-    load_page<T, D, C>(k_pool + p * C * D, v_pool + p * C * D, sK, sV, page_valid(0), tid);
+  if (nsteps > 0) {
+    const long long e = step_src(0);
+    load_page<T, D, TK>(k_pool + e, v_pool + e, sK, sV, step_valid(0), tid);
   }
   cp_async_commit();
-  for (int i = 0; i < nchunks; ++i) {
-    if (i + 1 < nchunks) {
-      const long long p = page_ptr(i + 1);
+  for (int i = 0; i < nsteps; ++i) {
+    if (i + 1 < nsteps) {
+      const long long e = step_src(i + 1);
       const int st = (i + 1) & 1;
-      load_page<T, D, C>(k_pool + p * C * D, v_pool + p * C * D, sK + st * C * LD, sV + st * C * LD,
-                         page_valid(i + 1), tid);
+      load_page<T, D, TK>(k_pool + e, v_pool + e, sK + st * TK * LD, sV + st * TK * LD, step_valid(i + 1), tid);
     }
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    const T* ks_ = sK + (i & 1) * C * LD;
-    const T* vs_ = sV + (i & 1) * C * LD;
-    const int valid = page_valid(i);
+    const T* ks_ = sK + (i & 1) * TK * LD;
+    const T* vs_ = sV + (i & 1) * TK * LD;
+    const int valid = step_valid(i);
 #pragma unroll
-    for (int key0 = 0; key0 < C; key0 += NB) {
+    for (int key0 = 0; key0 < TK; key0 += NB) {
       if (key0 >= valid) break;
       float sc[2][NB / 8][4];
 #pragma unroll
@@ -378,7 +385,7 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int key = key0 + j * 8 + (lane & 3) * 2 + (e & 1);
-            sc[tt][j][e] = (key < valid && i * C + key < lim[tt][e >> 1]) ? sc[tt][j][e] * scale_log2 : -INFINITY;
+            sc[tt][j][e] = (key < valid && i * TK + key < lim[tt][e >> 1]) ? sc[tt][j][e] * scale_log2 : -INFINITY;
           }
           mx0 = fmaxf(mx0, fmaxf(sc[tt][j][0], sc[tt][j][1]));
           mx1 = fmaxf(mx1, fmaxf(sc[tt][j][2], sc[tt][j][3]));
