@@ -12,13 +12,14 @@ sequence); ``run`` then raises instead of computing with a stale plan.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 
 from .arrays import as_cupy
 from .kernels import get_kernels
-from .reference.plan import DecodePlan, build_decode_plan, split_plan
+from .reference.plan import DecodePlan, _jit, check_piece_sizes, plan_base, split_plan
 from .reference.tree import CacheError
 
 ROWS_PER_UNIT = 64
@@ -32,47 +33,73 @@ def _smem_bytes(head_dim: int, chunk_size: int) -> int:
     return max(tiles, reduce)
 
 
+@_jit
+def _units_core(piece_begin, piece_end, piece_chunk_indptr, piece_state_offset, item_pos, item_begin, item_end,
+                private_indptr, path_len, slots, H, group, c, rows_per_unit):
+    """units int32 [U, 9] of ``build_units``, in (entry, tile, kv head) order, then stably
+    sorted by chunk count, largest first (a counting sort: counts are small integers)."""
+    P, I = len(piece_begin), len(item_pos)
+    off2 = piece_chunk_indptr[P]
+    tiles2 = -(-group // rows_per_unit)
+    U = I * tiles2 * H
+    for p in range(P):
+        U += -(-(piece_end[p] - piece_begin[p]) * group // rows_per_unit) * H
+    raw = np.empty((U, 9), np.int32)
+    u = 0
+    for p in range(P):  # phase 1: (piece, 64-row tile of range x group, kv head)
+        n_rows = (piece_end[p] - piece_begin[p]) * group
+        for r0 in range(0, n_rows, rows_per_unit):
+            for h in range(H):
+                raw[u, 0], raw[u, 1] = piece_chunk_indptr[p], piece_chunk_indptr[p + 1]
+                raw[u, 2], raw[u, 3], raw[u, 4] = -1, 0, piece_begin[p]
+                raw[u, 5], raw[u, 6], raw[u, 7] = r0, min(rows_per_unit, n_rows - r0), h
+                raw[u, 8] = piece_state_offset[p]
+                u += 1
+    num_state_rows = piece_state_offset[P]
+    for i in range(I):  # phase 2: (private item, tile of the group, kv head)
+        pos = item_pos[i]
+        # keys of an item = slot_lens[slot] - (tokens on the path before the item); only a
+        # position's last item reads the length, the others are whole chunks
+        last = item_end[i] == private_indptr[pos + 1]
+        before = (path_len[pos] - (private_indptr[pos + 1] - item_begin[i])) * c
+        for r0 in range(0, group, rows_per_unit):
+            for h in range(H):
+                raw[u, 0], raw[u, 1] = off2 + item_begin[i], off2 + item_end[i]
+                raw[u, 2] = slots[pos] if last else -1
+                raw[u, 3] = before if last else 0
+                raw[u, 4], raw[u, 5], raw[u, 6], raw[u, 7] = pos, r0, min(rows_per_unit, group - r0), h
+                raw[u, 8] = num_state_rows + i
+                u += 1
+    # largest first, ties in the order above
+    top = 0
+    for u in range(U):
+        top = max(top, raw[u, 1] - raw[u, 0])
+    start = np.zeros(top + 2, np.int64)  # start[top - w] = first slot of chunk count w
+    for u in range(U):
+        start[top - (raw[u, 1] - raw[u, 0]) + 1] += 1
+    for w in range(top + 1):
+        start[w + 1] += start[w]
+    units = np.empty((U, 9), np.int32)
+    for u in range(U):
+        j = start[top - (raw[u, 1] - raw[u, 0])]
+        start[top - (raw[u, 1] - raw[u, 0])] = j + 1
+        units[j] = raw[u]
+    return units
+
+
 def build_units(plan: DecodePlan, num_kv_heads: int, group: int):
     """Work units of the fused attend launch (see raw_kernels/chunk_attention.cu).
 
     Returns (units int32 [U, 9], chunk_list int32): phase-1 units for every (piece, 64-row tile
     of range x group, kv head) and phase-2 units for every (private item, tile, kv head),
-    largest first so the long ones start early.
+    largest first so the long ones start early. Columns: 0, 1 range in chunk_list; 2 slot whose
+    length bounds the keys (-1: whole chunks); 3 tokens on the path before the range; 4 first
+    batch position; 5, 6 first row and row count of the tile; 7 kv head; 8 first state row.
     """
-    c, H = plan.chunk_size, num_kv_heads
-    chunk_list = np.concatenate([plan.piece_chunks, plan.private_chunks]).astype(np.int32)
-    off2 = len(plan.piece_chunks)
-
-    def expand(n_rows, cols):
-        """One row per (entry, 64-row tile, kv head); cols: per-entry columns (tile/head filled in)."""
-        tiles = -(-n_rows // ROWS_PER_UNIT)
-        e = np.repeat(np.arange(len(n_rows)), tiles * H)
-        k = np.arange(len(e)) - np.repeat(np.cumsum(tiles * H) - tiles * H, tiles * H)
-        r0 = (k // H) * ROWS_PER_UNIT
-        out = np.empty((len(e), 9), np.int64)
-        for f, col in cols.items():
-            out[:, f] = col[e]
-        out[:, 5] = r0
-        out[:, 6] = np.minimum(ROWS_PER_UNIT, n_rows[e] - r0)
-        out[:, 7] = k % H
-        return out
-
-    P, I = plan.num_pieces, plan.num_items
-    n1 = (plan.piece_end - plan.piece_begin).astype(np.int64) * group
-    u1 = expand(n1, {0: plan.piece_chunk_indptr[:-1], 1: plan.piece_chunk_indptr[1:], 2: np.full(P, -1),
-                     3: np.zeros(P, np.int64), 4: plan.piece_begin, 8: plan.piece_state_offset[:-1]})
-    # phase 2: keys of an item = slot_lens[slot] - (tokens on the path before the item); only
-    # a position's last item reads the length, the others are whole chunks
-    pos = plan.item_pos
-    last = plan.item_end == plan.private_indptr[pos + 1]
-    before = (plan.path_len[pos].astype(np.int64) - (plan.private_indptr[pos + 1] - plan.item_begin)) * c
-    u2 = expand(np.full(I, group, np.int64), {
-        0: off2 + plan.item_begin.astype(np.int64), 1: off2 + plan.item_end.astype(np.int64),
-        2: np.where(last, plan.slots[pos], -1), 3: np.where(last, before, 0), 4: pos,
-        8: plan.num_state_rows + np.arange(I)})
-    units = np.concatenate([u1, u2]).astype(np.int32)
-    work = units[:, 1] - units[:, 0]
-    return units[np.argsort(-work, kind="stable")], chunk_list
+    units = _units_core(plan.piece_begin, plan.piece_end, plan.piece_chunk_indptr, plan.piece_state_offset,
+                        plan.item_pos, plan.item_begin, plan.item_end, plan.private_indptr, plan.path_len,
+                        plan.slots, int(num_kv_heads), int(group), int(plan.chunk_size), ROWS_PER_UNIT)
+    return units, np.concatenate([plan.piece_chunks, plan.private_chunks]).astype(np.int32)
 
 
 def plan_host(cache, seqs, num_q_heads: int, piece_chunks="auto", private_piece_chunks="auto",
@@ -86,21 +113,23 @@ def plan_host(cache, seqs, num_q_heads: int, piece_chunks="auto", private_piece_
     if not isinstance(num_q_heads, (int, np.integer)) or num_q_heads < 1 or num_q_heads % cache.num_kv_heads:
         raise ValueError(f"num_q_heads: expected a positive multiple of num_kv_heads "
                          f"{cache.num_kv_heads}, got {num_q_heads!r}")
-    group = num_q_heads // cache.num_kv_heads
+    H = cache.num_kv_heads
+    group = num_q_heads // H
     pc, ppc = piece_chunks, private_piece_chunks
-    auto = pc == "auto" or ppc == "auto"
-    plan = build_decode_plan(cache, seqs, None if pc == "auto" else pc, None if ppc == "auto" else ppc)
-    if auto:  # split so that about units_per_sm units per SM exist (chunk reads per unit <= cap)
-        tiles1 = -(-(plan.seg_end - plan.seg_begin).astype(np.int64) * group // ROWS_PER_UNIT)
-        work = (int((np.diff(plan.seg_chunk_indptr) * tiles1).sum()) + int(plan.private_indptr[-1])
-                * -(-group // ROWS_PER_UNIT)) * cache.num_kv_heads
+    check_piece_sizes(None if pc == "auto" else pc, None if ppc == "auto" else ppc)
+    base = plan_base(cache, seqs)
+    if pc == "auto" or ppc == "auto":  # about units_per_sm units per SM (chunk reads per unit <= cap)
+        tiles1 = -(-(base["seg_end"] - base["seg_begin"]).astype(np.int64) * group // ROWS_PER_UNIT)
+        work = (int(np.dot(np.diff(base["seg_chunk_indptr"]), tiles1)) + int(base["private_indptr"][-1])
+                * -(-group // ROWS_PER_UNIT)) * H
         cap = max(1, math.ceil(work / (units_per_sm * num_sms)))
-        plan = split_plan(plan, cap if pc == "auto" else pc, cap if ppc == "auto" else ppc)
-    units, chunk_list = build_units(plan, cache.num_kv_heads, group)
+        pc, ppc = cap if pc == "auto" else pc, cap if ppc == "auto" else ppc
+    plan = split_plan(None, pc, ppc, base=base)
+    units, chunk_list = build_units(plan, H, group)
     host = [units.ravel(), chunk_list, plan.order, plan.seq_piece_indptr, plan.seq_pieces,
             plan.piece_state_offset, plan.piece_begin, plan.seq_item_indptr]
-    offs = np.cumsum([0] + [len(a) for a in host])
-    return plan, np.concatenate(host).astype(np.int32), offs, len(units)
+    offs = [0, *itertools.accumulate(map(len, host))]
+    return plan, np.concatenate(host), offs, len(units)
 
 
 class ChunkAttentionDecode:

@@ -33,6 +33,10 @@ Arrays (``P`` pieces, ``B`` batch, ``I`` private items), positions are DFS batch
 """
 from __future__ import annotations
 
+import functools
+import itertools
+import operator
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,19 +106,291 @@ class DecodePlan:
                 f"{private} private chunks in {self.num_items} items")
 
 
-def _path_arrays(s):
-    """(serials, chunk ids) int64 arrays of a sequence's path, extended incrementally: a live
-    path only ever grows at its tail, so plan rebuilds touch only the new nodes."""
-    have = s.__dict__.get("_plan_path_arrays")
-    n = len(s.path)
-    if have is None or len(have[0]) != n:
-        k = 0 if have is None or len(have[0]) > n else len(have[0])
-        new = s.path[k:]
-        add_s = np.fromiter((x.serial for x in new), np.int64, len(new))
-        add_c = np.fromiter((x.chunk for x in new), np.int64, len(new))
-        have = (add_s, add_c) if k == 0 else (np.concatenate([have[0], add_s]), np.concatenate([have[1], add_c]))
-        s.__dict__["_plan_path_arrays"] = have
-    return have
+# ---------------------------------------------------------------------- compiled loops
+def _jit(fn):
+    """``fn`` compiled with numba on its first call, so ``import cpattn`` stays cheap; the
+    machine code is cached on disk, so a later process only loads it. With NUMBA_DISABLE_JIT=1
+    it runs as plain Python (same results, slow)."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            import numba
+
+            compiled = numba.njit(cache=True, nogil=True)(fn)
+        return compiled(*args)
+
+    return call
+
+
+# ---------------------------------------------------------------------- node table
+# What a plan needs of a node is immutable (pool chunk, creation serial, parent, depth), and a
+# node on a live path keeps its chunk, so it is kept per cache in arrays indexed by chunk id and
+# learnt only for nodes not seen before. An entry is valid for a node when its serial matches:
+# a freed chunk reused by a new node (new serial) is learnt again. A valid entry's ancestors are
+# valid too: the ancestors of a live node are live, so their chunks cannot be reused.
+_TABLES: "weakref.WeakKeyDictionary[ChunkCache, _NodeTable]" = weakref.WeakKeyDictionary()
+_CHUNK, _SERIAL, _PARENT = operator.attrgetter("chunk"), operator.attrgetter("serial"), operator.attrgetter("parent")
+_N_TOKENS, _SLOT = operator.attrgetter("n_tokens"), operator.attrgetter("slot")
+
+
+class _NodeTable:
+    """Per-cache int64 arrays [num_chunks]: serial, parent chunk and depth of the node holding
+    each chunk (-1: unknown / the root), and ``seen``, scratch of ``_plan_core``."""
+
+    def __init__(self, cache: ChunkCache):
+        n = cache.num_chunks
+        self.serial = np.full(n, -1, np.int64)
+        self.parent = np.full(n, -1, np.int64)
+        self.depth = np.zeros(n, np.int64)
+        self.seen = np.full(n, -1, np.int64)
+        # each plan build marks `seen` with its own window [stamp, stamp + num_chunks) of values,
+        # so the scratch is never cleared and builds in two threads ignore each other's marks
+        self._stamps = itertools.count()
+        self._window = n + 1
+
+    def stamp(self) -> int:
+        return next(self._stamps) * self._window
+
+    def learn(self, nodes: list, chunk: np.ndarray, serial: np.ndarray) -> None:
+        """Enter ``nodes`` (with their chunk and serial arrays) and the ancestors the table
+        lacks, a tree level at a time (vectorised: when every sequence opened a chunk, this is a
+        few passes over one list, not a walk per sequence)."""
+        levels = []  # (chunk, serial, parent chunk) of the missing nodes, deepest level first
+        while nodes:
+            miss = self.serial[chunk] != serial
+            if not miss.all():
+                if not miss.any():
+                    break
+                keep = np.flatnonzero(miss)
+                nodes, chunk, serial = [nodes[i] for i in keep.tolist()], chunk[keep], serial[keep]
+            parents = list(map(_PARENT, nodes))
+            pc = np.fromiter(map(_CHUNK, parents), np.int64, len(parents))
+            levels.append((chunk, serial, pc))
+            if pc.min() < 0:  # the root is known
+                keep = np.flatnonzero(pc >= 0)
+                parents, pc = [parents[i] for i in keep.tolist()], pc[keep]
+            uniq, first = np.unique(pc, return_index=True)  # siblings share a parent: once each
+            if len(uniq) == len(pc):
+                nodes, chunk = parents, pc
+            else:
+                nodes, chunk = [parents[i] for i in first.tolist()], uniq
+            serial = np.fromiter(map(_SERIAL, nodes), np.int64, len(nodes))
+        for chunk, serial, pc in reversed(levels):  # parents first (depth = parent's + 1)
+            self.parent[chunk] = pc
+            self.depth[chunk] = np.where(pc >= 0, self.depth[pc], 0) + 1
+            self.serial[chunk] = serial  # last: marks the entries valid
+
+
+def _node_table(cache: ChunkCache) -> _NodeTable:
+    t = _TABLES.get(cache)
+    if t is None:
+        t = _TABLES[cache] = _NodeTable(cache)
+    return t
+
+
+@_jit
+def _plan_core(tails, node_serial, node_parent, node_depth, seen, stamp):
+    """Depth-first order, shared segments and private suffixes of the paths ending at ``tails``.
+
+    tails [B] pool chunk of each sequence's last node (batch order); node_* [num_chunks] the
+    node table; seen [num_chunks] scratch: seen[c] = stamp + v when chunk c is local node v of
+    this call. Work is linear in the distinct nodes of the batch's paths, not in B x depth.
+    """
+    B = len(tails)
+
+    # 1. the batch's subtree: walk up from each tail until a node met before (or the root);
+    #    nodes get local ids v in [0, n), up[v] is the parent's (-1: the root)
+    path_len = np.empty(B, np.int64)
+    for b in range(B):
+        path_len[b] = node_depth[tails[b]]
+    cap = min(path_len.sum(), len(node_serial))  # sized up front: growing arrays in a loop is slow
+    chunk = np.empty(cap, np.int64)  # [n] pool chunk of local node v
+    up = np.empty(cap, np.int64)  # [n] its parent's local id, -1 for the root
+    tail_of = np.empty(B, np.int64)  # [B] local id of each row's last node
+    n = 0
+    for b in range(B):
+        c = tails[b]
+        child = -1  # the node walked just before, whose parent c is
+        while True:
+            if c < 0:
+                v, met = -1, True
+            else:
+                v = seen[c] - stamp
+                met = 0 <= v < n
+            if not met:
+                if n == cap:  # only if the node table disagrees with the tree (a bug)
+                    raise RuntimeError("plan: node table inconsistent with the tree")
+                v = n
+                n += 1
+                seen[c] = stamp + v
+                chunk[v] = c
+            if child >= 0:
+                up[child] = v
+            else:
+                tail_of[b] = v
+            if met:
+                break
+            child = v
+            c = node_parent[c]
+
+    # 2. children of every node (the root is node n), siblings in creation (serial) order,
+    #    and the rows ending at every node, in batch order
+    root = n
+    kid_ptr = np.zeros(n + 2, np.int64)
+    for v in range(n):
+        kid_ptr[(up[v] if up[v] >= 0 else root) + 1] += 1
+    row_ptr = np.zeros(n + 2, np.int64)
+    for b in range(B):
+        row_ptr[tail_of[b] + 1] += 1
+    for v in range(n + 1):
+        kid_ptr[v + 1] += kid_ptr[v]
+        row_ptr[v + 1] += row_ptr[v]
+    kids = np.empty(n, np.int64)
+    kid_fill = kid_ptr[:n + 1].copy()
+    for v in range(n):
+        p = up[v] if up[v] >= 0 else root
+        kids[kid_fill[p]] = v
+        kid_fill[p] += 1
+    for v in range(n + 1):
+        lo, hi = kid_ptr[v], kid_ptr[v + 1]
+        if hi - lo > 1:
+            kids[lo:hi] = kids[lo + np.argsort(node_serial[chunk[kids[lo:hi]]])]
+    rows = np.empty(B, np.int64)
+    row_fill = row_ptr[:n + 1].copy()
+    for b in range(B):
+        rows[row_fill[tail_of[b]]] = b
+        row_fill[tail_of[b]] += 1
+
+    # 3. depth-first pre-order: a node's rows, then its children's subtrees. Positions follow
+    #    the rows; every node gets the batch range [begin, end) of the paths through it.
+    begin = np.empty(n + 1, np.int64)
+    end = np.empty(n + 1, np.int64)
+    pre = np.empty(n, np.int64)
+    order = np.empty(B, np.int32)
+    stack = np.empty(n + 1, np.int64)  # nodes entered, not left
+    next_kid = kid_ptr[:n + 1].copy()  # each node's next child to enter
+    stack[0] = root
+    top, pos, k = 1, 0, 0
+    begin[root] = 0
+    while top:
+        v = stack[top - 1]
+        i = next_kid[v]
+        if i == kid_ptr[v + 1]:
+            end[v] = pos
+            top -= 1
+            continue
+        next_kid[v] = i + 1
+        u = kids[i]
+        begin[u] = pos
+        pre[k] = u
+        k += 1
+        for j in range(row_ptr[u], row_ptr[u + 1]):
+            order[pos] = rows[j]
+            pos += 1
+        stack[top] = u
+        top += 1
+
+    # 4. segments, in pre-order (= by first position, then depth): a shared node (range of 2 or
+    #    more) whose parent is the root or has a wider range starts one, which runs down
+    #    through the nodes with the same range
+    seg_begin = np.empty(n, np.int32)
+    seg_end = np.empty(n, np.int32)
+    seg_chunk_indptr = np.zeros(n + 1, np.int32)
+    seg_chunks = np.empty(n, np.int32)
+    S = 0
+    t = 0
+    for j in range(n):
+        v = pre[j]
+        if end[v] - begin[v] < 2:
+            continue
+        p = up[v]
+        if p >= 0 and begin[p] == begin[v] and end[p] == end[v]:
+            continue  # inside its parent's segment
+        seg_begin[S], seg_end[S] = begin[v], end[v]
+        w = v
+        while True:
+            seg_chunks[t] = chunk[w]
+            t += 1
+            if kid_ptr[w] == kid_ptr[w + 1]:
+                break
+            u = kids[kid_ptr[w]]
+            if begin[u] != begin[w] or end[u] != end[w]:
+                break
+            w = u
+        S += 1
+        seg_chunk_indptr[S] = t
+
+    # 5. private suffixes: the nodes of a path below its last shared one, root side first
+    private_indptr = np.zeros(B + 1, np.int32)
+    for q in range(B):
+        v = tail_of[order[q]]
+        m = 0
+        while v >= 0 and end[v] - begin[v] == 1:
+            m += 1
+            v = up[v]
+        private_indptr[q + 1] = private_indptr[q] + m
+    private_chunks = np.empty(private_indptr[B], np.int32)
+    for q in range(B):
+        v = tail_of[order[q]]
+        j = private_indptr[q + 1]
+        while j > private_indptr[q]:
+            j -= 1
+            private_chunks[j] = chunk[v]
+            v = up[v]
+    return (order, path_len[order].astype(np.int32), seg_begin[:S].copy(), seg_end[:S].copy(),
+            seg_chunk_indptr[:S + 1].copy(), seg_chunks[:t].copy(), private_indptr, private_chunks)
+
+
+def _batch_states(cache: ChunkCache, seqs):
+    """(ids, states) of the batch; distinct live int ids skip the per-id checks of
+    ``cache._check_batch``, which anything else goes through (same errors)."""
+    if isinstance(seqs, (list, tuple)):
+        ids = list(seqs)
+    elif isinstance(seqs, np.ndarray) and seqs.dtype.kind in "iu":
+        ids = seqs.reshape(-1).tolist()
+    else:
+        ids = None
+    if ids and set(map(type, ids)) == {int} and len(set(ids)) == len(ids):
+        states = list(map(cache._seqs.get, ids))
+        if None not in states:
+            return ids, states
+    ids = cache._check_batch(seqs)
+    return ids, [cache._seqs[i] for i in ids]
+
+
+def check_piece_sizes(piece_chunks, private_piece_chunks) -> None:
+    for name, val in (("piece_chunks", piece_chunks), ("private_piece_chunks", private_piece_chunks)):
+        if val is not None and (not isinstance(val, (int, np.integer)) or val < 1):
+            raise ValueError(f"{name}: expected None or an integer >= 1, got {val!r}")
+
+
+def plan_base(cache: ChunkCache, seqs) -> dict:
+    """The unsplit part of a plan (what ``split_plan`` keeps) for ``seqs``.
+
+    Python touches each sequence once (its slot and last node); the rest is ``_plan_core`` over
+    the per-cache node table, which learns only the nodes it has not seen (new chunks).
+    """
+    ids, states = _batch_states(cache, seqs)
+    if 0 in map(_N_TOKENS, states):
+        s = next(s for s in states if s.n_tokens == 0)
+        raise CacheError(f"seqs: sequence {s.id} has no tokens; append the query token's K/V first")
+    B = len(states)
+    tails = [s.path[-1] for s in states]
+    tail_chunk = np.fromiter(map(_CHUNK, tails), np.int64, B)
+    tail_serial = np.fromiter(map(_SERIAL, tails), np.int64, B)
+    t = _node_table(cache)
+    if not np.array_equal(t.serial[tail_chunk], tail_serial):
+        t.learn(tails, tail_chunk, tail_serial)
+    order, path_len, sb, se, seg_chunk_indptr, seg_chunks, private_indptr, private_chunks = _plan_core(
+        tail_chunk, t.serial, t.parent, t.depth, t.seen, t.stamp())
+    slots = np.fromiter(map(_SLOT, states), _I32, B)[order]
+    return dict(batch=tuple(ids), version=cache.version, chunk_size=cache.chunk_size,
+                order=order, slots=slots, path_len=path_len,
+                seg_begin=sb, seg_end=se, seg_chunk_indptr=seg_chunk_indptr, piece_chunks=seg_chunks,
+                private_indptr=private_indptr, private_chunks=private_chunks, num_segments=len(sb))
 
 
 def build_decode_plan(cache: ChunkCache, seqs, piece_chunks: int | None = None,
@@ -124,125 +400,86 @@ def build_decode_plan(cache: ChunkCache, seqs, piece_chunks: int | None = None,
     ``piece_chunks`` / ``private_piece_chunks`` cap the chunks of one phase-1 piece / phase-2
     item (None: no split). Results do not depend on them; GPU occupancy does.
     """
-    for name, val in (("piece_chunks", piece_chunks), ("private_piece_chunks", private_piece_chunks)):
-        if val is not None and (not isinstance(val, (int, np.integer)) or val < 1):
-            raise ValueError(f"{name}: expected None or an integer >= 1, got {val!r}")
-    ids = cache._check_batch(seqs)
-    states = [cache._seqs[i] for i in ids]
-    for s in states:
-        if s.n_tokens == 0:
-            raise CacheError(f"seqs: sequence {s.id} has no tokens; append the query token's K/V first")
-    B = len(states)
-    arrays = [_path_arrays(s) for s in states]
-    depth = np.array([len(a[0]) for a in arrays], dtype=np.int64)
-    D = int(depth.max())
+    check_piece_sizes(piece_chunks, private_piece_chunks)
+    return split_plan(None, piece_chunks, private_piece_chunks, base=plan_base(cache, seqs))
 
-    # 1. paths as a padded [B, D] grid of node serials (-1 pads, sorts before any child)
-    serial = np.full((B, D), -1, np.int64)
-    chunk = np.full((B, D), -1, np.int64)
-    rows = np.repeat(np.arange(B), depth)
-    cols = np.arange(int(depth.sum())) - np.repeat(np.cumsum(depth) - depth, depth)
-    serial[rows, cols] = np.concatenate([a[0] for a in arrays])
-    chunk[rows, cols] = np.concatenate([a[1] for a in arrays])
 
-    # 2. depth-first order = lexicographic order of serial paths; big-endian rows compared as
-    #    raw bytes sort exactly so (pads become 0, below every serial + 1)
-    key = np.ascontiguousarray((serial + 1).astype(">u8")).view(np.dtype((np.void, 8 * D))).ravel()
-    order = np.argsort(key, kind="stable")
-    serial, chunk, depth = serial[order], chunk[order], depth[order]
-    valid = serial >= 0
+@_jit
+def _split_core(seg_begin, seg_end, seg_chunk_indptr, private_indptr, step, pstep):
+    """Pieces of at most ``step`` chunks, items of at most ``pstep`` (0: no split)."""
+    S = len(seg_begin)
+    B = len(private_indptr) - 1
+    if step == 0:
+        step = 1
+        for s in range(S):
+            step = max(step, seg_chunk_indptr[s + 1] - seg_chunk_indptr[s])
+    if pstep == 0:
+        pstep = 1
+        for pos in range(B):
+            pstep = max(pstep, private_indptr[pos + 1] - private_indptr[pos])
 
-    # 3. shared cells and the batch range [begin, end) of every cell's node
-    same_prev = np.zeros((B, D), bool)  # same node as the row above
-    same_prev[1:] = (serial[1:] == serial[:-1]) & valid[1:]
-    same_next = np.zeros((B, D), bool)
-    same_next[:-1] = same_prev[1:]
-    shared = same_prev | same_next
-    pos = np.arange(B)[:, None]
-    begin = np.maximum.accumulate(np.where(same_prev, 0, pos), axis=0)
-    end = B - np.maximum.accumulate(np.where(same_next, 0, B - 1 - pos)[::-1], axis=0)[::-1]
+    # pieces: contiguous runs of at most `step` chunks of each segment (same flat chunk list)
+    P = 0
+    for s in range(S):
+        P += -(-(seg_chunk_indptr[s + 1] - seg_chunk_indptr[s]) // step)
+    piece_chunk_indptr = np.empty(P + 1, np.int32)
+    piece_begin = np.empty(P, np.int32)
+    piece_end = np.empty(P, np.int32)
+    piece_state_offset = np.zeros(P + 1, np.int32)
+    p = 0
+    for s in range(S):
+        for a in range(seg_chunk_indptr[s], seg_chunk_indptr[s + 1], step):
+            piece_chunk_indptr[p] = a
+            piece_begin[p], piece_end[p] = seg_begin[s], seg_end[s]
+            piece_state_offset[p + 1] = piece_state_offset[p] + seg_end[s] - seg_begin[s]
+            p += 1
+    piece_chunk_indptr[P] = seg_chunk_indptr[S]
 
-    # 4. segments: a shared cell starts one when its range differs from its parent's; a
-    #    segment runs down its representative row (the range's first) until the next start
-    starts = shared.copy()
-    starts[:, 1:] &= (begin[:, 1:] != begin[:, :-1]) | (end[:, 1:] != end[:, :-1])
-    seg_rows, seg_d0 = np.nonzero(starts & (begin == pos))
-    stop = starts | ~shared  # a segment's chunks are its start cell and the cells before a stop
-    stop[:, 0] = True
-    S = len(seg_rows)
-    seg_len = np.empty(S, np.int64)
-    for k, (r, d0) in enumerate(zip(seg_rows.tolist(), seg_d0.tolist())):
-        nxt = np.flatnonzero(stop[r, d0 + 1:])
-        seg_len[k] = (nxt[0] + 1) if len(nxt) else D - d0
-    seg_chunk_indptr = np.zeros(S + 1, _I32)
-    seg_chunk_indptr[1:] = np.cumsum(seg_len)
-    take_r = np.repeat(seg_rows, seg_len)
-    take_d = np.arange(int(seg_len.sum())) - np.repeat(seg_chunk_indptr[:-1], seg_len) + np.repeat(seg_d0, seg_len)
-    seg_chunks = chunk[take_r, take_d].astype(_I32)
+    # each position's pieces in piece order (root side first: pieces are in segment-start order)
+    seq_piece_indptr = np.zeros(B + 1, np.int32)
+    for p in range(P):
+        for pos in range(piece_begin[p], piece_end[p]):
+            seq_piece_indptr[pos + 1] += 1
+    for pos in range(B):
+        seq_piece_indptr[pos + 1] += seq_piece_indptr[pos]
+    fill = seq_piece_indptr[:B].copy()
+    seq_pieces = np.empty(piece_state_offset[P], np.int32)
+    for p in range(P):
+        for pos in range(piece_begin[p], piece_end[p]):
+            seq_pieces[fill[pos]] = p
+            fill[pos] += 1
 
-    # 5. private suffixes
-    priv = valid & ~shared
-    private_indptr = np.zeros(B + 1, _I32)
-    private_indptr[1:] = np.cumsum(priv.sum(axis=1))
-    private_chunks = chunk[priv].astype(_I32)
+    # phase-2 items: runs of at most `pstep` private chunks of one position
+    seq_item_indptr = np.zeros(B + 1, np.int32)
+    for pos in range(B):
+        seq_item_indptr[pos + 1] = seq_item_indptr[pos] - (-(private_indptr[pos + 1] - private_indptr[pos]) // pstep)
+    I = seq_item_indptr[B]
+    item_pos = np.empty(I, np.int32)
+    item_begin = np.empty(I, np.int32)
+    item_end = np.empty(I, np.int32)
+    i = 0
+    for pos in range(B):
+        for a in range(private_indptr[pos], private_indptr[pos + 1], pstep):
+            item_pos[i], item_begin[i] = pos, a
+            item_end[i] = min(a + pstep, private_indptr[pos + 1])
+            i += 1
+    return (piece_begin, piece_end, piece_chunk_indptr, piece_state_offset, seq_piece_indptr, seq_pieces,
+            item_pos, item_begin, item_end, seq_item_indptr)
 
-    slots = np.array([s.slot for s in states], _I32)[order]
-    sb = begin[seg_rows, seg_d0].astype(_I32)
-    se = end[seg_rows, seg_d0].astype(_I32)
-    return split_plan(plan=None, piece_chunks=piece_chunks, private_piece_chunks=private_piece_chunks, base=dict(
-        batch=tuple(ids), version=cache.version, chunk_size=cache.chunk_size,
-        order=order.astype(_I32), slots=slots, path_len=depth.astype(_I32),
-        seg_begin=sb, seg_end=se, seg_chunk_indptr=seg_chunk_indptr, piece_chunks=seg_chunks,
-        private_indptr=private_indptr, private_chunks=private_chunks, num_segments=S))
+
+_BASE_FIELDS = ("batch", "version", "chunk_size", "order", "slots", "path_len", "seg_begin", "seg_end",
+                "seg_chunk_indptr", "piece_chunks", "private_indptr", "private_chunks", "num_segments")
+_SPLIT_FIELDS = ("piece_begin", "piece_end", "piece_chunk_indptr", "piece_state_offset", "seq_piece_indptr",
+                 "seq_pieces", "item_pos", "item_begin", "item_end", "seq_item_indptr")
 
 
 def split_plan(plan: DecodePlan | None, piece_chunks: int | None = None, private_piece_chunks: int | None = None,
                base: dict | None = None) -> DecodePlan:
     """The same plan with pieces / items of at most the given number of chunks (None: whole
     segments / whole private suffixes). Cheap: only the small per-piece arrays change."""
+    check_piece_sizes(piece_chunks or None, private_piece_chunks or None)  # 0 still means None
     if base is None:
-        base = {k: getattr(plan, k) for k in ("batch", "version", "chunk_size", "order", "slots", "path_len",
-                                              "seg_begin", "seg_end", "seg_chunk_indptr", "piece_chunks",
-                                              "private_indptr", "private_chunks", "num_segments")}
-    B = len(base["order"])
-    seg_n = np.diff(base["seg_chunk_indptr"]).astype(np.int64)
-
-    # pieces: contiguous runs of at most `step` chunks of each segment (same flat chunk list)
-    step = piece_chunks or max(1, int(seg_n.max(initial=1)))
-    k = -(-seg_n // step)
-    seg_of = np.repeat(np.arange(len(seg_n)), k)
-    j = np.arange(len(seg_of)) - np.repeat(np.cumsum(k) - k, k)
-    P = len(seg_of)
-    piece_chunk_indptr = np.zeros(P + 1, _I32)
-    piece_chunk_indptr[:P] = base["seg_chunk_indptr"][seg_of] + j * step
-    piece_chunk_indptr[P] = base["seg_chunk_indptr"][-1]
-    piece_begin = base["seg_begin"][seg_of].astype(_I32)
-    piece_end = base["seg_end"][seg_of].astype(_I32)
-    rng = (piece_end - piece_begin).astype(np.int64)
-    piece_state_offset = np.zeros(P + 1, _I32)
-    piece_state_offset[1:] = np.cumsum(rng)
-
-    # each position's pieces, root side first (pieces are in segment-start order, and of two
-    # segments on one path the one starting at the smaller position is the shallower)
-    sp_piece = np.repeat(np.arange(P, dtype=np.int64), rng)
-    sp_pos = np.arange(int(rng.sum())) - np.repeat(piece_state_offset[:-1], rng) + np.repeat(piece_begin, rng)
-    key = np.lexsort((sp_piece, sp_pos))
-    seq_pieces = sp_piece[key].astype(_I32)
-    seq_piece_indptr = np.zeros(B + 1, _I32)
-    seq_piece_indptr[1:] = np.cumsum(np.bincount(sp_pos, minlength=B))
-
-    # phase-2 items: runs of at most `pstep` private chunks of one position
-    private_indptr = base["private_indptr"]
-    n_priv = np.diff(private_indptr).astype(np.int64)
-    pstep = private_piece_chunks or max(1, int(n_priv.max(initial=1)))
-    n_items = -(-n_priv // pstep)
-    item_pos = np.repeat(np.arange(B), n_items).astype(_I32)
-    seq_item_indptr = np.zeros(B + 1, _I32)
-    seq_item_indptr[1:] = np.cumsum(n_items)
-    k_in_seq = np.arange(len(item_pos)) - np.repeat(seq_item_indptr[:-1], n_items)
-    item_begin = (private_indptr[item_pos] + k_in_seq * pstep).astype(_I32)
-    item_end = np.minimum(item_begin + pstep, private_indptr[item_pos + 1]).astype(_I32)
-    return DecodePlan(piece_begin=piece_begin, piece_end=piece_end, piece_chunk_indptr=piece_chunk_indptr,
-                      piece_state_offset=piece_state_offset, seq_piece_indptr=seq_piece_indptr,
-                      seq_pieces=seq_pieces, item_pos=item_pos, item_begin=item_begin, item_end=item_end,
-                      seq_item_indptr=seq_item_indptr, **base)
+        base = {k: getattr(plan, k) for k in _BASE_FIELDS}
+    split = _split_core(base["seg_begin"], base["seg_end"], base["seg_chunk_indptr"], base["private_indptr"],
+                        int(piece_chunks or 0), int(private_piece_chunks or 0))
+    return DecodePlan(**dict(zip(_SPLIT_FIELDS, split)), **base)
