@@ -73,7 +73,11 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// exp2 that maps -inf to 0 and never produces NaN from (-inf) - (-inf).
-__device__ __forceinline__ float exp2_safe(float x) { return x == -INFINITY ? 0.f : exp2f(x); }
+// 2^x with the hardware approximation (ex2.approx.ftz: ~2 ulp, -inf -> 0), for softmax weights.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 }  // namespace cpattn

@@ -300,6 +300,7 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
   const int tok_max = tile_start + (row0 + row_count - 1) / s;
   const int lim_unit = past_keys + tok_max + 1;  // keys any row of this unit may read
   const int nsteps = (lim_unit + TK - 1) / TK;
+  const int lim_min = past_keys + tile_start + row0 / s + 1;  // the unit's first row's limit
 
   // Q rows -> shared memory (zeros past row_count); row limits of this thread's 4 rows
   for (int e = tid; e < kPrefillRows * (D / 8); e += kThreads) {
@@ -353,6 +354,8 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
     const T* ks_ = sK + (i & 1) * TK * LD;
     const T* vs_ = sV + (i & 1) * TK * LD;
     const int valid = step_valid(i);
+    // every key of this step visible to every row of the unit: skip the per-key mask
+    const bool full = valid == TK && (i + 1) * TK <= lim_min;
 #pragma unroll
     for (int key0 = 0; key0 < TK; key0 += NB) {
       if (key0 >= valid) break;
@@ -382,14 +385,19 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int j = 0; j < NB / 8; ++j) {
+          if (!full) {  // only boundary steps need the per-key mask
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int key = key0 + j * 8 + (lane & 3) * 2 + (e & 1);
-            sc[tt][j][e] = (key < valid && i * TK + key < lim[tt][e >> 1]) ? sc[tt][j][e] * scale_log2 : -INFINITY;
+            for (int e = 0; e < 4; ++e) {
+              const int key = key0 + j * 8 + (lane & 3) * 2 + (e & 1);
+              if (!(key < valid && i * TK + key < lim[tt][e >> 1])) sc[tt][j][e] = -INFINITY;
+            }
           }
           mx0 = fmaxf(mx0, fmaxf(sc[tt][j][0], sc[tt][j][1]));
           mx1 = fmaxf(mx1, fmaxf(sc[tt][j][2], sc[tt][j][3]));
         }
+        // raw scores until here; scale_log2 > 0 keeps the order, so the max scales too
+        mx0 *= scale_log2;
+        mx1 *= scale_log2;
         mx0 = quad_max(mx0);
         mx1 = quad_max(mx1);
         const float mn0 = fmaxf(m[tt][0], mx0), mn1 = fmaxf(m[tt][1], mx1);
@@ -405,10 +413,10 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
         }
 #pragma unroll
         for (int j = 0; j < NB / 8; ++j) {
-          sc[tt][j][0] = exp2f(sc[tt][j][0] - base0);
-          sc[tt][j][1] = exp2f(sc[tt][j][1] - base0);
-          sc[tt][j][2] = exp2f(sc[tt][j][2] - base1);
-          sc[tt][j][3] = exp2f(sc[tt][j][3] - base1);
+          sc[tt][j][0] = fast_exp2(fmaf(sc[tt][j][0], scale_log2, -base0));
+          sc[tt][j][1] = fast_exp2(fmaf(sc[tt][j][1], scale_log2, -base0));
+          sc[tt][j][2] = fast_exp2(fmaf(sc[tt][j][2], scale_log2, -base1));
+          sc[tt][j][3] = fast_exp2(fmaf(sc[tt][j][3], scale_log2, -base1));
           l[tt][0] += sc[tt][j][0] + sc[tt][j][1];
           l[tt][1] += sc[tt][j][2] + sc[tt][j][3];
         }
