@@ -733,7 +733,15 @@ def run_demo(backend: str = "auto", requests: int = 12, waves: int = 2, num_syst
     if pool_chunks is None:  # a quarter more than one wave needs: later waves evict (LRU)
         need = footprint_chunks(work[:requests], chunk_size)
         pool_chunks = need + need // 4
-    server = Server(model, pool_chunks, chunk_size, prefill_chunk, name, PrefillOptions(alpha=alpha))
+    options = PrefillOptions(alpha=alpha)
+    # warm-up on a scratch server: kernel compilation (GPU) and the plan builder's first call
+    # would otherwise be timed as part of the first wave
+    scratch = Server(model, 4 * (-(-(2 * prefill_chunk + 8) // chunk_size) + 2), chunk_size, prefill_chunk, name,
+                     options, measure_recall=False)
+    for tail in ([1, 2, 3], [4, 5]):
+        scratch.submit([t % config.vocab_size for t in list(range(2 * prefill_chunk)) + tail], 2)
+    scratch.run()
+    server = Server(model, pool_chunks, chunk_size, prefill_chunk, name, options)
     cfg = config
     out(f"serving: {cfg.num_layers}-layer model (hidden {cfg.hidden}, Hq={cfg.num_q_heads} Hkv={cfg.num_kv_heads} "
         f"D={cfg.head_dim}, {cfg.dtype}), {waves} wave(s) of {requests} requests over {num_systems} system "
