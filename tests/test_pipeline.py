@@ -204,3 +204,24 @@ def test_cli_demo_runs_the_decode_check_then_the_serving_flow(capsys):
     assert "FAILED" in capsys.readouterr().out
     assert cli_main(args[:-4] + ["--serving-requests", "0"]) == 0
     assert "serving:" not in capsys.readouterr().out
+
+
+DOCS = __import__("pathlib").Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.mark.skipif(not (DOCS / "make_figures.py").exists(), reason="docs/ not in this checkout")
+def test_docs_figures_are_current_and_links_resolve():
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("make_figures", DOCS / "make_figures.py")
+    make_figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_figures)
+    pages = {p.name: p.read_text() for p in DOCS.glob("*.md")}
+    for name in ("chunk_tree.md", "two_phase_decode.md", "serving_pipeline.md"):
+        assert "<!-- figure: " in pages[name], f"{name} lost its figure"
+    assert make_figures.stale_pages() == [], "run python docs/make_figures.py"
+    for name, text in pages.items():
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if not target.startswith(("http://", "https://")):
+                assert (DOCS / target).exists(), f"{name}: broken link {target}"
