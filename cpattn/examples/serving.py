@@ -715,7 +715,7 @@ def footprint_chunks(work, chunk_size: int) -> int:
 def run_demo(backend: str = "auto", requests: int = 12, waves: int = 2, num_systems: int = 2, system_len: int = 300,
              own_len: tuple = (8, 64), max_new_tokens: int = 8, chunk_size: int = 16, prefill_chunk: int = 64,
              pool_chunks: int | None = None, alpha: float = 0.06, check: int | None = None, seed: int = 0,
-             config: ModelConfig | None = None, out=print) -> list[ServingReport]:
+             config: ModelConfig | None = None, measure_recall: bool = True, out=print) -> list[ServingReport]:
     """Serve ``waves`` waves of ``requests`` requests (each wave arrives once the previous one
     is done, so it finds its system prompts in the prefix cache); print one report per wave.
 
@@ -741,7 +741,7 @@ def run_demo(backend: str = "auto", requests: int = 12, waves: int = 2, num_syst
     for tail in ([1, 2, 3], [4, 5]):
         scratch.submit([t % config.vocab_size for t in list(range(2 * prefill_chunk)) + tail], 2)
     scratch.run()
-    server = Server(model, pool_chunks, chunk_size, prefill_chunk, name, options)
+    server = Server(model, pool_chunks, chunk_size, prefill_chunk, name, options, measure_recall)
     cfg = config
     out(f"serving: {cfg.num_layers}-layer model (hidden {cfg.hidden}, Hq={cfg.num_q_heads} Hkv={cfg.num_kv_heads} "
         f"D={cfg.head_dim}, {cfg.dtype}), {waves} wave(s) of {requests} requests over {num_systems} system "
@@ -782,12 +782,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
     ap.add_argument("--check", type=int, default=None, metavar="N",
                     help="compare the first N requests of each wave with the dense model (default all, 0 none)")
+    ap.add_argument("--no-recall", action="store_true",
+                    help="skip the float64 recall check of every prefill chunk (it runs on the host)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     cfg = ModelConfig(vocab_size=a.vocab, num_layers=a.layers, hidden=a.hidden, num_q_heads=a.q_heads,
                       num_kv_heads=a.kv_heads, head_dim=a.head_dim, mlp_hidden=2 * a.hidden, dtype=a.dtype)
     run_demo(a.backend, a.requests, a.waves, a.systems, a.system_len, tuple(a.own_len), a.new_tokens, a.chunk_size,
-             a.prefill_chunk, a.pool_chunks, a.alpha, a.check, a.seed, cfg)
+             a.prefill_chunk, a.pool_chunks, a.alpha, a.check, a.seed, cfg, not a.no_recall)
     return 0
 
 
