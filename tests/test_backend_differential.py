@@ -330,7 +330,7 @@ class DifferentialMachine(RuleBasedStateMachine):
 
 # cheap steps: more runs than the profile's default, long enough to fill the pool
 DifferentialMachine.TestCase.settings = settings(
-    max_examples=max(60, settings.default.max_examples), stateful_step_count=40)
+    max_examples=max(150, settings.default.max_examples), stateful_step_count=50)
 TestDifferentialCpu = DifferentialMachine.TestCase
 
 

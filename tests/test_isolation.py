@@ -126,7 +126,7 @@ def check_isolation(backend, data, D, C):
             assert np.abs(together - alone).max() <= 2 * budget(backend, dtype, vmax)
 
 
-@settings(max_examples=max(60, settings.default.max_examples))
+@settings(max_examples=max(100, settings.default.max_examples))
 @given(data=st.data())
 def test_isolation_numpy(data):
     check_isolation(NumpyBackend(), data, D=8, C=4)
