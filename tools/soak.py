@@ -44,7 +44,7 @@ from cpattn.reference.workloads import TokenKV  # noqa: E402
 
 # realistic (GPU) and small (NumPy) defaults; any flag overrides
 SIZES = {
-    "cupy": dict(layers=4, kv_heads=8, q_heads=32, head_dim=128, chunk_size=64, num_chunks=2048,
+    "cupy": dict(layers=4, kv_heads=8, q_heads=32, head_dim=128, chunk_size=64, num_chunks=1024,
                  max_seqs=256, live=96, max_batch=64, system_prompts=8, system_len=(256, 2048),
                  suffix_len=(1, 512), gen_len=(16, 512), prefill_chunk=512, vocab=256, kv_positions=4096),
     "numpy": dict(layers=1, kv_heads=2, q_heads=4, head_dim=16, chunk_size=16, num_chunks=32,
