@@ -33,7 +33,10 @@ from collections import Counter
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:  # an installed cpattn (editable or wheel) first; else the checkout this file is in
+    import cpattn  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cpattn.reference import compact_attention as ca  # noqa: E402
 from cpattn.reference.chunk_attention import decode as ref_decode  # noqa: E402
