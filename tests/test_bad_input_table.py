@@ -28,7 +28,6 @@ from cpattn.reference.tree import CacheError, CacheFullError, ChunkCache, Slots
 from cpattn.reference.workloads import TokenKV, fill_cache, prefix_tree_prompts, random_queries
 
 L, HKV, HQ = 2, 2, 4
-needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")]
 
 
 @dataclass

@@ -25,7 +25,6 @@ from cpattn.reference.chunk_attention import dense_decode
 from cpattn.reference.dtypes import to_float32, to_storage, unit_roundoff
 from cpattn.reference.workloads import TokenKV, long_context_qkv, random_queries
 
-needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")]
 DTYPES = ["float16", "bfloat16"]
 
 
