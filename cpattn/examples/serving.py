@@ -52,9 +52,10 @@ class ModelConfig:
     """Shape of ``TinyLM``. ``dtype`` is the storage dtype of attention inputs and outputs
     (q, k, v, o), as in a half-precision model; everything else computes in ``compute_dtype``.
 
-    ``locality`` sizes a per-kv-head bias added to queries and keys before RoPE (in logits at
-    distance 0): it makes attention prefer recent tokens, the structure block selection exploits
-    in trained models. 0 gives a plain random model.
+    ``locality`` sizes a bias added to queries and keys before RoPE, in logits at distance 0 on
+    the last kv head, scaled down linearly to none on kv head 0 (which stays global): it makes
+    attention prefer recent tokens, the structure block selection exploits in trained models.
+    0 gives a plain random model.
     """
 
     vocab_size: int = 256
