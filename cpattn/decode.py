@@ -83,7 +83,8 @@ def _units_core(piece_begin, piece_end, piece_chunk_indptr, piece_state_offset, 
     for u in range(U):
         j = start[top - (raw[u, 1] - raw[u, 0])]
         start[top - (raw[u, 1] - raw[u, 0])] = j + 1
-        units[j] = raw[u]
+        for f in range(9):  # (not units[j] = raw[u]: that slice copy takes seconds to compile)
+            units[j, f] = raw[u, f]
     return units
 
 

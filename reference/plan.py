@@ -154,34 +154,46 @@ class _NodeTable:
     def stamp(self) -> int:
         return next(self._stamps) * self._window
 
-    def learn(self, nodes: list, chunk: np.ndarray, serial: np.ndarray) -> None:
-        """Enter ``nodes`` (with their chunk and serial arrays) and the ancestors the table
-        lacks, a tree level at a time (vectorised: when every sequence opened a chunk, this is a
-        few passes over one list, not a walk per sequence)."""
-        levels = []  # (chunk, serial, parent chunk) of the missing nodes, deepest level first
-        while nodes:
-            miss = self.serial[chunk] != serial
-            if not miss.all():
-                if not miss.any():
-                    break
-                keep = np.flatnonzero(miss)
-                nodes, chunk, serial = [nodes[i] for i in keep.tolist()], chunk[keep], serial[keep]
-            parents = list(map(_PARENT, nodes))
-            pc = np.fromiter(map(_CHUNK, parents), np.int64, len(parents))
-            levels.append((chunk, serial, pc))
-            if pc.min() < 0:  # the root is known
-                keep = np.flatnonzero(pc >= 0)
-                parents, pc = [parents[i] for i in keep.tolist()], pc[keep]
-            uniq, first = np.unique(pc, return_index=True)  # siblings share a parent: once each
-            if len(uniq) == len(pc):
-                nodes, chunk = parents, pc
-            else:
-                nodes, chunk = [parents[i] for i in first.tolist()], uniq
-            serial = np.fromiter(map(_SERIAL, nodes), np.int64, len(nodes))
-        for chunk, serial, pc in reversed(levels):  # parents first (depth = parent's + 1)
-            self.parent[chunk] = pc
-            self.depth[chunk] = np.where(pc >= 0, self.depth[pc], 0) + 1
-            self.serial[chunk] = serial  # last: marks the entries valid
+    def known(self, node) -> bool:
+        return self.serial[node.chunk] == node.serial
+
+    def learn(self, states: list, tails: list, chunk: np.ndarray, serial: np.ndarray) -> None:
+        """Enter the nodes the table lacks on the paths of ``states``, whose last nodes
+        (``tails``, with their chunk and serial arrays) it lacks. Known nodes are a prefix of
+        every path (a known node's ancestors are known), and entries are written parents first,
+        serial last, which keeps it so."""
+        # 1. a new last node under a known parent (every sequence opened a chunk): vectorised
+        parents = list(map(_PARENT, tails))
+        pc = np.fromiter(map(_CHUNK, parents), np.int64, len(parents))
+        ps = np.fromiter(map(_SERIAL, parents), np.int64, len(parents))
+        one = (pc < 0) | (self.serial[pc] == ps)  # (pc = -1 reads the last entry; masked)
+        if one.any():
+            k = np.flatnonzero(one)
+            c, p = chunk[k], pc[k]
+            self.parent[c] = p
+            self.depth[c] = np.where(p >= 0, self.depth[p], 0) + 1
+            self.serial[c] = serial[k]
+        # 2. longer new suffixes (a new prompt, the first plan of a cache): one path at a time,
+        #    so a prefix shared with a later path is entered once
+        for i in np.flatnonzero(~one).tolist():
+            path = states[i].path
+            lo, hi = 0, len(path)  # binary search for the first unknown node
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self.known(path[mid]):
+                    lo = mid + 1
+                else:
+                    hi = mid
+            new = path[lo:]
+            if not new:
+                continue
+            c = np.fromiter(map(_CHUNK, new), np.int64, len(new))
+            p = np.empty_like(c)
+            p[0] = path[lo - 1].chunk if lo else -1
+            p[1:] = c[:-1]
+            self.parent[c] = p
+            self.depth[c] = np.arange(lo + 1, len(path) + 1)
+            self.serial[c] = np.fromiter(map(_SERIAL, new), np.int64, len(new))
 
 
 def _node_table(cache: ChunkCache) -> _NodeTable:
@@ -204,9 +216,12 @@ def _plan_core(tails, node_serial, node_parent, node_depth, seen, stamp):
     # 1. the batch's subtree: walk up from each tail until a node met before (or the root);
     #    nodes get local ids v in [0, n), up[v] is the parent's (-1: the root)
     path_len = np.empty(B, np.int64)
-    for b in range(B):
+    cap = 0  # no more nodes than path cells, or than pool chunks (sized up front: arrays grown
+    for b in range(B):  # in a loop are slow)
         path_len[b] = node_depth[tails[b]]
-    cap = min(path_len.sum(), len(node_serial))  # sized up front: growing arrays in a loop is slow
+        cap += path_len[b]
+    if cap > len(node_serial):
+        cap = len(node_serial)
     chunk = np.empty(cap, np.int64)  # [n] pool chunk of local node v
     up = np.empty(cap, np.int64)  # [n] its parent's local id, -1 for the root
     tail_of = np.empty(B, np.int64)  # [B] local id of each row's last node
@@ -254,10 +269,22 @@ def _plan_core(tails, node_serial, node_parent, node_depth, seen, stamp):
         p = up[v] if up[v] >= 0 else root
         kids[kid_fill[p]] = v
         kid_fill[p] += 1
-    for v in range(n + 1):
+    key = np.empty(n, np.int64)
+    for v in range(n + 1):  # shell sort by serial (numba's argsort takes seconds to compile)
         lo, hi = kid_ptr[v], kid_ptr[v + 1]
-        if hi - lo > 1:
-            kids[lo:hi] = kids[lo + np.argsort(node_serial[chunk[kids[lo:hi]]])]
+        if hi - lo < 2:
+            continue
+        for i in range(lo, hi):
+            key[i] = node_serial[chunk[kids[i]]]
+        gap = (hi - lo) // 2
+        while gap:
+            for i in range(lo + gap, hi):
+                x, kx, j = kids[i], key[i], i
+                while j - gap >= lo and key[j - gap] > kx:
+                    kids[j], key[j] = kids[j - gap], key[j - gap]
+                    j -= gap
+                kids[j], key[j] = x, kx
+            gap //= 2
     rows = np.empty(B, np.int64)
     row_fill = row_ptr[:n + 1].copy()
     for b in range(B):
@@ -340,8 +367,12 @@ def _plan_core(tails, node_serial, node_parent, node_depth, seen, stamp):
             j -= 1
             private_chunks[j] = chunk[v]
             v = up[v]
-    return (order, path_len[order].astype(np.int32), seg_begin[:S].copy(), seg_end[:S].copy(),
-            seg_chunk_indptr[:S + 1].copy(), seg_chunks[:t].copy(), private_indptr, private_chunks)
+    path_len_pos = np.empty(B, np.int32)
+    for q in range(B):
+        path_len_pos[q] = path_len[order[q]]
+    # (plain loops and views: numba compiles fancy indexing, astype and copies slowly)
+    return (order, path_len_pos, seg_begin[:S], seg_end[:S], seg_chunk_indptr[:S + 1], seg_chunks[:t],
+            private_indptr, private_chunks)
 
 
 def _batch_states(cache: ChunkCache, seqs):
@@ -382,8 +413,10 @@ def plan_base(cache: ChunkCache, seqs) -> dict:
     tail_chunk = np.fromiter(map(_CHUNK, tails), np.int64, B)
     tail_serial = np.fromiter(map(_SERIAL, tails), np.int64, B)
     t = _node_table(cache)
-    if not np.array_equal(t.serial[tail_chunk], tail_serial):
-        t.learn(tails, tail_chunk, tail_serial)
+    miss = t.serial[tail_chunk] != tail_serial
+    if miss.any():
+        k = np.flatnonzero(miss)
+        t.learn([states[i] for i in k.tolist()], [tails[i] for i in k.tolist()], tail_chunk[k], tail_serial[k])
     order, path_len, sb, se, seg_chunk_indptr, seg_chunks, private_indptr, private_chunks = _plan_core(
         tail_chunk, t.serial, t.parent, t.depth, t.seen, t.stamp())
     slots = np.fromiter(map(_SLOT, states), _I32, B)[order]
