@@ -141,9 +141,26 @@ def main(argv=None) -> int:
     d.add_argument("--min-recall", type=float, default=0.9, help="lowest acceptable mean prefill recall")
     d.add_argument("--check-requests", type=int, default=4,
                    help="requests per wave compared with a dense no-cache model (the slow part on a CPU)")
+    b = sub.add_parser("bench", help="GPU benchmarks vs PyTorch peers: table, CSV, JSON and PNG under --out",
+                       description="cpattn bench decode|prefill [options]; run 'cpattn bench decode --help'.")
+    b.add_argument("which", choices=("decode", "prefill"))
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)")
     args = p.parse_args(argv)
     if args.command == "demo":
         return demo(args)
+    if args.command == "bench":
+        from . import gpu_available
+
+        if not gpu_available() and "-h" not in args.rest and "--help" not in args.rest:
+            print("cpattn bench: needs CuPy and a CUDA GPU (and PyTorch for the peers); none visible here",
+                  file=sys.stderr)
+            return 2
+        if args.which == "decode":
+            from .bench.decode import main as bench_main
+        else:
+            from .bench.prefill import main as bench_main
+        bench_main(args.rest)
+        return 0
     return 2
 
 

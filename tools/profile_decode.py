@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_decode import build, median_ms  # noqa: E402
+from cpattn.bench.decode import build, median_ms  # noqa: E402
 
 
 def main():

@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""CompactAttention chunked-prefill benchmark: cpattn sparse and dense vs PyTorch peers.
+
+bf16, Hq=32, Hkv=8, D=128, one structured long-context prompt from the reference generator
+(sinks, locality, RoPE, needles, head temperatures), sliced to past P + chunk n. Per config,
+in one run:
+  ours sparse   compact_prefill (means, scores, unions + tables, paged kernel; each part timed)
+  ours dense    the same kernel with every block (alpha 0)
+  sdpa flash    torch SDPA, flash backend, causal lower-right, dense
+  flex dense    FlexAttention with a causal lower-right BlockMask
+  flex sparse   FlexAttention with a BlockMask built from our selection (same blocks)
+plus density per stage, attention-mass recall exp(lse_sparse - lse_dense) (mean, min), and
+TFLOP/s (dense FLOPs = 4 D Hq sum over rows of visible keys). CUDA events, median.
+
+    cpattn bench prefill --out DIR   (or python tools/bench_prefill.py) [--configs 64:131072:4096 ...] [--no-flex]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import progress
+
+
+DEFAULT = ["64:32768:4096", "64:65536:4096", "64:131072:2048", "64:131072:4096", "64:131072:8192",
+           "128:131072:4096"]
+Hq, Hkv, D = 32, 8, 128
+
+
+def events_ms(fn, iters, lib="cupy"):
+    if lib == "torch":
+        import torch
+
+        Ev, sync = (lambda: torch.cuda.Event(enable_timing=True)), None
+    else:
+        import cupy
+
+        Ev = cupy.cuda.Event
+    fn()
+    fn()
+    ts = []
+    for _ in range(iters):
+        a, b = Ev(), Ev()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) if lib == "torch" else __import__("cupy").cuda.get_elapsed_time(a, b))
+    return float(np.median(ts))
+
+
+def plot(rows, path, dev):
+    """Grouped bars per configuration (ms) with the recall of our selection on top."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return
+    series = [("ours sparse", "ours_sparse_ms"), ("ours dense", "ours_dense_ms"), ("SDPA flash", "sdpa_flash_ms"),
+              ("Flex dense", "flex_dense_ms"), ("Flex, our blocks", "flex_sparse_ms")]
+    labels = [f"c{r['block']} P{r['past'] // 1024}K n{r['chunk']}\na{r['alpha']} g{r['group_size']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.5))
+    for k, (name, key) in enumerate(series):
+        ax.bar(x + (k - 2) * 0.16, [r.get(key, float("nan")) for r in rows], 0.16, label=name)
+    for xi, r in zip(x, rows):
+        ax.annotate(f"recall {r['recall_mean']:.3f}", (xi, r["ours_dense_ms"]), ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("time per chunk and layer (ms)")
+    ax.set_title(f"CompactAttention chunked prefill, bf16 Hq32 Hkv8 D128 ({dev})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="cpattn bench prefill", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--configs", nargs="*", default=DEFAULT,
+                    help="chunk_size:past:chunk_len[:alpha[:group_size]] (group_size 0: whole GQA group)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--alpha", type=float, default=0.06)
+    args = ap.parse_args(argv)
+    import cupy
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    from cpattn.cache import GpuChunkCache
+    from cpattn.prefill import GpuBlockMeans, compact_prefill
+    from cpattn.reference.workloads import long_context_qkv
+
+    os.makedirs(args.out, exist_ok=True)
+    cfgs = []
+    for spec in args.configs:
+        f_ = spec.split(":")
+        cfgs.append((int(f_[0]), int(f_[1]), int(f_[2]), float(f_[3]) if len(f_) > 3 else args.alpha,
+                     (int(f_[4]) or None) if len(f_) > 4 else None))
+    total = max(cf[1] + cf[2] for cf in cfgs)
+    dev = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    t0 = time.time()
+    w = long_context_qkv(1, total, Hq, Hkv, D, dtype="bfloat16", needle_len=64, num_needles=16,
+                         needle_queries=16, locality_len=512)
+    print(f"device {dev}; workload of {total} tokens generated in {time.time() - t0:.0f}s", flush=True)
+    flex = None
+    if not args.no_flex:
+        try:
+            from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+            torch._dynamo.config.cache_size_limit = 64
+            flex = torch.compile(flex_attention, dynamic=False)
+        except Exception as e:  # noqa: BLE001
+            print(f"FlexAttention unavailable: {e}")
+    bf = lambda a: torch.from_numpy(np.ascontiguousarray(a)).view(torch.bfloat16).cuda()  # noqa: E731
+    rows = []
+    for i, (c, P, n, alpha, gsz) in enumerate(cfgs):
+        label = f"block {c} past {P} chunk {n} alpha {alpha} group {gsz or Hq // Hkv}"
+        progress(i, len(cfgs), label)
+        S_len = P + n
+        cache = GpuChunkCache(1, Hkv, D, S_len // c + 2, chunk_size=c, dtype="bfloat16", max_sequences=4)
+        seq = cache.add_sequence([])
+        for a in range(0, S_len, 16384):  # in slices: bounded host->device copies
+            b = min(S_len, a + 16384)
+            cache.extend(seq, list(range(a, b)), w.k[:, a:b], w.v[:, a:b])
+        means = GpuBlockMeans(cache)
+        means.update(cache, seq)
+        q = cupy.asarray(w.q[0, P:S_len])
+        r = {"block": c, "past": P, "chunk": n, "alpha": alpha, "group_size": gsz or Hq // Hkv}
+        # ours, sparse with per-stage times
+        stage = {}
+        res = None
+        times = []
+        for it in range(args.iters + 2):
+            ev = []
+            res = compact_prefill(cache, means, seq, q, alpha=alpha, group_size=gsz, events=ev)
+            ev[-1][1].synchronize()
+            if it >= 2:
+                times.append(cupy.cuda.get_elapsed_time(ev[0][1], ev[-1][1]))
+                for (a_, ea), (b_, eb) in zip(ev[:-1], ev[1:]):
+                    stage.setdefault(b_, []).append(cupy.cuda.get_elapsed_time(ea, eb))
+        r["ours_sparse_ms"] = float(np.median(times))
+        for k_, v_ in stage.items():
+            r[f"stage_{k_}_ms"] = float(np.median(v_))
+        dense = compact_prefill(cache, means, seq, q, alpha=0.0, sink=0, window=0)
+        r["ours_dense_ms"] = events_ms(lambda: compact_prefill(cache, means, seq, q, alpha=0.0, sink=0, window=0),
+                                       args.iters)
+        recall = cupy.exp(res.lse - dense.lse)
+        r["recall_mean"], r["recall_min"] = float(recall.mean()), float(recall.min())
+        r.update({f"density_{k_}": v_ for k_, v_ in res.density().items()})
+        indptr, indices = res.tables()
+        own = -(-n // c)
+        r["keys_read_frac"] = len(indices) / (res.num_tables * (P // c + own))
+        dense_flops = 4.0 * D * Hq * (n * P + n * (n + 1) / 2)
+        r["dense_tflop"] = dense_flops / 1e12
+        r["ours_dense_tflops"] = dense_flops / (r["ours_dense_ms"] * 1e-3) / 1e12
+        # peers on materialised K/V
+        qt = torch.from_dlpack(q).view(torch.bfloat16).permute(1, 0, 2).unsqueeze(0)  # [1, Hq, n, D]
+        kt = bf(w.k[0, :S_len]).permute(1, 0, 2).unsqueeze(0).contiguous()  # [1, Hkv, S, D]
+        vt = bf(w.v[0, :S_len]).permute(1, 0, 2).unsqueeze(0).contiguous()
+        mask = causal_lower_right(n, S_len)
+        try:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                fn = lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)  # noqa: E731
+                o_ref = fn()
+                r["sdpa_flash_ms"] = events_ms(fn, args.iters, "torch")
+            o_ours = torch.from_dlpack(dense.o).view(torch.bfloat16).permute(1, 0, 2).unsqueeze(0)
+            r["max_abs_diff_dense_vs_sdpa"] = float((o_ours.float() - o_ref.float()).abs().max())
+        except Exception as e:  # noqa: BLE001
+            r["sdpa_flash_ms"], r["sdpa_error"] = float("nan"), str(e).splitlines()[0][:160]
+        if flex is not None:
+            try:
+                def causal(b, h, q_idx, kv_idx):
+                    return q_idx + P >= kv_idx
+
+                bm = create_block_mask(causal, 1, 1, n, S_len, device="cuda", BLOCK_SIZE=128)
+                fd = lambda: flex(qt, kt, vt, block_mask=bm, enable_gqa=True)  # noqa: E731
+                t1 = time.time()
+                fd()
+                torch.cuda.synchronize()
+                r["flex_compile_s"] = time.time() - t1
+                r["flex_dense_ms"] = events_ms(fd, args.iters, "torch")
+                # our selection as a BlockMask: per query head, per 128-row query block
+                G, nqb, nkb = Hq // Hkv, -(-n // 128), S_len // c + (S_len % c > 0)
+                s_sub = gsz or G
+                kv_num = np.zeros((1, Hq, nqb), np.int32)
+                kv_idx = np.zeros((1, Hq, nqb, nkb), np.int32)
+                pos = {cid: j for j, cid in enumerate(cache.seq_chunks(seq))}
+                for h in range(Hq):
+                    tbl = (h // G) * (G // s_sub) + (h % G) // s_sub
+                    blocks = sorted(pos[int(x)] for x in indices[indptr[tbl]: indptr[tbl + 1]])
+                    for qb in range(nqb):
+                        last_key = P + min(n, (qb + 1) * 128) - 1
+                        sel = [b for b in blocks if b * c <= last_key]
+                        kv_num[0, h, qb] = len(sel)
+                        kv_idx[0, h, qb, :len(sel)] = sel
+                sm = BlockMask.from_kv_blocks(torch.from_numpy(kv_num).cuda(), torch.from_numpy(kv_idx).cuda(),
+                                              BLOCK_SIZE=(128, c), mask_mod=causal, seq_lengths=(n, S_len))
+                fs = lambda: flex(qt, kt, vt, block_mask=sm, enable_gqa=True)  # noqa: E731
+                fs()
+                r["flex_sparse_ms"] = events_ms(fs, args.iters, "torch")
+                o_fs = fs().float()
+                o_sp = torch.from_dlpack(res.o).view(torch.bfloat16).permute(1, 0, 2).unsqueeze(0).float()
+                r["max_abs_diff_sparse_vs_flex_sparse"] = float((o_sp - o_fs).abs().max())
+            except Exception as e:  # noqa: BLE001
+                r["flex_error"] = str(e).splitlines()[0][:200]
+                r.setdefault("flex_dense_ms", float("nan"))
+                r.setdefault("flex_sparse_ms", float("nan"))
+        peers = [r.get(k_, float("nan")) for k_ in ("sdpa_flash_ms", "flex_dense_ms")]
+        best = min([p for p in peers if not math.isnan(p)], default=float("nan"))
+        r["best_dense_peer_ms"] = best
+        r["speedup_sparse_vs_best_dense"] = best / r["ours_sparse_ms"]
+        r["selection_frac"] = (r.get("stage_means_ms", 0) + r.get("stage_score_ms", 0) + r.get("stage_tables_ms", 0)) \
+            / r["ours_sparse_ms"]
+        if not math.isnan(r.get("flex_dense_ms", float("nan"))):
+            r["flex_dense_tflops"] = dense_flops / (r["flex_dense_ms"] * 1e-3) / 1e12
+        rows.append(r)
+        progress(i + 1, len(cfgs), label)
+        print("   " + ", ".join(f"{k_}={v_:.3g}" if isinstance(v_, float) else f"{k_}={v_}" for k_, v_ in r.items()),
+              flush=True)
+        del cache, means, kt, vt
+        cupy.get_default_memory_pool().free_all_blocks()
+        torch.cuda.empty_cache()
+
+    date = datetime.date.today().isoformat()
+    f = lambda r, k_, fmt="{:.2f}": fmt.format(r[k_]) if k_ in r and not (isinstance(r[k_], float) and math.isnan(r[k_])) else "n/a"  # noqa: E731
+    md = [f"## CompactAttention chunked prefill ({dev}, {date})", "",
+          "bf16, Hq 32, Hkv 8, D 128, structured prompt from `long_context_qkv` (seed 1), "
+          "sink 2, window 4, tile = whole chunk; union over `group` query heads (4 = the whole GQA group). "
+          "CUDA events, median of "
+          f"{args.iters}. Generated by `tools/bench_prefill.py`. Times in ms; TFLOP/s count dense causal FLOPs.", "",
+          "| block | past | chunk | alpha | group | ours sparse | (score / tables / kernel) | ours dense | SDPA flash | Flex dense | Flex sparse (our blocks) | sparse vs best dense | density select / q-union / group | keys read | recall mean / min | ours dense TFLOP/s | Flex dense TFLOP/s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['block']} | {r['past']} | {r['chunk']} | {r['alpha']} | {r['group_size']} | {f(r, 'ours_sparse_ms')} | "
+                  f"{f(r, 'stage_score_ms')} / {f(r, 'stage_tables_ms')} / {f(r, 'stage_attention_ms')} | "
+                  f"{f(r, 'ours_dense_ms')} | {f(r, 'sdpa_flash_ms')} | {f(r, 'flex_dense_ms')} | {f(r, 'flex_sparse_ms')} | "
+                  f"{f(r, 'speedup_sparse_vs_best_dense', '{:.2f}x')} | {f(r, 'density_select', '{:.3f}')} / "
+                  f"{f(r, 'density_q_union', '{:.3f}')} / {f(r, 'density_group_union', '{:.3f}')} | "
+                  f"{f(r, 'keys_read_frac', '{:.3f}')} | {f(r, 'recall_mean', '{:.4f}')} / {f(r, 'recall_min', '{:.3f}')} | "
+                  f"{f(r, 'ours_dense_tflops', '{:.0f}')} | {f(r, 'flex_dense_tflops', '{:.0f}')} |")
+    errs = {f"{r['block']}/{r['past']}/{r['chunk']}": {k_: v_ for k_, v_ in r.items() if k_.endswith("error")}
+            for r in rows if any(k_.endswith("error") for k_ in r)}
+    if errs:
+        md += ["", "Peer errors: " + json.dumps(errs)]
+    text = "\n".join(md) + "\n"
+    print(text)
+    with open(os.path.join(args.out, "bench_prefill.md"), "w") as fh:
+        fh.write(text)
+    with open(os.path.join(args.out, "bench_prefill.csv"), "w") as fh:
+        keys = sorted({k_ for r in rows for k_ in r})
+        fh.write(",".join(keys) + "\n")
+        for r in rows:
+            fh.write(",".join(str(r.get(k_, "")) for k_ in keys) + "\n")
+    plot(rows, os.path.join(args.out, "bench_prefill.png"), dev)
+    with open(os.path.join(args.out, "bench_prefill.json"), "w") as fh:
+        json.dump(dict(device=dev, date=date, rows=rows, torch=torch.__version__, cupy=cupy.__version__), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
