@@ -119,7 +119,10 @@ def _jit(fn):
         if compiled is None:
             import numba
 
-            compiled = numba.njit(cache=True, nogil=True)(fn)
+            try:
+                compiled = numba.njit(cache=True, nogil=True)(fn)
+            except RuntimeError:  # no writable cache directory: compile in every process
+                compiled = numba.njit(nogil=True)(fn)
         return compiled(*args)
 
     return call
