@@ -22,20 +22,26 @@ from .kernels import get_kernels
 from .reference.plan import DecodePlan, _jit, check_piece_sizes, plan_base, split_plan
 from .reference.tree import CacheError
 
-ROWS_PER_UNIT = 64
+ROWS_PER_UNIT = 64  # rows of a phase-2 unit (and of phase-1 units when chunk_size is 128)
 THREADS = 128
 
 
+def phase1_rows(chunk_size: int) -> int:
+    """Rows of a phase-1 unit: 128 (32 per warp, two mma tiles per K/V fragment) up to chunk 64."""
+    return 128 if chunk_size <= 64 else ROWS_PER_UNIT
+
+
 def _smem_bytes(head_dim: int, chunk_size: int) -> int:
+    """Dynamic shared memory of chunk_attend: the Q tile (QRows<C>) and two K/V stages."""
     ld = head_dim + 8
-    tiles = (ROWS_PER_UNIT * ld + 4 * chunk_size * ld) * 2
+    tiles = (phase1_rows(chunk_size) * ld + 4 * chunk_size * ld) * 2
     reduce = 4 * (16 * head_dim + 32) * 4 if chunk_size >= 32 else 0
     return max(tiles, reduce)
 
 
 @_jit
 def _units_core(piece_begin, piece_end, piece_chunk_indptr, piece_state_offset, item_pos, item_begin, item_end,
-                private_indptr, path_len, slots, H, group, c, rows_per_unit):
+                private_indptr, path_len, slots, H, group, c, rows_per_unit, rows1):
     """units int32 [U, 9] of ``build_units``, in (entry, tile, kv head) order, then stably
     sorted by chunk count, largest first (a counting sort: counts are small integers)."""
     P, I = len(piece_begin), len(item_pos)
@@ -43,16 +49,16 @@ def _units_core(piece_begin, piece_end, piece_chunk_indptr, piece_state_offset, 
     tiles2 = -(-group // rows_per_unit)
     U = I * tiles2 * H
     for p in range(P):
-        U += -(-(piece_end[p] - piece_begin[p]) * group // rows_per_unit) * H
+        U += -(-(piece_end[p] - piece_begin[p]) * group // rows1) * H
     raw = np.empty((U, 9), np.int32)
     u = 0
-    for p in range(P):  # phase 1: (piece, 64-row tile of range x group, kv head)
+    for p in range(P):  # phase 1: (piece, rows1-row tile of range x group, kv head)
         n_rows = (piece_end[p] - piece_begin[p]) * group
-        for r0 in range(0, n_rows, rows_per_unit):
+        for r0 in range(0, n_rows, rows1):
             for h in range(H):
                 raw[u, 0], raw[u, 1] = piece_chunk_indptr[p], piece_chunk_indptr[p + 1]
                 raw[u, 2], raw[u, 3], raw[u, 4] = -1, 0, piece_begin[p]
-                raw[u, 5], raw[u, 6], raw[u, 7] = r0, min(rows_per_unit, n_rows - r0), h
+                raw[u, 5], raw[u, 6], raw[u, 7] = r0, min(rows1, n_rows - r0), h
                 raw[u, 8] = piece_state_offset[p]
                 u += 1
     num_state_rows = piece_state_offset[P]
@@ -91,15 +97,16 @@ def _units_core(piece_begin, piece_end, piece_chunk_indptr, piece_state_offset, 
 def build_units(plan: DecodePlan, num_kv_heads: int, group: int):
     """Work units of the fused attend launch (see raw_kernels/chunk_attention.cu).
 
-    Returns (units int32 [U, 9], chunk_list int32): phase-1 units for every (piece, 64-row tile
-    of range x group, kv head) and phase-2 units for every (private item, tile, kv head),
+    Returns (units int32 [U, 9], chunk_list int32): phase-1 units for every (piece, tile of
+    ``phase1_rows`` rows of range x group, kv head) and phase-2 units for every (private item, tile, kv head),
     largest first so the long ones start early. Columns: 0, 1 range in chunk_list; 2 slot whose
     length bounds the keys (-1: whole chunks); 3 tokens on the path before the range; 4 first
     batch position; 5, 6 first row and row count of the tile; 7 kv head; 8 first state row.
     """
     units = _units_core(plan.piece_begin, plan.piece_end, plan.piece_chunk_indptr, plan.piece_state_offset,
                         plan.item_pos, plan.item_begin, plan.item_end, plan.private_indptr, plan.path_len,
-                        plan.slots, int(num_kv_heads), int(group), int(plan.chunk_size), ROWS_PER_UNIT)
+                        plan.slots, int(num_kv_heads), int(group), int(plan.chunk_size), ROWS_PER_UNIT,
+                        phase1_rows(int(plan.chunk_size)))
     return units, np.concatenate([plan.piece_chunks, plan.private_chunks]).astype(np.int32)
 
 
@@ -120,7 +127,7 @@ def plan_host(cache, seqs, num_q_heads: int, piece_chunks="auto", private_piece_
     check_piece_sizes(None if pc == "auto" else pc, None if ppc == "auto" else ppc)
     base = plan_base(cache, seqs)
     if pc == "auto" or ppc == "auto":  # about units_per_sm units per SM (chunk reads per unit <= cap)
-        tiles1 = -(-(base["seg_end"] - base["seg_begin"]).astype(np.int64) * group // ROWS_PER_UNIT)
+        tiles1 = -(-(base["seg_end"] - base["seg_begin"]).astype(np.int64) * group // phase1_rows(cache.chunk_size))
         work = (int(np.dot(np.diff(base["seg_chunk_indptr"]), tiles1)) + int(base["private_indptr"][-1])
                 * -(-group // ROWS_PER_UNIT)) * H
         cap = max(1, math.ceil(work / (units_per_sm * num_sms)))

@@ -27,17 +27,16 @@ enum {
   U_LEN_MINUS,
   U_POS_BEGIN,    // batch position (DFS order) of row 0 of the unit's row space
   U_ROW0,         // first row of this unit within that row space
-  U_ROW_COUNT,    // rows in this unit (<= 64)
+  U_ROW_COUNT,    // rows in this unit (<= 64; phase-1 units <= 128 when C <= 64)
   U_KVH,          // kv head
   U_OUT_BASE,     // state row of the row space's first sequence
   kUnitFields
 };
 
-template <typename T, int D, int C>
-struct AttendSmem {
-  static constexpr int LD = D + 8;
-  static constexpr int bytes = (kRows * LD + 4 * C * LD) * 2;
-  static constexpr int reduce_bytes = 4 * (16 * D + 32) * 4;
+// Phase-1 units of more than 64 rows (C <= 64) take the 128-row tile of attend_step_rt2.
+template <int C>
+struct QRows {
+  static constexpr int value = C <= 64 ? 128 : kRows;
 };
 
 template <typename T, int D, int C, int KS>
@@ -130,7 +129,42 @@ __device__ __forceinline__ void attend_unit(
   }
 }
 
-// One block per unit. Dynamic shared memory: AttendSmem<T, D, C>::bytes.
+// A phase-1 unit of up to 128 rows (4 warps x 32): the compute-heavy case (many sequences x
+// query heads on one shared piece), where feeding two mma tiles per K/V fragment pays.
+template <typename T, int D, int C>
+__device__ __forceinline__ void attend_unit_rt2(
+    const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
+    const int* __restrict__ chunk_list, int cb, int nk, int kvh, int num_kv_heads,
+    const T* sQ, T* sK, T* sV, float scale_log2, float (&o)[2][D / 8][4], float (&m)[2][2], float (&l)[2][2]) {
+  constexpr int LD = D + 8;
+  const int tid = threadIdx.x;
+  const int nchunks = (nk + C - 1) / C;
+  const int lim[2][2] = {{kNoLimit, kNoLimit}, {kNoLimit, kNoLimit}};
+  auto page = [&](int i) { return layer_page0 + (long long)chunk_list[cb + i] * num_kv_heads + kvh; };
+  {
+    const long long p = page(0);
+    load_page<T, D, C>(k_pool + p * C * D, v_pool + p * C * D, sK, sV, min(C, nk), tid);
+  }
+  cp_async_commit();
+  for (int i = 0; i < nchunks; ++i) {
+    if (i + 1 < nchunks) {
+      const long long p = page(i + 1);
+      const int st = (i + 1) & 1;
+      load_page<T, D, C>(k_pool + p * C * D, v_pool + p * C * D, sK + st * C * LD, sV + st * C * LD,
+                         min(C, nk - (i + 1) * C), tid);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const int valid = min(C, nk - i * C);
+    attend_step_rt2<T, D, C>(sQ, sK + (i & 1) * C * LD, sV + (i & 1) * C * LD, valid, 0, lim, valid == C,
+                             scale_log2, o, m, l);
+    __syncthreads();
+  }
+}
+
+// One block per unit. Dynamic shared memory: (QRows<C> + 4 C) (D + 8) halves (and at least the
+// key-split reduction area); see _smem_bytes in cpattn/decode.py.
 template <typename T, int D, int C>
 __global__ void __launch_bounds__(kThreads) chunk_attend(
     const T* __restrict__ q,        // [batch, Hq, D] caller order
@@ -146,8 +180,9 @@ __global__ void __launch_bounds__(kThreads) chunk_attend(
     int num_q_heads, int num_kv_heads, int group, float scale_log2) {
   constexpr int LD = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr int QR = QRows<C>::value;
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + kRows * LD;
+  T* sK = sQ + QR * LD;
   T* sV = sK + 2 * C * LD;
   const int* u = units + (long long)blockIdx.x * kUnitFields;
   const int cb = u[U_CHUNK_BEGIN], ce = u[U_CHUNK_END], len_slot = u[U_LEN_SLOT];
@@ -156,7 +191,7 @@ __global__ void __launch_bounds__(kThreads) chunk_attend(
   const int nk = len_slot < 0 ? (ce - cb) * C : slot_lens[len_slot] - u[U_LEN_MINUS];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
-  for (int i = tid; i < kRows * (D / 8); i += kThreads) {  // Q rows; zeros past row_count
+  for (int i = tid; i < QR * (D / 8); i += kThreads) {  // Q rows; zeros past row_count
     const int r = i / (D / 8), c = (i % (D / 8)) * 8;
     if (r < row_count) {
       const int gr = row0 + r;
@@ -165,6 +200,38 @@ __global__ void __launch_bounds__(kThreads) chunk_attend(
     } else {
       *reinterpret_cast<uint4*>(sQ + r * LD + c) = make_uint4(0, 0, 0, 0);
     }
+  }
+
+  if (QR > kRows && row_count > kRows) {  // 65-128 rows: the two-tile path
+    float o2[2][D / 8][4];
+#pragma unroll
+    for (int tt = 0; tt < 2; ++tt)
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) o2[tt][n][0] = o2[tt][n][1] = o2[tt][n][2] = o2[tt][n][3] = 0.f;
+    float m2[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, l2[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+    attend_unit_rt2<T, D, C>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sQ, sK, sV,
+                             scale_log2, o2, m2, l2);
+    const float kLn2 = 0.6931471805599453f;
+#pragma unroll
+    for (int tt = 0; tt < 2; ++tt) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const float l = quad_sum(l2[tt][hh]);
+        const int r = warp * 32 + tt * 16 + (lane >> 2) + hh * 8;
+        if (r >= row_count) continue;
+        const int gr = row0 + r;
+        const long long srow = (long long)(out_base + gr / group) * num_q_heads + kvh * group + gr % group;
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        float* dst = o_states + srow * D;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          const int col = n * 8 + (lane & 3) * 2;
+          *reinterpret_cast<float2*>(dst + col) = make_float2(o2[tt][n][2 * hh] * inv, o2[tt][n][2 * hh + 1] * inv);
+        }
+        if ((lane & 3) == 0) lse_states[srow] = l > 0.f ? (m2[tt][hh] + log2f(l)) * kLn2 : -INFINITY;
+      }
+    }
+    return;
   }
 
   float o[D / 8][4];

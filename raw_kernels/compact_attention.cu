@@ -282,7 +282,6 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
     float scale_log2, T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
   constexpr int LD = D + 8;
   constexpr int TK = PrefillSmem<D, C>::TK;  // keys per pipeline step
-  constexpr int NB = TK;                      // keys per sub-block
   constexpr int SUB = C / TK;                 // steps per page
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [128][LD]
@@ -356,93 +355,7 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
     const int valid = step_valid(i);
     // every key of this step visible to every row of the unit: skip the per-key mask
     const bool full = valid == TK && (i + 1) * TK <= lim_min;
-#pragma unroll
-    for (int key0 = 0; key0 < TK; key0 += NB) {
-      if (key0 >= valid) break;
-      float sc[2][NB / 8][4];
-#pragma unroll
-      for (int tt = 0; tt < 2; ++tt)
-#pragma unroll
-        for (int j = 0; j < NB / 8; ++j) sc[tt][j][0] = sc[tt][j][1] = sc[tt][j][2] = sc[tt][j][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        u32 a0[4], a1[4];
-        ldmatrix_x4(a0, smem_addr(sQ + (warp * 32 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8));
-        ldmatrix_x4(a1, smem_addr(sQ + (warp * 32 + 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-        for (int j = 0; j < NB / 16; ++j) {
-          u32 b[4];
-          ldmatrix_x4(b, smem_addr(ks_ + (key0 + j * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 +
-                                   ((lane >> 3) & 1) * 8));
-          mma16816<T>(sc[0][2 * j], a0, b[0], b[1]);
-          mma16816<T>(sc[0][2 * j + 1], a0, b[2], b[3]);
-          mma16816<T>(sc[1][2 * j], a1, b[0], b[1]);
-          mma16816<T>(sc[1][2 * j + 1], a1, b[2], b[3]);
-        }
-      }
-#pragma unroll
-      for (int tt = 0; tt < 2; ++tt) {
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < NB / 8; ++j) {
-          if (!full) {  // only boundary steps need the per-key mask
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int key = key0 + j * 8 + (lane & 3) * 2 + (e & 1);
-              if (!(key < valid && i * TK + key < lim[tt][e >> 1])) sc[tt][j][e] = -INFINITY;
-            }
-          }
-          mx0 = fmaxf(mx0, fmaxf(sc[tt][j][0], sc[tt][j][1]));
-          mx1 = fmaxf(mx1, fmaxf(sc[tt][j][2], sc[tt][j][3]));
-        }
-        // raw scores until here; scale_log2 > 0 keeps the order, so the max scales too
-        mx0 *= scale_log2;
-        mx1 *= scale_log2;
-        mx0 = quad_max(mx0);
-        mx1 = quad_max(mx1);
-        const float mn0 = fmaxf(m[tt][0], mx0), mn1 = fmaxf(m[tt][1], mx1);
-        const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
-        const float c0 = exp2f(m[tt][0] - base0), c1 = exp2f(m[tt][1] - base1);
-        m[tt][0] = mn0;
-        m[tt][1] = mn1;
-        l[tt][0] *= c0;
-        l[tt][1] *= c1;
-#pragma unroll
-        for (int nn = 0; nn < D / 8; ++nn) {
-          o[tt][nn][0] *= c0; o[tt][nn][1] *= c0; o[tt][nn][2] *= c1; o[tt][nn][3] *= c1;
-        }
-#pragma unroll
-        for (int j = 0; j < NB / 8; ++j) {
-          sc[tt][j][0] = fast_exp2(fmaf(sc[tt][j][0], scale_log2, -base0));
-          sc[tt][j][1] = fast_exp2(fmaf(sc[tt][j][1], scale_log2, -base0));
-          sc[tt][j][2] = fast_exp2(fmaf(sc[tt][j][2], scale_log2, -base1));
-          sc[tt][j][3] = fast_exp2(fmaf(sc[tt][j][3], scale_log2, -base1));
-          l[tt][0] += sc[tt][j][0] + sc[tt][j][1];
-          l[tt][1] += sc[tt][j][2] + sc[tt][j][3];
-        }
-      }
-#pragma unroll
-      for (int kk = 0; kk < NB / 16; ++kk) {
-        u32 pa[2][4];
-#pragma unroll
-        for (int tt = 0; tt < 2; ++tt) {
-          pa[tt][0] = Pack<T>::two(sc[tt][2 * kk][0], sc[tt][2 * kk][1]);
-          pa[tt][1] = Pack<T>::two(sc[tt][2 * kk][2], sc[tt][2 * kk][3]);
-          pa[tt][2] = Pack<T>::two(sc[tt][2 * kk + 1][0], sc[tt][2 * kk + 1][1]);
-          pa[tt][3] = Pack<T>::two(sc[tt][2 * kk + 1][2], sc[tt][2 * kk + 1][3]);
-        }
-#pragma unroll
-        for (int np = 0; np < D / 16; ++np) {
-          u32 b[4];
-          ldmatrix_x4_trans(b, smem_addr(vs_ + (key0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
-                                         np * 16 + (lane >> 4) * 8));
-          mma16816<T>(o[0][2 * np], pa[0], b[0], b[1]);
-          mma16816<T>(o[0][2 * np + 1], pa[0], b[2], b[3]);
-          mma16816<T>(o[1][2 * np], pa[1], b[0], b[1]);
-          mma16816<T>(o[1][2 * np + 1], pa[1], b[2], b[3]);
-        }
-      }
-    }
+    attend_step_rt2<T, D, TK>(sQ, ks_, vs_, valid, i * TK, lim, full, scale_log2, o, m, l);
     __syncthreads();
   }
   const float kLn2 = 0.6931471805599453f;

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cpattn.decode import ROWS_PER_UNIT, build_units, plan_host
+from cpattn.decode import ROWS_PER_UNIT, build_units, phase1_rows, plan_host
 from cpattn.reference.plan import DecodePlan, build_decode_plan, split_plan
 from cpattn.reference.tree import CacheError, ChunkCache
 from cpattn.reference.workloads import prefix_tree_prompts, shared_prefix_prompts
@@ -183,24 +183,25 @@ def old_build_units(plan: DecodePlan, num_kv_heads: int, group: int):
     chunk_list = np.concatenate([plan.piece_chunks, plan.private_chunks]).astype(np.int32)
     off2 = len(plan.piece_chunks)
 
-    def expand(n_rows, cols):
-        """One row per (entry, 64-row tile, kv head); cols: per-entry columns (tile/head filled in)."""
-        tiles = -(-n_rows // ROWS_PER_UNIT)
+    def expand(n_rows, cols, rows=ROWS_PER_UNIT):
+        """One row per (entry, row tile, kv head); cols: per-entry columns (tile/head filled in)."""
+        tiles = -(-n_rows // rows)
         e = np.repeat(np.arange(len(n_rows)), tiles * H)
         k = np.arange(len(e)) - np.repeat(np.cumsum(tiles * H) - tiles * H, tiles * H)
-        r0 = (k // H) * ROWS_PER_UNIT
+        r0 = (k // H) * rows
         out = np.empty((len(e), 9), np.int64)
         for f, col in cols.items():
             out[:, f] = col[e]
         out[:, 5] = r0
-        out[:, 6] = np.minimum(ROWS_PER_UNIT, n_rows[e] - r0)
+        out[:, 6] = np.minimum(rows, n_rows[e] - r0)
         out[:, 7] = k % H
         return out
 
     P, I = plan.num_pieces, plan.num_items
     n1 = (plan.piece_end - plan.piece_begin).astype(np.int64) * group
     u1 = expand(n1, {0: plan.piece_chunk_indptr[:-1], 1: plan.piece_chunk_indptr[1:], 2: np.full(P, -1),
-                     3: np.zeros(P, np.int64), 4: plan.piece_begin, 8: plan.piece_state_offset[:-1]})
+                     3: np.zeros(P, np.int64), 4: plan.piece_begin, 8: plan.piece_state_offset[:-1]},
+                rows=phase1_rows(c))  # phase 1: 128-row tiles up to chunk 64
     # phase 2: keys of an item = slot_lens[slot] - (tokens on the path before the item); only
     # a position's last item reads the length, the others are whole chunks
     pos = plan.item_pos
@@ -221,7 +222,7 @@ def old_plan_host(cache, seqs, num_q_heads, pc="auto", ppc="auto", units_per_sm=
     auto = pc == "auto" or ppc == "auto"
     plan = old_build_decode_plan(cache, seqs, None if pc == "auto" else pc, None if ppc == "auto" else ppc)
     if auto:
-        tiles1 = -(-(plan.seg_end - plan.seg_begin).astype(np.int64) * group // ROWS_PER_UNIT)
+        tiles1 = -(-(plan.seg_end - plan.seg_begin).astype(np.int64) * group // phase1_rows(cache.chunk_size))
         work = (int((np.diff(plan.seg_chunk_indptr) * tiles1).sum()) + int(plan.private_indptr[-1])
                 * -(-group // ROWS_PER_UNIT)) * cache.num_kv_heads
         cap = max(1, math.ceil(work / (units_per_sm * sms)))
