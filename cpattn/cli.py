@@ -142,8 +142,8 @@ def main(argv=None) -> int:
     d.add_argument("--check-requests", type=int, default=4,
                    help="requests per wave compared with a dense no-cache model (the slow part on a CPU)")
     b = sub.add_parser("bench", help="GPU benchmarks vs PyTorch peers: table, CSV, JSON and PNG under --out",
-                       description="cpattn bench decode|prefill [options]; run 'cpattn bench decode --help'.")
-    b.add_argument("which", choices=("decode", "prefill"))
+                       description="cpattn bench decode|prefill|serving [options]; run 'cpattn bench decode --help'.")
+    b.add_argument("which", choices=("decode", "prefill", "serving"))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)")
     args = p.parse_args(argv)
     if args.command == "demo":
@@ -157,6 +157,8 @@ def main(argv=None) -> int:
             return 2
         if args.which == "decode":
             from .bench.decode import main as bench_main
+        elif args.which == "serving":
+            from .bench.serving import main as bench_main
         else:
             from .bench.prefill import main as bench_main
         bench_main(args.rest)

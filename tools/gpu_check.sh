@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check in as few device calls as possible: install from source, then the chosen steps.
 # Full logs go to $OUT (or ./gpu_out); a short summary is printed last.
-#   tools/gpu_check.sh [tests] [sanitize] [bench-decode] [bench-prefill] [soak] [all]  (default: all)
+#   tools/gpu_check.sh [tests] [sanitize] [bench-decode] [bench-prefill] [soak] [serving] [all]  (default: all)
 # A device call is limited to 10 minutes: "tests sanitize" fit in one, each benchmark in one.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -33,5 +33,10 @@ fi
 if has soak; then
   timeout 400 python3 tools/soak.py --backend cupy --ops ${SOAK_OPS:-10000} --out "$OUT/soak.json" 2>&1 | tee "$OUT/soak.log" | tail -15
   summary+=("soak: $(tail -1 "$OUT/soak.log")")
+fi
+if has serving; then  # the serving example end to end: cpattn pipeline vs the same pipeline on torch SDPA
+  timeout 400 python3 -m cpattn bench serving --out "$OUT" ${SERVING_ARGS:-} 2>&1 | tee "$OUT/bench_serving.log" | tail -25
+  rc=${PIPESTATUS[0]}
+  summary+=("bench serving: exit $rc; $(ls "$OUT"/bench_serving.md 2>/dev/null || echo missing)")
 fi
 echo "==== summary"; printf '%s\n' "${summary[@]}"

@@ -480,7 +480,15 @@ class Server:
         num_chunks: pool capacity in chunks (the pool never grows; LRU eviction makes room).
         chunk_size: tokens per chunk = CompactAttention block size.
         prefill_chunk: tokens per prefill chunk, a multiple of ``chunk_size``.
-        backend: "numpy", "cupy" or "auto".
+        backend: "numpy", "cupy" or "auto"; or a pluggable backend object that brings its own
+            cache: ``backend.cache`` (the chunk-tree cache's methods that the server calls:
+            ``add_sequence``, ``reserve``, ``reserve_batch``, ``write_kv``, ``commit``,
+            ``release``, ``seq_len``, ``seq_chunks``, ``stats``, ``num_free``, ``num_cached``,
+            ``num_referenced``, ``num_chunks``, ``_cached``), ``prefill`` and ``decode`` (the two
+            methods above), a ``stats`` attribute (``AttentionStats``), and optionally ``name``,
+            ``label`` (the report's backend name) and ``sync()`` (waits for the device before a
+            timer stops). ``num_chunks`` and ``options`` are then unused
+            (``cpattn.bench.serving`` plugs in a torch SDPA backend this way).
         options: CompactAttention options; ``measure_recall`` compares every prefill chunk with
             the float64 dense oracle (slower; off for timing).
         trace: keep a line per event (admission, decode step, release, eviction) in ``log``.
@@ -494,8 +502,11 @@ class Server:
                              f"got {prefill_chunk}")
         cfg = model.config
         self.model, self.chunk_size, self.prefill_chunk, self.max_batch = model, chunk_size, prefill_chunk, max_batch
-        self.backend_name = resolve_backend(backend)
-        if self.backend_name == "cupy":
+        self.backend_name = resolve_backend(backend) if isinstance(backend, str) else \
+            str(getattr(backend, "name", type(backend).__name__))
+        if not isinstance(backend, str):  # a pluggable backend with its own cache
+            self.cache, self.backend = backend.cache, backend
+        elif self.backend_name == "cupy":
             from ..cache import GpuChunkCache
 
             self.cache = GpuChunkCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_chunks,
@@ -597,7 +608,10 @@ class Server:
             r.output.append(t)
 
     def _sync(self):
-        if self.backend_name == "cupy":
+        sync = getattr(self.backend, "sync", None)
+        if sync is not None:  # a pluggable backend says how to wait for its device
+            sync()
+        elif self.backend_name == "cupy":
             import cupy
 
             cupy.cuda.get_current_stream().synchronize()
@@ -663,7 +677,8 @@ class Server:
 
         st = self.backend.stats
         return ServingReport(
-            backend="CUDA kernels" if self.backend_name == "cupy" else "NumPy reference",
+            backend=getattr(self.backend, "label", None)
+            or ("CUDA kernels" if self.backend_name == "cupy" else "NumPy reference"),
             requests=len(todo), prompt_tokens=sum(len(r.prompt) for r in todo),
             prefill_reused=sum(r.reused for r in todo), prefill_computed=sum(r.computed for r in todo),
             prefill_chunks=self._n_chunks, prefill_s=t_pre, decode_steps=steps, decode_tokens=dec_tokens,

@@ -1,0 +1,810 @@
+#!/usr/bin/env python3
+"""Serving benchmark: the serving example end to end, cpattn vs the same pipeline on torch SDPA.
+
+One model (``TinyLM`` on CuPy, default 4 layers, hidden 1024, GQA 32/8, D 128, float16), one
+workload (64 requests sharing a 2048-token system prompt, 512 own prompt tokens each, 128 decode
+steps with all requests in one batch) and one serving loop (``Server``: admission, prefill,
+batched decode, release). Only the KV cache and the attention call differ:
+
+  cpattn      ``GpuChunkCache`` (prefix reuse: the system prompt is prefilled once),
+              CompactAttention chunked prefill, ChunkAttention decode (``GpuBackend``);
+              once per ``--alphas`` value (alpha 0 reads every block: dense)
+  torch SDPA  a static per-request K/V cache in torch tensors (``FlatKVCache``: [requests, Hkv,
+              max_len, D] per layer, no sharing), every prompt prefilled whole with
+              ``F.scaled_dot_product_attention(..., is_causal=True)``, decode batched over the
+              requests' own contiguous K/V (padded, with a key mask only when lengths differ)
+              (``TorchSdpaBackend``); q/k/v/o cross between CuPy and torch by DLPack, no copies
+
+Measured: decode step time (synchronized wall time of a whole step: model, cache writes and
+attention for every layer; median over the steps after ``--warmup-steps``), prefill time per
+prompt token and per computed token, prefill tokens skipped by reuse, tokens stored at peak vs
+a flat cache, and the generated tokens of each cpattn run compared with torch SDPA's (at alpha 0
+they must agree: the fraction is reported, and the run fails below ``--min-agreement``).
+Writes a markdown section (BENCHMARKS.md), CSV, JSON and a PNG plot under ``--out``.
+
+    cpattn bench serving --out DIR [--requests 64 --system-len 2048 --own-len 512 --decode-steps 128]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import progress
+
+PIPELINE_CPATTN, PIPELINE_SDPA = "cpattn", "torch SDPA"
+
+
+# ============================================================================ arguments
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="cpattn bench serving", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--system-len", type=int, default=2048, help="tokens of the shared system prompt")
+    ap.add_argument("--own-len", type=int, default=512, help="own prompt tokens of each request")
+    ap.add_argument("--decode-steps", type=int, default=128,
+                    help="decode steps per request (each generates decode-steps + 1 tokens: the first "
+                         "comes from the prefill)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--q-heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=256)
+    ap.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    ap.add_argument("--chunk-size", type=int, default=64, help="cpattn chunk = CompactAttention block")
+    ap.add_argument("--prefill-chunk", type=int, default=512, help="cpattn prefill chunk (tokens)")
+    ap.add_argument("--sdpa-prefill-chunk", type=int, default=0,
+                    help="torch SDPA prefill chunk; 0 (default): the whole prompt in one is_causal call")
+    ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.06],
+                    help="cpattn runs, one per CompactAttention alpha (0: every block, the dense comparison)")
+    ap.add_argument("--warmup-steps", type=int, default=3, help="decode steps left out of the median")
+    ap.add_argument("--min-agreement", type=float, default=0.9,
+                    help="lowest acceptable share of generated tokens equal between cpattn at alpha 0 and "
+                         "torch SDPA (position by position); below it the run exits 1")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: NumPy reference pipeline and torch on the CPU (a smoke test of this "
+                         "script; its times mean nothing)")
+    a = ap.parse_args(argv)
+    for name in ("requests", "system_len", "own_len", "decode_steps", "layers", "chunk_size", "prefill_chunk"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(a, name)}")
+    if a.prefill_chunk % a.chunk_size:
+        ap.error(f"--prefill-chunk: expected a multiple of --chunk-size {a.chunk_size}, got {a.prefill_chunk}")
+    if a.sdpa_prefill_chunk < 0 or a.sdpa_prefill_chunk % a.chunk_size:
+        ap.error(f"--sdpa-prefill-chunk: expected 0 or a multiple of --chunk-size {a.chunk_size}, "
+                 f"got {a.sdpa_prefill_chunk}")
+    if a.warmup_steps < 0 or a.warmup_steps >= a.decode_steps:
+        ap.error(f"--warmup-steps: expected 0 to {a.decode_steps - 1}, got {a.warmup_steps}")
+    a.alphas = list(dict.fromkeys(float(x) for x in a.alphas))  # one run per distinct alpha
+    return a
+
+
+def model_config(args):
+    from ..examples.serving import ModelConfig
+
+    return ModelConfig(vocab_size=args.vocab, num_layers=args.layers, hidden=args.hidden, num_q_heads=args.q_heads,
+                       num_kv_heads=args.kv_heads, head_dim=args.head_dim, mlp_hidden=2 * args.hidden,
+                       dtype=args.dtype)
+
+
+def shared_prompt_workload(seed: int, requests: int, system_len: int, own_len: int, decode_steps: int,
+                           vocab: int) -> list:
+    """[(prompt, max_new_tokens)]: one random system prompt + ``own_len`` random tokens per request;
+    ``decode_steps + 1`` new tokens each (the first from the prefill, the rest one per step)."""
+    rng = np.random.default_rng(seed)
+    system = rng.integers(0, vocab, system_len).tolist()
+    return [(system + rng.integers(0, vocab, own_len).tolist(), decode_steps + 1) for _ in range(requests)]
+
+
+# ============================================================================ torch: cache and backend
+def to_torch(x, dtype: str):
+    """A storage-dtype NumPy/CuPy array as a torch tensor, zero copy through DLPack (bf16 bits travel
+    as int16: NumPy and CuPy have no bfloat16)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x
+    if dtype == "bfloat16":
+        return torch.from_dlpack(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_dlpack(x)
+
+
+def from_torch(t, xp, dtype: str):
+    """A torch tensor as an ``xp`` (NumPy or CuPy) array of the storage dtype, zero copy (DLPack)."""
+    import torch
+
+    if dtype == "bfloat16":
+        return xp.from_dlpack(t.view(torch.int16)).view(np.uint16)
+    return xp.from_dlpack(t)
+
+
+class FlatSlots:
+    """Where a reservation's tokens go: per token a cache row and a position in it."""
+
+    def __init__(self, rows: list, pos: list, device):
+        import torch
+
+        self.rows, self.pos = rows, pos
+        b = len(rows)
+        self.row_range = rows[0] if rows == list(range(rows[0], rows[0] + b)) else None
+        self.one_row = len(set(rows)) == 1 and pos == list(range(pos[0], pos[0] + b))
+        self.same_pos = len(set(pos)) == 1
+        self._rows_t = self._pos_t = None
+        self._device, self._torch = device, torch
+
+    def index(self):
+        """Device index tensors (rows, positions), made once per reservation."""
+        if self._rows_t is None:
+            self._rows_t = self._torch.tensor(self.rows, dtype=self._torch.int64, device=self._device)
+            self._pos_t = self._torch.tensor(self.pos, dtype=self._torch.int64, device=self._device)
+        return self._rows_t, self._pos_t
+
+
+class FlatKVCache:
+    """What a PyTorch user would write first: a static per-request K/V cache (as HF's StaticCache).
+
+    Per layer, ``k[layer]`` and ``v[layer]`` are torch tensors [num_slots, Hkv, max_len, D] of
+    the storage dtype, allocated up front; each live sequence owns one row and its K/V are
+    contiguous in it, no sharing: a shared system prompt is stored (and prefilled) once per
+    request. It has the methods ``Server`` calls on a chunk-tree cache; "chunks" are
+    ``chunk_size``-token pieces of the rows (admission accounting only), and nothing is ever
+    cached after release (``num_cached`` 0). ``Server.max_batch`` at most ``num_slots`` keeps
+    admission from asking for a row when none is free.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_slots: int, max_len: int,
+                 chunk_size: int = 64, dtype: str = "float16", device="cuda"):
+        import torch
+
+        from ..reference.dtypes import check_dtype_name
+
+        self.torch = torch
+        self.num_layers, self.num_kv_heads, self.head_dim = int(num_layers), int(num_kv_heads), int(head_dim)
+        self.num_slots, self.chunk_size = int(num_slots), int(chunk_size)
+        self.dtype = check_dtype_name(dtype)
+        self.max_len = -(-int(max_len) // self.chunk_size) * self.chunk_size
+        self.chunks_per_row = self.max_len // self.chunk_size
+        self.num_chunks = self.num_slots * self.chunks_per_row
+        self.device = torch.device(device)
+        tdt = torch.float16 if self.dtype == "float16" else torch.bfloat16
+        shape = (self.num_slots, self.num_kv_heads, self.max_len, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=tdt, device=self.device) for _ in range(self.num_layers)]
+        self.v = [torch.zeros(shape, dtype=tdt, device=self.device) for _ in range(self.num_layers)]
+        self._free_rows = list(range(self.num_slots - 1, -1, -1))  # pop() gives the lowest row
+        self._seqs: dict[int, list] = {}  # seq -> [row, tokens]
+        self._cached: dict = {}  # the server's LRU view of cached prefixes: none here
+        self._next_id = 0
+        self.version = 0
+
+    # ---------------------------------------------------------------- introspection
+    @property
+    def sequences(self) -> list[int]:
+        return list(self._seqs)
+
+    def seq_len(self, seq: int) -> int:
+        return self._seqs[seq][1]
+
+    def row(self, seq: int) -> int:
+        return self._seqs[seq][0]
+
+    def seq_chunks(self, seq: int) -> list[int]:
+        row, n = self._seqs[seq]
+        return list(range(row * self.chunks_per_row, row * self.chunks_per_row + -(-n // self.chunk_size)))
+
+    @property
+    def num_referenced(self) -> int:
+        return sum(-(-n // self.chunk_size) for _, n in self._seqs.values())
+
+    @property
+    def num_free(self) -> int:
+        return self.num_chunks - self.num_referenced
+
+    @property
+    def num_cached(self) -> int:
+        return 0
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+
+    def stats(self) -> dict:
+        flat = sum(n for _, n in self._seqs.values())
+        return dict(sequences=len(self._seqs), chunks_free=self.num_free, chunks_cached=0,
+                    chunks_referenced=self.num_referenced, tokens_stored=flat, tokens_flat=flat,
+                    tokens_allocated=self.num_slots * self.max_len)
+
+    # ---------------------------------------------------------------- sequences
+    def add_sequence(self, tokens=(), *, max_match: int | None = None) -> int:
+        """A new sequence in a free row; nothing is reused (``seq_len`` 0)."""
+        from ..reference.tree import CacheFullError
+
+        if not self._free_rows:
+            raise CacheFullError(f"flat cache: all {self.num_slots} rows are in use")
+        sid, self._next_id = self._next_id, self._next_id + 1
+        self._seqs[sid] = [self._free_rows.pop(), 0]
+        self.version += 1
+        return sid
+
+    def _grow(self, seq: int, n: int) -> tuple[int, int]:
+        from ..reference.tree import CacheFullError
+
+        row, start = self._seqs[seq]
+        if start + n > self.max_len:
+            raise CacheFullError(f"flat cache: sequence {seq} would hold {start + n} tokens, rows hold {self.max_len}")
+        self._seqs[seq][1] = start + n
+        return row, start
+
+    def reserve(self, seq: int, tokens) -> FlatSlots:
+        n = len(tokens)
+        row, start = self._grow(seq, n)
+        self.version += 1
+        return FlatSlots([row] * n, list(range(start, start + n)), self.device)
+
+    def reserve_batch(self, seqs, tokens) -> FlatSlots:
+        rows, pos = [], []
+        for s in seqs:
+            row, start = self._grow(int(s), 1)
+            rows.append(row)
+            pos.append(start)
+        self.version += 1
+        return FlatSlots(rows, pos, self.device)
+
+    def write_kv(self, layer: int, slots: FlatSlots, k, v) -> None:
+        """k, v [n, Hkv, D] (storage dtype: NumPy, CuPy or torch) into their rows and positions."""
+        for pool, x in ((self.k[layer], k), (self.v[layer], v)):
+            t = to_torch(x, self.dtype)
+            if slots.one_row:  # a prefill chunk: one slice copy
+                pool[slots.rows[0], :, slots.pos[0]:slots.pos[0] + t.shape[0]].copy_(t.transpose(0, 1))
+            elif slots.row_range is not None and slots.same_pos:  # a decode step in lockstep
+                pool[slots.row_range:slots.row_range + t.shape[0], :, slots.pos[0]].copy_(t)
+            else:
+                rows, pos = slots.index()
+                pool[rows, :, pos] = t  # index_put_: value [n, Hkv, D]
+
+    def commit(self, seq: int) -> None:
+        if seq not in self._seqs:
+            raise KeyError(f"seq: no live sequence {seq}")
+
+    def release(self, seq: int) -> None:
+        row, _ = self._seqs.pop(seq)
+        self._free_rows.append(row)
+        self._free_rows.sort(reverse=True)
+        self.version += 1
+
+
+class TorchSdpaBackend:
+    """The serving example's two attention methods on torch SDPA over a ``FlatKVCache``.
+
+    prefill: the chunk's queries against the sequence's own K/V rows; ``is_causal=True`` when the
+    chunk is the whole prompt so far (the default: every prompt prefilled in one call), a
+    lower-right causal boolean mask otherwise. decode: one batched call over the running
+    sequences' rows, a view of the cache when the rows are consecutive (a copy of the rows
+    otherwise), padded to the longest, with a key mask only when lengths differ. GQA through
+    ``enable_gqa``. Inputs and outputs are NumPy/CuPy storage-dtype arrays exchanged with torch
+    by DLPack (no copies); the model around it is unchanged.
+    """
+
+    name = "torch-sdpa"
+    label = "torch SDPA"
+
+    def __init__(self, cache: FlatKVCache, xp, num_q_heads: int):
+        import torch
+        import torch.nn.functional as F
+
+        from ..examples.serving import AttentionStats
+
+        self.cache, self.xp, self.torch, self.F = cache, xp, torch, F
+        self.num_q_heads = int(num_q_heads)
+        self.gqa = dict(enable_gqa=True) if num_q_heads != cache.num_kv_heads else {}
+        self.stats = AttentionStats(cache.num_layers)
+        self.masked_calls = self.gathered_calls = 0
+        self._batch_key, self._batch = None, None
+        self._prefill_key, self._prefill_mask = None, None
+
+    def sync(self) -> None:
+        if self.cache.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def prefill(self, seq: int, q, layer: int):
+        """q [n, Hq, D] (the sequence's last n tokens, K/V written) -> o [n, Hq, D] storage dtype."""
+        c, torch = self.cache, self.torch
+        row, total = c.row(seq), c.seq_len(seq)
+        n = q.shape[0]
+        start = total - n
+        qt = to_torch(q, c.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+        k, v = c.k[layer][row:row + 1, :, :total], c.v[layer][row:row + 1, :, :total]  # [1, Hkv, total, D]
+        if start == 0:
+            o = self.F.scaled_dot_product_attention(qt, k, v, is_causal=True, **self.gqa)
+        else:  # a later chunk: query i sees keys 0 .. start + i
+            if self._prefill_key != (start, n):
+                keys = torch.arange(total, device=c.device)
+                rows = torch.arange(start, total, device=c.device)
+                self._prefill_key, self._prefill_mask = (start, n), keys[None, :] <= rows[:, None]
+            o = self.F.scaled_dot_product_attention(qt, k, v, attn_mask=self._prefill_mask, **self.gqa)
+        self.stats.prefill_calls += 1
+        return from_torch(o[0].transpose(0, 1), self.xp, c.dtype)
+
+    def decode(self, seqs, q, layer: int):
+        """q [B, Hq, D], one token per sequence (K/V appended) -> o [B, Hq, D] storage dtype."""
+        c = self.cache
+        lo, idx, length, mask = self._batch_for(seqs)
+        if idx is None:
+            k, v = c.k[layer][lo:lo + len(seqs), :, :length], c.v[layer][lo:lo + len(seqs), :, :length]
+        else:
+            k, v = c.k[layer][idx, :, :length], c.v[layer][idx, :, :length]
+            self.gathered_calls += 1
+        self.masked_calls += mask is not None
+        qt = to_torch(q, c.dtype).unsqueeze(2)  # [B, Hq, 1, D]
+        o = self.F.scaled_dot_product_attention(qt, k, v, attn_mask=mask, **self.gqa)
+        self.stats.decode_calls += 1
+        return from_torch(o.squeeze(2), self.xp, c.dtype)
+
+    def probe_kernels(self) -> dict:
+        """Which SDPA kernels accept this backend's calls (same layouts: strided cache views, q from
+        [n, Hq, D]): {"decode": "flash,...", "prefill": ..., "decode_default": the one torch picks, ...}."""
+        import warnings
+
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        torch, c, F = self.torch, self.cache, self.F
+        L, B, D = min(c.max_len, 4 * c.chunk_size), min(2, c.num_slots), c.head_dim
+        k, v = c.k[0][:B, :, :L], c.v[0][:B, :, :L]
+        q_dec = torch.zeros(B, self.num_q_heads, D, dtype=k.dtype, device=c.device).unsqueeze(2)
+        q_pre = torch.zeros(L, self.num_q_heads, D, dtype=k.dtype, device=c.device).transpose(0, 1).unsqueeze(0)
+        args = dict(decode=((q_dec, k, v), dict(is_causal=False)), prefill=((q_pre, k[:1], v[:1]), dict(is_causal=True)))
+        names = {m.value: name for name, m in SDPBackend.__members__.items()}
+        out = {}
+        for what, (qkv, kw) in args.items():
+            def fn(qkv=qkv, kw=kw):
+                return F.scaled_dot_product_attention(*qkv, **kw, **self.gqa)
+
+            try:  # what torch picks by default (a private call: diagnostic only)
+                choice = torch._fused_sdp_choice(*qkv, attn_mask=None, dropout_p=0.0, scale=None,
+                                                 enable_gqa=bool(self.gqa), **kw)
+                out[f"{what}_default"] = names.get(int(choice), str(choice)).split("_")[0].lower()
+            except Exception:  # noqa: BLE001
+                out[f"{what}_default"] = "unknown"
+            ok = []
+            for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
+                backend = getattr(SDPBackend, name, None)
+                if backend is None:
+                    continue
+                try:
+                    with warnings.catch_warnings(), sdpa_kernel(backend):
+                        warnings.simplefilter("ignore")
+                        fn()
+                    ok.append(name.split("_")[0].lower())
+                except RuntimeError:
+                    pass
+            out[what] = ",".join(ok) or "none"
+        return out
+
+    def _batch_for(self, seqs):
+        """(first row or None, row index tensor or None, padded length, key mask or None), once per step."""
+        key = (tuple(int(s) for s in seqs), self.cache.version)
+        if key != self._batch_key:
+            torch, c = self.torch, self.cache
+            rows = [c.row(s) for s in key[0]]
+            lens = [c.seq_len(s) for s in key[0]]
+            length = max(lens)
+            lo, idx = rows[0], None
+            if rows != list(range(lo, lo + len(rows))):
+                lo, idx = None, torch.tensor(rows, dtype=torch.int64, device=c.device)
+            mask = None
+            if min(lens) != length:
+                lt = torch.tensor(lens, dtype=torch.int64, device=c.device)
+                mask = (torch.arange(length, device=c.device)[None, :] < lt[:, None]).view(len(rows), 1, 1, length)
+            self._batch_key, self._batch = key, (lo, idx, length, mask)
+        return self._batch
+
+
+# ============================================================================ timing
+def timed_server_class():
+    """``Server`` that also records the synchronized wall time of every prefill and decode step."""
+    from ..examples.serving import Server
+
+    class TimedServer(Server):
+        def __init__(self, *args, on_step=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.step_s, self.step_batch, self.prefill_times, self.on_step = [], [], [], on_step
+
+        def _prefill(self, r):
+            self._sync()
+            t0 = time.perf_counter()
+            super()._prefill(r)
+            self._sync()
+            self.prefill_times.append(time.perf_counter() - t0)
+
+        def _decode_step(self, running):
+            self._sync()
+            t0 = time.perf_counter()
+            super()._decode_step(running)
+            self._sync()
+            self.step_s.append(time.perf_counter() - t0)
+            self.step_batch.append(len(running))
+            if self.on_step is not None:
+                self.on_step(len(self.step_s))
+
+    return TimedServer
+
+
+def make_server(pipeline: str, model, work, args, alpha: float = 0.0, on_step=None):
+    """A ``TimedServer`` for one pipeline sized for ``work`` [(prompt, max_new_tokens)]."""
+    from ..examples.serving import PrefillOptions, footprint_chunks
+
+    TimedServer = timed_server_class()
+    cfg, c, on_gpu = model.config, args.chunk_size, args.device == "cuda"
+    if pipeline == PIPELINE_CPATTN:
+        need = footprint_chunks(work, c)
+        return TimedServer(model, need + need // 4 + 4, c, args.prefill_chunk, "cupy" if on_gpu else "numpy",
+                           PrefillOptions(alpha=alpha), measure_recall=False, max_batch=len(work), on_step=on_step)
+    cache = FlatKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_slots=len(work),
+                        max_len=max(len(p) + m - 1 for p, m in work), chunk_size=c, dtype=cfg.dtype,
+                        device="cuda" if on_gpu else "cpu")
+    backend = TorchSdpaBackend(cache, model.xp, cfg.num_q_heads)
+    prefill_chunk = args.sdpa_prefill_chunk or cache.max_len  # default: every prompt in one call
+    return TimedServer(model, cache.num_chunks, c, prefill_chunk, backend, max_batch=len(work), on_step=on_step)
+
+
+def warm_up(pipeline: str, model, args, alpha: float = 0.0) -> dict:
+    """A scratch run of the pipeline (kernel compilation, the plan builder's first call, torch and
+    cuBLAS initialisation): prompts over two prefill chunks sharing a prefix, equal and unequal
+    lengths, so every path of both backends runs once before anything is timed. Returns, for torch
+    SDPA, which SDPA kernels accept its calls (``TorchSdpaBackend.probe_kernels``)."""
+    P, V = args.prefill_chunk, model.config.vocab_size
+    base = [t % V for t in range(2 * P)]
+    work = [(base + [1, 2, 3], 3), (base + [4, 5, 6], 3), (base + [7], 4)]
+    server = make_server(pipeline, model, work, args, alpha)
+    for p, m in work:
+        server.submit(p, m)
+    server.run()
+    if pipeline == PIPELINE_SDPA:
+        try:
+            return server.backend.probe_kernels()
+        except Exception as e:  # noqa: BLE001  (diagnostic only)
+            return dict(decode=f"probe failed: {type(e).__name__}", prefill="")
+    return {}
+
+
+def _free_device_memory(args) -> None:
+    if args.device != "cuda":
+        return
+    import cupy
+    import torch
+
+    torch.cuda.synchronize()
+    cupy.get_default_memory_pool().free_all_blocks()
+    torch.cuda.empty_cache()
+
+
+def run_pipeline(pipeline: str, model, work, args, alpha: float = 0.0, on_step=None):
+    """Serve ``work`` once; returns (row of numbers, generated tokens per request, step times in ms)."""
+    t0 = time.perf_counter()
+    server = make_server(pipeline, model, work, args, alpha, on_step)
+    reqs = [server.submit(p, m) for p, m in work]
+    rep = server.run()
+    wall = time.perf_counter() - t0
+    row = pipeline_row(pipeline, alpha, rep, server.step_s, server.step_batch, sum(server.prefill_times),
+                       server.cache, args.warmup_steps)
+    row["run_s"] = wall
+    if pipeline == PIPELINE_SDPA:
+        row["masked_decode_calls"] = server.backend.masked_calls
+        row["gathered_decode_calls"] = server.backend.gathered_calls
+    outputs = [list(r.output) for r in reqs]
+    steps_ms = [1e3 * s for s in server.step_s]
+    del server
+    return row, outputs, steps_ms
+
+
+def pipeline_row(pipeline, alpha, rep, step_s, step_batch, prefill_s, cache, warmup_steps) -> dict:
+    """One CSV row from a ``ServingReport`` and the per-step times (seconds)."""
+    steps = np.asarray(step_s[warmup_steps:] or step_s, np.float64) * 1e3
+    pk = rep.peak
+    mib = rep.bytes_per_token / 2 ** 20
+    if pipeline == PIPELINE_CPATTN:
+        allocated = cache.num_chunks * cache.chunk_size
+    else:
+        allocated = cache.num_slots * cache.max_len
+    row = dict(
+        pipeline=pipeline, alpha=alpha if pipeline == PIPELINE_CPATTN else "",
+        requests=rep.requests, prompt_tokens=rep.prompt_tokens, prefill_reused=rep.prefill_reused,
+        prefill_computed=rep.prefill_computed, prefill_chunks=rep.prefill_chunks,
+        prefill_skipped_frac=rep.prefill_reused / max(1, rep.prompt_tokens),
+        prefill_s=prefill_s, prefill_us_per_prompt_token=1e6 * prefill_s / max(1, rep.prompt_tokens),
+        prefill_us_per_computed_token=1e6 * prefill_s / max(1, rep.prefill_computed),
+        decode_steps=len(step_s), decode_steps_timed=int(steps.size),
+        decode_batch_mean=float(np.mean(step_batch)) if step_batch else 0.0,
+        decode_step_ms_median=float(np.median(steps)) if steps.size else float("nan"),
+        decode_step_ms_mean=float(np.mean(steps)) if steps.size else float("nan"),
+        decode_step_ms_p90=float(np.percentile(steps, 90)) if steps.size else float("nan"),
+        decode_step_ms_min=float(np.min(steps)) if steps.size else float("nan"),
+        decode_tok_s=sum(step_batch) / max(sum(step_s), 1e-12),
+        plans_built=rep.plans_built if pipeline == PIPELINE_CPATTN else 0,
+        peak_sequences=pk.get("sequences", 0), tokens_stored=pk.get("tokens_stored", 0),
+        tokens_flat=pk.get("tokens_flat", 0),
+        stored_frac=pk.get("tokens_stored", 0) / max(1, pk.get("tokens_flat", 0)),
+        kv_mib_stored=pk.get("tokens_stored", 0) * mib, kv_mib_flat=pk.get("tokens_flat", 0) * mib,
+        kv_mib_allocated=allocated * mib, evictions=rep.evictions,
+    )
+    for k, v in (rep.density or {}).items():
+        row[f"density_{k}"] = float(v)
+    return row
+
+
+# ============================================================================ comparison
+def agreement(a: list, b: list) -> dict:
+    """Generated tokens of two runs (per request): positions equal, identical requests, and the
+    common prefix (tokens before a request's first difference; after one, the requests continue
+    from different tokens and agree only by chance)."""
+    tokens = equal = same = prefix = 0
+    for x, y in zip(a, b):
+        n = max(len(x), len(y))
+        tokens += n
+        equal += sum(s == t for s, t in zip(x, y))
+        same += x == y
+        k = 0
+        while k < min(len(x), len(y)) and x[k] == y[k]:
+            k += 1
+        prefix += k
+    return dict(tokens=tokens, tokens_equal=equal, requests=len(a), requests_identical=same,
+                agree_frac=equal / max(1, tokens), prefix_frac=prefix / max(1, tokens))
+
+
+def add_comparisons(rows: list) -> dict:
+    """Speed-ups of every cpattn row against the torch SDPA row (in place); the summary."""
+    sdpa = next((r for r in rows if r["pipeline"] == PIPELINE_SDPA and "error" not in r), None)
+    summary = {}
+    for r in rows:
+        if r["pipeline"] != PIPELINE_CPATTN or sdpa is None or "error" in r:
+            continue
+        r["decode_speedup_vs_sdpa"] = sdpa["decode_step_ms_median"] / r["decode_step_ms_median"]
+        r["prefill_speedup_vs_sdpa"] = sdpa["prefill_us_per_prompt_token"] / r["prefill_us_per_prompt_token"]
+        r["kv_stored_vs_sdpa"] = r["tokens_stored"] / max(1, sdpa["tokens_stored"])
+    zero = next((r for r in rows if r["pipeline"] == PIPELINE_CPATTN and r["alpha"] == 0.0
+                 and "agree_frac_vs_sdpa" in r), None)
+    if zero is not None:
+        summary.update(agree_frac_alpha0=zero["agree_frac_vs_sdpa"], prefix_frac_alpha0=zero["prefix_frac_vs_sdpa"],
+                       requests_identical_alpha0=zero["requests_identical_vs_sdpa"], requests=zero["requests"])
+    return summary
+
+
+# ============================================================================ outputs
+def _fmt(r: dict, key: str, fmt: str = "{:.2f}") -> str:
+    v = r.get(key)
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return fmt.format(v)
+
+
+def markdown(rows: list, meta: dict) -> str:
+    """The BENCHMARKS.md section."""
+    a = meta["args"]
+    gpu = a.get("device", "cuda") == "cuda"
+    model_lib, cache_cls = ("CuPy", "`GpuChunkCache`") if gpu else ("NumPy", "the NumPy reference `ChunkCache`")
+    conv = "CuPy and torch" if gpu else "NumPy and torch"
+    md = [f"## Serving pipeline end to end ({meta['device']}, {meta['date']})", "",
+          f"`TinyLM` ({a['layers']} layers, hidden {a['hidden']}, Hq {a['q_heads']} / Hkv {a['kv_heads']}, "
+          f"D {a['head_dim']}, {a['dtype']}, vocab {a['vocab']}, random weights, seed {a['seed']}); "
+          f"{a['requests']} requests sharing one {a['system_len']}-token system prompt plus {a['own_len']} own "
+          f"prompt tokens each, {a['decode_steps']} decode steps (all requests in one batch). The same `Server` loop "
+          f"and the same {model_lib} model in both pipelines; only the KV cache and the attention call differ. "
+          f"cpattn: {cache_cls} with prefix reuse (chunk {a['chunk_size']}), CompactAttention prefill in "
+          f"chunks of {a['prefill_chunk']}, ChunkAttention decode. torch SDPA: a static per-request K/V cache "
+          f"(torch tensors [requests, Hkv, max_len, D] per layer, no sharing), each prompt prefilled whole with "
+          f"`is_causal=True`, decode batched over the requests' own K/V; q/k/v/o cross between {conv} "
+          f"by DLPack without copies. Decode step = synchronized wall time of a whole step (model, K/V writes, "
+          f"attention, all layers), median (mean) over the steps after {a['warmup_steps']} warm-up steps. "
+          f"Prefill = synchronized wall time of all prompts, per prompt token (per computed token). "
+          f"Generated by `cpattn bench serving`.", "",
+          "| pipeline | alpha | decode step ms | decode tok/s | prefill us / prompt token (/ computed) "
+          "| prefill skipped by reuse | peak tokens stored / flat cache | K/V MiB stored (allocated) "
+          "| tokens equal to SDPA | decode vs SDPA | prefill vs SDPA |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            continue
+        md.append(
+            f"| {r['pipeline']} | {_fmt(r, 'alpha', '{:g}')} | {_fmt(r, 'decode_step_ms_median')} "
+            f"({_fmt(r, 'decode_step_ms_mean')}) | {_fmt(r, 'decode_tok_s', '{:.0f}')} | "
+            f"{_fmt(r, 'prefill_us_per_prompt_token', '{:.2f}')} ({_fmt(r, 'prefill_us_per_computed_token', '{:.2f}')}) | "
+            f"{r['prefill_reused']} / {r['prompt_tokens']} ({100 * r['prefill_skipped_frac']:.1f}%) | "
+            f"{r['tokens_stored']} / {r['tokens_flat']} ({100 * r['stored_frac']:.1f}%) | "
+            f"{_fmt(r, 'kv_mib_stored', '{:.1f}')} ({_fmt(r, 'kv_mib_allocated', '{:.1f}')}) | "
+            f"{_fmt(r, 'agree_frac_vs_sdpa', '{:.4f}')} | {_fmt(r, 'decode_speedup_vs_sdpa', '{:.2f}x')} | "
+            f"{_fmt(r, 'prefill_speedup_vs_sdpa', '{:.2f}x')} |")
+    md.append("")
+    s = meta.get("summary", {})
+    if "agree_frac_alpha0" in s:
+        md.append(f"Token agreement, cpattn at alpha 0 vs torch SDPA: {s['agree_frac_alpha0']:.4f} of the generated "
+                  f"tokens equal position by position, {s['prefix_frac_alpha0']:.4f} before a request's first "
+                  f"difference, {s['requests_identical_alpha0']}/{s['requests']} requests identical "
+                  f"(both accumulate attention in float32 and round its output to {a['dtype']}; a token can only "
+                  f"change at a near tie of the top two logits, and the request then continues from another "
+                  f"token). Required: at least {a['min_agreement']}.")
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        md.append("Failed runs: " + "; ".join(
+            f"{r['pipeline']}" + (f" alpha {r['alpha']:g}" if r["pipeline"] == PIPELINE_CPATTN else "")
+            + f": {r['error']}" for r in failed) + ".")
+    sd = next((r for r in rows if r["pipeline"] == PIPELINE_SDPA and "error" not in r), None)
+    if sd is not None and "sdpa_kernels_decode" in sd:
+        md.append(f"torch SDPA kernel used: decode {sd.get('sdpa_kernels_decode_default', 'n/a')} "
+                  f"(accepted: {sd['sdpa_kernels_decode']}), prefill {sd.get('sdpa_kernels_prefill_default', 'n/a')} "
+                  f"(accepted: {sd.get('sdpa_kernels_prefill', 'n/a')}).")
+    if sd is not None and (sd.get("masked_decode_calls") or sd.get("gathered_decode_calls")):
+        md.append(f"torch SDPA decode calls with a key mask: {sd['masked_decode_calls']}, with gathered rows: "
+                  f"{sd['gathered_decode_calls']}.")
+    md.append("")
+    return "\n".join(md)
+
+
+def write_csv(rows: list, path: str) -> None:
+    keys = sorted({k for r in rows for k in r})
+    with open(path, "w") as fh:
+        fh.write(",".join(keys) + "\n")
+        for r in rows:
+            fh.write(",".join(str(r.get(k, "")) for k in keys) + "\n")
+
+
+def plot(rows: list, steps_ms: dict, path: str, dev: str) -> bool:
+    """Decode step time per step, prefill time per prompt token and peak K/V tokens, per pipeline."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return False
+    rows = [r for r in rows if "error" not in r]
+    names = [f"{r['pipeline']}" + (f" a={r['alpha']:g}" if r["pipeline"] == PIPELINE_CPATTN else "") for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name in names:
+        ax[0].plot(np.arange(1, len(steps_ms.get(name, [])) + 1), steps_ms.get(name, []), label=name, lw=1)
+    ax[0].set_xlabel("decode step")
+    ax[0].set_ylabel("step time (ms, all layers)")
+    ax[0].set_title("decode step")
+    ax[0].legend(fontsize=8)
+    x = np.arange(len(rows))
+    ax[1].bar(x, [r["prefill_us_per_prompt_token"] for r in rows], 0.6)
+    ax[1].set_xticks(x, names, fontsize=8)
+    ax[1].set_ylabel("prefill us per prompt token")
+    ax[1].set_title("prefill (prefix reuse included)")
+    ax[2].bar(x - 0.2, [r["tokens_stored"] for r in rows], 0.4, label="stored")
+    ax[2].bar(x + 0.2, [r["tokens_flat"] for r in rows], 0.4, label="flat cache")
+    ax[2].set_xticks(x, names, fontsize=8)
+    ax[2].set_ylabel("K/V tokens at peak")
+    ax[2].set_title("memory")
+    ax[2].legend(fontsize=8)
+    fig.suptitle(f"Serving pipeline end to end ({dev})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+    return True
+
+
+def write_outputs(rows: list, meta: dict, steps_ms: dict, out: str) -> str:
+    """bench_serving.md / .csv / .json / .png under ``out``; returns the markdown."""
+    os.makedirs(out, exist_ok=True)
+    text = markdown(rows, meta)
+    with open(os.path.join(out, "bench_serving.md"), "w") as fh:
+        fh.write(text)
+    write_csv(rows, os.path.join(out, "bench_serving.csv"))
+    with open(os.path.join(out, "bench_serving.json"), "w") as fh:
+        json.dump(dict(meta, rows=rows, decode_step_ms=steps_ms), fh, indent=1)
+    try:
+        plot(rows, steps_ms, os.path.join(out, "bench_serving.png"), meta["device"])
+    except Exception as e:  # noqa: BLE001  (the numbers are written; a plotting problem loses only the picture)
+        print(f"plot failed: {type(e).__name__}: {e}")
+    return text
+
+
+# ============================================================================ main
+def _versions(args) -> dict:
+    import torch
+
+    out = dict(torch=torch.__version__)
+    if args.device == "cuda":
+        import cupy
+
+        out["cupy"] = cupy.__version__
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:  # the peer: fail early, before anything is measured
+        import torch
+    except ImportError:
+        raise SystemExit("cpattn bench serving: needs PyTorch for the torch SDPA pipeline (pip install torch)")
+
+    threads = torch.get_num_threads()
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # torch's spinning threads would compete with NumPy's BLAS for the cores
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
+    import torch
+
+    from ..examples.serving import TinyLM
+
+    if args.device == "cuda":
+        import cupy as xp
+
+        dev = xp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    else:
+        xp, dev = np, "CPU (NumPy reference, torch CPU; smoke run)"
+    cfg = model_config(args)
+    model = TinyLM(cfg, seed=args.seed, xp=xp)
+    work = shared_prompt_workload(args.seed + 1, args.requests, args.system_len, args.own_len, args.decode_steps,
+                                  cfg.vocab_size)
+    runs = [(PIPELINE_CPATTN, float(al)) for al in args.alphas] + [(PIPELINE_SDPA, 0.0)]
+    print(f"device {dev}, torch {torch.__version__}; {cfg.num_layers}-layer TinyLM (hidden {cfg.hidden}, Hq {cfg.num_q_heads} Hkv "
+          f"{cfg.num_kv_heads} D {cfg.head_dim}, {cfg.dtype}); {args.requests} requests x ({args.system_len} shared "
+          f"+ {args.own_len} own) prompt tokens, {args.decode_steps} decode steps", flush=True)
+    n = 2 * len(runs)
+    rows, outputs, steps_ms = [], {}, {}
+    for i, (pipeline, alpha) in enumerate(runs):
+        name = pipeline + (f" a={alpha:g}" if pipeline == PIPELINE_CPATTN else "")
+        progress(2 * i, n, f"{name}: warm-up")
+
+        def on_step(k, name=name, i=i):
+            if k % 8 == 0 or k == args.decode_steps:
+                progress(2 * i + 1, n, f"{name}: decode step {k}/{args.decode_steps}")
+
+        try:
+            t0 = time.perf_counter()
+            kernels = warm_up(pipeline, model, args, alpha)
+            warm_s = time.perf_counter() - t0
+            progress(2 * i + 1, n, f"{name}: prefill {args.requests} prompts")
+            row, outputs[name], steps_ms[name] = run_pipeline(pipeline, model, work, args, alpha, on_step)
+            row["warmup_s"] = warm_s
+            row.update({f"sdpa_kernels_{k}": v for k, v in kernels.items()})
+        except Exception as e:  # noqa: BLE001  (recorded; the other runs still report)
+            import traceback
+
+            traceback.print_exc()
+            row = dict(pipeline=pipeline, alpha=alpha if pipeline == PIPELINE_CPATTN else "",
+                       error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+        rows.append(row)
+        _free_device_memory(args)
+        progress(2 * i + 2, n, f"{name}: done")
+        print("   " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+              flush=True)
+    sdpa_out = outputs.get(PIPELINE_SDPA)
+    for r in rows:
+        name = f"{PIPELINE_CPATTN} a={r['alpha']:g}" if r["pipeline"] == PIPELINE_CPATTN else None
+        if name in outputs and sdpa_out is not None:
+            ag = agreement(outputs[name], sdpa_out)
+            r.update(tokens_equal_vs_sdpa=ag["tokens_equal"], tokens_compared=ag["tokens"],
+                     agree_frac_vs_sdpa=ag["agree_frac"], prefix_frac_vs_sdpa=ag["prefix_frac"],
+                     requests_identical_vs_sdpa=ag["requests_identical"])
+    summary = add_comparisons(rows)
+    meta = dict(device=dev, date=datetime.date.today().isoformat(), args=vars(args), summary=summary,
+                **_versions(args))
+    print(write_outputs(rows, meta, steps_ms, args.out))
+    if "agree_frac_alpha0" in summary and summary["agree_frac_alpha0"] < args.min_agreement:
+        print(f"FAILED: cpattn at alpha 0 and torch SDPA agree on {summary['agree_frac_alpha0']:.4f} of the "
+              f"generated tokens (at least {args.min_agreement} required)", file=sys.stderr)
+        raise SystemExit(1)
+    if any("error" in r for r in rows):
+        print("FAILED: " + "; ".join(f"{r['pipeline']}: {r['error']}" for r in rows if "error" in r), file=sys.stderr)
+        raise SystemExit(1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
