@@ -25,7 +25,7 @@ import numpy as np
 
 from .arrays import as_cupy
 from .kernels import get_kernels
-from .reference.compact_attention import _cdiv, _check_chunk, _check_options, _check_scale
+from .reference.compact_attention import BlockMeans, _cdiv, _check_chunk, _check_options, _check_scale
 from .reference.dtypes import storage_numpy_dtype
 
 THREADS = 128
@@ -39,8 +39,9 @@ def _prefill_smem(head_dim: int, chunk_size: int) -> int:
     return (ROWS_PER_UNIT + 4 * min(chunk_size, 64)) * (head_dim + 8) * 2
 
 
-class GpuBlockMeans:
-    """Mean key of every summarised pool page, on the device (see reference ``BlockMeans``).
+class GpuBlockMeans(BlockMeans):
+    """Mean key of every summarised pool page, on the device (the reference ``BlockMeans`` with
+    its summaries computed by one ``block_mean`` launch per update).
 
     Arrays:
         kmean: float32 [num_layers, num_chunks, Hkv, D]
@@ -52,39 +53,21 @@ class GpuBlockMeans:
         import cupy
 
         self.cache = cache
+        self.chunk_size = cache.chunk_size
         shape = (cache.num_layers, cache.num_chunks, cache.num_kv_heads, cache.head_dim)
         self.kmean = cupy.zeros(shape, np.float32)
         self.kmean_lp = cupy.zeros(shape, storage_numpy_dtype(cache.dtype))
         self._owner: list = [None] * cache.num_chunks
         self._kern = get_kernels("compact_attention", cache.dtype, cache.head_dim, cache.chunk_size)
 
-    def _check_cache(self, cache) -> None:
-        if cache is not self.cache:
-            raise ValueError("cache: expected the cache these block means were made for "
-                             f"(id {id(self.cache):#x}), got another one (id {id(cache):#x})")
-
-    def update(self, cache, seq: int, num_tokens: int | None = None) -> int:
-        """Summarise the full committed pages among the first ``num_tokens`` tokens of ``seq``
-        that are not summarised yet (one launch). Returns how many."""
+    def _summarise(self, cache, chunks: list) -> None:
         import cupy
 
-        self._check_cache(cache)
-        state = cache._get(seq)
-        committed = state.n_committed
-        upto = committed if num_tokens is None else num_tokens
-        if not isinstance(upto, (int, np.integer)) or not 0 <= upto <= committed:
-            raise ValueError(f"num_tokens: expected an integer in [0, {committed}] (committed tokens "
-                             f"of sequence {seq}), got {num_tokens!r}")
-        todo = [n for n in state.path[: upto // cache.chunk_size] if self._owner[n.chunk] is not n]
-        if todo:
-            pages = cupy.asarray(np.array([n.chunk for n in todo], np.int32))
-            self._kern["block_mean"](
-                (len(todo), cache.num_kv_heads), (cache.head_dim,),
-                (cache.k_pool, pages, np.int32(len(todo)), np.int32(cache.num_layers), np.int32(cache.num_chunks),
-                 np.int32(cache.num_kv_heads), self.kmean, self.kmean_lp))
-            for n in todo:
-                self._owner[n.chunk] = n
-        return len(todo)
+        pages = cupy.asarray(np.array(chunks, np.int32))
+        self._kern["block_mean"](
+            (len(chunks), cache.num_kv_heads), (cache.head_dim,),
+            (cache.k_pool, pages, np.int32(len(chunks)), np.int32(cache.num_layers), np.int32(cache.num_chunks),
+             np.int32(cache.num_kv_heads), self.kmean, self.kmean_lp))
 
 
 @dataclass

@@ -39,19 +39,15 @@ struct QRows {
   static constexpr int value = C <= 64 ? 128 : kRows;
 };
 
-template <typename T, int D, int C, int KS>
-__device__ __forceinline__ void attend_unit(
-    const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
-    const int* __restrict__ chunk_list, int cb, int nk, int kvh, int num_kv_heads,
-    T* sQ, T* sK, T* sV, float scale_log2,
-    float (&o)[D / 8][4], float& m0, float& m1, float& l0, float& l1) {
+// The 2-stage cp.async ring over a unit's pages: page i + 1 loads while step(i, K, V, valid)
+// folds page i (keys [i*C, i*C + valid) of the unit; rows past `valid` are zero-filled).
+template <typename T, int D, int C, typename Step>
+__device__ __forceinline__ void stream_pages(const T* __restrict__ k_pool, const T* __restrict__ v_pool,
+                                             long long layer_page0, const int* __restrict__ chunk_list, int cb,
+                                             int nk, int kvh, int num_kv_heads, T* sK, T* sV, Step step) {
   constexpr int LD = D + 8;
-  constexpr int RB = 4 / KS;        // row blocks
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int rb = warp % RB, ks = warp / RB;
+  const int tid = threadIdx.x;
   const int nchunks = (nk + C - 1) / C;
-
-  u32 qf[D / 16][4];
   auto page = [&](int i) { return layer_page0 + (long long)chunk_list[cb + i] * num_kv_heads + kvh; };
   {
     const long long p = page(0);
@@ -68,17 +64,34 @@ __device__ __forceinline__ void attend_unit(
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    if (i == 0) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        ldmatrix_x4(qf[kk], smem_addr(sQ + (rb * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8));
-    }
-    const T* ks_ = sK + (i & 1) * C * LD;
-    const T* vs_ = sV + (i & 1) * C * LD;
-    const int valid = min(C, nk - i * C);
-    attend_chunk<T, D, C, KS>(qf, ks_, vs_, valid, 0, kNoLimit, kNoLimit, scale_log2, o, m0, m1, l0, l1);
+    step(i, sK + (i & 1) * C * LD, sV + (i & 1) * C * LD, min(C, nk - i * C));
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
   }
+}
+
+template <typename T, int D, int C, int KS>
+__device__ __forceinline__ void attend_unit(
+    const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
+    const int* __restrict__ chunk_list, int cb, int nk, int kvh, int num_kv_heads,
+    T* sQ, T* sK, T* sV, float scale_log2,
+    float (&o)[D / 8][4], float& m0, float& m1, float& l0, float& l1) {
+  constexpr int LD = D + 8;
+  constexpr int RB = 4 / KS;        // row blocks
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int rb = warp % RB, ks = warp / RB;
+
+  u32 qf[D / 16][4];
+  stream_pages<T, D, C>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sK, sV,
+                        [&](int i, const T* ks_, const T* vs_, int valid) {
+                          if (i == 0) {
+#pragma unroll
+                            for (int kk = 0; kk < D / 16; ++kk)
+                              ldmatrix_x4(qf[kk], smem_addr(sQ + (rb * 16 + (lane & 15)) * LD + kk * 16 +
+                                                            (lane >> 4) * 8));
+                          }
+                          attend_chunk<T, D, C, KS>(qf, ks_, vs_, valid, 0, kNoLimit, kNoLimit, scale_log2, o,
+                                                    m0, m1, l0, l1);
+                        });
   l0 = quad_sum(l0);
   l1 = quad_sum(l1);
 
@@ -136,37 +149,17 @@ __device__ __forceinline__ void attend_unit_rt2(
     const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
     const int* __restrict__ chunk_list, int cb, int nk, int kvh, int num_kv_heads,
     const T* sQ, T* sK, T* sV, float scale_log2, float (&o)[2][D / 8][4], float (&m)[2][2], float (&l)[2][2]) {
-  constexpr int LD = D + 8;
-  const int tid = threadIdx.x;
-  const int nchunks = (nk + C - 1) / C;
   const int lim[2][2] = {{kNoLimit, kNoLimit}, {kNoLimit, kNoLimit}};
-  auto page = [&](int i) { return layer_page0 + (long long)chunk_list[cb + i] * num_kv_heads + kvh; };
-  {
-    const long long p = page(0);
-    load_page<T, D, C>(k_pool + p * C * D, v_pool + p * C * D, sK, sV, min(C, nk), tid);
-  }
-  cp_async_commit();
-  for (int i = 0; i < nchunks; ++i) {
-    if (i + 1 < nchunks) {
-      const long long p = page(i + 1);
-      const int st = (i + 1) & 1;
-      load_page<T, D, C>(k_pool + p * C * D, v_pool + p * C * D, sK + st * C * LD, sV + st * C * LD,
-                         min(C, nk - (i + 1) * C), tid);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    const int valid = min(C, nk - i * C);
-    attend_step_rt2<T, D, C>(sQ, sK + (i & 1) * C * LD, sV + (i & 1) * C * LD, valid, 0, lim, valid == C,
-                             scale_log2, o, m, l);
-    __syncthreads();
-  }
+  stream_pages<T, D, C>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sK, sV,
+                        [&](int, const T* ks_, const T* vs_, int valid) {
+                          attend_step_rt2<T, D, C>(sQ, ks_, vs_, valid, 0, lim, valid == C, scale_log2, o, m, l);
+                        });
 }
 
 // One block per unit. Dynamic shared memory: (QRows<C> + 4 C) (D + 8) halves (and at least the
 // key-split reduction area); see _smem_bytes in cpattn/decode.py.
 template <typename T, int D, int C>
-__global__ void __launch_bounds__(kThreads) chunk_attend(
+__global__ void __launch_bounds__(kThreads, 1) chunk_attend(
     const T* __restrict__ q,        // [batch, Hq, D] caller order
     const T* __restrict__ k_pool,   // [layers, chunks, Hkv, C, D]
     const T* __restrict__ v_pool,

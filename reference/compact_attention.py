@@ -100,15 +100,19 @@ class BlockMeans:
         if not isinstance(upto, (int, np.integer)) or not 0 <= upto <= committed:
             raise ValueError(f"num_tokens: expected an integer in [0, {committed}] (committed tokens "
                              f"of sequence {seq}), got {num_tokens!r}")
-        c, count = self.chunk_size, 0
-        for node in state.path[: upto // c]:  # every node but a path's tail is full
-            if self._owner[node.chunk] is node:
-                continue
-            k = to_float32(_host(cache.k_pool[:, node.chunk]), cache.dtype)  # [L, Hkv, c, D]
-            self.kmean[:, node.chunk] = k.astype(np.float64).mean(axis=2).astype(np.float32)
-            self._owner[node.chunk] = node
-            count += 1
-        return count
+        # every node but a path's tail is full
+        todo = [n for n in state.path[: upto // self.chunk_size] if self._owner[n.chunk] is not n]
+        if todo:
+            self._summarise(cache, [n.chunk for n in todo])
+        for n in todo:
+            self._owner[n.chunk] = n
+        return len(todo)
+
+    def _summarise(self, cache: ChunkCache, chunks: list) -> None:
+        """kmean[:, chunk] for every listed pool chunk (all layers). A GPU subclass launches a kernel."""
+        for ch in chunks:
+            k = to_float32(_host(cache.k_pool[:, ch]), cache.dtype)  # [L, Hkv, c, D]
+            self.kmean[:, ch] = k.astype(np.float64).mean(axis=2).astype(np.float32)
 
     def is_current(self, cache: ChunkCache, seq: int, num_blocks: int) -> bool:
         """True when the sequence's first ``num_blocks`` pages are all summarised."""
