@@ -127,7 +127,7 @@ def main(argv=None):
             print(f"FlexAttention unavailable: {e}")
     bf = lambda a: torch.from_numpy(np.ascontiguousarray(a)).view(torch.bfloat16).cuda()  # noqa: E731
     rows = []
-    for i, (c, P, n, alpha, gsz, qt) in enumerate(cfgs):
+    for i, (c, P, n, alpha, gsz, qtile) in enumerate(cfgs):
         label = f"block {c} past {P} chunk {n} alpha {alpha} group {gsz or Hq // Hkv}"
         progress(i, len(cfgs), label)
         S_len = P + n
@@ -139,14 +139,14 @@ def main(argv=None):
         means = GpuBlockMeans(cache)
         means.update(cache, seq)
         q = cupy.asarray(w.q[0, P:S_len])
-        r = {"block": c, "past": P, "chunk": n, "alpha": alpha, "group_size": gsz or Hq // Hkv, "q_tile": qt or n}
+        r = {"block": c, "past": P, "chunk": n, "alpha": alpha, "group_size": gsz or Hq // Hkv, "q_tile": qtile or n}
         # ours, sparse with per-stage times
         stage = {}
         res = None
         times = []
         for it in range(args.iters + 2):
             ev = []
-            res = compact_prefill(cache, means, seq, q, alpha=alpha, group_size=gsz, q_tile=qt, events=ev)
+            res = compact_prefill(cache, means, seq, q, alpha=alpha, group_size=gsz, q_tile=qtile, events=ev)
             ev[-1][1].synchronize()
             if it >= 2:
                 times.append(cupy.cuda.get_elapsed_time(ev[0][1], ev[-1][1]))
@@ -199,7 +199,7 @@ def main(argv=None):
                 kv_num = np.zeros((1, Hq, nqb), np.int32)
                 kv_idx = np.zeros((1, Hq, nqb, nkb), np.int32)
                 pos = {cid: j for j, cid in enumerate(cache.seq_chunks(seq))}
-                S_sub, tile = G // s_sub, qt or n
+                S_sub, tile = G // s_sub, qtile or n
                 for h in range(Hq):
                     for qb in range(nqb):
                         t = (qb * 128) // tile  # (q_tile is a multiple of 128 here, or the whole chunk)
