@@ -3,22 +3,25 @@
 // Both phases are the same computation on different rows and keys, so one kernel runs both:
 // a *unit* is (a list of chunks, up to 64 query rows, one kv head).
 //   phase 1 (chunk-first):    chunks = a shared segment piece, rows = (sequences of the piece's
-//                             batch range) x (query heads of the kv head), 64 rows per unit
+//                             batch range) x (query heads of the kv head), up to 128 rows per
+//                             unit (64 at chunk size 128)
 //   phase 2 (sequence-first): chunks = one private item of one sequence, rows = the group's heads
 // Every unit emits one fp32 attention state (o, lse) per row; `chunk_merge` then merges the
 // states on each sequence's path (DESIGN.md, "Attention state and merge"). Running both phases
 // in one grid keeps the GPU full with no tail between them.
 //
 // Tiles: 4 warps; Q K^T and P V on tensor cores (mma.sync m16n8k16, fp16/bf16 in, fp32
-// accumulate). The 4 warps split a unit's 64 rows (KS=1) or, when the unit has few rows, its
-// keys (KS=2 or 4, partial states merged through shared memory at the end). K and V pages
+// accumulate). Units of 65-128 rows give each warp 32 rows (two mma tiles per K/V fragment,
+// attend_step_rt2); units of up to 64 rows give each warp 16 rows (KS=1) or, when the unit has
+// few rows, split its keys over the warps (KS=2 or 4, partial states merged through shared
+// memory at the end). K and V pages
 // stream through a 2-stage cp.async pipeline. Shared-memory rows are padded by 16 bytes, which
 // makes every ldmatrix conflict-free.
 #include "attend_core.cuh"
 
 namespace cpattn {
 
-constexpr int kRows = 64;  // rows per unit (4 warps x 16)
+constexpr int kRows = 64;  // rows of a one-tile unit (4 warps x 16)
 // unit table: int32 [num_units][kUnitFields]
 enum {
   U_CHUNK_BEGIN,  // first entry of this unit in chunk_list
