@@ -1,7 +1,7 @@
 // ChunkAttention decode: the two-phase partition as one "attend" launch plus one "merge" launch.
 //
 // Both phases are the same computation on different rows and keys, so one kernel runs both:
-// a *unit* is (a list of chunks, up to 64 query rows, one kv head).
+// a *unit* is (a list of chunks, up to 128 query rows, one kv head).
 //   phase 1 (chunk-first):    chunks = a shared segment piece, rows = (sequences of the piece's
 //                             batch range) x (query heads of the kv head), up to 128 rows per
 //                             unit (64 at chunk size 128)
@@ -14,9 +14,9 @@
 // accumulate). Units of 65-128 rows give each warp 32 rows (two mma tiles per K/V fragment,
 // attend_step_rt2); units of up to 64 rows give each warp 16 rows (KS=1) or, when the unit has
 // few rows, split its keys over the warps (KS=2 or 4, partial states merged through shared
-// memory at the end). K and V pages
-// stream through a 2-stage cp.async pipeline. Shared-memory rows are padded by 16 bytes, which
-// makes every ldmatrix conflict-free.
+// memory at the end). K and V pages stream through a 2-stage cp.async pipeline
+// (stream_pages). Shared-memory rows are padded by 16 bytes, which makes every ldmatrix
+// conflict-free.
 #include "attend_core.cuh"
 
 namespace cpattn {
