@@ -192,10 +192,10 @@ class ChunkAttentionDecode:
 
         cache, plan = self.cache, self.ref_plan
         if plan is None:
-            raise CacheError("plan: call plan(seqs, num_q_heads) before run")
+            raise CacheError("plan: expected a plan (call plan(seqs, num_q_heads) before run), got none")
         if plan.version != cache.version:
-            raise CacheError(f"plan: built for cache version {plan.version}, cache is at {cache.version} "
-                             f"(the tree changed); call plan() again")
+            raise CacheError(f"plan: expected a plan for cache version {cache.version}, got one built at "
+                             f"version {plan.version} (the tree changed); call plan() again")
         B, Hq, D = plan.batch_size, self._num_q_heads, cache.head_dim
         q = as_cupy(q, "q", cache.dtype, (B, Hq, D))
         cache._check_layer(layer)
