@@ -13,3 +13,45 @@ def progress(i: int, n: int, label: str, width: int = 24) -> None:
     if i == n:
         sys.stderr.write("\n")
     sys.stderr.flush()
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a message) when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return None
+    return plt
+
+
+def bar_chart(rows, series, labels, ylabel, title, path, log=False, annotate=None):
+    """Grouped bars, one group per row and one bar per (name, key) of ``series``; saves a PNG.
+
+    ``annotate(ax, x, rows)`` may add text on top. Missing values are drawn as gaps.
+    """
+    import numpy as np
+
+    plt = pyplot()
+    if plt is None:
+        return
+    x = np.arange(len(rows))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.5))
+    for k, (name, key) in enumerate(series):
+        ax.bar(x + (k - (len(series) - 1) / 2) * width, [r.get(key, float("nan")) for r in rows], width, label=name)
+    if annotate is not None:
+        annotate(ax, x, rows)
+    ax.set_xticks(x, labels, fontsize=7)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from . import progress
+from . import bar_chart, progress
 
 
 CONFIGS = [(32, 1024, 512), (32, 4096, 512), (64, 2048, 512), (128, 4096, 256)]
@@ -221,29 +221,11 @@ def plan_timing(n=256, shared=4096, own=512, c=64):
 
 def plot(rows, path, dev):
     """Grouped bars per configuration: ours, peers and the floor (us, log scale)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)")
-        return
     series = [("ours (graph)", "ours_graph_us"), ("cuDNN SDPA", "sdpa_cudnn_us"), ("flash SDPA", "sdpa_flash_us"),
               ("cascade (graph)", "cascade_graph_us"), ("K/V bytes floor", "floor_us")]
     labels = [f"{r['layout']}\nB{r['batch']} S{r['shared']} O{r['own']}" for r in rows]
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.5))
-    for k, (name, key) in enumerate(series):
-        ax.bar(x + (k - 2) * 0.16, [r.get(key, float("nan")) for r in rows], 0.16, label=name)
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("time per decode step and layer (us)")
-    ax.set_title(f"Shared-prefix decode, fp16 D=128 chunk 64 ({dev})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    bar_chart(rows, series, labels, "time per decode step and layer (us)",
+              f"Shared-prefix decode, fp16 D=128 chunk 64 ({dev})", path, log=True)
 
 
 def main(argv=None):

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from . import progress
+from . import bar_chart, progress
 
 
 DEFAULT = ["64:32768:4096", "64:65536:4096", "64:131072:2048", "64:131072:4096", "64:131072:8192",
@@ -58,30 +58,17 @@ def events_ms(fn, iters, lib="cupy"):
 
 def plot(rows, path, dev):
     """Grouped bars per configuration (ms) with the recall of our selection on top."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)")
-        return
     series = [("ours sparse", "ours_sparse_ms"), ("ours dense", "ours_dense_ms"), ("SDPA flash", "sdpa_flash_ms"),
               ("Flex dense", "flex_dense_ms"), ("Flex, our blocks", "flex_sparse_ms")]
     labels = [f"c{r['block']} P{r['past'] // 1024}K n{r['chunk']}\na{r['alpha']} g{r['group_size']}" for r in rows]
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.5))
-    for k, (name, key) in enumerate(series):
-        ax.bar(x + (k - 2) * 0.16, [r.get(key, float("nan")) for r in rows], 0.16, label=name)
-    for xi, r in zip(x, rows):
-        ax.annotate(f"recall {r['recall_mean']:.3f}", (xi, r["ours_dense_ms"]), ha="center", va="bottom", fontsize=6)
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel("time per chunk and layer (ms)")
-    ax.set_title(f"CompactAttention chunked prefill, bf16 Hq32 Hkv8 D128 ({dev})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+
+    def recall(ax, x, rows):
+        for xi, r in zip(x, rows):
+            ax.annotate(f"recall {r['recall_mean']:.3f}", (xi, r["ours_dense_ms"]), ha="center", va="bottom",
+                        fontsize=6)
+
+    bar_chart(rows, series, labels, "time per chunk and layer (ms)",
+              f"CompactAttention chunked prefill, bf16 Hq32 Hkv8 D128 ({dev})", path, annotate=recall)
 
 
 def main(argv=None):

@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from . import progress
+from . import progress, pyplot
 
 PIPELINE_CPATTN, PIPELINE_SDPA = "cpattn", "torch SDPA"
 
@@ -656,13 +656,8 @@ def write_csv(rows: list, path: str) -> None:
 
 def plot(rows: list, steps_ms: dict, path: str, dev: str) -> bool:
     """Decode step time per step, prefill time per prompt token and peak K/V tokens, per pipeline."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return False
     rows = [r for r in rows if "error" not in r]
     names = [f"{r['pipeline']}" + (f" a={r['alpha']:g}" if r["pipeline"] == PIPELINE_CPATTN else "") for r in rows]
