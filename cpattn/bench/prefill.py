@@ -7,6 +7,7 @@ in one run:
   ours sparse   compact_prefill (means, scores, unions + tables, paged kernel; each part timed)
   ours dense    the same kernel with every block (alpha 0)
   sdpa flash    torch SDPA, flash backend, causal lower-right, dense
+  sdpa cudnn    torch SDPA, cuDNN backend, causal lower-right (or no mask if refused), dense
   flex dense    FlexAttention with a causal lower-right BlockMask
   flex sparse   FlexAttention with a BlockMask built from our selection (same blocks)
 plus density per stage, attention-mass recall exp(lse_sparse - lse_dense) (mean, min), and
@@ -56,9 +57,40 @@ def events_ms(fn, iters, lib="cupy"):
     return float(np.median(ts))
 
 
+def cudnn_peer(torch, F, sdpa_kernel, SDPBackend, qt, kt, vt, mask, iters, ours):
+    """torch SDPA on the cuDNN backend: causal lower-right when it accepts that mask, else
+    with no mask over all P + n keys (``sdpa_cudnn_mask`` says which): that does the causal
+    work plus the masked-out triangle, n^2/2 extra dot products per head (1.5% at 128K + 4K),
+    so it bounds cuDNN's causal time from above by about that much. ``ours``: our dense output
+    [1, Hq, n, D], compared with cuDNN's when cuDNN ran the same (masked) problem."""
+    r = {}
+    G = qt.shape[1] // kt.shape[1]
+    for how, kw in (("lower-right", dict(attn_mask=mask)), ("none (all keys)", {})):
+        for heads in ("gqa", "repeated"):
+            try:
+                if heads == "gqa":
+                    args = (qt, kt, vt)
+                    kw2 = dict(kw, enable_gqa=True)
+                else:  # K/V repeated to Hq heads (more bytes read; prefill is compute-bound)
+                    args = (qt, kt.repeat_interleave(G, dim=1), vt.repeat_interleave(G, dim=1))
+                    kw2 = kw
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    fn = lambda: F.scaled_dot_product_attention(*args, **kw2)  # noqa: E731
+                    o = fn()
+                    r["sdpa_cudnn_ms"] = events_ms(fn, iters, "torch")
+                r["sdpa_cudnn_mask"], r["sdpa_cudnn_heads"] = how, heads
+                if "attn_mask" in kw:
+                    r["max_abs_diff_dense_vs_cudnn"] = float((o.float() - ours.float()).abs().max())
+                return r
+            except Exception as e:  # noqa: BLE001
+                r[f"sdpa_cudnn_{how.split()[0]}_{heads}_error"] = str(e).splitlines()[0][:160]
+    r["sdpa_cudnn_ms"] = float("nan")
+    return r
+
+
 def plot(rows, path, dev):
     """Grouped bars per configuration (ms) with the recall of our selection on top."""
-    series = [("ours sparse", "ours_sparse_ms"), ("ours dense", "ours_dense_ms"), ("SDPA flash", "sdpa_flash_ms"),
+    series = [("ours sparse", "ours_sparse_ms"), ("ours dense", "ours_dense_ms"), ("SDPA flash", "sdpa_flash_ms"), ("SDPA cuDNN", "sdpa_cudnn_ms"),
               ("Flex dense", "flex_dense_ms"), ("Flex, our blocks", "flex_sparse_ms")]
     labels = [f"c{r['block']} P{r['past'] // 1024}K n{r['chunk']}\na{r['alpha']} g{r['group_size']}" for r in rows]
 
@@ -168,6 +200,8 @@ def main(argv=None):
             r["max_abs_diff_dense_vs_sdpa"] = float((o_ours.float() - o_ref.float()).abs().max())
         except Exception as e:  # noqa: BLE001
             r["sdpa_flash_ms"], r["sdpa_error"] = float("nan"), str(e).splitlines()[0][:160]
+        o_dense = torch.from_dlpack(dense.o).view(torch.bfloat16).permute(1, 0, 2).unsqueeze(0)
+        r.update(cudnn_peer(torch, F, sdpa_kernel, SDPBackend, qt, kt, vt, mask, args.iters, o_dense))
         if flex is not None:
             try:
                 def causal(b, h, q_idx, kv_idx):
@@ -208,7 +242,7 @@ def main(argv=None):
                 r["flex_error"] = str(e).splitlines()[0][:200]
                 r.setdefault("flex_dense_ms", float("nan"))
                 r.setdefault("flex_sparse_ms", float("nan"))
-        peers = [r.get(k_, float("nan")) for k_ in ("sdpa_flash_ms", "flex_dense_ms")]
+        peers = [r.get(k_, float("nan")) for k_ in ("sdpa_flash_ms", "sdpa_cudnn_ms", "flex_dense_ms")]
         best = min([p for p in peers if not math.isnan(p)], default=float("nan"))
         r["best_dense_peer_ms"] = best
         r["speedup_sparse_vs_best_dense"] = best / r["ours_sparse_ms"]
@@ -225,6 +259,11 @@ def main(argv=None):
         torch.cuda.empty_cache()
 
     date = datetime.date.today().isoformat()
+
+    def cudnn_cell(r):
+        cell = f(r, "sdpa_cudnn_ms")
+        return cell + ("*" if r.get("sdpa_cudnn_mask", "").startswith("none") else "")
+
     f = lambda r, k_, fmt="{:.2f}": fmt.format(r[k_]) if k_ in r and not (isinstance(r[k_], float) and math.isnan(r[k_])) else "n/a"  # noqa: E731
     md = [f"## CompactAttention chunked prefill ({dev}, {date})", "",
           "bf16, Hq 32, Hkv 8, D 128, structured prompt from `long_context_qkv` (seed 1), "
@@ -232,17 +271,21 @@ def main(argv=None):
           "(4 = the whole GQA group). "
           "CUDA events, median of "
           f"{args.iters}. Generated by `tools/bench_prefill.py`. Times in ms; TFLOP/s count dense causal FLOPs.", "",
-          "| block | past | chunk | alpha | group | q tile | ours sparse | (score / tables / kernel) | ours dense | SDPA flash | Flex dense | Flex sparse (our blocks) | sparse vs best dense | density select / q-union / group | keys read | recall mean / min | ours dense TFLOP/s | Flex dense TFLOP/s |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| block | past | chunk | alpha | group | q tile | ours sparse | (score / tables / kernel) | ours dense | SDPA flash | SDPA cuDNN | Flex dense | Flex sparse (our blocks) | sparse vs best dense | density select / q-union / group | keys read | recall mean / min | ours dense TFLOP/s | Flex dense TFLOP/s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['block']} | {r['past']} | {r['chunk']} | {r['alpha']} | {r['group_size']} | {r['q_tile']} | "
                   f"{f(r, 'ours_sparse_ms')} | "
                   f"{f(r, 'stage_score_ms')} / {f(r, 'stage_tables_ms')} / {f(r, 'stage_attention_ms')} | "
-                  f"{f(r, 'ours_dense_ms')} | {f(r, 'sdpa_flash_ms')} | {f(r, 'flex_dense_ms')} | {f(r, 'flex_sparse_ms')} | "
+                  f"{f(r, 'ours_dense_ms')} | {f(r, 'sdpa_flash_ms')} | {cudnn_cell(r)} | {f(r, 'flex_dense_ms')} | {f(r, 'flex_sparse_ms')} | "
                   f"{f(r, 'speedup_sparse_vs_best_dense', '{:.2f}x')} | {f(r, 'density_select', '{:.3f}')} / "
                   f"{f(r, 'density_q_union', '{:.3f}')} / {f(r, 'density_group_union', '{:.3f}')} | "
                   f"{f(r, 'keys_read_frac', '{:.3f}')} | {f(r, 'recall_mean', '{:.4f}')} / {f(r, 'recall_min', '{:.3f}')} | "
                   f"{f(r, 'ours_dense_tflops', '{:.0f}')} | {f(r, 'flex_dense_tflops', '{:.0f}')} |")
+    if any(r.get("sdpa_cudnn_mask", "").startswith("none") for r in rows):
+        md += ["", "SDPA cuDNN marked * ran with no mask over all P + n keys (it refused the lower-right causal "
+               "mask): an upper bound on its causal time, high by at most the masked triangle (n^2/2 of "
+               "n (P + n) dot products per head)."]
     errs = {f"{r['block']}/{r['past']}/{r['chunk']}": {k_: v_ for k_, v_ in r.items() if k_.endswith("error")}
             for r in rows if any(k_.endswith("error") for k_ in r)}
     if errs:

@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Recall against density for CompactAttention's selector and for the exact-mass oracle.
+
+On the benchmark's structured prompt (``long_context_qkv``, seed 1, the same arguments as
+``cpattn bench prefill``), for one chunk of ``n`` rows after ``P`` past tokens, this computes
+the exact share of every (query head, row) on every past block and asks, per table
+granularity (query heads per table x query rows per table):
+
+* **oracle**: the best mean recall any selector can reach at a given density, i.e. the
+  past blocks taken in decreasing order of their exact attention mass summed over the table's
+  rows and heads (a sum objective, so the greedy order is optimal), pooled over all tables;
+* **alpha rule**: the FlashPrefill-style score threshold of the reference (``select_blocks``
+  semantics: sink, window, Q-block union, group union) at a sweep of alphas.
+
+Recall of a (head, row) = the chunk's own blocks' mass + the mass of the table's past blocks;
+density = past blocks read / past blocks, averaged over (head, query block), as the benchmark
+counts it. Prints a table, writes ``frontier.json`` and (with matplotlib) ``frontier.png``.
+
+    python tools/selection_frontier.py [--past 131072] [--chunk 4096] [--block 64]
+                                       [--kv-heads 0,1,2,3,4,5,6,7] [--out bench]
+
+CPU only; 128K x 4096 takes about 20 s per kv head on two cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cpattn.reference.dtypes import to_float32  # noqa: E402
+from cpattn.reference.workloads import long_context_qkv  # noqa: E402
+
+ALPHAS = (0.0, 0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.4)
+# (query heads per table, query rows per table); rows None = the whole chunk
+GRANULARITIES = ((4, None), (1, None), (4, 1024), (1, 1024), (1, 256), (1, 64))
+
+
+def exact_mass(q, k, P, c, scale, slab=256):
+    """q [n, G, D], k [P + n, D] float32 -> (past mass [G, n, Pb], own mass [G, n])."""
+    n, G, _ = q.shape
+    L, Pb = k.shape[0], P // c
+    past = np.empty((G, n, Pb), np.float32)
+    own = np.empty((G, n), np.float32)
+    pos = np.arange(L)
+    for g in range(G):
+        for a in range(0, n, slab):
+            rows = np.arange(a, min(n, a + slab))
+            s = (q[rows, g] @ k.T) * np.float32(scale)
+            s[pos[None, :] > (P + rows)[:, None]] = -np.inf
+            p = np.exp(s - s.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            past[g, rows] = np.add.reduceat(p[:, :P], np.arange(0, P, c), axis=1)
+            own[g, rows] = p[:, P:].sum(axis=1)
+    return past, own
+
+
+def alpha_scores(q, kmean, c, scale):
+    """The reference's block scores: q [n, G, D], kmean [Pb, D] -> s [G, Qb, Pb] (rows sum 1)."""
+    z = np.einsum("ngd,jd->gnj", q, kmean) * np.float32(scale)
+    e = np.exp(z - z.max(axis=2, keepdims=True))
+    s = np.add.reduceat(e, np.arange(0, q.shape[0], c), axis=1)
+    return s / s.sum(axis=2, keepdims=True)
+
+
+def tables(mask_hqb, heads, rows_per_tile, c):
+    """OR a per-(head, query block) mask [G, Qb, Pb] over tables of `heads` x `rows_per_tile`."""
+    G, Qb, Pb = mask_hqb.shape
+    tb = Qb if rows_per_tile is None else rows_per_tile // c
+    T = -(-Qb // tb)
+    pad = np.zeros((G, T * tb, Pb), bool)
+    pad[:, :Qb] = mask_hqb
+    m = pad.reshape(G // heads, heads, T, tb, Pb).any(axis=(1, 3))  # [G/heads, T, Pb]
+    return np.broadcast_to(m[:, None, :, None], (G // heads, heads, T, tb, Pb)).reshape(G, T * tb, Pb)[:, :Qb]
+
+
+def recall_of(mask_hqb, past, own, c):
+    """Per-(head, row) recall of a per-(head, query block) mask."""
+    per_row = np.repeat(mask_hqb, c, axis=1)[:, : past.shape[1]]  # [G, n, Pb]
+    return own + (past * per_row).sum(axis=2)
+
+
+def oracle_curve(past, own, heads, rows_per_tile, c, forced):
+    """Greedy exact-mass frontier: (density, mean recall) at every budget, for one kv head."""
+    G, n, Pb = past.shape
+    r = n if rows_per_tile is None else rows_per_tile
+    T = -(-n // r)
+    pad = np.zeros((G, T * r, Pb), np.float64)
+    pad[:, :n] = past
+    tot = pad.reshape(G // heads, heads, T, r, Pb).sum(axis=(1, 3))  # [tables, T, Pb] mass summed
+    rows_in = np.minimum(r, n - np.arange(T) * r)  # rows per tile
+    base = own.sum() + (tot[..., forced]).sum()
+    free = tot[..., ~forced]  # candidates
+    # every candidate costs heads x (query blocks of its tile) triples of density
+    qb_in = -(-rows_in // c)
+    cost = np.broadcast_to((heads * qb_in)[None, :, None], free.shape).ravel()
+    gain = free.ravel()
+    order = np.argsort(-gain / cost, kind="stable")
+    triples = G * (-(-n // c)) * Pb
+    d0 = G * (-(-n // c)) * forced.sum()
+    dens = (d0 + np.concatenate([[0], np.cumsum(cost[order])])) / triples
+    rec = (base + np.concatenate([[0], np.cumsum(gain[order])])) / (G * n)
+    return dens, rec
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--past", type=int, default=131072)
+    ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--total", type=int, default=139264, help="prompt length generated (the benchmark's)")
+    ap.add_argument("--kv-heads", default="0,1,2,3,4,5,6,7")
+    ap.add_argument("--sink", type=int, default=2)
+    ap.add_argument("--window", type=int, default=4)
+    ap.add_argument("--out", default="bench")
+    args = ap.parse_args(argv)
+    P, n, c = args.past, args.chunk, args.block
+    Hq, Hkv, D = 32, 8, 128
+    G = Hq // Hkv
+    scale = 1.0 / np.sqrt(D)
+    t0 = time.time()
+    w = long_context_qkv(1, max(args.total, P + n), Hq, Hkv, D, dtype="bfloat16", needle_len=64,
+                         num_needles=16, needle_queries=16, locality_len=512)
+    print(f"workload generated in {time.time() - t0:.0f}s", flush=True)
+    Pb = P // c
+    j = np.arange(Pb)
+    forced = (j < args.sink) | (j >= Pb - args.window)
+    kvh = [int(x) for x in args.kv_heads.split(",")]
+    curves = {str(g): [] for g in GRANULARITIES}
+    alpha_pts = {str(g): {a: [] for a in ALPHAS} for g in GRANULARITIES}
+    for i, h in enumerate(kvh):
+        t1 = time.time()
+        q = to_float32(w.q[0, P:P + n, h * G:(h + 1) * G], "bfloat16")
+        k = to_float32(w.k[0, :P + n, h], "bfloat16")
+        past, own = exact_mass(q, k, P, c, scale)
+        kmean = k[:P].reshape(Pb, c, D).mean(axis=1)
+        s = alpha_scores(q, kmean, c, scale)
+        for gran in GRANULARITIES:
+            heads, rows = gran
+            curves[str(gran)].append(oracle_curve(past, own, heads, rows, c, forced))
+            for a in ALPHAS:
+                keep = (s >= np.float32(a) * s.max(axis=2, keepdims=True)) | forced
+                m = tables(keep, heads, rows, c)
+                rec = recall_of(m, past, own, c)
+                alpha_pts[str(gran)][a].append((m.mean(), rec.mean(), rec.min(), rec.size))
+        print(f"kv head {h} ({i + 1}/{len(kvh)}) in {time.time() - t1:.0f}s", flush=True)
+
+    # pool the kv heads: the oracle curve at a common density grid, the alpha points averaged
+    grid = np.linspace(0, 1, 1001)
+    result = {"past": P, "chunk": n, "block": c, "kv_heads": kvh, "granularities": {}}
+    targets = (0.95, 0.98, 0.99, 0.995)
+    print(f"\npast {P}, chunk {n}, block {c}, kv heads {kvh}")
+    print("table = heads x rows | oracle density at mean recall " + " / ".join(map(str, targets))
+          + " | alpha rule: alpha -> density, mean recall, min recall")
+    for gran in GRANULARITIES:
+        key = str(gran)
+        rec_grid = np.mean([np.interp(grid, d, r) for d, r in curves[key]], axis=0)
+        need = [float(grid[np.argmax(rec_grid >= t)]) if (rec_grid >= t).any() else 1.0 for t in targets]
+        pts = []
+        for a in ALPHAS:
+            arr = np.array(alpha_pts[key][a])
+            pts.append(dict(alpha=a, density=float(arr[:, 0].mean()), recall_mean=float(arr[:, 1].mean()),
+                            recall_min=float(arr[:, 2].min())))
+        heads, rows = gran
+        name = f"{heads} x {rows or n}"
+        result["granularities"][name] = dict(oracle_density=grid[::10].tolist(), oracle_recall=rec_grid[::10].tolist(),
+                                             oracle_need=dict(zip(map(str, targets), need)), alpha=pts)
+        print(f"{name:>12} | " + " / ".join(f"{x:.3f}" for x in need) + " | "
+              + ", ".join(f"{p['alpha']}: {p['density']:.3f} {p['recall_mean']:.4f} {p['recall_min']:.3f}"
+                          for p in pts if p["alpha"] in (0.02, 0.06, 0.2)))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "frontier.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return 0
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, gr) in enumerate(result["granularities"].items()):
+        col = f"C{i}"
+        ax.plot(gr["oracle_density"], gr["oracle_recall"], color=col, label=f"oracle {name}")
+        ax.plot([p["density"] for p in gr["alpha"]], [p["recall_mean"] for p in gr["alpha"]], "o--", color=col,
+                ms=3, label=f"alpha rule {name}")
+    ax.set_xlabel("density (past blocks read)")
+    ax.set_ylabel("mean attention-mass recall")
+    ax.set_ylim(0.9, 1.001)
+    ax.set_xlim(0, 1)
+    ax.axhline(0.99, color="grey", lw=0.5)
+    ax.set_title(f"selection frontier: past {P}, chunk {n}, block {c}")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "frontier.png"), dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
