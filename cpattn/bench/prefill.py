@@ -90,8 +90,8 @@ def cudnn_peer(torch, F, sdpa_kernel, SDPBackend, qt, kt, vt, mask, iters, ours)
 
 def plot(rows, path, dev):
     """Grouped bars per configuration (ms) with the recall of our selection on top."""
-    series = [("ours sparse", "ours_sparse_ms"), ("ours dense", "ours_dense_ms"), ("SDPA flash", "sdpa_flash_ms"), ("SDPA cuDNN", "sdpa_cudnn_ms"),
-              ("Flex dense", "flex_dense_ms"), ("Flex, our blocks", "flex_sparse_ms")]
+    series = [("ours sparse", "ours_sparse_ms"), ("ours dense", "ours_dense_ms"), ("SDPA flash", "sdpa_flash_ms"),
+              ("SDPA cuDNN", "sdpa_cudnn_ms"), ("Flex dense", "flex_dense_ms"), ("Flex, our blocks", "flex_sparse_ms")]
     labels = [f"c{r['block']} P{r['past'] // 1024}K n{r['chunk']}\na{r['alpha']} g{r['group_size']}" for r in rows]
 
     def recall(ax, x, rows):
