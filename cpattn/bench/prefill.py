@@ -33,6 +33,7 @@ from . import bar_chart, progress
 DEFAULT = ["64:32768:4096", "64:65536:4096", "64:131072:2048", "64:131072:4096", "64:131072:8192",
            "128:131072:4096"]
 Hq, Hkv, D = 32, 8, 128
+PROMPT_LEN = 131072 + 8192  # the generator's multi-scale locality depends on the prompt length
 
 
 def events_ms(fn, iters, lib="cupy"):
@@ -112,6 +113,9 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--alpha", type=float, default=0.06)
+    ap.add_argument("--prompt-len", type=int, default=PROMPT_LEN,
+                    help="tokens of the generated prompt (fixed, so a config's data does not depend on "
+                         "which other configs run; raised to the longest past + chunk if needed)")
     args = ap.parse_args(argv)
     import cupy
     import torch
@@ -129,7 +133,7 @@ def main(argv=None):
         f_ = spec.split(":")
         cfgs.append((int(f_[0]), int(f_[1]), int(f_[2]), float(f_[3]) if len(f_) > 3 else args.alpha,
                      (int(f_[4]) or None) if len(f_) > 4 else None, (int(f_[5]) or None) if len(f_) > 5 else None))
-    total = max(cf[1] + cf[2] for cf in cfgs)
+    total = max([args.prompt_len] + [cf[1] + cf[2] for cf in cfgs])
     dev = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     t0 = time.time()
     w = long_context_qkv(1, total, Hq, Hkv, D, dtype="bfloat16", needle_len=64, num_needles=16,
