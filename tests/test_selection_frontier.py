@@ -80,3 +80,21 @@ def test_oracle_is_an_upper_bound_of_the_alpha_rule(fr, data, heads, rows):
         assert r <= best + 1e-6, (a, r, best)
         beaten += r < best - 1e-3
     assert beaten  # the check can fail: the alpha rule is strictly below the oracle somewhere
+
+
+def test_token_oracle_bounds_every_block_oracle(fr):
+    # a token-level selection can copy any block selection, so it needs no more keys for a recall
+    w = long_context_qkv(5, P + N, 2, 1, 32, dtype="bfloat16", needle_len=C, num_needles=2, needle_queries=4,
+                         locality_len=64)
+    q = to_float32(w.q[0, P:], "bfloat16")
+    k = to_float32(w.k[0, :, 0], "bfloat16")
+    hist = dict(count=np.zeros(len(fr.LOG_BINS) + 1), mass=np.zeros(len(fr.LOG_BINS) + 1), own=0.0, rows=0)
+    past, own = fr.exact_mass(q, k, P, C, 1 / np.sqrt(32), slab=40, token_hist=hist, every=1)
+    assert hist["rows"] == 2 * N and hist["count"].sum() == 2 * N * P
+    np.testing.assert_allclose(hist["mass"].sum() + hist["own"], 2 * N, rtol=1e-5)
+    td, tr = fr.token_curve(hist, P)
+    assert td[-1] == pytest.approx(1.0) and tr[-1] == pytest.approx(1.0, abs=1e-5)
+    dens, rec = fr.oracle_curve(past, own, 1, C, C, np.zeros(P // C, bool))
+    gap = np.interp(dens, td, tr) - rec
+    assert gap.min() > -2e-3  # log10 bins of 0.005: within-bin order is the only slack
+    assert gap.max() > 0.01  # and blocks do cost something here

@@ -43,8 +43,15 @@ ALPHAS = (0.0, 0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.4)
 GRANULARITIES = ((4, None), (1, None), (4, 1024), (1, 1024), (1, 256), (1, 64))
 
 
-def exact_mass(q, k, P, c, scale, slab=256):
-    """q [n, G, D], k [P + n, D] float32 -> (past mass [G, n, Pb], own mass [G, n])."""
+LOG_BINS = np.linspace(-16, 0, 3201)  # log10 of a key's probability, for the token oracle
+
+
+def exact_mass(q, k, P, c, scale, slab=256, token_hist=None, every=8):
+    """q [n, G, D], k [P + n, D] float32 -> (past mass [G, n, Pb], own mass [G, n]).
+
+    ``token_hist``: optional dict of float64 arrays ``count``, ``mass`` and ``own`` (len(LOG_BINS)+1
+    bins / a scalar) that receive, for every ``every``-th row, the histogram of its past keys'
+    probabilities (how many keys, how much mass per log10 bin) and its own blocks' mass."""
     n, G, _ = q.shape
     L, Pb = k.shape[0], P // c
     past = np.empty((G, n, Pb), np.float32)
@@ -59,7 +66,24 @@ def exact_mass(q, k, P, c, scale, slab=256):
             p /= p.sum(axis=1, keepdims=True)
             past[g, rows] = np.add.reduceat(p[:, :P], np.arange(0, P, c), axis=1)
             own[g, rows] = p[:, P:].sum(axis=1)
+            if token_hist is not None:
+                sub = p[rows % every == 0]
+                pp = sub[:, :P].ravel()
+                b = np.searchsorted(LOG_BINS, np.log10(np.maximum(pp, 1e-30)))
+                token_hist["count"] += np.bincount(b, minlength=len(LOG_BINS) + 1)
+                token_hist["mass"] += np.bincount(b, weights=pp, minlength=len(LOG_BINS) + 1)
+                token_hist["own"] += sub[:, P:].sum()
+                token_hist["rows"] += len(sub)
     return past, own
+
+
+def token_curve(hist, P):
+    """Token-level oracle (no blocks, no tables; each row its own keys, budget pooled over rows):
+    keys taken in decreasing probability -> (density of past keys, mean recall)."""
+    cnt, mass = hist["count"][::-1], hist["mass"][::-1]  # most probable bin first
+    dens = np.concatenate([[0], np.cumsum(cnt)]) / (hist["rows"] * P)
+    rec = (hist["own"] + np.concatenate([[0], np.cumsum(mass)])) / hist["rows"]
+    return dens, rec
 
 
 def alpha_scores(q, kmean, c, scale):
@@ -134,12 +158,13 @@ def main(argv=None):
     forced = (j < args.sink) | (j >= Pb - args.window)
     kvh = [int(x) for x in args.kv_heads.split(",")]
     curves = {str(g): [] for g in GRANULARITIES}
+    hist = dict(count=np.zeros(len(LOG_BINS) + 1), mass=np.zeros(len(LOG_BINS) + 1), own=0.0, rows=0)
     alpha_pts = {str(g): {a: [] for a in ALPHAS} for g in GRANULARITIES}
     for i, h in enumerate(kvh):
         t1 = time.time()
         q = to_float32(w.q[0, P:P + n, h * G:(h + 1) * G], "bfloat16")
         k = to_float32(w.k[0, :P + n, h], "bfloat16")
-        past, own = exact_mass(q, k, P, c, scale)
+        past, own = exact_mass(q, k, P, c, scale, token_hist=hist)
         kmean = k[:P].reshape(Pb, c, D).mean(axis=1)
         s = alpha_scores(q, kmean, c, scale)
         for gran in GRANULARITIES:
@@ -175,6 +200,11 @@ def main(argv=None):
         print(f"{name:>12} | " + " / ".join(f"{x:.3f}" for x in need) + " | "
               + ", ".join(f"{p['alpha']}: {p['density']:.3f} {p['recall_mean']:.4f} {p['recall_min']:.3f}"
                           for p in pts if p["alpha"] in (0.02, 0.06, 0.2)))
+    td, tr = token_curve(hist, P)
+    tneed = [float(td[np.argmax(tr >= t)]) if (tr >= t).any() else 1.0 for t in targets]
+    result["token_oracle"] = dict(need=dict(zip(map(str, targets), tneed)), rows=int(hist["rows"]),
+                                  density=np.interp(grid[::10], tr, td).tolist(), recall=grid[::10].tolist())
+    print(f"{'token oracle':>12} | " + " / ".join(f"{x:.3f}" for x in tneed) + f" ({hist['rows']} sampled rows)")
     os.makedirs(args.out, exist_ok=True)
     md = [f"## Selection frontier: how sparse can a block selection be? (CPU, {datetime.date.today().isoformat()})", "",
           f"The benchmark's prompt (`long_context_qkv`, seed 1, {max(args.prompt_len, P + n)} tokens), past {P}, "
@@ -189,6 +219,8 @@ def main(argv=None):
         md.append(f"| {name} | " + " / ".join(f"{x:.3f}" for x in gr["oracle_need"].values()) + " | "
                   + " | ".join(f"{pts[a]['density']:.3f}, {pts[a]['recall_mean']:.4f} / {pts[a]['recall_min']:.3f}"
                                for a in (0.02, 0.06, 0.2)) + " |")
+    md.append("| token oracle (each row its own keys, no blocks) | " + " / ".join(f"{x:.3f}" for x in tneed)
+              + f" | ({hist['rows']} sampled rows) | | |")
     with open(os.path.join(args.out, "frontier.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     path = os.path.join(args.out, "frontier.json")
@@ -207,6 +239,7 @@ def main(argv=None):
         ax.plot(gr["oracle_density"], gr["oracle_recall"], color=col, label=f"oracle {name}")
         ax.plot([p["density"] for p in gr["alpha"]], [p["recall_mean"] for p in gr["alpha"]], "o--", color=col,
                 ms=3, label=f"alpha rule {name}")
+    ax.plot(result["token_oracle"]["density"], result["token_oracle"]["recall"], "k:", label="token oracle")
     ax.set_xlabel("density (past blocks read)")
     ax.set_ylabel("mean attention-mass recall")
     ax.set_ylim(0.9, 1.001)
