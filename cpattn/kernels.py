@@ -31,7 +31,17 @@ KERNELS = {
         ("cpattn::block_union", None),
         ("cpattn::tables_csr", None),
     ),
+    "prefill_sm90": (  # the paged prefill on Hopper warpgroup MMA: compute capability 9.0 only
+        ("cpattn::paged_prefill_wg", lambda t, d, c: f"{t}, {d}, {c}"),
+    ),
 }
+# kernel file -> the architecture it needs (NVRTC -arch / nvcc -arch); others: the device's own
+ARCH = {"prefill_sm90": "sm_90a"}
+
+
+def options(file: str) -> tuple:
+    """NVRTC options of a kernel file."""
+    return NVRTC_OPTIONS + ((f"-arch={ARCH[file]}",) if file in ARCH else ())
 
 
 def variant_key(file: str, dtype: str, head_dim: int, chunk_size: int) -> str:
@@ -77,7 +87,7 @@ def _module(key: str, file: str, dtype: str, head_dim: int, chunk_size: int, dev
     import cupy
 
     names = name_expressions(file, dtype, head_dim, chunk_size)
-    mod = cupy.RawModule(code=source(file), options=NVRTC_OPTIONS, name_expressions=tuple(names.values()))
+    mod = cupy.RawModule(code=source(file), options=options(file), name_expressions=tuple(names.values()))
     return {short: mod.get_function(expr) for short, expr in names.items()}
 
 

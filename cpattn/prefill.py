@@ -39,6 +39,34 @@ def _prefill_smem(head_dim: int, chunk_size: int) -> int:
     return (ROWS_PER_UNIT + 4 * min(chunk_size, 64)) * (head_dim + 8) * 2
 
 
+WG_THREADS, WG_STAGES = 256, 4  # kWgThreads, kWgStages of raw_kernels/prefill_sm90.cu
+KERNEL_CHOICES = ("auto", "wgmma", "mma")
+
+
+def _prefill_smem_wg(head_dim: int, chunk_size: int) -> int:
+    """WgSmem<D, C>::bytes: alignment slack, the swizzled Q tile and WG_STAGES K/V steps."""
+    return 1024 + ROWS_PER_UNIT * head_dim * 2 + 2 * WG_STAGES * min(chunk_size, 64) * head_dim * 2
+
+
+def _use_wgmma(kernel: str) -> bool:
+    """'auto': the warpgroup-MMA kernel on compute capability 9.0 (Hopper), unless the
+    environment sets CPATTN_PREFILL_KERNEL=mma; 'wgmma' / 'mma' force one."""
+    import os
+
+    import cupy
+
+    if kernel not in KERNEL_CHOICES:
+        raise ValueError(f"kernel: expected one of {KERNEL_CHOICES}, got {kernel!r}")
+    if kernel == "auto":
+        kernel = os.environ.get("CPATTN_PREFILL_KERNEL", "auto")
+        if kernel not in KERNEL_CHOICES:
+            raise ValueError(f"CPATTN_PREFILL_KERNEL: expected one of {KERNEL_CHOICES}, got {kernel!r}")
+    hopper = cupy.cuda.Device().compute_capability == "90"
+    if kernel == "wgmma" and not hopper:
+        raise ValueError(f"kernel: 'wgmma' needs compute capability 9.0, got {cupy.cuda.Device().compute_capability}")
+    return kernel == "wgmma" or (kernel == "auto" and hopper)
+
+
 class GpuBlockMeans(BlockMeans):
     """Mean key of every summarised pool page, on the device (the reference ``BlockMeans`` with
     its summaries computed by one ``block_mean`` launch per update).
@@ -99,13 +127,15 @@ class GpuCompactPrefill:
 def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *, scale: float | None = None,
                     alpha: float = 0.06, sink: int = 2, window: int = 4, q_tile: int | None = None,
                     group_size: int | None = None, return_lse: bool = True, out=None,
-                    events: list | None = None) -> GpuCompactPrefill:
+                    events: list | None = None, kernel: str = "auto") -> GpuCompactPrefill:
     """CompactAttention for one chunk and layer of a ``GpuChunkCache`` (see the module docstring).
 
     The chunk is the sequence's last n = q.shape[0] tokens, their K/V written for this layer;
     q: [n, Hq, D] storage dtype (CuPy, __cuda_array_interface__ or DLPack). alpha 0 keeps every
     block (dense chunked prefill). Launches on the current stream; never synchronises.
     ``events``: a list that receives (stage name, CUDA event) after each stage, for profiling.
+    ``kernel``: the attention kernel: 'auto' (warpgroup MMA on Hopper, else mma.sync), 'wgmma'
+    or 'mma'; the environment variable CPATTN_PREFILL_KERNEL overrides 'auto'.
     """
     import cupy
 
@@ -115,6 +145,7 @@ def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *,
     c, Hkv, D = cache.chunk_size, cache.num_kv_heads, cache.head_dim
     q_tile, s = _check_options(c, n, G, alpha, sink, window, q_tile, group_size)
     means._check_cache(cache)
+    wg = _use_wgmma(kernel)
     Hq = q.shape[1]
     if out is not None:
         out = as_cupy(out, "out", cache.dtype, (n, Hq, D))
@@ -169,10 +200,14 @@ def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *,
     units = cupy.asarray(np.stack([table_of, row0], axis=1).astype(np.int32).ravel())
     o = out if out is not None else cupy.empty((n, Hq, D), q.dtype)
     lse = cupy.empty((n, Hq), np.float32) if return_lse else cupy.empty(1, np.float32)
-    smem = _prefill_smem(D, c)
-    pk = k["paged_prefill"]
+    if wg:
+        smem = _prefill_smem_wg(D, c)
+        pk = get_kernels("prefill_sm90", cache.dtype, D, c)["paged_prefill_wg"]
+    else:
+        smem = _prefill_smem(D, c)
+        pk = k["paged_prefill"]
     pk.max_dynamic_shared_size_bytes = smem
-    pk((len(table_of),), (THREADS,),
+    pk((len(table_of),), (WG_THREADS if wg else THREADS,),
        (q, cache.k_pool, cache.v_pool, page0, units, indptr, indices, np.int32(n), np.int32(q_tile),
         np.int32(Hq), np.int32(Hkv), np.int32(G), np.int32(s), np.int32(Cb), scale_log2, o, lse,
         np.int32(return_lse)),

@@ -21,6 +21,18 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="n
 POISON = {"float16": 0x7E00, "bfloat16": 0x7FC0}
 
 
+def _kernels():
+    """Attention kernels this device runs: mma.sync everywhere, warpgroup MMA on Hopper."""
+    if not gpu_available():
+        return ["mma"]
+    import cupy
+
+    return ["mma", "wgmma"] if cupy.cuda.Device().compute_capability == "90" else ["mma"]
+
+
+KERNELS = _kernels()
+
+
 def setup(seed, P, n, c, Hq, Hkv, D, dtype, layers=1):
     import cupy
 
@@ -77,8 +89,9 @@ def budget(dtype, vmax):
 @given(seed=st.integers(0, 2**31 - 1), c=st.sampled_from([16, 32, 64, 128]), pb=st.integers(0, 9),
        n_blocks=st.integers(1, 4), off=st.sampled_from([0, -1, -5]), ratio=st.sampled_from([1, 4, 8]),
        dtype=st.sampled_from(["float16", "bfloat16"]), D=st.sampled_from([64, 128]),
-       tile=st.sampled_from([None, 1, 2]), sub=st.sampled_from([None, 1]))
-def test_alpha_zero_equals_dense_and_tables_are_all_blocks(seed, c, pb, n_blocks, off, ratio, dtype, D, tile, sub):
+       tile=st.sampled_from([None, 1, 2]), sub=st.sampled_from([None, 1]), kernel=st.sampled_from(KERNELS))
+def test_alpha_zero_equals_dense_and_tables_are_all_blocks(seed, c, pb, n_blocks, off, ratio, dtype, D, tile, sub,
+                                                           kernel):
     Hkv = 2
     Hq = Hkv * ratio
     n = max(1, n_blocks * c + off)
@@ -86,7 +99,7 @@ def test_alpha_zero_equals_dense_and_tables_are_all_blocks(seed, c, pb, n_blocks
     w, cpu, means, gpu, gmeans, seq = setup(seed, P, n, c, Hq, Hkv, D, dtype)
     q = w.q[0, P:]
     opt = dict(alpha=0.0, q_tile=None if tile is None else tile * c, group_size=sub)
-    r, o, lse = run_gpu(gpu, gmeans, seq, q, **opt)
+    r, o, lse = run_gpu(gpu, gmeans, seq, q, kernel=kernel, **opt)
     ref = ca.compact_prefill(cpu, means, seq, q, 0, **opt)
     oracle, oracle_lse = ca.dense_prefill(cpu, seq, q, 0)
     indptr, indices = r.tables()
@@ -100,15 +113,16 @@ def test_alpha_zero_equals_dense_and_tables_are_all_blocks(seed, c, pb, n_blocks
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.integers(0, 2**31 - 1), c=st.sampled_from([16, 32, 64]), pb=st.integers(4, 24),
        n_blocks=st.integers(1, 5), ratio=st.sampled_from([1, 4]), dtype=st.sampled_from(["float16", "bfloat16"]),
-       alpha=st.sampled_from([0.02, 0.06, 0.3]), tile=st.sampled_from([None, 1]), sub=st.sampled_from([None, 1]))
-def test_selection_and_output_match_reference(seed, c, pb, n_blocks, ratio, dtype, alpha, tile, sub):
-    Hkv, D = 2, 64
+       alpha=st.sampled_from([0.02, 0.06, 0.3]), tile=st.sampled_from([None, 1]), sub=st.sampled_from([None, 1]),
+       D=st.sampled_from([64, 128]), kernel=st.sampled_from(KERNELS))
+def test_selection_and_output_match_reference(seed, c, pb, n_blocks, ratio, dtype, alpha, tile, sub, D, kernel):
+    Hkv = 2
     Hq = Hkv * ratio
     n, P = n_blocks * c - (seed % 3), pb * c
     w, cpu, means, gpu, gmeans, seq = setup(seed, P, n, c, Hq, Hkv, D, dtype)
     q = w.q[0, P:]
     opt = dict(alpha=alpha, q_tile=None if tile is None else tile * c, group_size=sub)
-    r, o, lse = run_gpu(gpu, gmeans, seq, q, **opt)
+    r, o, lse = run_gpu(gpu, gmeans, seq, q, kernel=kernel, **opt)
     sel = ca.select_blocks(cpu, means, seq, q, 0, **opt)
     got = gpu_mask(r, cpu, seq, sel)
     # blocks may differ only where some (head, query block) of the table sits near its threshold
@@ -162,3 +176,37 @@ def test_prefix_reused_from_another_sequence_equals_from_scratch():
     assert np.array_equal(cupy.asnumpy(ra.o), cupy.asnumpy(rb.o))
     assert np.array_equal(cupy.asnumpy(ra.lse), cupy.asnumpy(rb.lse))
     assert ra.density() == rb.density()
+
+
+@pytest.mark.skipif("wgmma" not in KERNELS, reason="needs a Hopper GPU (compute capability 9.0)")
+@pytest.mark.parametrize("dtype,D,c,n,P,ratio", [("bfloat16", 128, 64, 1000, 40 * 64, 4),
+                                                  ("float16", 128, 128, 257, 9 * 128, 8),
+                                                  ("bfloat16", 64, 16, 77, 30 * 16, 1),
+                                                  ("float16", 64, 32, 300, 0, 4)])
+def test_wgmma_kernel_equals_mma_kernel_and_oracle(dtype, D, c, n, P, ratio):
+    """The two tensor-core paths on the same tables: both within budget of the float64 oracle,
+    and of each other (only the accumulation order differs)."""
+    Hkv = 2
+    w, cpu, means, gpu, gmeans, seq = setup(11, P, n, c, Hkv * ratio, Hkv, D, dtype)
+    q = w.q[0, P:]
+    _, o_mma, lse_mma = run_gpu(gpu, gmeans, seq, q, alpha=0.0, kernel="mma")
+    _, o_wg, lse_wg = run_gpu(gpu, gmeans, seq, q, alpha=0.0, kernel="wgmma")
+    oracle, oracle_lse = ca.dense_prefill(cpu, seq, q, 0)
+    vmax = float(np.abs(to_float32(w.v[0], dtype)).max())
+    for o, lse in ((o_mma, lse_mma), (o_wg, lse_wg)):
+        assert np.isfinite(o).all() and np.abs(o - oracle).max() <= budget(dtype, vmax)
+        np.testing.assert_allclose(lse, oracle_lse, rtol=2e-3, atol=2e-3)
+    assert np.abs(o_wg - o_mma).max() <= 2 * budget(dtype, vmax)
+
+
+def test_kernel_choice_is_checked():
+    import cupy
+
+    from cpattn.prefill import compact_prefill
+
+    w, cpu, means, gpu, gmeans, seq = setup(1, 64, 64, 64, 2, 1, 64, "float16")
+    with pytest.raises(ValueError, match="kernel: expected one of"):
+        compact_prefill(gpu, gmeans, seq, cupy.asarray(w.q[0, 64:]), kernel="fast")
+    if "wgmma" not in KERNELS:
+        with pytest.raises(ValueError, match="compute capability 9.0"):
+            compact_prefill(gpu, gmeans, seq, cupy.asarray(w.q[0, 64:]), kernel="wgmma")

@@ -37,9 +37,11 @@ for dtype, D, c, Hkv, ratio, P, n, tile, sub in (("bfloat16", 128, 64, 2, 4, 5 *
     seq = cache.add_sequence([])
     cache.extend(seq, list(range(P + n)), w.k, w.v)
     means = GpuBlockMeans(cache)
-    for alpha in (0.0, 0.06):
-        r = compact_prefill(cache, means, seq, cupy.asarray(w.q[0, P:]), alpha=alpha, q_tile=tile, group_size=sub)
+    kernels = ("mma", "wgmma") if cupy.cuda.Device().compute_capability == "90" else ("mma",)
+    for alpha, kernel in [(a, k) for a in (0.0, 0.06) for k in kernels]:
+        r = compact_prefill(cache, means, seq, cupy.asarray(w.q[0, P:]), alpha=alpha, q_tile=tile, group_size=sub,
+                            kernel=kernel)
         cupy.cuda.Device().synchronize()
         assert bool(cupy.isfinite(r.lse).all())
-    print(f"sanitize prefill: {dtype} D={D} c={c} ratio={ratio} P={P} n={n}: ok")
+    print(f"sanitize prefill ({', '.join(kernels)}): {dtype} D={D} c={c} ratio={ratio} P={P} n={n}: ok")
 sys.exit(0)

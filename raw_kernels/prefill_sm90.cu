@@ -1,0 +1,225 @@
+// CompactAttention's paged prefill (pass 7) on Hopper warpgroup MMA (wgmma, sm_90a).
+//
+// Same contract as paged_prefill in compact_attention.cu (units of 128 rows of a table's row
+// space, pages read in place, bottom-right causal mask on the chunk's own pages, o and lse out);
+// the difference is the tensor-core path. Two warpgroups per block, 64 query rows each:
+//   S[64 x TK] = Q K^T   wgmma m64nTKk16, Q and K from shared memory (K-major descriptors)
+//   O[64 x D] += P V     wgmma m64nDk16, P from registers (the S fragment, rounded to T),
+//                        V from shared memory (MN-major descriptor: head dim contiguous)
+// Shared-memory tiles use the 128-byte swizzle: a tile of R rows x D columns is D/64 regions of
+// R rows x 128 bytes; the 16-byte chunk j of row r sits at chunk (j ^ r % 8) of its row, so
+// every 8-row x 128-byte atom is bank-conflict free for cp.async writes and wgmma reads.
+// Keys stream in steps of TK = min(C, 64) rows through NST cp.async stages.
+#include "wgmma.cuh"
+
+namespace cpattn {
+
+constexpr int kWgRows = 128;     // query rows per block (two warpgroups of 64): paged_prefill's units
+constexpr int kWgThreads = 256;  // two warpgroups
+constexpr int kWgStages = 4;
+
+template <int D, int C>
+struct WgSmem {
+  static constexpr int TK = C < 64 ? C : 64;
+  static constexpr int q_bytes = kWgRows * D * 2;
+  static constexpr int tile_bytes = TK * D * 2;  // one K or V step
+  static constexpr int bytes = 1024 + q_bytes + 2 * kWgStages * tile_bytes;  // 1024: alignment slack
+};
+
+// byte offset of 16-byte chunk j (columns 8j .. 8j+7) of row r in a swizzled tile of R rows
+template <int R>
+__device__ __forceinline__ int swz(int r, int j) {
+  return (j >> 3) * (R * 128) + r * 128 + (((j & 7) ^ (r & 7)) << 4);
+}
+
+// keep the compiler from moving accumulator reads or writes across wgmma issue / wait
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+template <typename T, int D, int C>
+__global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
+    const T* __restrict__ q,          // [n, Hq, D]
+    const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
+    const int* __restrict__ units,    // [U, 2]: table, row0
+    const int* __restrict__ indptr, const int* __restrict__ indices,
+    int n, int q_tile, int num_q_heads, int num_kv_heads, int G, int s, int own_total,
+    float scale_log2, T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
+  constexpr int TK = WgSmem<D, C>::TK;  // keys per pipeline step
+  constexpr int SUB = C / TK;            // steps per page
+  constexpr int NST = kWgStages;
+  constexpr int TILE = WgSmem<D, C>::tile_bytes;
+  constexpr int CH = D / 8;              // 16-byte chunks per row
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* sQ = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // [2][64 rows] swizzled
+  unsigned char* sK = sQ + kWgRows * D * 2;  // [NST] tiles
+  unsigned char* sV = sK + NST * TILE;       // [NST] tiles
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+  const int table = units[2 * blockIdx.x], row0 = units[2 * blockIdx.x + 1];
+  const int S = G / s;
+  const int t = table / (num_kv_heads * S), kvh = (table / S) % num_kv_heads, g = table % S;
+  const int tile_start = t * q_tile, tile_tokens = min(q_tile, n - tile_start);
+  const int row_count = min(kWgRows, tile_tokens * s - row0);
+  const int own = min((t + 1) * (q_tile / C), own_total);  // own pages in this table
+  const int p0 = indptr[table], npages = indptr[table + 1] - p0, npast = npages - own;
+  const int past_keys = npast * C;
+  const int tok_max = tile_start + (row0 + row_count - 1) / s;
+  const int lim_unit = past_keys + tok_max + 1;  // keys any row of this unit may read
+  const int nsteps = (lim_unit + TK - 1) / TK;
+  const int lim_min = past_keys + tile_start + row0 / s + 1;  // the unit's first row's limit
+
+  // Q rows -> shared memory (zeros past row_count), in the first cp.async group
+  for (int e = tid; e < kWgRows * CH; e += kWgThreads) {
+    const int r = e / CH, j = e % CH;
+    unsigned char* dst = sQ + (r >> 6) * (64 * D * 2) + swz<64>(r & 63, j);
+    if (r < row_count) {
+      const int gr = row0 + r;
+      cp_async16(dst, q + ((long long)(tile_start + gr / s) * num_q_heads + kvh * G + g * s + gr % s) * D + j * 8);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    }
+  }
+  // this thread's two rows (accumulator fragment rows) and their key limits
+  const int r_lo = wg * 64 + warp * 16 + (lane >> 2);
+  int lim[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int r = r_lo + 8 * hh;
+    lim[hh] = r < row_count ? past_keys + tile_start + (row0 + r) / s + 1 : 0;
+  }
+  auto step_valid = [&](int i) {  // key rows of step i that any row of this unit may read
+    const int page = i / SUB, first = (i % SUB) * TK;
+    const int v = page < npast ? TK : min(TK, n - (page - npast) * C - first);
+    return min(v, lim_unit - i * TK);
+  };
+  auto load_step = [&](int i) {  // step i's K and V rows -> stage i % NST (rows >= valid zeroed)
+    const long long page = layer_page0 + (long long)indices[p0 + i / SUB] * num_kv_heads + kvh;
+    const long long e0 = (page * C + (i % SUB) * TK) * D;
+    const int valid = step_valid(i), st = i % NST;
+    for (int e = tid; e < TK * CH; e += kWgThreads) {
+      const int r = e / CH, j = e % CH;
+      const int off = st * TILE + swz<TK>(r, j);
+      if (r < valid) {
+        cp_async16(sK + off, k_pool + e0 + r * D + j * 8);
+        cp_async16(sV + off, v_pool + e0 + r * D + j * 8);
+      } else {  // stale pool rows may hold anything; P is 0 there, V must be finite
+        *reinterpret_cast<uint4*>(sK + off) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(sV + off) = make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < NST - 1; ++i) {
+    if (i < nsteps) load_step(i);
+    cp_async_commit();
+  }
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const u32 q_base = smem_addr(sQ + wg * (64 * D * 2));
+
+  for (int i = 0; i < nsteps; ++i) {
+    cp_async_wait<NST - 2>();  // this thread's copies of step i (and Q) have landed
+    fence_proxy_async();       // ... and are visible to wgmma
+    __syncthreads();           // everyone's; and every warpgroup is done with step i - 1's stage
+    if (i + NST - 1 < nsteps) load_step(i + NST - 1);
+    cp_async_commit();
+    const int st = i % NST;
+    const u32 k_base = smem_addr(sK + st * TILE), v_base = smem_addr(sV + st * TILE);
+
+    // S = Q K^T over D in k-steps of 16 (a 128-byte region holds 4 of them)
+    float sc[TK / 2];
+    fence_regs(sc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const u64 da = smem_desc(q_base + (kk >> 2) * (64 * 128) + (kk & 3) * 32, 16, 1024);
+      const u64 db = smem_desc(k_base + (kk >> 2) * (TK * 128) + (kk & 3) * 32, 16, 1024);
+      Wgmma<T, TK>::ss(sc, da, db, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(sc);
+
+    // mask (boundary steps only), online softmax in log2 units
+    const int valid = step_valid(i), key_base = i * TK;
+    const bool full = valid == TK && (i + 1) * TK <= lim_min;
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < TK / 8; ++j) {
+      if (!full) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = j * 8 + (lane & 3) * 2 + (e & 1);
+          if (!(key < valid && key_base + key < lim[e >> 1])) sc[4 * j + e] = -INFINITY;
+        }
+      }
+      mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+      mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+    }
+    mx0 = quad_max(mx0 * scale_log2);
+    mx1 = quad_max(mx1 * scale_log2);
+    const float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
+    const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
+    const float c0 = exp2f(m[0] - base0), c1 = exp2f(m[1] - base1);
+    m[0] = mn0;
+    m[1] = mn1;
+    l[0] *= c0;
+    l[1] *= c1;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      o[4 * j] *= c0; o[4 * j + 1] *= c0; o[4 * j + 2] *= c1; o[4 * j + 3] *= c1;
+    }
+#pragma unroll
+    for (int j = 0; j < TK / 8; ++j) {
+      sc[4 * j] = fast_exp2(fmaf(sc[4 * j], scale_log2, -base0));
+      sc[4 * j + 1] = fast_exp2(fmaf(sc[4 * j + 1], scale_log2, -base0));
+      sc[4 * j + 2] = fast_exp2(fmaf(sc[4 * j + 2], scale_log2, -base1));
+      sc[4 * j + 3] = fast_exp2(fmaf(sc[4 * j + 3], scale_log2, -base1));
+      l[0] += sc[4 * j] + sc[4 * j + 1];
+      l[1] += sc[4 * j + 2] + sc[4 * j + 3];
+    }
+
+    // O += P V over the step's keys in k-steps of 16; V's 64-column regions are TK*128 bytes apart
+    fence_regs(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TK / 16; ++kk) {
+      u32 pa[4];
+      pa[0] = Pack<T>::two(sc[8 * kk], sc[8 * kk + 1]);
+      pa[1] = Pack<T>::two(sc[8 * kk + 2], sc[8 * kk + 3]);
+      pa[2] = Pack<T>::two(sc[8 * kk + 4], sc[8 * kk + 5]);
+      pa[3] = Pack<T>::two(sc[8 * kk + 6], sc[8 * kk + 7]);
+      const u64 db = smem_desc(v_base + kk * (16 * 128), TK * 128, 1024);
+      Wgmma<T, D>::rs(o, pa, db, 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(o);
+  }
+  cp_async_wait<0>();
+
+  const float kLn2 = 0.6931471805599453f;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const float lsum = quad_sum(l[hh]);
+    const int r = r_lo + 8 * hh;
+    if (r >= row_count) continue;
+    const int gr = row0 + r, tok = tile_start + gr / s, head = kvh * G + g * s + gr % s;
+    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+    T* dst = out + ((long long)tok * num_q_heads + head) * D;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      const int col = j * 8 + (lane & 3) * 2;
+      *reinterpret_cast<u32*>(dst + col) = Pack<T>::two(o[4 * j + 2 * hh] * inv, o[4 * j + 2 * hh + 1] * inv);
+    }
+    if (write_lse && (lane & 3) == 0)
+      lse_out[(long long)tok * num_q_heads + head] = lsum > 0.f ? (m[hh] + log2f(lsum)) * kLn2 : -INFINITY;
+  }
+}
+
+}  // namespace cpattn
