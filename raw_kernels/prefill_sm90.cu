@@ -16,7 +16,7 @@ namespace cpattn {
 
 constexpr int kWgRows = 128;     // query rows per block (two warpgroups of 64): paged_prefill's units
 constexpr int kWgThreads = 256;  // two warpgroups
-constexpr int kWgStages = 4;
+constexpr int kWgStages = 4;  // steps i+1 .. i+3 in flight while step i computes
 
 template <int D, int C>
 struct WgSmem {
@@ -32,12 +32,11 @@ __device__ __forceinline__ int swz(int r, int j) {
   return (j >> 3) * (R * 128) + r * 128 + (((j & 7) ^ (r & 7)) << 4);
 }
 
-// keep the compiler from moving accumulator reads or writes across wgmma issue / wait
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
+// Accumulator registers of an in-flight wgmma: this file touches them only after the
+// wgmma_wait that retires them. ptxas checks that (a read or write inside a wgmma pipeline
+// stage makes it serialise the wgmmas and print C7513/C7514, which tools/compile_kernels.py
+// treats as an error), so no register fences are needed; empty asm "+f" fences here made
+// NVVM emit copies that ptxas counted as such reads.
 
 template <typename T, int D, int C>
 __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
@@ -110,6 +109,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
       }
     }
   };
+  // prologue: steps 0 .. NST-2 in flight (one cp.async group each; Q rides with step 0)
 #pragma unroll
   for (int i = 0; i < NST - 1; ++i) {
     if (i < nsteps) load_step(i);
@@ -120,32 +120,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float sc[TK / 2];      // S of one step (fp32 accumulator fragment)
+  u32 pa[TK / 16][4];    // P of one step, rounded to T: the A operand of P V, k-steps of 16 keys
   const u32 q_base = smem_addr(sQ + wg * (64 * D * 2));
 
-  for (int i = 0; i < nsteps; ++i) {
-    cp_async_wait<NST - 2>();  // this thread's copies of step i (and Q) have landed
-    fence_proxy_async();       // ... and are visible to wgmma
-    __syncthreads();           // everyone's; and every warpgroup is done with step i - 1's stage
-    if (i + NST - 1 < nsteps) load_step(i + NST - 1);
-    cp_async_commit();
-    const int st = i % NST;
-    const u32 k_base = smem_addr(sK + st * TILE), v_base = smem_addr(sV + st * TILE);
-
-    // S = Q K^T over D in k-steps of 16 (a 128-byte region holds 4 of them)
-    float sc[TK / 2];
-    fence_regs(sc);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const u64 da = smem_desc(q_base + (kk >> 2) * (64 * 128) + (kk & 3) * 32, 16, 1024);
-      const u64 db = smem_desc(k_base + (kk >> 2) * (TK * 128) + (kk & 3) * 32, 16, 1024);
-      Wgmma<T, TK>::ss(sc, da, db, kk > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(sc);
-
-    // mask (boundary steps only), online softmax in log2 units
+  // Online softmax of step i's scores in `sc` (masked on boundary steps), in log2 units: updates
+  // m and l, leaves the weights in `sc` and returns the factors O must be rescaled by.
+  auto softmax = [&](int i, float& c0, float& c1) {
     const int valid = step_valid(i), key_base = i * TK;
     const bool full = valid == TK && (i + 1) * TK <= lim_min;
     float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -165,15 +146,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
     mx1 = quad_max(mx1 * scale_log2);
     const float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
     const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
-    const float c0 = exp2f(m[0] - base0), c1 = exp2f(m[1] - base1);
+    c0 = exp2f(m[0] - base0);
+    c1 = exp2f(m[1] - base1);
     m[0] = mn0;
     m[1] = mn1;
     l[0] *= c0;
     l[1] *= c1;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      o[4 * j] *= c0; o[4 * j + 1] *= c0; o[4 * j + 2] *= c1; o[4 * j + 3] *= c1;
-    }
 #pragma unroll
     for (int j = 0; j < TK / 8; ++j) {
       sc[4 * j] = fast_exp2(fmaf(sc[4 * j], scale_log2, -base0));
@@ -183,23 +161,84 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
       l[0] += sc[4 * j] + sc[4 * j + 1];
       l[1] += sc[4 * j + 2] + sc[4 * j + 3];
     }
+  };
+  auto pack_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < TK / 16; ++kk)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pa[kk][e] = Pack<T>::two(sc[8 * kk + 2 * e], sc[8 * kk + 2 * e + 1]);
+  };
+  // S = Q K^T of step i: D in k-steps of 16, four per 128-byte region. Every operand register
+  // (descriptors, P) is defined before wgmma_fence: ptxas serialises the wgmma pipeline when an
+  // operand or accumulator is touched between an issue and the wait that retires it.
+  auto s_desc = [&](int i, u64 (&da)[D / 16], u64 (&db)[D / 16]) {
+    const u32 k_base = smem_addr(sK + (i % NST) * TILE);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      da[kk] = smem_desc(q_base + (kk >> 2) * (64 * 128) + (kk & 3) * 32, 16, 1024);
+      db[kk] = smem_desc(k_base + (kk >> 2) * (TK * 128) + (kk & 3) * 32, 16, 1024);
+    }
+  };
 
-    // O += P V over the step's keys in k-steps of 16; V's 64-column regions are TK*128 bytes apart
-    fence_regs(o);
+  auto v_desc = [&](int i, u64 (&dv)[TK / 16]) {  // V of step i: k-steps of 16 keys; 64-column regions TK*128 B apart
+    const u32 v_base = smem_addr(sV + (i % NST) * TILE);
+#pragma unroll
+    for (int kk = 0; kk < TK / 16; ++kk) dv[kk] = smem_desc(v_base + kk * (16 * 128), TK * 128, 1024);
+  };
+
+  if (nsteps > 0) {  // S_0 -> P_0
+    u64 da[D / 16], db[D / 16];
+    s_desc(0, da, db);
+    cp_async_wait<NST - 2>();
+    fence_proxy_async();
+    __syncthreads();
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < TK / 16; ++kk) {
-      u32 pa[4];
-      pa[0] = Pack<T>::two(sc[8 * kk], sc[8 * kk + 1]);
-      pa[1] = Pack<T>::two(sc[8 * kk + 2], sc[8 * kk + 3]);
-      pa[2] = Pack<T>::two(sc[8 * kk + 4], sc[8 * kk + 5]);
-      pa[3] = Pack<T>::two(sc[8 * kk + 6], sc[8 * kk + 7]);
-      const u64 db = smem_desc(v_base + kk * (16 * 128), TK * 128, 1024);
-      Wgmma<T, D>::rs(o, pa, db, 1);
-    }
+    for (int kk = 0; kk < D / 16; ++kk) Wgmma<T, TK>::ss(sc, da[kk], db[kk], kk > 0);
     wgmma_commit();
     wgmma_wait<0>();
-    fence_regs(o);
+    float c0, c1;
+    softmax(0, c0, c1);
+    pack_p();
+  }
+  // Step i < nsteps-1: issue S_{i+1} = Q K_{i+1}^T and O += P_i V_i together; the softmax of
+  // S_{i+1} runs on this warpgroup's ALUs while the tensor cores finish P_i V_i; then O is
+  // rescaled. (No branch around a wgmma inside the loop: ptxas must see which group each wait
+  // retires, or it serialises them.) The last step, peeled below, has only P V.
+  for (int i = 0; i < nsteps - 1; ++i) {
+    cp_async_wait<NST - 3>();  // this thread's copies of step i+1 have landed
+    fence_proxy_async();       // ... visible to wgmma
+    __syncthreads();           // everyone's; every warpgroup is done with step i-1: its stage is free
+    if (i + NST - 1 < nsteps) load_step(i + NST - 1);
+    cp_async_commit();
+    u64 da[D / 16], db[D / 16], dv[TK / 16];
+    s_desc(i + 1, da, db);
+    v_desc(i, dv);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) Wgmma<T, TK>::ss(sc, da[kk], db[kk], kk > 0);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < TK / 16; ++kk) Wgmma<T, D>::rs(o, pa[kk], dv[kk], 1);
+    wgmma_commit();
+    wgmma_wait<1>();  // S_{i+1} (the older group) is done; P_i V_i may still run
+    float c0, c1;
+    softmax(i + 1, c0, c1);
+    wgmma_wait<0>();
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      o[4 * j] *= c0; o[4 * j + 1] *= c0; o[4 * j + 2] *= c1; o[4 * j + 3] *= c1;
+    }
+    pack_p();
+  }
+  if (nsteps > 0) {  // the last step's P V (its data was waited for by the step before, or S_0)
+    u64 dv[TK / 16];
+    v_desc(nsteps - 1, dv);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TK / 16; ++kk) Wgmma<T, D>::rs(o, pa[kk], dv[kk], 1);
+    wgmma_commit();
+    wgmma_wait<0>();
   }
   cp_async_wait<0>();
 

@@ -101,6 +101,13 @@ def main(argv=None) -> int:
             print(f"FAILED: {' '.join(cmd)}\n{res.stderr[-6000:]}")
             failed = True
             continue
+        # ptxas serialises the wgmma pipeline (correct, but slow) when a register of an in-flight
+        # wgmma is touched before its wait: a performance bug, so an error here
+        serial = sorted(set(re.findall(r"wgmma.mma_async instructions are serialized.*?function '([^']+)'",
+                                       res.stderr)))
+        if serial:
+            print(f"{file}.cu: wgmma serialised by ptxas in {demangle(serial)}")
+            failed = True
         rows = parse_report(res.stderr)
         names = demangle([r["kernel"] for r in rows])
         print(f"{file}.cu: {len(rows)} kernels for {arch}")
