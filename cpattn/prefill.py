@@ -39,13 +39,14 @@ def _prefill_smem(head_dim: int, chunk_size: int) -> int:
     return (ROWS_PER_UNIT + 4 * min(chunk_size, 64)) * (head_dim + 8) * 2
 
 
-WG_THREADS, WG_STAGES = 256, 4  # kWgThreads, kWgStages of raw_kernels/prefill_sm90.cu
+WG_THREADS, WG_KEYS = 256, 128  # kWgThreads and WgSmem::TK of raw_kernels/prefill_sm90.cu
 KERNEL_CHOICES = ("auto", "wgmma", "mma")
 
 
 def _prefill_smem_wg(head_dim: int, chunk_size: int) -> int:
-    """WgSmem<D, C>::bytes: alignment slack, the swizzled Q tile and WG_STAGES K/V steps."""
-    return 1024 + ROWS_PER_UNIT * head_dim * 2 + 2 * WG_STAGES * min(chunk_size, 64) * head_dim * 2
+    """WgSmem<D, C>::bytes: alignment slack, the swizzled Q tile and the K/V stages of 128 keys."""
+    stages = 4 if head_dim == 64 else 3
+    return 1024 + ROWS_PER_UNIT * head_dim * 2 + 2 * stages * WG_KEYS * head_dim * 2
 
 
 def _use_wgmma(kernel: str) -> bool:

@@ -9,21 +9,22 @@
 // Shared-memory tiles use the 128-byte swizzle: a tile of R rows x D columns is D/64 regions of
 // R rows x 128 bytes; the 16-byte chunk j of row r sits at chunk (j ^ r % 8) of its row, so
 // every 8-row x 128-byte atom is bank-conflict free for cp.async writes and wgmma reads.
-// Keys stream in steps of TK = min(C, 64) rows through NST cp.async stages.
+// Keys stream in steps of TK = 128 rows (128 / C pages, or one page of 128) through NST
+// cp.async stages: 3 for D = 128 (225 KB of shared memory, one block per SM), 4 for D = 64.
 #include "wgmma.cuh"
 
 namespace cpattn {
 
 constexpr int kWgRows = 128;     // query rows per block (two warpgroups of 64): paged_prefill's units
 constexpr int kWgThreads = 256;  // two warpgroups
-constexpr int kWgStages = 4;  // steps i+1 .. i+3 in flight while step i computes
 
 template <int D, int C>
 struct WgSmem {
-  static constexpr int TK = C < 64 ? C : 64;
+  static constexpr int TK = 128;                  // keys per step
+  static constexpr int NST = D == 64 ? 4 : 3;    // cp.async stages
   static constexpr int q_bytes = kWgRows * D * 2;
   static constexpr int tile_bytes = TK * D * 2;  // one K or V step
-  static constexpr int bytes = 1024 + q_bytes + 2 * kWgStages * tile_bytes;  // 1024: alignment slack
+  static constexpr int bytes = 1024 + q_bytes + 2 * NST * tile_bytes;  // 1024: alignment slack
 };
 
 // byte offset of 16-byte chunk j (columns 8j .. 8j+7) of row r in a swizzled tile of R rows
@@ -47,8 +48,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
     int n, int q_tile, int num_q_heads, int num_kv_heads, int G, int s, int own_total,
     float scale_log2, T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
   constexpr int TK = WgSmem<D, C>::TK;  // keys per pipeline step
-  constexpr int SUB = C / TK;            // steps per page
-  constexpr int NST = kWgStages;
+  constexpr int NST = WgSmem<D, C>::NST;
   constexpr int TILE = WgSmem<D, C>::tile_bytes;
   constexpr int CH = D / 8;              // 16-byte chunks per row
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -88,21 +88,20 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
     const int r = r_lo + 8 * hh;
     lim[hh] = r < row_count ? past_keys + tile_start + (row0 + r) / s + 1 : 0;
   }
-  auto step_valid = [&](int i) {  // key rows of step i that any row of this unit may read
-    const int page = i / SUB, first = (i % SUB) * TK;
-    const int v = page < npast ? TK : min(TK, n - (page - npast) * C - first);
-    return min(v, lim_unit - i * TK);
-  };
+  // The table's keys in list order: past pages, then own pages; key x of the table lies in
+  // page x / C. Keys below lim_unit all exist (the last own page is cut at n, and tok_max < n).
+  auto step_valid = [&](int i) { return min(TK, lim_unit - i * TK); };  // key rows of step i any row may read
   auto load_step = [&](int i) {  // step i's K and V rows -> stage i % NST (rows >= valid zeroed)
-    const long long page = layer_page0 + (long long)indices[p0 + i / SUB] * num_kv_heads + kvh;
-    const long long e0 = (page * C + (i % SUB) * TK) * D;
     const int valid = step_valid(i), st = i % NST;
     for (int e = tid; e < TK * CH; e += kWgThreads) {
       const int r = e / CH, j = e % CH;
       const int off = st * TILE + swz<TK>(r, j);
       if (r < valid) {
-        cp_async16(sK + off, k_pool + e0 + r * D + j * 8);
-        cp_async16(sV + off, v_pool + e0 + r * D + j * 8);
+        const int key = i * TK + r;
+        const long long page = layer_page0 + (long long)indices[p0 + key / C] * num_kv_heads + kvh;
+        const long long src = (page * C + key % C) * D + j * 8;
+        cp_async16(sK + off, k_pool + src);
+        cp_async16(sV + off, v_pool + src);
       } else {  // stale pool rows may hold anything; P is 0 there, V must be finite
         *reinterpret_cast<uint4*>(sK + off) = make_uint4(0, 0, 0, 0);
         *reinterpret_cast<uint4*>(sV + off) = make_uint4(0, 0, 0, 0);
