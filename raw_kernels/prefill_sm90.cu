@@ -93,6 +93,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
   auto step_valid = [&](int i) { return min(TK, lim_unit - i * TK); };  // key rows of step i any row may read
   auto load_step = [&](int i) {  // step i's K and V rows -> stage i % NST (rows >= valid zeroed)
     const int valid = step_valid(i), st = i % NST;
+#pragma unroll
     for (int e = tid; e < TK * CH; e += kWgThreads) {
       const int r = e / CH, j = e % CH;
       const int off = st * TILE + swz<TK>(r, j);
@@ -208,8 +209,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
     cp_async_wait<NST - 3>();  // this thread's copies of step i+1 have landed
     fence_proxy_async();       // ... visible to wgmma
     __syncthreads();           // everyone's; every warpgroup is done with step i-1: its stage is free
-    if (i + NST - 1 < nsteps) load_step(i + NST - 1);
-    cp_async_commit();
     u64 da[D / 16], db[D / 16], dv[TK / 16];
     s_desc(i + 1, da, db);
     v_desc(i, dv);
@@ -220,6 +219,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
 #pragma unroll
     for (int kk = 0; kk < TK / 16; ++kk) Wgmma<T, D>::rs(o, pa[kk], dv[kk], 1);
     wgmma_commit();
+    // refill the freed stage while the tensor cores work (its page-id loads stall this warp)
+    if (i + NST - 1 < nsteps) load_step(i + NST - 1);
+    cp_async_commit();
     wgmma_wait<1>();  // S_{i+1} (the older group) is done; P_i V_i may still run
     float c0, c1;
     softmax(i + 1, c0, c1);
