@@ -92,20 +92,29 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
   // page x / C. Keys below lim_unit all exist (the last own page is cut at n, and tok_max < n).
   auto step_valid = [&](int i) { return min(TK, lim_unit - i * TK); };  // key rows of step i any row may read
   auto load_step = [&](int i) {  // step i's K and V rows -> stage i % NST (rows >= valid zeroed)
+    constexpr int RSTEP = kWgThreads / CH;    // rows between one thread's rows (a multiple of 8)
+    constexpr int RPP = C < TK ? C : TK;      // rows per page (C <= TK: whole pages)
     const int valid = step_valid(i), st = i % NST;
+    const int j = tid % CH, r0 = tid / CH;    // this thread's 16-byte column and first row
+    unsigned char* dk = sK + st * TILE + swz<TK>(r0, j);  // row r0 + x sits x * 128 bytes further
+    unsigned char* dv = sV + st * TILE + swz<TK>(r0, j);
 #pragma unroll
-    for (int e = tid; e < TK * CH; e += kWgThreads) {
-      const int r = e / CH, j = e % CH;
-      const int off = st * TILE + swz<TK>(r, j);
-      if (r < valid) {
-        const int key = i * TK + r;
-        const long long page = layer_page0 + (long long)indices[p0 + key / C] * num_kv_heads + kvh;
-        const long long src = (page * C + key % C) * D + j * 8;
-        cp_async16(sK + off, k_pool + src);
-        cp_async16(sV + off, v_pool + src);
-      } else {  // stale pool rows may hold anything; P is 0 there, V must be finite
-        *reinterpret_cast<uint4*>(sK + off) = make_uint4(0, 0, 0, 0);
-        *reinterpret_cast<uint4*>(sV + off) = make_uint4(0, 0, 0, 0);
+    for (int pg = 0; pg < TK / RPP; ++pg) {
+      const int key0 = i * TK + pg * RPP;  // a page's first key: one page-id load per page
+      const long long page = key0 < lim_unit ? layer_page0 + (long long)indices[p0 + key0 / C] * num_kv_heads + kvh : 0;
+      const T* gk = k_pool + (page * C + r0) * D + j * 8;
+      const T* gv = v_pool + (page * C + r0) * D + j * 8;
+#pragma unroll
+      for (int rr = 0; rr < RPP; rr += RSTEP) {
+        const int r = pg * RPP + r0 + rr, off = (pg * RPP + rr) * 128;
+        if (RPP < RSTEP && r0 + rr >= RPP) continue;  // (small pages: fewer rows than threads' rows)
+        if (r < valid) {
+          cp_async16(dk + off, gk + rr * D);
+          cp_async16(dv + off, gv + rr * D);
+        } else {  // stale pool rows may hold anything; P is 0 there, V must be finite
+          *reinterpret_cast<uint4*>(dk + off) = make_uint4(0, 0, 0, 0);
+          *reinterpret_cast<uint4*>(dv + off) = make_uint4(0, 0, 0, 0);
+        }
       }
     }
   };
@@ -171,24 +180,24 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
   // S = Q K^T of step i: D in k-steps of 16, four per 128-byte region. Every operand register
   // (descriptors, P) is defined before wgmma_fence: ptxas serialises the wgmma pipeline when an
   // operand or accumulator is touched between an issue and the wait that retires it.
-  auto s_desc = [&](int i, u64 (&da)[D / 16], u64 (&db)[D / 16]) {
-    const u32 k_base = smem_addr(sK + (i % NST) * TILE);
+  u64 da[D / 16];  // Q's descriptors: the same every step
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      da[kk] = smem_desc(q_base + (kk >> 2) * (64 * 128) + (kk & 3) * 32, 16, 1024);
-      db[kk] = smem_desc(k_base + (kk >> 2) * (TK * 128) + (kk & 3) * 32, 16, 1024);
-    }
+  for (int kk = 0; kk < D / 16; ++kk) da[kk] = smem_desc(q_base + (kk >> 2) * (64 * 128) + (kk & 3) * 32, 16, 1024);
+  auto s_desc = [&](int i, u64 (&db)[D / 16]) {
+    const u64 d0 = smem_desc(smem_addr(sK + (i % NST) * TILE), 16, 1024);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) db[kk] = d0 + (((kk >> 2) * (TK * 128) + (kk & 3) * 32) >> 4);
   };
 
   auto v_desc = [&](int i, u64 (&dv)[TK / 16]) {  // V of step i: k-steps of 16 keys; 64-column regions TK*128 B apart
-    const u32 v_base = smem_addr(sV + (i % NST) * TILE);
+    const u64 d0 = smem_desc(smem_addr(sV + (i % NST) * TILE), TK * 128, 1024);
 #pragma unroll
-    for (int kk = 0; kk < TK / 16; ++kk) dv[kk] = smem_desc(v_base + kk * (16 * 128), TK * 128, 1024);
+    for (int kk = 0; kk < TK / 16; ++kk) dv[kk] = d0 + ((kk * (16 * 128)) >> 4);  // (no carry: < 256 KB)
   };
 
   if (nsteps > 0) {  // S_0 -> P_0
-    u64 da[D / 16], db[D / 16];
-    s_desc(0, da, db);
+    u64 db[D / 16];
+    s_desc(0, db);
     cp_async_wait<NST - 2>();
     fence_proxy_async();
     __syncthreads();
@@ -209,8 +218,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
     cp_async_wait<NST - 3>();  // this thread's copies of step i+1 have landed
     fence_proxy_async();       // ... visible to wgmma
     __syncthreads();           // everyone's; every warpgroup is done with step i-1: its stage is free
-    u64 da[D / 16], db[D / 16], dv[TK / 16];
-    s_desc(i + 1, da, db);
+    u64 db[D / 16], dv[TK / 16];
+    s_desc(i + 1, db);
     v_desc(i, dv);
     wgmma_fence();
 #pragma unroll
