@@ -1,0 +1,30 @@
+"""Kernel sources and their build options (CPU): the generated wgmma header is current, every
+kernel file is in the loader's table, and the Hopper-only file asks for its architecture."""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+from cpattn import kernels
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_generated_wgmma_header_is_current(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("gen_wgmma", ROOT / "tools" / "gen_wgmma.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    monkeypatch.setattr(gen, "OUT", tmp_path / "wgmma.cuh")
+    gen.main()
+    shipped = (ROOT / "raw_kernels" / "wgmma.cuh").read_text()
+    assert (tmp_path / "wgmma.cuh").read_text() == shipped, "run python tools/gen_wgmma.py"
+
+
+def test_every_kernel_file_is_loaded_and_hopper_file_targets_sm90a():
+    files = {p.stem for p in (ROOT / "raw_kernels").glob("*.cu")}
+    assert files == set(kernels.KERNELS)
+    assert "-arch=sm_90a" in kernels.options("prefill_sm90")
+    assert not any(o.startswith("-arch") for o in kernels.options("compact_attention"))
+    src = kernels.source("prefill_sm90")
+    assert "#include" not in src.replace("#include <cuda_fp16.h>", "").replace("#include <cuda_bf16.h>", "")
+    assert "wgmma.mma_async" in src and "paged_prefill_wg" in src
