@@ -39,16 +39,6 @@ __device__ __forceinline__ int swz(int r, int j) {
 // treats as an error), so no register fences are needed; empty asm "+f" fences here made
 // NVVM emit copies that ptxas counted as such reads.
 
-// a[0] = max (or sum) of a[0 .. 2W-1], as a tree of depth log2(2W)
-template <int W, bool MAX>
-__device__ __forceinline__ void tree_reduce(float* a) {
-  if constexpr (W > 0) {
-#pragma unroll
-    for (int j = 0; j < W; ++j) a[j] = MAX ? fmaxf(a[j], a[j + W]) : a[j] + a[j + W];
-    tree_reduce<W / 2, MAX>(a);
-  }
-}
-
 template <typename T, int D, int C>
 __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
     const T* __restrict__ q,          // [n, Hq, D]
@@ -148,26 +138,21 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
   auto softmax = [&](int i, float& c0, float& c1) {
     const int valid = step_valid(i), key_base = i * TK;
     const bool full = valid == TK && (i + 1) * TK <= lim_min;
-    if (!full) {
+    float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < TK / 8; ++j)
+    for (int j = 0; j < TK / 8; ++j) {
+      if (!full) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = j * 8 + (lane & 3) * 2 + (e & 1);
           if (!(key < valid && key_base + key < lim[e >> 1])) sc[4 * j + e] = -INFINITY;
         }
+      }
+      mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+      mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
     }
-    // row maxima and sums as trees (depth log2(TK/8)), not chains: the latency of a chain of
-    // TK/4 dependent max or add instructions per row is what the warps would wait on
-    float a0[TK / 8], a1[TK / 8];
-#pragma unroll
-    for (int j = 0; j < TK / 8; ++j) {
-      a0[j] = fmaxf(sc[4 * j], sc[4 * j + 1]);
-      a1[j] = fmaxf(sc[4 * j + 2], sc[4 * j + 3]);
-    }
-    tree_reduce<TK / 16, true>(a0);
-    tree_reduce<TK / 16, true>(a1);
-    const float mx0 = quad_max(a0[0] * scale_log2), mx1 = quad_max(a1[0] * scale_log2);
+    mx0 = quad_max(mx0 * scale_log2);
+    mx1 = quad_max(mx1 * scale_log2);
     const float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
     const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
     c0 = exp2f(m[0] - base0);
@@ -182,13 +167,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
       sc[4 * j + 1] = fast_exp2(fmaf(sc[4 * j + 1], scale_log2, -base0));
       sc[4 * j + 2] = fast_exp2(fmaf(sc[4 * j + 2], scale_log2, -base1));
       sc[4 * j + 3] = fast_exp2(fmaf(sc[4 * j + 3], scale_log2, -base1));
-      a0[j] = sc[4 * j] + sc[4 * j + 1];
-      a1[j] = sc[4 * j + 2] + sc[4 * j + 3];
+      l[0] += sc[4 * j] + sc[4 * j + 1];
+      l[1] += sc[4 * j + 2] + sc[4 * j + 3];
     }
-    tree_reduce<TK / 16, false>(a0);
-    tree_reduce<TK / 16, false>(a1);
-    l[0] += a0[0];
-    l[1] += a1[0];
   };
   auto pack_p = [&]() {
 #pragma unroll
