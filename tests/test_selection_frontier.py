@@ -98,3 +98,27 @@ def test_token_oracle_bounds_every_block_oracle(fr):
     gap = np.interp(dens, td, tr) - rec
     assert gap.min() > -2e-3  # log10 bins of 0.005: within-bin order is the only slack
     assert gap.max() > 0.01  # and blocks do cost something here
+
+
+def test_pooled_oracle_bounds_the_alpha_rule_over_several_kv_heads(fr):
+    # kv heads with different temperatures need different densities: the pooled oracle spends
+    # the budget where it buys most, so it must bound the alpha rule's mean over the heads
+    w = long_context_qkv(7, P + N, 8, 2, 32, dtype="bfloat16", needle_len=C, num_needles=4, needle_queries=4,
+                         locality_len=64, temperature=(0.3, 4.0))
+    scale, Pb = 1 / np.sqrt(32), P // C
+    forced = np.zeros(Pb, bool)
+    forced[:2] = True
+    parts, pts = [], {a: [] for a in (0.01, 0.06, 0.3)}
+    for h in range(2):
+        q = to_float32(w.q[0, P:, 4 * h:4 * h + 4], "bfloat16")
+        k = to_float32(w.k[0, :, h], "bfloat16")
+        past, own = fr.exact_mass(q, k, P, C, scale, slab=64)
+        parts.append(fr.oracle_parts(past, own, 4, None, C, forced))
+        s = fr.alpha_scores(q, k[:P].reshape(Pb, C, -1).mean(axis=1), C, scale)
+        for a in pts:
+            m = fr.tables((s >= np.float32(a) * s.max(axis=2, keepdims=True)) | forced, 4, None, C)
+            pts[a].append((m.mean(), fr.recall_of(m, past, own, C).mean()))
+    dens, rec = fr.pooled_curve(parts)
+    for a, v in pts.items():
+        d, r = np.mean(v, axis=0)
+        assert r <= np.interp(d, dens, rec) + 1e-6, (a, d, r)

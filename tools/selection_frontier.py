@@ -8,7 +8,8 @@ granularity (query heads per table x query rows per table):
 
 * **oracle**: the best mean recall any selector can reach at a given density, i.e. the
   past blocks taken in decreasing order of their exact attention mass summed over the table's
-  rows and heads (a sum objective, so the greedy order is optimal), pooled over all tables;
+  rows and heads (a sum objective, so the greedy order is optimal), pooled over all tables of
+  all kv heads analysed;
 * **alpha rule**: the FlashPrefill-style score threshold of the reference (``select_blocks``
   semantics: sink, window, Q-block union, group union) at a sweep of alphas.
 
@@ -111,8 +112,10 @@ def recall_of(mask_hqb, past, own, c):
     return own + (past * per_row).sum(axis=2)
 
 
-def oracle_curve(past, own, heads, rows_per_tile, c, forced):
-    """Greedy exact-mass frontier: (density, mean recall) at every budget, for one kv head."""
+def oracle_parts(past, own, heads, rows_per_tile, c, forced):
+    """One kv head's share of the greedy exact-mass frontier: a dict of the recall mass every
+    (table, past block) candidate adds (`gain`), the density triples it costs (`cost`), and the
+    totals that do not depend on the choice (own and forced blocks, rows, triples)."""
     G, n, Pb = past.shape
     r = n if rows_per_tile is None else rows_per_tile
     T = -(-n // r)
@@ -120,18 +123,29 @@ def oracle_curve(past, own, heads, rows_per_tile, c, forced):
     pad[:, :n] = past
     tot = pad.reshape(G // heads, heads, T, r, Pb).sum(axis=(1, 3))  # [tables, T, Pb] mass summed
     rows_in = np.minimum(r, n - np.arange(T) * r)  # rows per tile
-    base = own.sum() + (tot[..., forced]).sum()
     free = tot[..., ~forced]  # candidates
     # every candidate costs heads x (query blocks of its tile) triples of density
     qb_in = -(-rows_in // c)
     cost = np.broadcast_to((heads * qb_in)[None, :, None], free.shape).ravel()
-    gain = free.ravel()
+    return dict(gain=free.ravel(), cost=cost, base=own.sum() + tot[..., forced].sum(), rows=G * n,
+                triples=G * (-(-n // c)) * Pb, forced=G * (-(-n // c)) * forced.sum())
+
+
+def pooled_curve(parts):
+    """(density, mean recall) at every budget, candidates of all parts (kv heads) pooled: the
+    best mean recall any selection with these tables reaches at each density."""
+    gain = np.concatenate([p["gain"] for p in parts])
+    cost = np.concatenate([p["cost"] for p in parts])
     order = np.argsort(-gain / cost, kind="stable")
-    triples = G * (-(-n // c)) * Pb
-    d0 = G * (-(-n // c)) * forced.sum()
-    dens = (d0 + np.concatenate([[0], np.cumsum(cost[order])])) / triples
-    rec = (base + np.concatenate([[0], np.cumsum(gain[order])])) / (G * n)
+    triples, rows = sum(p["triples"] for p in parts), sum(p["rows"] for p in parts)
+    dens = (sum(p["forced"] for p in parts) + np.concatenate([[0], np.cumsum(cost[order])])) / triples
+    rec = (sum(p["base"] for p in parts) + np.concatenate([[0], np.cumsum(gain[order])])) / rows
     return dens, rec
+
+
+def oracle_curve(past, own, heads, rows_per_tile, c, forced):
+    """Greedy exact-mass frontier of one kv head: (density, mean recall) at every budget."""
+    return pooled_curve([oracle_parts(past, own, heads, rows_per_tile, c, forced)])
 
 
 def main(argv=None):
@@ -169,7 +183,7 @@ def main(argv=None):
         s = alpha_scores(q, kmean, c, scale)
         for gran in GRANULARITIES:
             heads, rows = gran
-            curves[str(gran)].append(oracle_curve(past, own, heads, rows, c, forced))
+            curves[str(gran)].append(oracle_parts(past, own, heads, rows, c, forced))
             for a in ALPHAS:
                 keep = (s >= np.float32(a) * s.max(axis=2, keepdims=True)) | forced
                 m = tables(keep, heads, rows, c)
@@ -186,7 +200,8 @@ def main(argv=None):
           + " | alpha rule: alpha -> density, mean recall, min recall")
     for gran in GRANULARITIES:
         key = str(gran)
-        rec_grid = np.mean([np.interp(grid, d, r) for d, r in curves[key]], axis=0)
+        d_all, r_all = pooled_curve(curves[key])
+        rec_grid = np.interp(grid, d_all, r_all)
         need = [float(grid[np.argmax(rec_grid >= t)]) if (rec_grid >= t).any() else 1.0 for t in targets]
         pts = []
         for a in ALPHAS:
@@ -203,7 +218,7 @@ def main(argv=None):
     td, tr = token_curve(hist, P)
     tneed = [float(td[np.argmax(tr >= t)]) if (tr >= t).any() else 1.0 for t in targets]
     result["token_oracle"] = dict(need=dict(zip(map(str, targets), tneed)), rows=int(hist["rows"]),
-                                  density=np.interp(grid[::10], tr, td).tolist(), recall=grid[::10].tolist())
+                                  density=grid[::10].tolist(), recall=np.interp(grid[::10], td, tr).tolist())
     print(f"{'token oracle':>12} | " + " / ".join(f"{x:.3f}" for x in tneed) + f" ({hist['rows']} sampled rows)")
     os.makedirs(args.out, exist_ok=True)
     md = [f"## Selection frontier: how sparse can a block selection be? (CPU, {datetime.date.today().isoformat()})", "",
