@@ -112,7 +112,7 @@ def test_alpha_zero_equals_dense_and_tables_are_all_blocks(seed, c, pb, n_blocks
 
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.integers(0, 2**31 - 1), c=st.sampled_from([16, 32, 64]), pb=st.integers(4, 24),
-       n_blocks=st.integers(1, 5), ratio=st.sampled_from([1, 4]), dtype=st.sampled_from(["float16", "bfloat16"]),
+       n_blocks=st.integers(1, 5), ratio=st.sampled_from([1, 2, 4, 8]), dtype=st.sampled_from(["float16", "bfloat16"]),
        alpha=st.sampled_from([0.02, 0.06, 0.3]), tile=st.sampled_from([None, 1]), sub=st.sampled_from([None, 1]),
        D=st.sampled_from([64, 128]), kernel=st.sampled_from(KERNELS))
 def test_selection_and_output_match_reference(seed, c, pb, n_blocks, ratio, dtype, alpha, tile, sub, D, kernel):
