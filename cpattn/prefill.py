@@ -173,8 +173,7 @@ def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *,
     # 2. scores
     s_raw = cupy.zeros((Hq, Qb, max(Pb, 1)), np.float32)
     if Pb and alpha > 0:  # alpha 0 keeps every block: all-zero scores pass a zero threshold
-        hb = 4 if G % 4 == 0 else 2 if G % 2 == 0 else 1  # query heads per block: one kmean read for all
-        k["block_score"]((_cdiv(n, 64), Hq // hb), (THREADS * hb,),
+        k["block_score"]((_cdiv(n, 64), Hq), (THREADS,),
                          (q, means.kmean_lp, page0, blocks, np.int32(Pb), np.int32(n), np.int32(Hq),
                           np.int32(Hkv), scale_log2, s_raw))
     mark("score")

@@ -41,14 +41,12 @@ __global__ void block_mean(const T* __restrict__ k_pool, const int* __restrict__
 }
 
 // ---------------------------------------------------------------------------------- pass 2
-// grid (ceil(n / 64), Hq / HB), 128 HB threads: HB (1, 2 or 4, dividing G) query heads of one
-// kv head per block, four warps per head, each warp owns 16 query rows of its head; kmean tiles
-// of 64 past blocks stream through shared memory twice (sweep 0: row max, sweep 1: column sums
-// of exp(z - row max)), each tile read once for all HB heads (the tiles are the L2 traffic).
-// Sums of a query block's rows are reduced in shared memory and added to s_raw[h, i, j]
-// (zeroed by the caller) with one atomic per (head, block, column, CTA).
+// grid (ceil(n / 64), Hq), 128 threads. Each warp owns 16 query rows; kmean tiles of 64 past
+// blocks stream through shared memory twice (sweep 0: row max, sweep 1: column sums of
+// exp(z - row max)). Sums of a query block's rows are reduced in shared memory and added to
+// s_raw[h, i, j] (zeroed by the caller) with one atomic per (block, column, CTA).
 template <typename T, int D, int C>
-__global__ void __launch_bounds__(4 * kThreads) block_score(
+__global__ void __launch_bounds__(kThreads) block_score(
     const T* __restrict__ q,          // [n, Hq, D]
     const T* __restrict__ kmean_lp,   // [L, N, Hkv, D] storage dtype
     long long layer_page0,            // layer * N * Hkv
@@ -57,11 +55,10 @@ __global__ void __launch_bounds__(4 * kThreads) block_score(
     float* __restrict__ s_raw) {      // [Hq, Qb, Pb]
   constexpr int LD = D + 8, TJ = 64;
   __shared__ __align__(16) T tile[TJ * LD];
-  __shared__ float colsum[16][TJ];
-  const int tid = threadIdx.x, nthreads = blockDim.x, warp = tid >> 5, lane = tid & 31;
-  const int HB = nthreads / kThreads, wq = warp & 3;  // heads per block; this warp's quarter of its head
-  const int h = blockIdx.y * HB + (warp >> 2), kvh = blockIdx.y * HB / (num_q_heads / num_kv_heads);
-  const int row_base = blockIdx.x * 64 + wq * 16;
+  __shared__ float colsum[4][TJ];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int h = blockIdx.y, kvh = h / (num_q_heads / num_kv_heads);
+  const int row_base = blockIdx.x * 64 + warp * 16;
   const int Qb = (n + C - 1) / C;
 
   u32 qf[D / 16][4];
@@ -83,7 +80,7 @@ __global__ void __launch_bounds__(4 * kThreads) block_score(
   for (int sweep = 0; sweep < 2; ++sweep) {
     for (int j0 = 0; j0 < Pb; j0 += TJ) {
       __syncthreads();
-      for (int e = tid; e < TJ * (D / 8); e += nthreads) {
+      for (int e = tid; e < TJ * (D / 8); e += kThreads) {
         const int r = e / (D / 8), c = (e % (D / 8)) * 8;
         if (j0 + r < Pb) {
           cp_async16(tile + r * LD + c, kmean_lp + (layer_page0 + (long long)blocks[j0 + r] * num_kv_heads + kvh) * D + c);
@@ -134,20 +131,18 @@ __global__ void __launch_bounds__(4 * kThreads) block_score(
           }
         }
         __syncthreads();
-        // a head's warps of one query block add up; one atomic per (head, query block, column)
-        const int col = tid % TJ, hh = tid / TJ;
-        if (hh < HB && j0 + col < Pb) {
-          const int head = blockIdx.y * HB + hh;
+        // warps of one query block add up; one atomic per (query block, column)
+        if (tid < TJ && j0 + tid < Pb) {
           for (int w = 0; w < 4; ++w) {
             const int r = blockIdx.x * 64 + w * 16;
             if (r >= n) break;
             const int i = r / C;
-            float acc = colsum[hh * 4 + w][col];
+            float acc = colsum[w][tid];
             while (w + 1 < 4 && (blockIdx.x * 64 + (w + 1) * 16) < n && (blockIdx.x * 64 + (w + 1) * 16) / C == i) {
               ++w;
-              acc += colsum[hh * 4 + w][col];
+              acc += colsum[w][tid];
             }
-            atomicAdd(s_raw + ((long long)head * Qb + i) * Pb + j0 + col, acc);
+            atomicAdd(s_raw + ((long long)h * Qb + i) * Pb + j0 + tid, acc);
           }
         }
       }
