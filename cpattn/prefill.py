@@ -32,6 +32,7 @@ THREADS = 128
 
 
 ROWS_PER_UNIT = 128  # kPrefillRows of raw_kernels/compact_attention.cu
+SCORE_ROWS = 128  # kScoreRows: query rows per block_score block
 
 
 def _prefill_smem(head_dim: int, chunk_size: int) -> int:
@@ -173,7 +174,7 @@ def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *,
     # 2. scores
     s_raw = cupy.zeros((Hq, Qb, max(Pb, 1)), np.float32)
     if Pb and alpha > 0:  # alpha 0 keeps every block: all-zero scores pass a zero threshold
-        k["block_score"]((_cdiv(n, 64), Hq), (THREADS,),
+        k["block_score"]((_cdiv(n, SCORE_ROWS), Hq), (THREADS,),
                          (q, means.kmean_lp, page0, blocks, np.int32(Pb), np.int32(n), np.int32(Hq),
                           np.int32(Hkv), scale_log2, s_raw))
     mark("score")

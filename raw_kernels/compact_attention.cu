@@ -41,10 +41,14 @@ __global__ void block_mean(const T* __restrict__ k_pool, const int* __restrict__
 }
 
 // ---------------------------------------------------------------------------------- pass 2
-// grid (ceil(n / 64), Hq), 128 threads. Each warp owns 16 query rows; kmean tiles of 64 past
-// blocks stream through shared memory twice (sweep 0: row max, sweep 1: column sums of
-// exp(z - row max)). Sums of a query block's rows are reduced in shared memory and added to
-// s_raw[h, i, j] (zeroed by the caller) with one atomic per (block, column, CTA).
+// grid (ceil(n / 128), Hq), 128 threads. Each warp owns 32 query rows (two 16-row mma tiles fed
+// by every ldmatrix'd kmean fragment); kmean tiles of 64 past blocks stream through two
+// shared-memory buffers (the next tile loads while this one is used), twice: sweep 0 takes the
+// row max, sweep 1 the column sums of exp(z - row max). The sums of each 16-row tile are
+// reduced in shared memory and added to s_raw[h, i, j] (zeroed by the caller) with one atomic
+// per (query block, column, CTA).
+constexpr int kScoreRows = 128;
+
 template <typename T, int D, int C>
 __global__ void __launch_bounds__(kThreads) block_score(
     const T* __restrict__ q,          // [n, Hq, D]
@@ -54,103 +58,122 @@ __global__ void __launch_bounds__(kThreads) block_score(
     int Pb, int n, int num_q_heads, int num_kv_heads, float scale_log2,
     float* __restrict__ s_raw) {      // [Hq, Qb, Pb]
   constexpr int LD = D + 8, TJ = 64;
-  __shared__ __align__(16) T tile[TJ * LD];
-  __shared__ float colsum[4][TJ];
+  __shared__ __align__(16) T tile[2][TJ * LD];
+  __shared__ float colsum[8][TJ];  // per 16-row tile of the block
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int h = blockIdx.y, kvh = h / (num_q_heads / num_kv_heads);
-  const int row_base = blockIdx.x * 64 + warp * 16;
+  const int block_row0 = blockIdx.x * kScoreRows;
   const int Qb = (n + C - 1) / C;
 
-  u32 qf[D / 16][4];
-  {
-    const int r0 = row_base + (lane >> 2), r1 = r0 + 8;
+  u32 qf[2][D / 16][4];
+  bool ok[2][2];  // [tile][row half]: the row exists
+#pragma unroll
+  for (int tt = 0; tt < 2; ++tt) {
+    const int r0 = block_row0 + warp * 32 + tt * 16 + (lane >> 2), r1 = r0 + 8;
+    ok[tt][0] = r0 < n;
+    ok[tt][1] = r1 < n;
     const u32* p0 = r0 < n ? reinterpret_cast<const u32*>(q + ((long long)r0 * num_q_heads + h) * D) : nullptr;
     const u32* p1 = r1 < n ? reinterpret_cast<const u32*>(q + ((long long)r1 * num_q_heads + h) * D) : nullptr;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const int c = kk * 8 + (lane & 3);
-      qf[kk][0] = p0 ? p0[c] : 0u;
-      qf[kk][1] = p1 ? p1[c] : 0u;
-      qf[kk][2] = p0 ? p0[c + 4] : 0u;
-      qf[kk][3] = p1 ? p1[c + 4] : 0u;
+      qf[tt][kk][0] = p0 ? p0[c] : 0u;
+      qf[tt][kk][1] = p1 ? p1[c] : 0u;
+      qf[tt][kk][2] = p0 ? p0[c + 4] : 0u;
+      qf[tt][kk][3] = p1 ? p1[c + 4] : 0u;
     }
   }
-  const bool row0_ok = row_base + (lane >> 2) < n, row1_ok = row_base + (lane >> 2) + 8 < n;
-  float mrow0 = -INFINITY, mrow1 = -INFINITY;
-  for (int sweep = 0; sweep < 2; ++sweep) {
-    for (int j0 = 0; j0 < Pb; j0 += TJ) {
-      __syncthreads();
-      for (int e = tid; e < TJ * (D / 8); e += kThreads) {
-        const int r = e / (D / 8), c = (e % (D / 8)) * 8;
-        if (j0 + r < Pb) {
-          cp_async16(tile + r * LD + c, kmean_lp + (layer_page0 + (long long)blocks[j0 + r] * num_kv_heads + kvh) * D + c);
-        } else {
-          *reinterpret_cast<uint4*>(tile + r * LD + c) = make_uint4(0, 0, 0, 0);
-        }
+  auto load_tile = [&](int j0, T* dst) {  // kmean rows j0 .. j0+63 (zeros past Pb)
+    for (int e = tid; e < TJ * (D / 8); e += kThreads) {
+      const int r = e / (D / 8), c = (e % (D / 8)) * 8;
+      if (j0 + r < Pb) {
+        cp_async16(dst + r * LD + c, kmean_lp + (layer_page0 + (long long)blocks[j0 + r] * num_kv_heads + kvh) * D + c);
+      } else {
+        *reinterpret_cast<uint4*>(dst + r * LD + c) = make_uint4(0, 0, 0, 0);
       }
-      cp_async_commit();
+    }
+    cp_async_commit();
+  };
+  const int ntiles = (Pb + TJ - 1) / TJ;
+  float mrow[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
+  load_tile(0, tile[0]);
+  for (int it = 0; it < 2 * ntiles; ++it) {  // sweep 0: it < ntiles; sweep 1: the rest
+    const int sweep = it >= ntiles, j0 = (it % ntiles) * TJ;
+    const T* cur = tile[it & 1];
+    if (it + 1 < 2 * ntiles) {
+      load_tile(((it + 1) % ntiles) * TJ, tile[(it + 1) & 1]);  // freed by the barrier that ended it - 1
+      cp_async_wait<1>();
+    } else {
       cp_async_wait<0>();
-      __syncthreads();
-      float z[TJ / 8][4];
+    }
+    __syncthreads();
+    if (sweep && it == ntiles) {  // first tile of sweep 1: the row maxima are final
 #pragma unroll
-      for (int j = 0; j < TJ / 8; ++j) z[j][0] = z[j][1] = z[j][2] = z[j][3] = 0.f;
+      for (int tt = 0; tt < 2; ++tt) {
+        mrow[tt][0] = quad_max(mrow[tt][0]);
+        mrow[tt][1] = quad_max(mrow[tt][1]);
+      }
+    }
+    float z[2][TJ / 8][4];
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
+    for (int tt = 0; tt < 2; ++tt)
 #pragma unroll
-        for (int j = 0; j < TJ / 16; ++j) {
-          u32 b[4];
-          ldmatrix_x4(b, smem_addr(tile + (j * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8));
-          mma16816<T>(z[2 * j], qf[kk], b[0], b[1]);
-          mma16816<T>(z[2 * j + 1], qf[kk], b[2], b[3]);
+      for (int j = 0; j < TJ / 8; ++j) z[tt][j][0] = z[tt][j][1] = z[tt][j][2] = z[tt][j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int j = 0; j < TJ / 16; ++j) {
+        u32 b[4];
+        ldmatrix_x4(b, smem_addr(cur + (j * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+        for (int tt = 0; tt < 2; ++tt) {
+          mma16816<T>(z[tt][2 * j], qf[tt][kk], b[0], b[1]);
+          mma16816<T>(z[tt][2 * j + 1], qf[tt][kk], b[2], b[3]);
         }
       }
-      if (sweep == 0) {
+    }
+    if (!sweep) {
 #pragma unroll
-        for (int j = 0; j < TJ / 8; ++j) {
+      for (int tt = 0; tt < 2; ++tt)
+#pragma unroll
+        for (int j = 0; j < TJ / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int col = j0 + j * 8 + (lane & 3) * 2 + (e & 1);
-            if (col < Pb) {
-              if (e < 2) mrow0 = fmaxf(mrow0, z[j][e] * scale_log2);
-              else mrow1 = fmaxf(mrow1, z[j][e] * scale_log2);
-            }
+            if (col < Pb) mrow[tt][e >> 1] = fmaxf(mrow[tt][e >> 1], z[tt][j][e] * scale_log2);
           }
-        }
-      } else {
-        // column sums over this warp's valid rows, then over the warp (lanes with equal lane&3)
+    } else {
+      // column sums over each 16-row tile's valid rows, then over the warp (lanes with equal lane&3)
 #pragma unroll
-        for (int j = 0; j < TJ / 8; ++j) {
+      for (int tt = 0; tt < 2; ++tt)
+#pragma unroll
+        for (int j = 0; j < TJ / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            float v = (row0_ok ? exp2f(z[j][e] * scale_log2 - mrow0) : 0.f) +
-                      (row1_ok ? exp2f(z[j][e + 2] * scale_log2 - mrow1) : 0.f);
+            float v = (ok[tt][0] ? fast_exp2(fmaf(z[tt][j][e], scale_log2, -mrow[tt][0])) : 0.f) +
+                      (ok[tt][1] ? fast_exp2(fmaf(z[tt][j][e + 2], scale_log2, -mrow[tt][1])) : 0.f);
             v += __shfl_xor_sync(0xffffffffu, v, 4);
             v += __shfl_xor_sync(0xffffffffu, v, 8);
             v += __shfl_xor_sync(0xffffffffu, v, 16);
-            if (lane < 4) colsum[warp][j * 8 + lane * 2 + e] = v;
+            if (lane < 4) colsum[warp * 2 + tt][j * 8 + lane * 2 + e] = v;
           }
-        }
-        __syncthreads();
-        // warps of one query block add up; one atomic per (query block, column)
-        if (tid < TJ && j0 + tid < Pb) {
-          for (int w = 0; w < 4; ++w) {
-            const int r = blockIdx.x * 64 + w * 16;
-            if (r >= n) break;
-            const int i = r / C;
-            float acc = colsum[w][tid];
-            while (w + 1 < 4 && (blockIdx.x * 64 + (w + 1) * 16) < n && (blockIdx.x * 64 + (w + 1) * 16) / C == i) {
-              ++w;
-              acc += colsum[w][tid];
-            }
-            atomicAdd(s_raw + ((long long)h * Qb + i) * Pb + j0 + tid, acc);
+      __syncthreads();
+      // 16-row tiles of one query block add up; one atomic per (query block, column)
+      if (tid < TJ && j0 + tid < Pb) {
+        for (int w = 0; w < 8; ++w) {
+          const int r = block_row0 + w * 16;
+          if (r >= n) break;
+          const int i = r / C;
+          float acc = colsum[w][tid];
+          while (w + 1 < 8 && block_row0 + (w + 1) * 16 < n && (block_row0 + (w + 1) * 16) / C == i) {
+            ++w;
+            acc += colsum[w][tid];
           }
+          atomicAdd(s_raw + ((long long)h * Qb + i) * Pb + j0 + tid, acc);
         }
       }
     }
-    if (sweep == 0) {
-      mrow0 = quad_max(mrow0);
-      mrow1 = quad_max(mrow1);
-    }
+    __syncthreads();  // this buffer is refilled two tiles on; colsum is rewritten next tile
   }
 }
 
