@@ -45,9 +45,10 @@ KERNEL_CHOICES = ("auto", "wgmma", "mma")
 
 
 def _prefill_smem_wg(head_dim: int, chunk_size: int) -> int:
-    """WgSmem<D, C>::bytes: alignment slack, the swizzled Q tile and the K/V stages of 128 keys."""
+    """WgSmem<D, C>::bytes: alignment slack, the swizzled Q tile, the K/V stages of 128 keys and
+    two mbarriers per stage."""
     stages = 4 if head_dim == 64 else 3
-    return 1024 + ROWS_PER_UNIT * head_dim * 2 + 2 * stages * WG_KEYS * head_dim * 2
+    return 1024 + ROWS_PER_UNIT * head_dim * 2 + 2 * stages * WG_KEYS * head_dim * 2 + 2 * stages * 8
 
 
 def _use_wgmma(kernel: str) -> bool:

@@ -24,8 +24,32 @@ struct WgSmem {
   static constexpr int NST = D == 64 ? 4 : 3;    // cp.async stages
   static constexpr int q_bytes = kWgRows * D * 2;
   static constexpr int tile_bytes = TK * D * 2;  // one K or V step
-  static constexpr int bytes = 1024 + q_bytes + 2 * NST * tile_bytes;  // 1024: alignment slack
+  static constexpr int bytes = 1024 + q_bytes + 2 * NST * tile_bytes + 2 * NST * 8;  // slack; mbarriers
 };
+
+// mbarriers (shared memory, CTA scope): stage handoff without a block-wide barrier
+__device__ __forceinline__ void mbar_init(u64* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+  u64 state;
+  asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];\n" : "=l"(state) : "r"(smem_addr(bar)) : "memory");
+}
+// arrives when every earlier cp.async of this thread has landed (counted in the init count)
+__device__ __forceinline__ void mbar_arrive_cp_async(u64* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u64* bar, int parity) {  // until phase `parity` completes
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT;\n}\n" :: "r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+// cp.async of 16 bytes, or 16 zero bytes when !real (src is then not read)
+__device__ __forceinline__ void cp_async16_or_zero(void* smem, const void* gmem, bool real) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(smem_addr(smem)), "l"(gmem),
+               "r"(real ? 16 : 0));
+}
 
 // byte offset of 16-byte chunk j (columns 8j .. 8j+7) of row r in a swizzled tile of R rows
 template <int R>
@@ -55,6 +79,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
   unsigned char* sQ = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // [2][64 rows] swizzled
   unsigned char* sK = sQ + kWgRows * D * 2;  // [NST] tiles
   unsigned char* sV = sK + NST * TILE;       // [NST] tiles
+  u64* full = reinterpret_cast<u64*>(sV + NST * TILE);  // [NST]: stage loaded (every thread's copies landed)
+  u64* empty = full + NST;                              // [NST]: stage consumed by both warpgroups
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
   const int table = units[2 * blockIdx.x], row0 = units[2 * blockIdx.x + 1];
   const int S = G / s;
@@ -69,16 +95,20 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
   const int nsteps = (lim_unit + TK - 1) / TK;
   const int lim_min = past_keys + tile_start + row0 / s + 1;  // the unit's first row's limit
 
-  // Q rows -> shared memory (zeros past row_count), in the first cp.async group
+  if (tid < NST) {
+    mbar_init(full + tid, kWgThreads);
+    mbar_init(empty + tid, kWgThreads);
+  }
+  __syncthreads();
+  // Q rows -> shared memory (zeros past row_count); stage 0's barrier covers these copies too.
+  // Every shared-memory write goes through cp.async (zeros included), so the mbarriers order
+  // them all.
   for (int e = tid; e < kWgRows * CH; e += kWgThreads) {
     const int r = e / CH, j = e % CH;
     unsigned char* dst = sQ + (r >> 6) * (64 * D * 2) + swz<64>(r & 63, j);
-    if (r < row_count) {
-      const int gr = row0 + r;
-      cp_async16(dst, q + ((long long)(tile_start + gr / s) * num_q_heads + kvh * G + g * s + gr % s) * D + j * 8);
-    } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    }
+    const int gr = row0 + min(r, row_count - 1);
+    cp_async16_or_zero(dst, q + ((long long)(tile_start + gr / s) * num_q_heads + kvh * G + g * s + gr % s) * D + j * 8,
+                       r < row_count);
   }
   // this thread's two rows (accumulator fragment rows) and their key limits
   const int r_lo = wg * 64 + warp * 16 + (lane >> 2);
@@ -108,21 +138,19 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
       for (int rr = 0; rr < RPP; rr += RSTEP) {
         const int r = pg * RPP + r0 + rr, off = (pg * RPP + rr) * 128;
         if (RPP < RSTEP && r0 + rr >= RPP) continue;  // (small pages: fewer rows than threads' rows)
-        if (r < valid) {
-          cp_async16(dk + off, gk + rr * D);
-          cp_async16(dv + off, gv + rr * D);
-        } else {  // stale pool rows may hold anything; P is 0 there, V must be finite
-          *reinterpret_cast<uint4*>(dk + off) = make_uint4(0, 0, 0, 0);
-          *reinterpret_cast<uint4*>(dv + off) = make_uint4(0, 0, 0, 0);
-        }
+        // rows >= valid: zeros (stale pool rows may hold anything; P is 0 there, V must be finite)
+        cp_async16_or_zero(dk + off, gk + rr * D, r < valid);
+        cp_async16_or_zero(dv + off, gv + rr * D, r < valid);
       }
     }
   };
   // prologue: steps 0 .. NST-2 in flight (one cp.async group each; Q rides with step 0)
 #pragma unroll
   for (int i = 0; i < NST - 1; ++i) {
-    if (i < nsteps) load_step(i);
-    cp_async_commit();
+    if (i < nsteps) {
+      load_step(i);
+      mbar_arrive_cp_async(full + i);
+    }
   }
 
   float o[D / 2];
@@ -198,9 +226,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
   if (nsteps > 0) {  // S_0 -> P_0
     u64 db[D / 16];
     s_desc(0, db);
-    cp_async_wait<NST - 2>();
-    fence_proxy_async();
-    __syncthreads();
+    mbar_wait(full, 0);
+    fence_proxy_async();  // generic-proxy (cp.async) writes -> visible to wgmma
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) Wgmma<T, TK>::ss(sc, da[kk], db[kk], kk > 0);
@@ -215,9 +242,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
   // rescaled. (No branch around a wgmma inside the loop: ptxas must see which group each wait
   // retires, or it serialises them.) The last step, peeled below, has only P V.
   for (int i = 0; i < nsteps - 1; ++i) {
-    cp_async_wait<NST - 3>();  // this thread's copies of step i+1 have landed
-    fence_proxy_async();       // ... visible to wgmma
-    __syncthreads();           // everyone's; every warpgroup is done with step i-1: its stage is free
+    mbar_wait(full + (i + 1) % NST, ((i + 1) / NST) & 1);  // step i+1 has landed (everyone's copies)
+    fence_proxy_async();
     u64 db[D / 16], dv[TK / 16];
     s_desc(i + 1, db);
     v_desc(i, dv);
@@ -228,13 +254,18 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
 #pragma unroll
     for (int kk = 0; kk < TK / 16; ++kk) Wgmma<T, D>::rs(o, pa[kk], dv[kk], 1);
     wgmma_commit();
-    // refill the freed stage while the tensor cores work (its page-id loads stall this warp)
-    if (i + NST - 1 < nsteps) load_step(i + NST - 1);
-    cp_async_commit();
+    // refill the stage of step i-1 (once both warpgroups are done with it) while the tensor
+    // cores work: no block-wide barrier, so a warpgroup never waits for the other's softmax
+    if (i + NST - 1 < nsteps) {
+      if (i >= 1) mbar_wait(empty + (i - 1) % NST, ((i - 1) / NST) & 1);
+      load_step(i + NST - 1);
+      mbar_arrive_cp_async(full + (i + NST - 1) % NST);
+    }
     wgmma_wait<1>();  // S_{i+1} (the older group) is done; P_i V_i may still run
     float c0, c1;
     softmax(i + 1, c0, c1);
     wgmma_wait<0>();
+    mbar_arrive(empty + i % NST);  // S_i and P_i V_i are done: this thread is through with stage i
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       o[4 * j] *= c0; o[4 * j + 1] *= c0; o[4 * j + 2] *= c1; o[4 * j + 3] *= c1;
@@ -250,7 +281,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
     wgmma_commit();
     wgmma_wait<0>();
   }
-  cp_async_wait<0>();
 
   const float kLn2 = 0.6931471805599453f;
 #pragma unroll
