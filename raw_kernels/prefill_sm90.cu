@@ -11,6 +11,10 @@
 // every 8-row x 128-byte atom is bank-conflict free for cp.async writes and wgmma reads.
 // Keys stream in steps of TK = 128 rows (128 / C pages, or one page of 128) through NST
 // cp.async stages: 3 for D = 128 (225 KB of shared memory, one block per SM), 4 for D = 64.
+// Stages are handed over by mbarriers ("full": every thread's copies landed; "empty": both
+// warpgroups are done with it), never by a block-wide barrier, so the two warpgroups drift
+// apart and one's softmax overlaps the other's wgmmas. Per step i: issue S(i+1) and P(i)V(i),
+// refill the stage of step i-1, softmax of S(i+1) while P(i)V(i) runs, rescale O.
 #include "wgmma.cuh"
 
 namespace cpattn {
