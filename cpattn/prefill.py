@@ -40,7 +40,7 @@ def _prefill_smem(head_dim: int, chunk_size: int) -> int:
     return (ROWS_PER_UNIT + 4 * min(chunk_size, 64)) * (head_dim + 8) * 2
 
 
-WG_THREADS, WG_KEYS = 384, 128  # kWgBlock (two consumer warpgroups + a producer one) and WgSmem::TK
+WG_THREADS, WG_KEYS = 256, 128  # kWgThreads and WgSmem::TK of raw_kernels/prefill_sm90.cu
 KERNEL_CHOICES = ("auto", "wgmma", "mma")
 
 

@@ -20,11 +20,7 @@
 namespace cpattn {
 
 constexpr int kWgRows = 128;     // query rows per block (two warpgroups of 64): paged_prefill's units
-constexpr int kWgThreads = 256;  // two consumer warpgroups
-constexpr int kWgBlock = kWgThreads + 128;  // + a producer warpgroup that issues every load
-// Register split (setmaxnreg; the block starts at 65536 / 384 = 168 per thread): each SM
-// sub-partition holds one producer warp and two consumer warps, 72 + 2 x 216 <= 512 per lane.
-constexpr int kProducerRegs = 72, kConsumerRegs = 216;
+constexpr int kWgThreads = 256;  // two warpgroups
 
 template <int D, int C>
 struct WgSmem {
@@ -72,7 +68,7 @@ __device__ __forceinline__ int swz(int r, int j) {
 // NVVM emit copies that ptxas counted as such reads.
 
 template <typename T, int D, int C>
-__global__ void __launch_bounds__(kWgBlock, 1) paged_prefill_wg(
+__global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
     const T* __restrict__ q,          // [n, Hq, D]
     const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
     const int* __restrict__ units,    // [U, 2]: table, row0
@@ -104,10 +100,20 @@ __global__ void __launch_bounds__(kWgBlock, 1) paged_prefill_wg(
   const int lim_min = past_keys + tile_start + row0 / s + 1;  // the unit's first row's limit
 
   if (tid < NST) {
-    mbar_init(full + tid, 128);          // the producer warpgroup's threads
-    mbar_init(empty + tid, kWgThreads);  // every consumer thread
+    mbar_init(full + tid, kWgThreads);
+    mbar_init(empty + tid, kWgThreads);
   }
   __syncthreads();
+  // Q rows -> shared memory (zeros past row_count); stage 0's barrier covers these copies too.
+  // Every shared-memory write goes through cp.async (zeros included), so the mbarriers order
+  // them all.
+  for (int e = tid; e < kWgRows * CH; e += kWgThreads) {
+    const int r = e / CH, j = e % CH;
+    unsigned char* dst = sQ + (r >> 6) * (64 * D * 2) + swz<64>(r & 63, j);
+    const int gr = row0 + min(r, row_count - 1);
+    cp_async16_or_zero(dst, q + ((long long)(tile_start + gr / s) * num_q_heads + kvh * G + g * s + gr % s) * D + j * 8,
+                       r < row_count);
+  }
   // this thread's two rows (accumulator fragment rows) and their key limits
   const int r_lo = wg * 64 + warp * 16 + (lane >> 2);
   int lim[2];
@@ -119,44 +125,37 @@ __global__ void __launch_bounds__(kWgBlock, 1) paged_prefill_wg(
   // The table's keys in list order: past pages, then own pages; key x of the table lies in
   // page x / C. Keys below lim_unit all exist (the last own page is cut at n, and tok_max < n).
   auto step_valid = [&](int i) { return min(TK, lim_unit - i * TK); };  // key rows of step i any row may read
-  // The producer warp: Q, then every step's K and V rows (rows >= valid zeroed: stale pool rows
-  // may hold anything; P is 0 there, V must be finite), up to NST steps ahead of the consumers.
-  // Every shared-memory write goes through cp.async (zeros too), so the mbarriers order them.
-  if (tid >= kWgThreads) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kProducerRegs));
-    const int pl = tid - kWgThreads;
-    for (int e = pl; e < kWgRows * CH; e += 128) {  // Q: stage 0's barrier covers these copies
-      const int r = e / CH, j = e % CH;
-      unsigned char* dst = sQ + (r >> 6) * (64 * D * 2) + swz<64>(r & 63, j);
-      const int gr = row0 + min(r, row_count - 1);
-      cp_async16_or_zero(dst, q + ((long long)(tile_start + gr / s) * num_q_heads + kvh * G + g * s + gr % s) * D + j * 8,
-                         r < row_count);
-    }
-    constexpr int RSTEP = 128 / CH;         // rows between one thread's rows (a multiple of 8)
-    constexpr int RPP = C < TK ? C : TK;    // rows per page (C <= TK: whole pages)
-    const int j = pl % CH, r0 = pl / CH;    // this lane's 16-byte column and first row
-    for (int i = 0; i < nsteps; ++i) {
-      const int st = i % NST, valid = step_valid(i);
-      if (i >= NST) mbar_wait(empty + st, (i / NST - 1) & 1);  // both warpgroups are done with step i-NST
+  auto load_step = [&](int i) {  // step i's K and V rows -> stage i % NST (rows >= valid zeroed)
+    constexpr int RSTEP = kWgThreads / CH;    // rows between one thread's rows (a multiple of 8)
+    constexpr int RPP = C < TK ? C : TK;      // rows per page (C <= TK: whole pages)
+    const int valid = step_valid(i), st = i % NST;
+    const int j = tid % CH, r0 = tid / CH;    // this thread's 16-byte column and first row
+    unsigned char* dk = sK + st * TILE + swz<TK>(r0, j);  // row r0 + x sits x * 128 bytes further
+    unsigned char* dv = sV + st * TILE + swz<TK>(r0, j);
 #pragma unroll
-      for (int pg = 0; pg < TK / RPP; ++pg) {
-        const int key0 = i * TK + pg * RPP;  // a page's first key: one page-id load per page
-        const long long page = key0 < lim_unit ? layer_page0 + (long long)indices[p0 + key0 / C] * num_kv_heads + kvh : 0;
-        const T* gk = k_pool + (page * C + r0) * D + j * 8;
-        const T* gv = v_pool + (page * C + r0) * D + j * 8;
-#pragma unroll 8
-        for (int rr = 0; rr < RPP; rr += RSTEP) {
-          const int r = pg * RPP + r0 + rr, off = st * TILE + swz<TK>(r, j);
-          cp_async16_or_zero(sK + off, gk + rr * D, r < valid);
-          cp_async16_or_zero(sV + off, gv + rr * D, r < valid);
-        }
+    for (int pg = 0; pg < TK / RPP; ++pg) {
+      const int key0 = i * TK + pg * RPP;  // a page's first key: one page-id load per page
+      const long long page = key0 < lim_unit ? layer_page0 + (long long)indices[p0 + key0 / C] * num_kv_heads + kvh : 0;
+      const T* gk = k_pool + (page * C + r0) * D + j * 8;
+      const T* gv = v_pool + (page * C + r0) * D + j * 8;
+#pragma unroll
+      for (int rr = 0; rr < RPP; rr += RSTEP) {
+        const int r = pg * RPP + r0 + rr, off = (pg * RPP + rr) * 128;
+        if (RPP < RSTEP && r0 + rr >= RPP) continue;  // (small pages: fewer rows than threads' rows)
+        // rows >= valid: zeros (stale pool rows may hold anything; P is 0 there, V must be finite)
+        cp_async16_or_zero(dk + off, gk + rr * D, r < valid);
+        cp_async16_or_zero(dv + off, gv + rr * D, r < valid);
       }
-      mbar_arrive_cp_async(full + st);
     }
-    cp_async_wait<0>();
-    return;
+  };
+  // prologue: steps 0 .. NST-2 in flight (one cp.async group each; Q rides with step 0)
+#pragma unroll
+  for (int i = 0; i < NST - 1; ++i) {
+    if (i < nsteps) {
+      load_step(i);
+      mbar_arrive_cp_async(full + i);
+    }
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kConsumerRegs));
 
   float o[D / 2];
 #pragma unroll
@@ -259,6 +258,13 @@ __global__ void __launch_bounds__(kWgBlock, 1) paged_prefill_wg(
 #pragma unroll
     for (int kk = 0; kk < TK / 16; ++kk) Wgmma<T, D>::rs(o, pa[kk], dv[kk], 1);
     wgmma_commit();
+    // refill the stage of step i-1 (once both warpgroups are done with it) while the tensor
+    // cores work: no block-wide barrier, so a warpgroup never waits for the other's softmax
+    if (i + NST - 1 < nsteps) {
+      if (i >= 1) mbar_wait(empty + (i - 1) % NST, ((i - 1) / NST) & 1);
+      load_step(i + NST - 1);
+      mbar_arrive_cp_async(full + (i + NST - 1) % NST);
+    }
     wgmma_wait<1>();  // S_{i+1} (the older group) is done; P_i V_i may still run
     float c0, c1;
     softmax(i + 1, c0, c1);
