@@ -56,14 +56,16 @@ def _use_wgmma(kernel: str) -> bool:
     environment sets CPATTN_PREFILL_KERNEL=mma; 'wgmma' / 'mma' force one."""
     import os
 
-    import cupy
-
     if kernel not in KERNEL_CHOICES:
         raise ValueError(f"kernel: expected one of {KERNEL_CHOICES}, got {kernel!r}")
     if kernel == "auto":
         kernel = os.environ.get("CPATTN_PREFILL_KERNEL", "auto")
         if kernel not in KERNEL_CHOICES:
             raise ValueError(f"CPATTN_PREFILL_KERNEL: expected one of {KERNEL_CHOICES}, got {kernel!r}")
+    if kernel == "mma":
+        return False
+    import cupy
+
     hopper = cupy.cuda.Device().compute_capability == "90"
     if kernel == "wgmma" and not hopper:
         raise ValueError(f"kernel: 'wgmma' needs compute capability 9.0, got {cupy.cuda.Device().compute_capability}")

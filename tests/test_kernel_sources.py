@@ -28,3 +28,17 @@ def test_every_kernel_file_is_loaded_and_hopper_file_targets_sm90a():
     src = kernels.source("prefill_sm90")
     assert "#include" not in src.replace("#include <cuda_fp16.h>", "").replace("#include <cuda_bf16.h>", "")
     assert "wgmma.mma_async" in src and "paged_prefill_wg" in src
+
+
+def test_prefill_kernel_choice_is_checked_before_touching_the_gpu(monkeypatch):
+    import pytest
+
+    from cpattn.prefill import _use_wgmma
+
+    with pytest.raises(ValueError, match=r"kernel: expected one of \('auto', 'wgmma', 'mma'\), got 'fast'"):
+        _use_wgmma("fast")
+    monkeypatch.setenv("CPATTN_PREFILL_KERNEL", "tensor")
+    with pytest.raises(ValueError, match=r"CPATTN_PREFILL_KERNEL: expected one of .*, got 'tensor'"):
+        _use_wgmma("auto")
+    monkeypatch.setenv("CPATTN_PREFILL_KERNEL", "mma")
+    assert _use_wgmma("auto") is False and _use_wgmma("mma") is False
