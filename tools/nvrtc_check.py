@@ -25,6 +25,14 @@ def find_libnvrtc():
     return cands[0] if cands else None
 
 
+def cuda_include_dirs(libnvrtc_path: str) -> list:
+    """Folders holding cuda_fp16.h / cuda_bf16.h (CuPy finds them in the CUDA headers; here the
+    toolkit beside nvcc, or the pip package beside libnvrtc)."""
+    cands = glob.glob("/usr/local/cuda*/include") + glob.glob(os.path.join(os.path.dirname(libnvrtc_path), "..",
+                                                                           "include"))
+    return [d for d in cands if os.path.exists(os.path.join(d, "cuda_fp16.h"))]
+
+
 def compile_nvrtc(lib, src: str, names, arch="compute_90", options=()):
     prog = ctypes.c_void_p()
     check = lambda rc, what: rc == 0 or (_ for _ in ()).throw(RuntimeError(f"{what} failed: {rc}"))  # noqa: E731
@@ -50,9 +58,7 @@ def main() -> int:
         print("libnvrtc not found (pip install nvidia-cuda-nvrtc): NVRTC compile check skipped")
         return 0
     lib = ctypes.CDLL(path)
-    # cuda_fp16.h / cuda_bf16.h: CuPy finds them in the CUDA headers; here the toolkit beside nvcc
-    incs = [d for d in glob.glob("/usr/local/cuda*/include") + glob.glob(os.path.join(
-        os.path.dirname(path), "..", "include")) if os.path.exists(os.path.join(d, "cuda_fp16.h"))]
+    incs = cuda_include_dirs(path)
     if not incs:
         print("cuda_fp16.h not found (no CUDA headers): NVRTC compile check skipped")
         return 0
