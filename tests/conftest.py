@@ -1,4 +1,4 @@
-"""Shared test setup: hypothesis profiles and a cache snapshot helper.
+"""Shared test setup: hypothesis profiles, a cache snapshot helper, loading repository scripts.
 
 Profiles: "ci" is derandomized (the same examples every run) and small enough that the CPU
 suite stays within a few minutes on two cores; "dev" explores more. ``CI`` or
@@ -7,7 +7,9 @@ the default is "default" (random, modest).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -24,6 +26,18 @@ if os.environ.get("CI") or os.environ.get("HYPOTHESIS_PROFILE") == "ci":
     settings.load_profile("ci")
 else:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str):
+    """A repository script (e.g. ``tools/soak.py``) imported as a module, by path."""
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def to_host(x) -> np.ndarray:

@@ -2,18 +2,12 @@
 kernel file is in the loader's table, and the Hopper-only file asks for its architecture."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 
+from conftest import ROOT, load_script
 from cpattn import kernels
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
 def test_generated_wgmma_header_is_current(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("gen_wgmma", ROOT / "tools" / "gen_wgmma.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    gen = load_script("tools/gen_wgmma.py")
     monkeypatch.setattr(gen, "OUT", tmp_path / "wgmma.cuh")
     gen.main()
     shipped = (ROOT / "raw_kernels" / "wgmma.cuh").read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import load_script
 from cpattn import gpu_available
 from cpattn.examples.serving import (ModelConfig, PrefillOptions, Server, TinyLM, check_against_dense,
                                      dense_generate, footprint_chunks, main, system_prompt_workload)
@@ -211,12 +212,9 @@ DOCS = __import__("pathlib").Path(__file__).resolve().parents[1] / "docs"
 
 @pytest.mark.skipif(not (DOCS / "make_figures.py").exists(), reason="docs/ not in this checkout")
 def test_docs_figures_are_current_and_links_resolve():
-    import importlib.util
     import re
 
-    spec = importlib.util.spec_from_file_location("make_figures", DOCS / "make_figures.py")
-    make_figures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_figures)
+    make_figures = load_script("docs/make_figures.py")
     pages = {p.name: p.read_text() for p in DOCS.glob("*.md")}
     for name in ("chunk_tree.md", "two_phase_decode.md", "serving_pipeline.md"):
         assert "<!-- figure: " in pages[name], f"{name} lost its figure"

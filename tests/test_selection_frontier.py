@@ -4,27 +4,22 @@ same tables can beat it at equal density; the alpha rule must agree with the ref
 ``select_blocks`` on the same data."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 
 import numpy as np
 import pytest
 
+from conftest import load_script
 from cpattn.reference.compact_attention import BlockMeans, select_blocks
 from cpattn.reference.dtypes import to_float32
 from cpattn.reference.tree import ChunkCache
 from cpattn.reference.workloads import long_context_qkv
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 P, N, C, G = 1024, 128, 16, 4
 
 
 @pytest.fixture(scope="module")
 def fr():
-    spec = importlib.util.spec_from_file_location("selection_frontier", ROOT / "tools" / "selection_frontier.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/selection_frontier.py")
 
 
 @pytest.fixture(scope="module")

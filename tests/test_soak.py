@@ -3,24 +3,17 @@ when the cache leaks a chunk or corrupts K/V. The GPU run (10,000+ operations at
 sizes) is a device command: see docs/guarantees.md."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
+from conftest import load_script
 from cpattn.reference.tree import ChunkCache
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def soak():
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "tools" / "soak.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/soak.py")
 
 
 def run(soak, tmp_path, *extra):
