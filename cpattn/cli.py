@@ -36,7 +36,7 @@ def demo(args) -> int:
     kv = TokenKV(L, Hkv, D, dtype=args.dtype, seed=args.seed, max_len=max(map(len, prompts)) + 8)
     need = sum(-(-(len(p) + 1) // c) for p in prompts) + 8
     if backend == "cupy":
-        from .cache import GpuChunkCache
+        from .chunk_cache import GpuChunkCache
 
         cache = GpuChunkCache(L, Hkv, D, num_chunks=need, chunk_size=c, dtype=args.dtype)
     else:
@@ -58,7 +58,7 @@ def demo(args) -> int:
     if backend == "cupy":  # the oracle reads a host copy of the same tree
         import cupy
 
-        from .decode import ChunkAttentionDecode
+        from .chunk_attention import ChunkAttentionDecode
         from .reference.dtypes import to_float32
 
         host = _host_copy(cache)

@@ -22,6 +22,8 @@ KERNELS = {
     "chunk_attention": (
         ("cpattn::chunk_attend", lambda t, d, c: f"{t}, {d}, {c}"),
         ("cpattn::chunk_merge", lambda t, d, c: f"{t}, {d}"),
+    ),
+    "chunk_cache": (
         ("cpattn::kv_append", lambda t, d, c: f"{t}, {d}, {c}"),
     ),
     "compact_attention": (
@@ -31,12 +33,12 @@ KERNELS = {
         ("cpattn::block_union", None),
         ("cpattn::tables_csr", None),
     ),
-    "prefill_sm90": (  # the paged prefill on Hopper warpgroup MMA: compute capability 9.0 only
+    "compact_attention_sm90": (  # the paged prefill on Hopper warpgroup MMA: compute capability 9.0 only
         ("cpattn::paged_prefill_wg", lambda t, d, c: f"{t}, {d}, {c}"),
     ),
 }
 # kernel file -> the architecture it needs (NVRTC -arch / nvcc -arch); others: the device's own
-ARCH = {"prefill_sm90": "sm_90a"}
+ARCH = {"compact_attention_sm90": "sm_90a"}
 
 
 def options(file: str) -> tuple:

@@ -160,7 +160,7 @@ __device__ __forceinline__ void attend_unit_rt2(
 }
 
 // One block per unit. Dynamic shared memory: (QRows<C> + 4 C) (D + 8) halves (and at least the
-// key-split reduction area); see _smem_bytes in cpattn/decode.py.
+// key-split reduction area); see _smem_bytes in cpattn/chunk_attention.py.
 template <typename T, int D, int C>
 __global__ void __launch_bounds__(kThreads, 1) chunk_attend(
     const T* __restrict__ q,        // [batch, Hq, D] caller order
@@ -314,25 +314,6 @@ __global__ void __launch_bounds__(kThreads) chunk_merge(
   for (int e = 0; e < E; ++e) dst[e] = Pack<T>::one(acc[e] * inv);
   if (write_lse && lane == 0)
     out_lse[(long long)order[pos] * num_q_heads + head] = wsum > 0.f ? base + logf(wsum) : -INFINITY;
-}
-
-// KV append: token t of k, v ([n, Hkv, D], contiguous) goes to page (slot_chunk[t], h) at row
-// slot_off[t] of one layer. One thread per 16-byte vector. Serves decode (one token per
-// sequence) and prefill (a run of tokens of one sequence) alike.
-template <typename T, int D, int C>
-__global__ void kv_append(const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ slot_chunk,
-                          const int* __restrict__ slot_off, T* __restrict__ k_pool, T* __restrict__ v_pool,
-                          long long layer_page0, int num_kv_heads, int n) {
-  constexpr int V = D / 8;
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= (long long)n * num_kv_heads * V) return;
-  const int c = (int)(i % V) * 8;
-  const long long th = i / V;  // token * Hkv + head
-  const int h = (int)(th % num_kv_heads), t = (int)(th / num_kv_heads);
-  const long long page = layer_page0 + (long long)slot_chunk[t] * num_kv_heads + h;
-  const long long dst = (page * C + slot_off[t]) * D + c;
-  *reinterpret_cast<uint4*>(k_pool + dst) = *reinterpret_cast<const uint4*>(k + th * D + c);
-  *reinterpret_cast<uint4*>(v_pool + dst) = *reinterpret_cast<const uint4*>(v + th * D + c);
 }
 
 }  // namespace cpattn

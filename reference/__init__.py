@@ -5,7 +5,7 @@ Installed as ``cpattn.reference``. Readable first, fast second.
 from .chunk_attention import attention_state, decode, dense_decode, merge_states
 from .dtypes import STORAGE_DTYPES, round_to_storage, to_float32, to_storage
 from .plan import DecodePlan, build_decode_plan
-from .tree import CacheError, CacheFullError, ChunkCache, Slots
+from .chunk_cache import CacheError, CacheFullError, ChunkCache, Slots
 
 __all__ = [
     "ChunkCache", "CacheError", "CacheFullError", "Slots", "DecodePlan", "build_decode_plan",

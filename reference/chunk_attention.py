@@ -20,7 +20,7 @@ import numpy as np
 
 from .dtypes import to_float32
 from .plan import DecodePlan
-from .tree import CacheError, ChunkCache
+from .chunk_cache import CacheError, ChunkCache
 
 
 def _host(x):

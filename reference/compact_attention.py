@@ -45,7 +45,7 @@ import numpy as np
 
 from .chunk_attention import attention_state, merge_states
 from .dtypes import storage_numpy_dtype, to_float32
-from .tree import CacheError, ChunkCache
+from .chunk_cache import CacheError, ChunkCache
 
 _I32 = np.int32
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tree import CacheError, ChunkCache
+from .chunk_cache import CacheError, ChunkCache
 
 _I32 = np.int32
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .dtypes import to_storage
-from .tree import ChunkCache
+from .chunk_cache import ChunkCache
 
 
 def awkward_length(rng, c: int, max_chunks: int) -> int:

@@ -5,7 +5,7 @@
               logic (length-table mirroring, K/V checks, kv_append arguments) on every CPU run;
               its decode is the reference run on the *device* length table, which is what the
               CUDA kernels read
-    cupy      GpuChunkCache + ChunkAttentionDecode + cpattn.prefill (needs CuPy and a GPU)
+    cupy      GpuChunkCache + ChunkAttentionDecode + cpattn.compact_attention (needs CuPy and a GPU)
 
 CPU tests pair numpy with emulated; GPU tests (marker ``gpu``) pair numpy with cupy. The
 emulated backend replaces the ``cupy`` module while it is entered, so it never runs next to the
@@ -19,7 +19,7 @@ from cpattn.reference import compact_attention as ca
 from cpattn.reference.chunk_attention import decode as ref_decode
 from cpattn.reference.dtypes import round_to_storage, to_float32, unit_roundoff
 from cpattn.reference.plan import build_decode_plan
-from cpattn.reference.tree import ChunkCache
+from cpattn.reference.chunk_cache import ChunkCache
 
 POISON = {"float16": 0x7E00, "bfloat16": 0x7FC0}  # NaN bit patterns: unwritten output shows up
 
@@ -117,7 +117,7 @@ class EmulatedBackend(NumpyBackend):
         return self._patch.__exit__(*exc)
 
     def make_cache(self, *args, **kwargs):
-        from cpattn.cache import GpuChunkCache
+        from cpattn.chunk_cache import GpuChunkCache
 
         kwargs.pop("xp", None)
         return GpuChunkCache(*args, **kwargs)
@@ -134,7 +134,7 @@ class EmulatedBackend(NumpyBackend):
 # ----------------------------------------------------------------------------- CUDA
 class CupyDecoder:
     def __init__(self, cache, piece_chunks, private_piece_chunks):
-        from cpattn.decode import ChunkAttentionDecode
+        from cpattn.chunk_attention import ChunkAttentionDecode
 
         self.cache = cache
         self.dec = ChunkAttentionDecode(cache, piece_chunks=piece_chunks,  # None: no split
@@ -161,7 +161,7 @@ class CupyBackend(NumpyBackend):
     rounds_output = True
 
     def make_cache(self, *args, **kwargs):
-        from cpattn.cache import GpuChunkCache
+        from cpattn.chunk_cache import GpuChunkCache
 
         kwargs.pop("xp", None)
         return GpuChunkCache(*args, **kwargs)
@@ -175,14 +175,14 @@ class CupyBackend(NumpyBackend):
         return CupyDecoder(cache, piece_chunks, private_piece_chunks)
 
     def means(self, cache):
-        from cpattn.prefill import GpuBlockMeans
+        from cpattn.compact_attention import GpuBlockMeans
 
         return GpuBlockMeans(cache)
 
     def prefill(self, cache, means, seq, q, layer, **opt):
         import cupy
 
-        from cpattn.prefill import compact_prefill
+        from cpattn.compact_attention import compact_prefill
 
         out = cupy.full(q.shape, POISON[cache.dtype], dtype=cache.k_pool.dtype)
         r = compact_prefill(cache, means, seq, cupy.asarray(q), layer, out=out, **opt)

@@ -1,4 +1,4 @@
-"""A CPU stand-in for the parts of CuPy that ``cpattn.cache.GpuChunkCache`` uses.
+"""A CPU stand-in for the parts of CuPy that ``cpattn.chunk_cache.GpuChunkCache`` uses.
 
 It lets CPU CI run the GPU cache's host logic (length-table mirroring, argument checks, the
 ``kv_append`` launch arguments) against the NumPy cache. "Device" arrays are NumPy arrays of a
@@ -81,23 +81,23 @@ def kv_append(grid, block, args):
 def get_kernels(file, dtype, head_dim, chunk_size):
     """Any head_dim that is a multiple of 8 (kv_append's vector) and any chunk size: the
     emulation has none of the compiled variants' limits, so CPU tests can stay small."""
-    assert file == "chunk_attention" and head_dim % 8 == 0, (file, head_dim)
+    assert file == "chunk_cache" and head_dim % 8 == 0, (file, head_dim)
     return {"kv_append": kv_append}
 
 
 @contextmanager
 def installed():
-    import cpattn.cache
+    import cpattn.chunk_cache
 
     missing = object()
     saved_mod = sys.modules.get("cupy", missing)  # the real CuPy comes back afterwards
-    saved_loader = cpattn.cache.get_kernels
+    saved_loader = cpattn.chunk_cache.get_kernels
     sys.modules["cupy"] = _module()
-    cpattn.cache.get_kernels = get_kernels
+    cpattn.chunk_cache.get_kernels = get_kernels
     try:
         yield
     finally:
-        cpattn.cache.get_kernels = saved_loader
+        cpattn.chunk_cache.get_kernels = saved_loader
         if saved_mod is missing:
             del sys.modules["cupy"]
         else:

@@ -29,7 +29,7 @@ from cpattn import gpu_available
 from cpattn.reference import compact_attention as ca
 from cpattn.reference.chunk_attention import dense_decode
 from cpattn.reference.dtypes import round_to_storage, to_float32
-from cpattn.reference.tree import CacheError, CacheFullError
+from cpattn.reference.chunk_cache import CacheError, CacheFullError
 from cpattn.reference.workloads import TokenKV, random_queries
 
 L, HKV, HQ = 2, 2, 4  # GQA group of 2

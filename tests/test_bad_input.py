@@ -10,7 +10,7 @@ import pytest
 
 from cpattn.reference.chunk_attention import decode, dense_decode
 from cpattn.reference.plan import build_decode_plan
-from cpattn.reference.tree import CacheError, CacheFullError, ChunkCache
+from cpattn.reference.chunk_cache import CacheError, CacheFullError, ChunkCache
 from cpattn.reference.workloads import TokenKV
 
 L, HKV, D, C = 2, 2, 8, 4

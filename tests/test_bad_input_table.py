@@ -24,7 +24,7 @@ from cpattn import gpu_available
 from cpattn.reference import compact_attention as ca
 from cpattn.reference.chunk_attention import decode, dense_decode
 from cpattn.reference.plan import build_decode_plan
-from cpattn.reference.tree import CacheError, CacheFullError, ChunkCache, Slots
+from cpattn.reference.chunk_cache import CacheError, CacheFullError, ChunkCache, Slots
 from cpattn.reference.workloads import TokenKV, fill_cache, prefix_tree_prompts, random_queries
 
 L, HKV, HQ = 2, 2, 4
@@ -252,7 +252,7 @@ def test_the_check_fails_on_a_change_or_a_vague_message():
 
 # ============================================================================ GPU API
 def gpu_decoder(w, seqs=None):
-    from cpattn.decode import ChunkAttentionDecode
+    from cpattn.chunk_attention import ChunkAttentionDecode
 
     dec = ChunkAttentionDecode(w.cache)
     dec.plan([w.a, w.b] if seqs is None else seqs, HQ)
@@ -267,7 +267,7 @@ def cq(w, batch=2, heads=HQ, dtype=None):
 
 
 def gpu_prefill(w, q, **kw):
-    from cpattn.prefill import compact_prefill
+    from cpattn.compact_attention import compact_prefill
 
     return compact_prefill(w.cache, kw.pop("means", w.means), kw.pop("seq", w.p), q, **kw)
 
@@ -347,7 +347,7 @@ def test_gpu_strided_and_misaligned_kv_are_copied_not_refused():
     whose address is not 16-byte aligned is copied too (kv_append loads 16-byte vectors)."""
     import cupy
 
-    from cpattn.cache import GpuChunkCache
+    from cpattn.chunk_cache import GpuChunkCache
 
     D, C = 64, 16
     kv = TokenKV(L, HKV, D, seed=4, vocab=16)

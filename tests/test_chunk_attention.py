@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from cpattn.reference.chunk_attention import attention_state, decode, dense_decode, merge_states
 from cpattn.reference.dtypes import to_float32, to_storage
 from cpattn.reference.plan import build_decode_plan
-from cpattn.reference.tree import CacheError, ChunkCache
+from cpattn.reference.chunk_cache import CacheError, ChunkCache
 from cpattn.reference.workloads import TokenKV, fill_cache, prefix_tree_prompts, random_queries
 
 # Error budget of the float32 two-phase decode against the float64 oracle on the same stored

@@ -17,7 +17,7 @@ from cpattn.reference.compact_attention import (
     compact_prefill, dense_prefill, mass_recall, needle_recall, relative_error, select_blocks,
     sparse_prefill, split_chunks)
 from cpattn.reference.dtypes import to_float32, to_storage
-from cpattn.reference.tree import CacheError, ChunkCache
+from cpattn.reference.chunk_cache import CacheError, ChunkCache
 from cpattn.reference.workloads import long_context_qkv, oracle_block_tables
 
 

@@ -19,7 +19,7 @@ POISON = {"float16": 0x7E00, "bfloat16": 0x7FC0}  # NaN bit patterns
 
 
 def make_pair(prompts, kv, L, Hkv, D, c, dtype, share=True, order=None):
-    from cpattn.cache import GpuChunkCache
+    from cpattn.chunk_cache import GpuChunkCache
 
     need = sum(-(-(len(p) + 1) // c) for p in prompts) + 4
     gpu = GpuChunkCache(L, Hkv, D, need, chunk_size=c, dtype=dtype, share_prefix=share)
@@ -38,7 +38,7 @@ def budget(dtype, v_absmax):
 def run_gpu(gpu, ids, q, layer, piece=None, private=None, scale=None):
     import cupy
 
-    from cpattn.decode import ChunkAttentionDecode
+    from cpattn.chunk_attention import ChunkAttentionDecode
 
     dec = ChunkAttentionDecode(gpu, piece_chunks=piece or "auto", private_piece_chunks=private or "auto")
     dec.plan(ids, q.shape[1])
@@ -96,8 +96,8 @@ def test_decode_steps_reuse_plan_until_tree_changes():
     """A plan stays valid while tails fill; lengths come from the device table."""
     import cupy
 
-    from cpattn.decode import ChunkAttentionDecode
-    from cpattn.reference.tree import CacheError
+    from cpattn.chunk_attention import ChunkAttentionDecode
+    from cpattn.reference.chunk_cache import CacheError
 
     c, D, Hkv, Hq, dtype = 16, 64, 2, 4, "float16"
     prompts = prefix_tree_prompts(5, 9, c, levels=2, vocab=8)

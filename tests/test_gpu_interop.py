@@ -10,8 +10,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="n
 
 
 def small_decode(dtype="float16", Hq=8):
-    from cpattn.cache import GpuChunkCache
-    from cpattn.decode import ChunkAttentionDecode
+    from cpattn.chunk_cache import GpuChunkCache
+    from cpattn.chunk_attention import ChunkAttentionDecode
 
     c, D, Hkv = 16, 64, 2
     prompts = prefix_tree_prompts(4, 9, c, vocab=8)

@@ -14,7 +14,7 @@ from cpattn import gpu_available
 from cpattn.reference import compact_attention as ca
 from cpattn.reference.chunk_attention import attention_state  # noqa: F401
 from cpattn.reference.dtypes import to_float32, unit_roundoff
-from cpattn.reference.tree import ChunkCache
+from cpattn.reference.chunk_cache import ChunkCache
 from cpattn.reference.workloads import long_context_qkv
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")]
@@ -36,8 +36,8 @@ KERNELS = _kernels()
 def setup(seed, P, n, c, Hq, Hkv, D, dtype, layers=1):
     import cupy
 
-    from cpattn.cache import GpuChunkCache
-    from cpattn.prefill import GpuBlockMeans
+    from cpattn.chunk_cache import GpuChunkCache
+    from cpattn.compact_attention import GpuBlockMeans
 
     w = long_context_qkv(seed, P + n, Hq, Hkv, D, num_layers=layers, dtype=dtype, num_sinks=2,
                          locality_len=2 * c, needle_len=c, num_needles=2, needle_queries=2)
@@ -60,7 +60,7 @@ def setup(seed, P, n, c, Hq, Hkv, D, dtype, layers=1):
 def run_gpu(gpu, gmeans, seq, q, **opt):
     import cupy
 
-    from cpattn.prefill import compact_prefill
+    from cpattn.compact_attention import compact_prefill
 
     out = cupy.full(q.shape, POISON[gpu.dtype], dtype=np.float16 if gpu.dtype == "float16" else np.uint16)
     r = compact_prefill(gpu, gmeans, seq, cupy.asarray(q), out=out, **opt)
@@ -151,8 +151,8 @@ def test_selection_and_output_match_reference(seed, c, pb, n_blocks, ratio, dtyp
 def test_prefix_reused_from_another_sequence_equals_from_scratch():
     import cupy
 
-    from cpattn.cache import GpuChunkCache
-    from cpattn.prefill import GpuBlockMeans, compact_prefill
+    from cpattn.chunk_cache import GpuChunkCache
+    from cpattn.compact_attention import GpuBlockMeans, compact_prefill
 
     c, Hq, Hkv, D, dtype = 64, 8, 2, 128, "bfloat16"
     P, n = 8 * c, 3 * c - 7
@@ -202,7 +202,7 @@ def test_wgmma_kernel_equals_mma_kernel_and_oracle(dtype, D, c, n, P, ratio):
 def test_kernel_choice_is_checked():
     import cupy
 
-    from cpattn.prefill import compact_prefill
+    from cpattn.compact_attention import compact_prefill
 
     w, cpu, means, gpu, gmeans, seq = setup(1, 64, 64, 64, 2, 1, 64, "float16")
     with pytest.raises(ValueError, match="kernel: expected one of"):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from backends import CupyBackend, EmulatedBackend, NumpyBackend, budget, to_host
 from cpattn import gpu_available
 from cpattn.reference.dtypes import to_float32
-from cpattn.reference.tree import CacheError, CacheFullError
+from cpattn.reference.chunk_cache import CacheError, CacheFullError
 from cpattn.reference.workloads import TokenKV, random_queries
 
 L, HKV, HQ, VOCAB = 2, 2, 4, 3

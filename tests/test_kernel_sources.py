@@ -17,9 +17,9 @@ def test_generated_wgmma_header_is_current(tmp_path, monkeypatch):
 def test_every_kernel_file_is_loaded_and_hopper_file_targets_sm90a():
     files = {p.stem for p in (ROOT / "raw_kernels").glob("*.cu")}
     assert files == set(kernels.KERNELS)
-    assert "-arch=sm_90a" in kernels.options("prefill_sm90")
+    assert "-arch=sm_90a" in kernels.options("compact_attention_sm90")
     assert not any(o.startswith("-arch") for o in kernels.options("compact_attention"))
-    src = kernels.source("prefill_sm90")
+    src = kernels.source("compact_attention_sm90")
     assert "#include" not in src.replace("#include <cuda_fp16.h>", "").replace("#include <cuda_bf16.h>", "")
     assert "wgmma.mma_async" in src and "paged_prefill_wg" in src
 
@@ -27,7 +27,7 @@ def test_every_kernel_file_is_loaded_and_hopper_file_targets_sm90a():
 def test_prefill_kernel_choice_is_checked_before_touching_the_gpu(monkeypatch):
     import pytest
 
-    from cpattn.prefill import _use_wgmma
+    from cpattn.compact_attention import _use_wgmma
 
     with pytest.raises(ValueError, match=r"kernel: expected one of \('auto', 'wgmma', 'mma'\), got 'fast'"):
         _use_wgmma("fast")

@@ -191,7 +191,7 @@ def test_long_sequence_128k_gpu(dtype):
     prompt's last chunk through CompactAttention with alpha 0 against the float64 oracle."""
     import cupy
 
-    from cpattn.prefill import GpuBlockMeans, compact_prefill
+    from cpattn.compact_attention import GpuBlockMeans, compact_prefill
 
     n, Hkv, Hq, D, C = 128 * 1024, 8, 32, 128, 64
     backend = CupyBackend()

@@ -15,7 +15,7 @@ from conftest import load_script
 from cpattn import gpu_available
 from cpattn.examples.serving import (ModelConfig, PrefillOptions, Server, TinyLM, check_against_dense,
                                      dense_generate, footprint_chunks, main, system_prompt_workload)
-from cpattn.reference.tree import CacheFullError
+from cpattn.reference.chunk_cache import CacheFullError
 
 CFG = ModelConfig(vocab_size=64, num_layers=2, hidden=64, num_q_heads=4, num_kv_heads=2, head_dim=16,
                   mlp_hidden=128, locality=16.0)
@@ -162,7 +162,7 @@ def test_module_entry_point_prints_the_report(capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")
 def test_gpu_backend_matches_dense_and_the_reference():
-    """CUDA kernels (GpuChunkCache, ChunkAttentionDecode, cpattn.prefill) in the same pipeline."""
+    """CUDA kernels (GpuChunkCache, ChunkAttentionDecode, cpattn.compact_attention) in the same pipeline."""
     import cupy
 
     cfg = ModelConfig(vocab_size=128, num_layers=2, hidden=128, num_q_heads=8, num_kv_heads=2, head_dim=64,

@@ -2,7 +2,7 @@
 
 ``build_decode_plan``, ``split_plan``, ``build_units`` and the host part of
 ``ChunkAttentionDecode.plan`` must give the same arrays (values and dtypes) as the code below
-(reference/plan.py and cpattn/decode.py at 55d2890), on random prefix trees: many seeds, chunk
+(reference/plan.py and cpattn/chunk_attention.py at 55d2890), on random prefix trees: many seeds, chunk
 sizes, batch orders and subsets, piece sizes, sharing on and off, and caches that keep changing
 between plans (new chunks, releases, evictions, forks, reused pool chunks). The CUDA kernels
 read these arrays, so any difference is a bug.
@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cpattn.decode import ROWS_PER_UNIT, build_units, phase1_rows, plan_host
+from cpattn.chunk_attention import ROWS_PER_UNIT, build_units, phase1_rows, plan_host
 from cpattn.reference.plan import DecodePlan, build_decode_plan, split_plan
-from cpattn.reference.tree import CacheError, ChunkCache
+from cpattn.reference.chunk_cache import CacheError, ChunkCache
 from cpattn.reference.workloads import prefix_tree_prompts, shared_prefix_prompts
 
 _I32 = np.int32

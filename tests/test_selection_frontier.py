@@ -11,7 +11,7 @@ import pytest
 from conftest import load_script
 from cpattn.reference.compact_attention import BlockMeans, select_blocks
 from cpattn.reference.dtypes import to_float32
-from cpattn.reference.tree import ChunkCache
+from cpattn.reference.chunk_cache import ChunkCache
 from cpattn.reference.workloads import long_context_qkv
 
 P, N, C, G = 1024, 128, 16, 4

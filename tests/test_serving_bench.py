@@ -228,7 +228,7 @@ def test_sdpa_backend_generates_the_reference_pipelines_tokens():
 
 def test_flat_cache_rows_and_slots():
     torch = pytest.importorskip("torch")
-    from cpattn.reference.tree import CacheFullError
+    from cpattn.reference.chunk_cache import CacheFullError
 
     cache = bench.FlatKVCache(1, 2, 4, num_slots=2, max_len=10, chunk_size=4, device="cpu")
     assert cache.max_len == 12 and cache.num_chunks == 6 and cache.stats()["tokens_allocated"] == 24

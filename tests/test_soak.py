@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import load_script
-from cpattn.reference.tree import ChunkCache
+from cpattn.reference.chunk_cache import ChunkCache
 
 @pytest.fixture(scope="module")
 def soak():

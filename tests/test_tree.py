@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cpattn.reference.tree import CacheError, CacheFullError, ChunkCache
+from cpattn.reference.chunk_cache import CacheError, CacheFullError, ChunkCache
 from cpattn.reference.workloads import TokenKV
 
 L, HKV, D = 2, 2, 4

@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from conftest import assert_same_snapshot, snapshot
 from cpattn.reference.chunk_attention import decode, dense_decode
 from cpattn.reference.plan import build_decode_plan
-from cpattn.reference.tree import CacheError, CacheFullError, ChunkCache
+from cpattn.reference.chunk_cache import CacheError, CacheFullError, ChunkCache
 from cpattn.reference.workloads import TokenKV, random_queries
 
 L, HKV, D = 2, 1, 2

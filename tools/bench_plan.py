@@ -6,7 +6,7 @@ each and one decode token, chunk 64, 8 kv heads and 32 query heads. For n = 64, 
 
   build         build_decode_plan(cache, ids)                      (reference/plan.py)
   build+split   build_decode_plan + split_plan to the auto piece size
-  host plan     cpattn.decode.plan_host: the host part of ChunkAttentionDecode.plan()
+  host plan     cpattn.chunk_attention.plan_host: the host part of ChunkAttentionDecode.plan()
                 (plan, auto split, work units, one int32 buffer), no upload
   after chunk   host plan right after every sequence opened a new chunk (the tree changed:
                 the plan meets new nodes), one sample per 64 decode steps
@@ -69,7 +69,7 @@ def median_ms(fn, iters):
 
 def auto_cap(plan, num_sms, units_per_sm=4):
     """The piece size ChunkAttentionDecode picks for piece_chunks="auto"."""
-    from cpattn.decode import ROWS_PER_UNIT
+    from cpattn.chunk_attention import ROWS_PER_UNIT
 
     group = HQ // HKV
     tiles1 = -(-(plan.seg_end - plan.seg_begin).astype(np.int64) * group // ROWS_PER_UNIT)
@@ -79,7 +79,7 @@ def auto_cap(plan, num_sms, units_per_sm=4):
 
 
 def host_times(n, iters, num_sms, boundary_samples):
-    from cpattn.decode import plan_host
+    from cpattn.chunk_attention import plan_host
     from cpattn.reference import ChunkCache
     from cpattn.reference.plan import build_decode_plan, split_plan
 
@@ -105,8 +105,8 @@ def host_times(n, iters, num_sms, boundary_samples):
 
 
 def gpu_plan_ms(n, iters):
-    from cpattn.cache import GpuChunkCache
-    from cpattn.decode import ChunkAttentionDecode
+    from cpattn.chunk_cache import GpuChunkCache
+    from cpattn.chunk_attention import ChunkAttentionDecode
 
     cache = GpuChunkCache(1, HKV, 128, num_chunks(n), chunk_size=CHUNK, max_sequences=n + 8)
     ids = build_tree(cache, n)

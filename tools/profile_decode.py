@@ -22,7 +22,7 @@ def main():
     a = ap.parse_args()
     import cupy
 
-    from cpattn.decode import THREADS, ChunkAttentionDecode
+    from cpattn.chunk_attention import THREADS, ChunkAttentionDecode
 
     cache, ids = build(a.batch, a.shared, a.own, a.hkv, 128, a.chunk)
     q = cupy.random.RandomState(1).standard_normal((a.batch, a.hq, 128), dtype=cupy.float32).astype(cupy.float16)

@@ -28,8 +28,8 @@ def main(argv=None):
     import cupy
 
     from cpattn.bench.prefill import events_ms
-    from cpattn.cache import GpuChunkCache
-    from cpattn.prefill import GpuBlockMeans, compact_prefill
+    from cpattn.chunk_cache import GpuChunkCache
+    from cpattn.compact_attention import GpuBlockMeans, compact_prefill
     from cpattn.reference.dtypes import to_float32
 
     D, c = a.head_dim, a.block

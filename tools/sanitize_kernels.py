@@ -7,8 +7,8 @@ import sys
 import cupy
 import numpy as np
 
-from cpattn.cache import GpuChunkCache
-from cpattn.decode import ChunkAttentionDecode
+from cpattn.chunk_cache import GpuChunkCache
+from cpattn.chunk_attention import ChunkAttentionDecode
 from cpattn.reference.workloads import TokenKV, fill_cache, prefix_tree_prompts, random_queries
 
 for dtype, D, c, Hkv, ratio, n in (("float16", 128, 64, 2, 1, 5), ("bfloat16", 64, 32, 1, 8, 9),
@@ -25,7 +25,7 @@ for dtype, D, c, Hkv, ratio, n in (("float16", 128, 64, 2, 1, 5), ("bfloat16", 6
     cupy.cuda.Device().synchronize()
     assert bool(cupy.isfinite(lse).all())
     print(f"sanitize: {dtype} D={D} c={c} ratio={ratio} batch={n}: ok")
-from cpattn.prefill import GpuBlockMeans, compact_prefill
+from cpattn.compact_attention import GpuBlockMeans, compact_prefill
 from cpattn.reference.workloads import long_context_qkv
 
 for dtype, D, c, Hkv, ratio, P, n, tile, sub in (("bfloat16", 128, 64, 2, 4, 5 * 64, 2 * 64 - 3, None, None),

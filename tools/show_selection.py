@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cpattn.reference.compact_attention import (  # noqa: E402
     BlockMeans, compact_prefill, dense_prefill, mass_recall, needle_recall, relative_error,
     sparse_prefill)
-from cpattn.reference.tree import ChunkCache  # noqa: E402
+from cpattn.reference.chunk_cache import ChunkCache  # noqa: E402
 from cpattn.reference.workloads import long_context_qkv, oracle_block_tables  # noqa: E402
 
 

@@ -42,7 +42,7 @@ from cpattn.reference import compact_attention as ca  # noqa: E402
 from cpattn.reference.chunk_attention import decode as ref_decode  # noqa: E402
 from cpattn.reference.dtypes import to_float32, to_storage, unit_roundoff  # noqa: E402
 from cpattn.reference.plan import build_decode_plan  # noqa: E402
-from cpattn.reference.tree import CacheError, CacheFullError, ChunkCache  # noqa: E402
+from cpattn.reference.chunk_cache import CacheError, CacheFullError, ChunkCache  # noqa: E402
 from cpattn.reference.workloads import TokenKV  # noqa: E402
 
 # realistic (GPU) and small (NumPy) defaults; any flag overrides
@@ -70,7 +70,7 @@ def parse_args(argv=None):
                       ("kv_positions", int)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
     p.add_argument("--prefill-attn", action="store_true",
-                   help="run CompactAttention on every prefill chunk (cpattn.prefill on cupy)")
+                   help="run CompactAttention on every prefill chunk (cpattn.compact_attention on cupy)")
     p.add_argument("--check-every", type=int, default=250, help="model checks every N ops")
     p.add_argument("--sample-every", type=int, default=50, help="memory/object samples every N ops")
     p.add_argument("--warmup-frac", type=float, default=0.2)
@@ -137,8 +137,8 @@ class CupyRig(NumpyRig):
     def __init__(self, a):
         import cupy
 
-        from cpattn.cache import GpuChunkCache
-        from cpattn.decode import ChunkAttentionDecode
+        from cpattn.chunk_cache import GpuChunkCache
+        from cpattn.chunk_attention import ChunkAttentionDecode
 
         self.cupy = cupy
         self.cache = GpuChunkCache(a.layers, a.kv_heads, a.head_dim, a.num_chunks, chunk_size=a.chunk_size,
@@ -146,7 +146,7 @@ class CupyRig(NumpyRig):
         self.dec = ChunkAttentionDecode(self.cache)
         self.means = None
         if a.prefill_attn:
-            from cpattn.prefill import GpuBlockMeans
+            from cpattn.compact_attention import GpuBlockMeans
 
             self.means = GpuBlockMeans(self.cache)
         self.batch = None
@@ -170,7 +170,7 @@ class CupyRig(NumpyRig):
         return self.dec.run(self.cupy.asarray(q), layer)  # storage dtype, on the device
 
     def prefill(self, seq, q, layer):
-        from cpattn.prefill import compact_prefill
+        from cpattn.compact_attention import compact_prefill
 
         return compact_prefill(self.cache, self.means, seq, self.cupy.asarray(q), layer).o
 

@@ -77,7 +77,7 @@ def build(batch, shared, own, Hkv, D, c, share=True, seed=0):
     """A GPU cache holding batch sequences (shared + own tokens + 1 decode token), random K/V."""
     import cupy
 
-    from cpattn.cache import GpuChunkCache
+    from cpattn.chunk_cache import GpuChunkCache
     from cpattn.reference.workloads import shared_prefix_prompts
 
     prompts = shared_prefix_prompts(batch, shared, own, seed=seed)
@@ -109,7 +109,7 @@ def bench_config(batch, shared, own, Hq, Hkv, D=128, c=64, share=True, iters=50)
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from cpattn.decode import ChunkAttentionDecode
+    from cpattn.chunk_attention import ChunkAttentionDecode
 
     cache, ids = build(batch, shared, own, Hkv, D, c, share)
     G = Hq // Hkv
@@ -199,7 +199,7 @@ def bench_config(batch, shared, own, Hq, Hkv, D=128, c=64, share=True, iters=50)
 
 def plan_timing(n=256, shared=4096, own=512, c=64):
     """Host time of build_decode_plan and of the full plan() (units + upload) for n sequences."""
-    from cpattn.decode import ChunkAttentionDecode
+    from cpattn.chunk_attention import ChunkAttentionDecode
     from cpattn.reference.plan import build_decode_plan
 
     cache, ids = build(n, shared, own, 8, 128, c)

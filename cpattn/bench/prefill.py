@@ -123,8 +123,8 @@ def main(argv=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
-    from cpattn.cache import GpuChunkCache
-    from cpattn.prefill import GpuBlockMeans, _use_wgmma, compact_prefill
+    from cpattn.chunk_cache import GpuChunkCache
+    from cpattn.compact_attention import GpuBlockMeans, _use_wgmma, compact_prefill
     from cpattn.reference.workloads import long_context_qkv
 
     os.makedirs(args.out, exist_ok=True)

@@ -224,7 +224,7 @@ class FlatKVCache:
     # ---------------------------------------------------------------- sequences
     def add_sequence(self, tokens=(), *, max_match: int | None = None) -> int:
         """A new sequence in a free row; nothing is reused (``seq_len`` 0)."""
-        from ..reference.tree import CacheFullError
+        from ..reference.chunk_cache import CacheFullError
 
         if not self._free_rows:
             raise CacheFullError(f"flat cache: all {self.num_slots} rows are in use")
@@ -234,7 +234,7 @@ class FlatKVCache:
         return sid
 
     def _grow(self, seq: int, n: int) -> tuple[int, int]:
-        from ..reference.tree import CacheFullError
+        from ..reference.chunk_cache import CacheFullError
 
         row, start = self._seqs[seq]
         if start + n > self.max_len:

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from ..reference.plan import build_decode_plan
-from ..reference.tree import ChunkCache
+from ..reference.chunk_cache import ChunkCache
 from ..reference.workloads import TokenKV
 
 C = 4  # chunk size of the small examples: short enough to read, long enough to share

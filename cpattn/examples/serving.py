@@ -21,7 +21,7 @@ methods::
     backend.decode(seqs, q, layer)   q [B, Hq, D] storage dtype -> o [B, Hq, D]  (one token per sequence)
 
 ``ReferenceBackend`` runs the NumPy reference (``cpattn.reference``). ``GpuBackend`` is the
-slot for the CUDA kernels (``cpattn.decode.ChunkAttentionDecode`` and ``cpattn.prefill``).
+slot for the CUDA kernels (``cpattn.chunk_attention.ChunkAttentionDecode`` and ``cpattn.compact_attention``).
 
 ``dense_generate`` is the check: the same model with no cache, no sharing and no sparsity, full
 causal attention recomputed over the whole sequence at every step. With ``alpha=0`` (every block
@@ -43,7 +43,7 @@ from ..reference.chunk_attention import decode as reference_decode
 from ..reference.compact_attention import BlockMeans, compact_prefill, dense_prefill, mass_recall, split_chunks
 from ..reference.dtypes import round_to_storage, storage_numpy_dtype, to_float32, to_storage
 from ..reference.plan import build_decode_plan
-from ..reference.tree import CacheFullError, ChunkCache
+from ..reference.chunk_cache import CacheFullError, ChunkCache
 
 
 # ============================================================================ the model
@@ -336,8 +336,8 @@ class ReferenceBackend:
 class GpuBackend:
     """THE GPU SLOT: the same two methods on the CUDA kernels, for a ``GpuChunkCache``.
 
-    prefill: ``cpattn.prefill.compact_prefill`` with ``GpuBlockMeans`` (five launches, no sync).
-    decode: ``cpattn.decode.ChunkAttentionDecode``, ``plan`` when the tree or the batch changed,
+    prefill: ``cpattn.compact_attention.compact_prefill`` with ``GpuBlockMeans`` (five launches, no sync).
+    decode: ``cpattn.chunk_attention.ChunkAttentionDecode``, ``plan`` when the tree or the batch changed,
     then ``run`` per layer (two launches, no sync). Both return storage-dtype CuPy arrays.
     Densities are summed on the device and read once, by ``stats``; recall (``measure_recall``)
     runs the float64 oracle on host copies and synchronises, so leave it off for timing.
@@ -347,7 +347,7 @@ class GpuBackend:
 
     def __init__(self, cache, options: PrefillOptions = PrefillOptions(), measure_recall: bool = True):
         from .. import prefill as gpu_prefill
-        from ..decode import ChunkAttentionDecode
+        from ..chunk_attention import ChunkAttentionDecode
 
         self.cache, self.options, self.measure_recall = cache, options, measure_recall
         self.gpu_prefill = gpu_prefill
@@ -507,7 +507,7 @@ class Server:
         if not isinstance(backend, str):  # a pluggable backend with its own cache
             self.cache, self.backend = backend.cache, backend
         elif self.backend_name == "cupy":
-            from ..cache import GpuChunkCache
+            from ..chunk_cache import GpuChunkCache
 
             self.cache = GpuChunkCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_chunks,
                                        chunk_size=chunk_size, dtype=cfg.dtype)

@@ -11,7 +11,7 @@ import numpy as np
 
 from .arrays import as_cupy
 from .kernels import get_kernels
-from .reference.tree import ChunkCache, Slots
+from .reference.chunk_cache import ChunkCache, Slots
 
 
 class GpuChunkCache(ChunkCache):
@@ -23,7 +23,7 @@ class GpuChunkCache(ChunkCache):
 
         super().__init__(num_layers, num_kv_heads, head_dim, num_chunks, chunk_size=chunk_size, dtype=dtype,
                          xp=cupy, share_prefix=share_prefix, max_sequences=max_sequences)
-        self._kern = get_kernels("chunk_attention", self.dtype, self.head_dim, self.chunk_size)
+        self._kern = get_kernels("chunk_cache", self.dtype, self.head_dim, self.chunk_size)
         self.d_slot_lens = cupy.zeros(self.max_sequences, np.int32)
         self._lens_dirty = False
 

@@ -20,7 +20,7 @@ import numpy as np
 from .arrays import as_cupy
 from .kernels import get_kernels
 from .reference.plan import DecodePlan, _jit, check_piece_sizes, plan_base, split_plan
-from .reference.tree import CacheError
+from .reference.chunk_cache import CacheError
 
 ROWS_PER_UNIT = 64  # rows of a phase-2 unit (and of phase-1 units when chunk_size is 128)
 THREADS = 128

@@ -40,7 +40,7 @@ def _prefill_smem(head_dim: int, chunk_size: int) -> int:
     return (ROWS_PER_UNIT + 4 * min(chunk_size, 64)) * (head_dim + 8) * 2
 
 
-WG_THREADS, WG_KEYS = 256, 128  # kWgThreads and WgSmem::TK of raw_kernels/prefill_sm90.cu
+WG_THREADS, WG_KEYS = 256, 128  # kWgThreads and WgSmem::TK of raw_kernels/compact_attention_sm90.cu
 KERNEL_CHOICES = ("auto", "wgmma", "mma")
 
 
@@ -207,7 +207,7 @@ def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *,
     lse = cupy.empty((n, Hq), np.float32) if return_lse else cupy.empty(1, np.float32)
     if wg:
         smem = _prefill_smem_wg(D, c)
-        pk = get_kernels("prefill_sm90", cache.dtype, D, c)["paged_prefill_wg"]
+        pk = get_kernels("compact_attention_sm90", cache.dtype, D, c)["paged_prefill_wg"]
     else:
         smem = _prefill_smem(D, c)
         pk = k["paged_prefill"]
