@@ -198,7 +198,7 @@ class ChunkAttentionDecode:
                              f"version {plan.version} (the tree changed); call plan() again")
         B, Hq, D = plan.batch_size, self._num_q_heads, cache.head_dim
         q = as_cupy(q, "q", cache.dtype, (B, Hq, D))
-        cache._check_layer(layer)
+        cache.check_layer(layer)
         if out is None:
             out = cupy.empty((B, Hq, D), q.dtype)
         else:

@@ -77,7 +77,7 @@ def dense_decode(cache: ChunkCache, seqs, q, layer: int = 0, scale: float | None
                  return_lse: bool = False):
     """float64 oracle: each query over every token of its own sequence, K/V read back through
     the tree. Returns o [batch, Hq, D] float64 (and lse [batch, Hq])."""
-    ids = cache._check_batch(seqs)
+    ids = cache.check_batch(seqs)
     group = _check_q(cache, q, len(ids))
     scale = 1.0 / np.sqrt(cache.head_dim) if scale is None else float(scale)
     qf = to_float32(_host(q), cache.dtype).astype(np.float64)
@@ -99,7 +99,7 @@ def decode(cache: ChunkCache, plan: DecodePlan, q, layer: int = 0, scale: float 
         raise CacheError(f"plan: expected a plan for cache version {cache.version}, got one built for "
                          f"version {plan.version} (the tree changed); build a new plan")
     group = _check_q(cache, q, plan.batch_size)
-    cache._check_layer(layer)
+    cache.check_layer(layer)
     scale = 1.0 / np.sqrt(cache.head_dim) if scale is None else float(scale)
     c, Hkv = cache.chunk_size, cache.num_kv_heads
     B, Hq, D = q.shape

@@ -28,6 +28,7 @@ from typing import Sequence as _Seq
 
 import numpy as np
 
+from .checks import check_int
 from .dtypes import check_dtype_name, storage_numpy_dtype
 
 
@@ -89,13 +90,10 @@ class ChunkCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_chunks: int,
                  chunk_size: int = 64, dtype="float16", xp=np, share_prefix: bool = True,
                  max_sequences: int = 4096):
-        for name, val, lo in (("num_layers", num_layers, 1), ("num_kv_heads", num_kv_heads, 1),
-                              ("head_dim", head_dim, 1), ("num_chunks", num_chunks, 1),
-                              ("max_sequences", max_sequences, 1)):
-            if not isinstance(val, (int, np.integer)) or val < lo:
-                raise ValueError(f"{name}: expected an integer >= {lo}, got {val!r}")
-        if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1 or chunk_size > 128 \
-                or chunk_size & (chunk_size - 1):
+        for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                          ("num_chunks", num_chunks), ("max_sequences", max_sequences)):
+            check_int(val, name, 1)
+        if check_int(chunk_size, "chunk_size", 1, 129) & (chunk_size - 1):
             raise ValueError(f"chunk_size: expected a power of two in [1, 128], got {chunk_size!r}")
         self.num_layers, self.num_kv_heads, self.head_dim = int(num_layers), int(num_kv_heads), int(head_dim)
         self.num_chunks, self.chunk_size = int(num_chunks), int(chunk_size)
@@ -122,7 +120,6 @@ class ChunkCache:
         self._serial = 0
         self._tick = 0
         self.version = 0  # bumps on every structural change (plans compare it)
-        self.on_copy_chunk = None  # hook for a GPU pool copy; default copies with xp
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -130,20 +127,20 @@ class ChunkCache:
         return list(self._seqs)
 
     def seq_len(self, seq: int) -> int:
-        return self._get(seq).n_tokens
+        return self.sequence(seq).n_tokens
 
     def seq_slot(self, seq: int) -> int:
-        return self._get(seq).slot
+        return self.sequence(seq).slot
 
     def seq_chunks(self, seq: int) -> list[int]:
         """Pool chunk ids of the sequence's path, root side first."""
-        return [n.chunk for n in self._get(seq).path]
+        return [n.chunk for n in self.sequence(seq).path]
 
     def seq_nodes(self, seq: int) -> list[Node]:
-        return list(self._get(seq).path)
+        return list(self.sequence(seq).path)
 
     def seq_tokens(self, seq: int) -> list[int]:
-        return [t for n in self._get(seq).path for t in n.tokens]
+        return [t for n in self.sequence(seq).path for t in n.tokens]
 
     def is_live(self, seq) -> bool:
         return seq in self._seqs
@@ -159,6 +156,29 @@ class ChunkCache:
     @property
     def num_referenced(self) -> int:
         return self.num_chunks - len(self._free) - len(self._cached)
+
+    def cached_nodes(self) -> list[Node]:
+        """Complete chunks no live sequence uses, least recently used first (eviction order)."""
+        return list(self._cached)
+
+    def free_chunks(self) -> list[int]:
+        """Pool chunk ids holding no node, in the order they will be handed out last-first."""
+        return list(self._free)
+
+    def live_states(self, ids: list) -> "list[SeqState] | None":
+        """The states of ``ids`` when every one is a live sequence id, else None (no checks:
+        a fast path for planners, which fall back to ``check_batch`` on None)."""
+        states = list(map(self._seqs.get, ids))
+        return None if None in states else states
+
+    def check_room_for(self, state: SeqState, n_new: int) -> None:
+        """Raise ``CacheFullError`` unless ``n_new`` more tokens of ``state`` fit in the pool."""
+        self._check_room(self._chunks_needed(state.path[-1] if state.path else None, state.n_tokens, n_new))
+
+    @property
+    def backend(self) -> str:
+        """'numpy' or 'cupy': where the pool lives (and which kernels the algorithms run)."""
+        return "numpy" if self.xp is np else "cupy"
 
     def nodes(self):
         """Every node of the tree (root excluded) in depth-first order."""
@@ -177,8 +197,8 @@ class ChunkCache:
 
     def read_kv(self, seq: int, layer: int):
         """K and V of a sequence gathered from the pool: two arrays [n_tokens, Hkv, D] (storage dtype)."""
-        s = self._get(seq)
-        self._check_layer(layer)
+        s = self.sequence(seq)
+        self.check_layer(layer)
         c = self.chunk_size
         if not s.path:
             e = self.xp.zeros((0, self.num_kv_heads, self.head_dim), self.k_pool.dtype)
@@ -199,12 +219,12 @@ class ChunkCache:
         ignored) and committed. ``max_match`` caps the reused tokens (e.g. ``len(tokens) - 1``
         so the last prompt token is recomputed to get its logits).
         """
-        tokens = self._check_tokens(tokens, "tokens")
+        tokens = self.check_tokens(tokens, "tokens")
         if (k is None) != (v is None):
             raise ValueError("k, v: expected both or neither, got only one")
         if k is not None:
-            self._check_kv(k, "k", len(tokens))
-            self._check_kv(v, "v", len(tokens))
+            self.check_kv(k, "k", len(tokens))
+            self.check_kv(v, "v", len(tokens))
         if not self._free_slots:
             raise CacheError(f"max_sequences: expected a free sequence slot, got all {self.max_sequences} "
                              f"in use; release a sequence or make max_sequences larger")
@@ -233,10 +253,10 @@ class ChunkCache:
 
     def extend(self, seq: int, tokens: _Seq[int], k, v) -> None:
         """Append tokens with their K/V for every layer (k, v: [num_layers, n, Hkv, D]) and commit."""
-        s = self._get(seq)
-        tokens = self._check_tokens(tokens, "tokens")
-        self._check_kv(k, "k", len(tokens))
-        self._check_kv(v, "v", len(tokens))
+        s = self.sequence(seq)
+        tokens = self.check_tokens(tokens, "tokens")
+        self.check_kv(k, "k", len(tokens))
+        self.check_kv(v, "v", len(tokens))
         slots = self.reserve(seq, tokens)
         self._write_all(slots, k, v)
         self._commit(s)
@@ -244,8 +264,8 @@ class ChunkCache:
     def append(self, seqs: _Seq[int], tokens: _Seq[int], k, v) -> None:
         """Decode step: one token per sequence (k, v: [num_layers, batch, Hkv, D]), committed."""
         n = len(np.asarray(seqs).reshape(-1))
-        self._check_kv(k, "k", n)
-        self._check_kv(v, "v", n)
+        self.check_kv(k, "k", n)
+        self.check_kv(v, "v", n)
         slots = self.reserve_batch(seqs, tokens)
         self._write_all(slots, k, v)
         for sid in seqs:
@@ -254,21 +274,21 @@ class ChunkCache:
     def reserve(self, seq: int, tokens: _Seq[int]) -> Slots:
         """Make room for ``tokens`` at the end of ``seq``; K/V is written later (``write_kv``)
         and the tokens become matchable by other prompts only after ``commit``."""
-        s = self._get(seq)
-        tokens = self._check_tokens(tokens, "tokens")
-        self._check_committed(s)
+        s = self.sequence(seq)
+        tokens = self.check_tokens(tokens, "tokens")
+        self.check_committed(s)
         self._check_room(self._chunks_needed(s.path[-1] if s.path else None, s.n_tokens, len(tokens)))
         return self._reserve(s, tokens)
 
     def reserve_batch(self, seqs: _Seq[int], tokens: _Seq[int]) -> Slots:
         """``reserve`` of one token for each sequence of a batch, all or nothing."""
-        seqs = self._check_batch(seqs)
-        tokens = self._check_tokens(tokens, "tokens")
+        seqs = self.check_batch(seqs)
+        tokens = self.check_tokens(tokens, "tokens")
         if len(tokens) != len(seqs):
             raise ValueError(f"tokens: expected one token per sequence ({len(seqs)}), got {len(tokens)}")
         states = [self._seqs[i] for i in seqs]
         for s in states:
-            self._check_committed(s, "seqs")
+            self.check_committed(s, "seqs")
         need = sum(self._chunks_needed(s.path[-1] if s.path else None, s.n_tokens, 1) for s in states)
         self._check_room(need)
         parts = [self._reserve(s, [t]) for s, t in zip(states, tokens)]
@@ -280,7 +300,7 @@ class ChunkCache:
         ``slots`` must address tokens reserved since their sequence's last commit (what
         ``reserve``/``reserve_batch`` returned); anything else raises and writes nothing.
         """
-        self._check_layer(layer)
+        self.check_layer(layer)
         n = self._check_slots(slots)
         for name, x in (("k", k), ("v", v)):
             self._check_array(x, name, (n, self.num_kv_heads, self.head_dim))
@@ -288,12 +308,12 @@ class ChunkCache:
 
     def commit(self, seq: int) -> None:
         """Declare every reserved token of ``seq`` written for all layers."""
-        self._commit(self._get(seq))
+        self._commit(self.sequence(seq))
 
     def fork(self, seq: int) -> int:
         """A new sequence with the same tokens: full chunks are shared, the partial tail copied."""
-        s = self._get(seq)
-        self._check_committed(s)
+        s = self.sequence(seq)
+        self.check_committed(s)
         if not self._free_slots:
             raise CacheError(f"max_sequences: expected a free sequence slot, got all {self.max_sequences} "
                              f"in use; release a sequence or make max_sequences larger")
@@ -323,7 +343,7 @@ class ChunkCache:
 
     def release(self, seq: int) -> None:
         """Drop the sequence. Its complete chunks stay cached for later prompts until evicted."""
-        s = self._get(seq)
+        s = self.sequence(seq)
         del self._seqs[s.id]
         self._free_slots.append(s.slot)
         self.slot_lens[s.slot] = 0
@@ -351,7 +371,7 @@ class ChunkCache:
         return count
 
     # ------------------------------------------------------------------ internals
-    def _get(self, seq, name: str = "seq") -> SeqState:
+    def sequence(self, seq, name: str = "seq") -> SeqState:
         # integers only: int() would truncate 0.7 to sequence 0 and accept True and "1"
         try:
             key = None if isinstance(seq, (bool, np.bool_)) else operator.index(seq)
@@ -362,11 +382,11 @@ class ChunkCache:
             raise CacheError(f"{name}: expected a live sequence id, got {seq!r} (unknown or released)")
         return s
 
-    def _check_batch(self, seqs) -> list[int]:
+    def check_batch(self, seqs) -> list[int]:
         seqs = list(seqs) if isinstance(seqs, (list, tuple)) else list(np.asarray(seqs).reshape(-1))
         if not seqs:
             raise ValueError("seqs: expected a non-empty batch of sequence ids, got an empty one")
-        seqs = [self._get(x, "seqs").id for x in seqs]
+        seqs = [self.sequence(x, "seqs").id for x in seqs]
         if len(set(seqs)) != len(seqs):
             dup = sorted({x for x in seqs if seqs.count(x) > 1})
             raise ValueError(f"seqs: expected distinct sequence ids, got duplicates {dup}")
@@ -381,18 +401,18 @@ class ChunkCache:
         except TypeError:
             raise TypeError(f"max_match: expected None or an integer, got {max_match!r}") from None
 
-    def _check_committed(self, s: SeqState, name: str = "seq") -> None:
+    def check_committed(self, s: SeqState, name: str = "seq") -> None:
         if s.n_committed != s.n_tokens:
             raise CacheError(f"{name}: expected a sequence with every token committed, got sequence {s.id} "
                              f"with {s.n_tokens - s.n_committed} reserved tokens not yet committed "
                              f"(mid-prefill); commit it first")
 
-    def _check_layer(self, layer) -> None:
-        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer: expected an integer in [0, {self.num_layers}), got {layer!r}")
+    def check_layer(self, layer) -> int:
+        """``layer`` as an int in [0, num_layers); bools are refused (NumPy would read True as a new axis)."""
+        return check_int(layer, "layer", 0, self.num_layers)
 
     @staticmethod
-    def _check_tokens(tokens, name) -> list[int]:
+    def check_tokens(tokens, name) -> list[int]:
         try:
             arr = np.asarray(tokens)
         except ValueError:  # ragged nesting: NumPy's own message would name nothing
@@ -432,7 +452,7 @@ class ChunkCache:
                              + ("outside the pool" if not inside[i] else "not pending (stale slots?)"))
         return len(chunk)
 
-    def _check_kv(self, x, name, n) -> None:
+    def check_kv(self, x, name, n) -> None:
         self._check_array(x, name, (self.num_layers, n, self.num_kv_heads, self.head_dim))
 
     def _chunks_needed(self, tail: Node | None, n_tokens: int, n_new: int) -> int:
@@ -549,8 +569,5 @@ class ChunkCache:
             self._scatter(layer, slots, k[layer], v[layer])
 
     def _copy_chunk(self, src: int, dst: int) -> None:
-        if self.on_copy_chunk is not None:
-            self.on_copy_chunk(src, dst)
-            return
         self.k_pool[:, dst] = self.k_pool[:, src]
         self.v_pool[:, dst] = self.v_pool[:, src]

@@ -94,7 +94,7 @@ class BlockMeans:
         Only committed tokens count: a reserved chunk may still be missing K/V of later layers.
         """
         self._check_cache(cache)
-        state = cache._get(seq)
+        state = cache.sequence(seq)
         committed = state.n_committed
         upto = committed if num_tokens is None else num_tokens
         if not isinstance(upto, (int, np.integer)) or not 0 <= upto <= committed:
@@ -117,7 +117,7 @@ class BlockMeans:
     def is_current(self, cache: ChunkCache, seq: int, num_blocks: int) -> bool:
         """True when the sequence's first ``num_blocks`` pages are all summarised."""
         self._check_cache(cache)
-        return all(self._owner[n.chunk] is n for n in cache._get(seq).path[:num_blocks])
+        return all(self._owner[n.chunk] is n for n in cache.sequence(seq).path[:num_blocks])
 
     def gather(self, cache: ChunkCache, seq: int, layer: int, num_blocks: int) -> np.ndarray:
         """kmean of the sequence's first ``num_blocks`` pages: float32 [num_blocks, Hkv, D]."""
@@ -132,7 +132,7 @@ class BlockMeans:
 def _check_chunk(cache: ChunkCache, seq: int, q, layer: int):
     """Validate one prefill call; returns (P, n, G). The chunk is the sequence's last n tokens."""
     length = cache.seq_len(seq)  # unknown or released sequence -> CacheError
-    cache._check_layer(layer)
+    cache.check_layer(layer)
     want = storage_numpy_dtype(cache.dtype)
     if not hasattr(q, "shape") or not hasattr(q, "dtype"):
         raise TypeError(f"q: expected an array [n, num_q_heads, head_dim], got {type(q).__name__}")
@@ -748,15 +748,15 @@ def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k
     """
     c, L = cache.chunk_size, cache.num_layers
     length = cache.seq_len(seq)
-    tokens = cache._check_tokens(tokens, "tokens")
+    tokens = cache.check_tokens(tokens, "tokens")
     m = len(tokens)
     if length % c:
         raise ValueError(f"seq: expected a sequence whose length is a multiple of chunk_size {c} "
                          f"(prefill chunks start on a block), got length {length}")
     if m < 1:
         raise ValueError("tokens: expected at least one token, got 0")
-    cache._check_kv(k, "k", m)
-    cache._check_kv(v, "v", m)
+    cache.check_kv(k, "k", m)
+    cache.check_kv(v, "v", m)
     if not hasattr(q, "shape") or not hasattr(q, "dtype"):
         raise TypeError(f"q: expected an array [{L}, {m}, num_q_heads, head_dim], got {type(q).__name__}")
     if q.ndim != 4 or q.shape[:2] != (L, m):
@@ -772,9 +772,9 @@ def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k
         _check_options(c, n, G, options.get("alpha", 0.06), options.get("sink", 2),
                        options.get("window", 4), options.get("q_tile"), options.get("group_size"))
     means._check_cache(cache)
-    state = cache._get(seq)
-    cache._check_committed(state)
-    cache._check_room(cache._chunks_needed(state.path[-1] if state.path else None, length, m))
+    state = cache.sequence(seq)
+    cache.check_committed(state)
+    cache.check_room_for(state, m)
 
     o = np.zeros((L, m, q.shape[2], cache.head_dim), np.float32)
     lse = np.zeros((L, m, q.shape[2]), np.float32)

@@ -380,7 +380,7 @@ def _plan_core(tails, node_serial, node_parent, node_depth, seen, stamp):
 
 def _batch_states(cache: ChunkCache, seqs):
     """(ids, states) of the batch; distinct live int ids skip the per-id checks of
-    ``cache._check_batch``, which anything else goes through (same errors)."""
+    ``cache.check_batch``, which anything else goes through (same errors)."""
     if isinstance(seqs, (list, tuple)):
         ids = list(seqs)
     elif isinstance(seqs, np.ndarray) and seqs.dtype.kind in "iu":
@@ -388,11 +388,11 @@ def _batch_states(cache: ChunkCache, seqs):
     else:
         ids = None
     if ids and set(map(type, ids)) == {int} and len(set(ids)) == len(ids):
-        states = list(map(cache._seqs.get, ids))
-        if None not in states:
+        states = cache.live_states(ids)
+        if states is not None:
             return ids, states
-    ids = cache._check_batch(seqs)
-    return ids, [cache._seqs[i] for i in ids]
+    ids = cache.check_batch(seqs)
+    return ids, [cache.sequence(i) for i in ids]
 
 
 def check_piece_sizes(piece_chunks, private_piece_chunks) -> None:

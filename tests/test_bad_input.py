@@ -327,15 +327,16 @@ def test_q_not_an_array(setup, unchanged):
         decode(cache, plan, np.zeros((2, HKV, D), np.float16).tolist())
 
 
-@pytest.mark.parametrize("layer", [-1, L, 0.0, "0"])
-def test_bad_layer(setup, unchanged, layer):
+@pytest.mark.parametrize("layer,exc", [(-1, ValueError), (L, ValueError), (0.0, TypeError), ("0", TypeError),
+                                       (True, TypeError), (np.int64(L), ValueError)])
+def test_bad_layer(setup, unchanged, layer, exc):
     cache, _, a, b, _ = setup
     plan = build_decode_plan(cache, [a, b])
     q = np.zeros((2, HKV, D), np.float16)
     with unchanged(cache):
         for call in (lambda: decode(cache, plan, q, layer), lambda: dense_decode(cache, [a, b], q, layer),
                      lambda: cache.read_kv(a, layer)):
-            with raises(ValueError, "layer"):
+            with raises(exc, "layer"):
                 call()
 
 
@@ -344,10 +345,19 @@ def test_bad_layer(setup, unchanged, layer):
     (dict(chunk_size=3), "chunk_size"), (dict(chunk_size=256), "chunk_size"),
     (dict(chunk_size=0), "chunk_size"), (dict(dtype="float32"), "dtype"), (dict(dtype=np.float32), "dtype"),
     (dict(num_chunks=0), "num_chunks"), (dict(num_layers=0), "num_layers"),
-    (dict(num_kv_heads=2.0), "num_kv_heads"), (dict(head_dim=-8), "head_dim"),
-    (dict(max_sequences=0), "max_sequences"),
+    (dict(head_dim=-8), "head_dim"), (dict(max_sequences=0), "max_sequences"),
 ])
 def test_bad_construction(kw, name):
     args = dict(num_layers=L, num_kv_heads=HKV, head_dim=D, num_chunks=4) | kw
     with raises(ValueError, name):
+        ChunkCache(**args)
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(num_kv_heads=2.0), "num_kv_heads"), (dict(num_layers=True), "num_layers"),
+    (dict(chunk_size=True), "chunk_size"), (dict(num_chunks="4"), "num_chunks"),
+])
+def test_bad_construction_type(kw, name):
+    args = dict(num_layers=L, num_kv_heads=HKV, head_dim=D, num_chunks=4) | kw
+    with raises(TypeError, name):
         ChunkCache(**args)

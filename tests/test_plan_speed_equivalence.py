@@ -51,8 +51,8 @@ def old_build_decode_plan(cache: ChunkCache, seqs, piece_chunks: int | None = No
     for name, val in (("piece_chunks", piece_chunks), ("private_piece_chunks", private_piece_chunks)):
         if val is not None and (not isinstance(val, (int, np.integer)) or val < 1):
             raise ValueError(f"{name}: expected None or an integer >= 1, got {val!r}")
-    ids = cache._check_batch(seqs)
-    states = [cache._seqs[i] for i in ids]
+    ids = cache.check_batch(seqs)
+    states = [cache.sequence(i) for i in ids]
     for s in states:
         if s.n_tokens == 0:
             raise CacheError(f"seqs: sequence {s.id} has no tokens; append the query token's K/V first")

@@ -154,8 +154,8 @@ def test_release_of_a_middle_sequence(c):
         cache.seq_len(b)
     assert node(cache, 0).ref == 2
     # B's complete chunk is cached (ref 0, still in the tree); its partial chunk went back free
-    assert node(cache, b_chunks[1]).ref == 0 and [n.chunk for n in cache._cached] == [b_chunks[1]]
-    assert b_chunks[2] in cache._free and b_chunks[2] not in [n.chunk for n in cache.nodes()]
+    assert node(cache, b_chunks[1]).ref == 0 and [n.chunk for n in cache.cached_nodes()] == [b_chunks[1]]
+    assert b_chunks[2] in cache.free_chunks() and b_chunks[2] not in [n.chunk for n in cache.nodes()]
     stats(cache, sequences=2, chunks_cached=1, chunks_referenced=5, chunks_free=10,
           tokens_stored=c + 3 * c + 2, tokens_flat=2 * (2 * c + 1))
     for s in (a, d):  # the others are untouched and keep their ids
@@ -247,9 +247,9 @@ def test_eviction_is_lru_and_leaf_first(c):
     qc, yc = cache.seq_chunks(b)
     cache.release(a)
     cache.release(b)
-    assert [n.chunk for n in cache._cached] == [xc, pc, yc, qc]  # leaves first
+    assert [n.chunk for n in cache.cached_nodes()] == [xc, pc, yc, qc]  # leaves first
     cache.release(add(cache, kv, P + X))  # A's chunks reused: now more recent than B's
-    assert [n.chunk for n in cache._cached] == [yc, qc, xc, pc]
+    assert [n.chunk for n in cache.cached_nodes()] == [yc, qc, xc, pc]
     v0 = cache.version
     assert cache.evict(1) == 1
     assert cache._free[-1] == yc and cache.version > v0
@@ -272,11 +272,11 @@ def test_allocation_evicts_when_the_free_list_is_empty(c):
     b = add(cache, kv, Q + Y)
     assert cache.num_free == 0 and cache.num_cached == 2
     d = add(cache, kv, [5])  # evicts X, the LRU leaf, and takes its chunk
-    assert cache.seq_chunks(d) == [xc] and [n.chunk for n in cache._cached] == [pc]
+    assert cache.seq_chunks(d) == [xc] and [n.chunk for n in cache.cached_nodes()] == [pc]
     # P is matched (revived), X needs a chunk, and the only cached chunk is P: the pool is full
     with pytest.raises(CacheFullError, match="pool"):
         add(cache, kv, P + X)
-    assert [n.chunk for n in cache._cached] == [pc] and cache.num_free == 0
+    assert [n.chunk for n in cache.cached_nodes()] == [pc] and cache.num_free == 0
     cache.release(d)
     e = add(cache, kv, P + X)
     assert cache.seq_chunks(e) == [pc, xc]

@@ -198,7 +198,7 @@ class CacheMachine(RuleBasedStateMachine):
         for n in nodes:
             want = sum(1 for s in self.model if any(m is n for m in self.cache.seq_nodes(s)))
             assert n.ref == want, (n.chunk, n.ref, want)
-            assert n.ref > 0 or (n in self.cache._cached and n.registered)
+            assert n.ref > 0 or (n in self.cache.cached_nodes() and n.registered)
             if n.registered:  # complete, and reachable by matching from the root
                 assert len(n.tokens) == self.cache.chunk_size
                 assert n.parent.registered and n.parent.index[tuple(n.tokens)] is n
@@ -212,8 +212,8 @@ class CacheMachine(RuleBasedStateMachine):
         in_tree = [n.chunk for n in nodes]
         assert len(set(in_tree)) == len(in_tree)
         referenced = {n.chunk for n in nodes if n.ref > 0}
-        cached = [n.chunk for n in cache._cached]
-        free = list(cache._free)
+        cached = [n.chunk for n in cache.cached_nodes()]
+        free = cache.free_chunks()
         assert len(set(cached)) == len(cached) and len(set(free)) == len(free)
         assert not referenced & set(cached) and not referenced & set(free) and not set(cached) & set(free)
         assert len(referenced) + len(cached) + len(free) == cache.num_chunks

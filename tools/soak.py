@@ -192,14 +192,14 @@ def accounting(cache, live) -> dict:
     """Pool accounting recomputed from the tree (not from the cache's counters)."""
     nodes = list(cache.nodes())
     referenced = {n.chunk for n in nodes if n.ref > 0}
-    cached = [n.chunk for n in cache._cached]
-    free = list(cache._free)
+    cached = [n.chunk for n in cache.cached_nodes()]
+    free = cache.free_chunks()
     through = Counter(id(m) for s in live for m in cache.seq_nodes(s))  # live paths through each node
     ref_errors = sum(1 for n in nodes if n.ref != through[id(n)])
     states = len(referenced) + len(cached) + len(free)
     exact = (states == cache.num_chunks and referenced | set(cached) | set(free) == set(range(cache.num_chunks))
              and len(set(cached)) == len(cached) and len(set(free)) == len(free) and ref_errors == 0
-             and all(n.ref > 0 or (n.registered and n in cache._cached) for n in nodes)
+             and all(n.ref > 0 or (n.registered and n in cache.cached_nodes()) for n in nodes)
              and (cache.num_free, cache.num_cached, cache.num_referenced) == (len(free), len(cached), len(referenced)))
     return dict(capacity=cache.num_chunks, free=len(free), cached=len(cached), referenced=len(referenced),
                 refcount_errors=ref_errors, sequences=len(live), exact=bool(exact))

@@ -484,7 +484,7 @@ class Server:
             cache: ``backend.cache`` (the chunk-tree cache's methods that the server calls:
             ``add_sequence``, ``reserve``, ``reserve_batch``, ``write_kv``, ``commit``,
             ``release``, ``seq_len``, ``seq_chunks``, ``stats``, ``num_free``, ``num_cached``,
-            ``num_referenced``, ``num_chunks``, ``_cached``), ``prefill`` and ``decode`` (the two
+            ``num_referenced``, ``num_chunks``, ``cached_nodes``), ``prefill`` and ``decode`` (the two
             methods above), a ``stats`` attribute (``AttentionStats``), and optionally ``name``,
             ``label`` (the report's backend name) and ``sync()`` (waits for the device before a
             timer stops). ``num_chunks`` and ``options`` are then unused
@@ -559,10 +559,10 @@ class Server:
         return False
 
     def _lru(self) -> list:
-        return list(self.cache._cached)  # complete chunks no sequence uses, least recently used first
+        return list(self.cache.cached_nodes())  # complete chunks no sequence uses, least recently used first
 
     def _evicted_since(self, before: list) -> int:
-        return sum(1 for n in before if n.ref == 0 and n not in self.cache._cached)
+        return sum(1 for n in before if n.ref == 0 and n not in self.cache.cached_nodes())
 
     # ---------------------------------------------------------------- prefill
     def _prefill(self, r: Request) -> None:
