@@ -1,0 +1,1 @@
+"""Serving on the chunk cache: a model, attention backends behind one cache protocol, a server."""

@@ -1,0 +1,1 @@
+"""Test helpers shipped with cpattn: hypothesis strategies, error budgets, assertions, backends."""
