@@ -7,7 +7,7 @@
 //                             unit (64 at chunk size 128)
 //   phase 2 (sequence-first): chunks = one private item of one sequence, rows = the group's heads
 // Every unit emits one fp32 attention state (o, lse) per row; `chunk_merge` then merges the
-// states on each sequence's path (DESIGN.md, "Attention state and merge"). Running both phases
+// states on each sequence's path (docs/design.md, "Attention state and merge"). Running both phases
 // in one grid keeps the GPU full with no tail between them.
 //
 // Tiles: 4 warps; Q K^T and P V on tensor cores (mma.sync m16n8k16, fp16/bf16 in, fp32

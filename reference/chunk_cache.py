@@ -6,7 +6,7 @@ for every layer, heads-first inside a chunk so that one (chunk, kv head) is a co
 
     k_pool, v_pool: [num_layers, num_chunks, num_kv_heads, c, head_dim]   (storage dtype)
 
-Rules (DESIGN.md, "The chunk tree"):
+Rules (docs/design.md, "The chunk tree"):
 
 * A node is shared by every live sequence whose path passes through it; ``ref`` counts them.
 * Only *complete* chunks (full, K/V written for every layer, i.e. committed) are matched by later

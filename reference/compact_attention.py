@@ -3,7 +3,7 @@
 A prompt is prefilled chunk by chunk. A sequence has ``P`` cached tokens (a multiple of the
 chunk size ``c``); the next prompt chunk of ``n >= 1`` tokens has had its K/V written into the
 cache, so the chunk is the sequence's last ``n`` tokens. Its queries ``q [n, Hq, D]`` attend to
-the ``P`` past tokens and to the chunk's tokens causally (DESIGN.md, "CompactAttention chunked
+the ``P`` past tokens and to the chunk's tokens causally (docs/design.md, "CompactAttention chunked
 prefill"). The block size is the chunk size, ``b = c``, so a KV block *is* a pool page.
 
 Vocabulary and sizes::

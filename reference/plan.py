@@ -5,7 +5,7 @@ covers a contiguous range of batch positions. It is rebuilt only when the tree o
 changes (``cache.version``), not on every appended token: the length of each sequence's last
 chunk is read at run time from ``cache.slot_lens``.
 
-Vocabulary (DESIGN.md, "ChunkAttention decode"):
+Vocabulary (docs/design.md, "ChunkAttention decode"):
 
 * a node is **shared** in this batch when two or more of its sequences pass through it (a
   node shared only with sequences outside the batch is private here);

@@ -1,5 +1,5 @@
 """ChunkAttention decode in NumPy: the two-phase partition against the float64 dense oracle,
-and the properties DESIGN.md asks of it (output unchanged by piece sizes, chunk size, insertion
+and the properties docs/design.md states of it (output unchanged by piece sizes, chunk size, insertion
 order, sharing on/off and batch order), plus the merge operator of attention states.
 
 Hypothesis draws the structure (seed, request count, chunk size, tree depth, GQA ratio, dtype,

@@ -215,7 +215,7 @@ def dense_generate(model: TinyLM, prompt, max_new_tokens: int) -> list[int]:
 # ============================================================================ attention backends
 @dataclass(frozen=True)
 class PrefillOptions:
-    """CompactAttention options (DESIGN.md): alpha 0 selects every block (dense)."""
+    """CompactAttention options (docs/design.md, "CompactAttention chunked prefill"): alpha 0 selects every block (dense)."""
 
     alpha: float = 0.06
     sink: int = 2
