@@ -119,7 +119,10 @@ def _host_copy(cache):
 
 
 def main(argv=None) -> int:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="cpattn", description=__doc__)
+    p.add_argument("--version", action="version", version=f"cpattn {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="prefix-sharing decode checked against a dense oracle, then the serving example")
     d.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
