@@ -40,3 +40,17 @@ def as_cupy(x, name: str, dtype: str | None = None, shape=None, contiguous: bool
         raise ValueError(f"{name}: expected an array on the current device {cupy.cuda.Device().id}, "
                          f"got device {x.device.id}")
     return x
+
+
+
+def to_host(x) -> np.ndarray:
+    """A NumPy copy of ``x``: a NumPy array, a CuPy array (anything with ``get()``), or a GPU
+    array CuPy can view (``__cuda_array_interface__``, torch ``bfloat16`` as uint16 bits).
+    Synchronises with the device."""
+    if type(x) is np.ndarray:
+        return x.copy()
+    if hasattr(x, "__cuda_array_interface__") and not hasattr(x, "get"):
+        x = as_cupy(x, "x", contiguous=False)
+    if hasattr(x, "get"):
+        return np.asarray(x.get())
+    return np.array(x, copy=True)
