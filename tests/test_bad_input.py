@@ -8,8 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cpattn.reference.chunk_attention import decode, dense_decode
-from cpattn.reference.plan import build_decode_plan
+from cpattn.reference.chunk_attention import build_decode_plan, decode, oracle_decode
 from cpattn.reference.chunk_cache import CacheError, CacheFullError, ChunkCache
 from cpattn.reference.workloads import TokenKV
 
@@ -151,7 +150,7 @@ def test_unknown_and_released_sequences(setup, unchanged):
                 build_decode_plan(cache, [bad, a])
             q = np.zeros((2, HKV, D), np.float16)
             with raises(CacheError, "seqs"):
-                dense_decode(cache, [a, bad], q)
+                oracle_decode(cache, [a, bad], q)
     assert not cache.is_live(gone)
 
 
@@ -165,7 +164,7 @@ def test_empty_batch(setup, unchanged, seqs):
         with raises(ValueError, "seqs"):
             build_decode_plan(cache, seqs)
         with raises(ValueError, "seqs"):
-            dense_decode(cache, seqs, np.zeros((0, HKV, D), np.float16))
+            oracle_decode(cache, seqs, np.zeros((0, HKV, D), np.float16))
 
 
 def test_duplicate_ids(setup, unchanged):
@@ -305,7 +304,7 @@ def test_bad_q_shape(setup, unchanged, shape, exc):
         with raises(exc, "q"):
             decode(cache, plan, q)
         with raises(exc, "q"):
-            dense_decode(cache, [a, b], q)
+            oracle_decode(cache, [a, b], q)
 
 
 @pytest.mark.parametrize("q", [np.zeros((2, HKV, D), np.float32), np.zeros((2, HKV, D), np.uint16),
@@ -317,7 +316,7 @@ def test_bad_q_dtype(setup, unchanged, q):
         with raises(TypeError, "q"):
             decode(cache, plan, q)
         with raises(TypeError, "q"):
-            dense_decode(cache, [a, b], q)
+            oracle_decode(cache, [a, b], q)
 
 
 def test_q_not_an_array(setup, unchanged):
@@ -334,7 +333,7 @@ def test_bad_layer(setup, unchanged, layer, exc):
     plan = build_decode_plan(cache, [a, b])
     q = np.zeros((2, HKV, D), np.float16)
     with unchanged(cache):
-        for call in (lambda: decode(cache, plan, q, layer), lambda: dense_decode(cache, [a, b], q, layer),
+        for call in (lambda: decode(cache, plan, q, layer), lambda: oracle_decode(cache, [a, b], q, layer),
                      lambda: cache.read_kv(a, layer)):
             with raises(exc, "layer"):
                 call()
