@@ -5,6 +5,8 @@ always there; the CUDA backend loads on first use.
 """
 from . import reference
 from .reference import CacheError, CacheFullError, ChunkCache, build_decode_plan
+from .chunk_attention import ChunkAttentionDecode  # dispatches on the cache: NumPy -> the reference
+from .compact_attention import BlockMeans, compact_prefill, dense_prefill  # the same dispatch
 
 __version__ = "0.1.0"
 
@@ -21,4 +23,6 @@ def gpu_available() -> bool:
         return False
 
 
-__all__ = ["reference", "ChunkCache", "CacheError", "CacheFullError", "build_decode_plan", "gpu_available"]
+__all__ = ["reference", "ChunkCache", "CacheError", "CacheFullError", "build_decode_plan", "ChunkAttentionDecode",
+           "gpu_available"]
+__all__ += ["BlockMeans", "compact_prefill", "dense_prefill"]

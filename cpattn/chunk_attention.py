@@ -1,26 +1,40 @@
-"""ChunkAttention decode on the GPU: plan on the host, run only launches.
+"""ChunkAttention decode on the GPU: the fast host planner, work units, and the plan/run class.
 
-    dec = ChunkAttentionDecode(cache)          # cache: GpuChunkCache
+    dec = ChunkAttentionDecode(cache)          # cache: GpuChunkCache (a NumPy cache gets the reference)
     dec.plan(seq_ids, num_q_heads=32)          # host work + one upload; may sync
     for layer in range(L):
         o = dec.run(q[layer], layer)           # two launches on the current stream, no sync
 
-``run`` is CUDA-graph capturable: it allocates nothing once the output buffer exists (pass
-``out=``) and reads sequence lengths from the cache's device table, so the same plan serves
-every layer and every decode step until the tree changes (a new chunk, a new or released
-sequence); ``run`` then raises instead of computing with a stale plan.
+docs/design.md, *ChunkAttention decode*. The plan means what ``reference/chunk_attention.py``
+says (its ``DecodePlan``, built there by the textbook planner); here the same arrays come from
+numba loops over a per-cache node table, tested equal to the reference on random trees
+(tests/test_planner.py). ``run`` is CUDA-graph capturable: it allocates nothing once the output
+buffers exist (pass ``out=`` and ``lse_out=``) and reads sequence lengths from the cache's
+device table, so the same plan serves every layer and every decode step until the tree changes
+(a new chunk, a new or released sequence); ``run`` then raises instead of computing with a
+stale plan.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import operator
+import types
+import weakref
 
 import numpy as np
 
 from .arrays import as_cupy
 from .kernels import get_kernels
-from .reference.plan import DecodePlan, _jit, check_piece_sizes, plan_base, split_plan
-from .reference.chunk_cache import CacheError
+from .reference import chunk_attention as reference
+from .reference.checks import check_bool, check_int, check_scale
+from .reference.chunk_attention import SPLIT_FIELDS, DecodePlan, batch_states, check_num_q_heads, \
+    check_piece_chunks, check_plan
+from .reference.chunk_cache import ChunkCache
+
+_I32 = np.int32
+LOG2E = 1.4426950408889634  # the kernels exponentiate with exp2: scores are scaled by scale * log2(e)
 
 ROWS_PER_UNIT = 64  # rows of a phase-2 unit (and of phase-1 units when chunk_size is 128)
 THREADS = 128
@@ -39,6 +53,405 @@ def _smem_bytes(head_dim: int, chunk_size: int) -> int:
     return max(tiles, reduce)
 
 
+# ---------------------------------------------------------------------- compiled loops
+def _jit(fn):
+    """``fn`` compiled with numba on its first call, so ``import cpattn`` stays cheap; the
+    machine code is cached on disk, so a later process only loads it. With NUMBA_DISABLE_JIT=1
+    it runs as plain Python (same results, slow)."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            import numba
+
+            try:
+                compiled = numba.njit(cache=True, nogil=True)(fn)
+            except RuntimeError:  # no writable cache directory: compile in every process
+                compiled = numba.njit(nogil=True)(fn)
+        return compiled(*args)
+
+    return call
+
+# ---------------------------------------------------------------------- node table
+# What a plan needs of a node is immutable (pool chunk, creation serial, parent, depth), and a
+# node on a live path keeps its chunk, so it is kept per cache in arrays indexed by chunk id and
+# learnt only for nodes not seen before. An entry is valid for a node when its serial matches:
+# a freed chunk reused by a new node (new serial) is learnt again. A valid entry's ancestors are
+# valid too: the ancestors of a live node are live, so their chunks cannot be reused.
+_TABLES: "weakref.WeakKeyDictionary[ChunkCache, _NodeTable]" = weakref.WeakKeyDictionary()
+_CHUNK, _SERIAL, _PARENT = operator.attrgetter("chunk"), operator.attrgetter("serial"), operator.attrgetter("parent")
+_N_TOKENS, _SLOT = operator.attrgetter("n_tokens"), operator.attrgetter("slot")
+
+
+class _NodeTable:
+    """Per-cache int64 arrays [num_chunks]: serial, parent chunk and depth of the node holding
+    each chunk (-1: unknown / the root), and ``seen``, scratch of ``_plan_core``."""
+
+    def __init__(self, cache: ChunkCache):
+        n = cache.num_chunks
+        self.serial = np.full(n, -1, np.int64)
+        self.parent = np.full(n, -1, np.int64)
+        self.depth = np.zeros(n, np.int64)
+        self.seen = np.full(n, -1, np.int64)
+        # each plan build marks `seen` with its own window [stamp, stamp + num_chunks) of values,
+        # so the scratch is never cleared and builds in two threads ignore each other's marks
+        self._stamps = itertools.count()
+        self._window = n + 1
+
+    def stamp(self) -> int:
+        return next(self._stamps) * self._window
+
+    def known(self, node) -> bool:
+        return self.serial[node.chunk] == node.serial
+
+    def learn(self, states: list, tails: list, chunk: np.ndarray, serial: np.ndarray) -> None:
+        """Enter the nodes the table lacks on the paths of ``states``, whose last nodes
+        (``tails``, with their chunk and serial arrays) it lacks. Known nodes are a prefix of
+        every path (a known node's ancestors are known), and entries are written parents first,
+        serial last, which keeps it so."""
+        # 1. a new last node under a known parent (every sequence opened a chunk): vectorised
+        parents = list(map(_PARENT, tails))
+        pc = np.fromiter(map(_CHUNK, parents), np.int64, len(parents))
+        ps = np.fromiter(map(_SERIAL, parents), np.int64, len(parents))
+        one = (pc < 0) | (self.serial[pc] == ps)  # (pc = -1 reads the last entry; masked)
+        if one.any():
+            k = np.flatnonzero(one)
+            c, p = chunk[k], pc[k]
+            self.parent[c] = p
+            self.depth[c] = np.where(p >= 0, self.depth[p], 0) + 1
+            self.serial[c] = serial[k]
+        # 2. longer new suffixes (a new prompt, the first plan of a cache): one path at a time,
+        #    so a prefix shared with a later path is entered once
+        for i in np.flatnonzero(~one).tolist():
+            path = states[i].path
+            lo, hi = 0, len(path)  # binary search for the first unknown node
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self.known(path[mid]):
+                    lo = mid + 1
+                else:
+                    hi = mid
+            new = path[lo:]
+            if not new:
+                continue
+            c = np.fromiter(map(_CHUNK, new), np.int64, len(new))
+            p = np.empty_like(c)
+            p[0] = path[lo - 1].chunk if lo else -1
+            p[1:] = c[:-1]
+            self.parent[c] = p
+            self.depth[c] = np.arange(lo + 1, len(path) + 1)
+            self.serial[c] = np.fromiter(map(_SERIAL, new), np.int64, len(new))
+
+
+def _node_table(cache: ChunkCache) -> _NodeTable:
+    t = _TABLES.get(cache)
+    if t is None:
+        t = _TABLES[cache] = _NodeTable(cache)
+    return t
+
+@_jit
+def _plan_core(tails, node_serial, node_parent, node_depth, seen, stamp):
+    """Depth-first order, shared segments and private suffixes of the paths ending at ``tails``.
+
+    tails [B] pool chunk of each sequence's last node (batch order); node_* [num_chunks] the
+    node table; seen [num_chunks] scratch: seen[c] = stamp + v when chunk c is local node v of
+    this call. Work is linear in the distinct nodes of the batch's paths, not in B x depth.
+    """
+    B = len(tails)
+
+    # 1. the batch's subtree: walk up from each tail until a node met before (or the root);
+    #    nodes get local ids v in [0, n), up[v] is the parent's (-1: the root)
+    path_len = np.empty(B, np.int64)
+    cap = 0  # no more nodes than path cells, or than pool chunks (sized up front: arrays grown
+    for b in range(B):  # in a loop are slow)
+        path_len[b] = node_depth[tails[b]]
+        cap += path_len[b]
+    if cap > len(node_serial):
+        cap = len(node_serial)
+    chunk = np.empty(cap, np.int64)  # [n] pool chunk of local node v
+    up = np.empty(cap, np.int64)  # [n] its parent's local id, -1 for the root
+    tail_of = np.empty(B, np.int64)  # [B] local id of each row's last node
+    n = 0
+    for b in range(B):
+        c = tails[b]
+        child = -1  # the node walked just before, whose parent c is
+        while True:
+            if c < 0:
+                v, met = -1, True
+            else:
+                v = seen[c] - stamp
+                met = 0 <= v < n
+            if not met:
+                if n == cap:  # only if the node table disagrees with the tree (a bug)
+                    raise RuntimeError("plan: node table inconsistent with the tree")
+                v = n
+                n += 1
+                seen[c] = stamp + v
+                chunk[v] = c
+            if child >= 0:
+                up[child] = v
+            else:
+                tail_of[b] = v
+            if met:
+                break
+            child = v
+            c = node_parent[c]
+
+    # 2. children of every node (the root is node n), siblings in creation (serial) order,
+    #    and the rows ending at every node, in batch order
+    root = n
+    kid_ptr = np.zeros(n + 2, np.int64)
+    for v in range(n):
+        kid_ptr[(up[v] if up[v] >= 0 else root) + 1] += 1
+    row_ptr = np.zeros(n + 2, np.int64)
+    for b in range(B):
+        row_ptr[tail_of[b] + 1] += 1
+    for v in range(n + 1):
+        kid_ptr[v + 1] += kid_ptr[v]
+        row_ptr[v + 1] += row_ptr[v]
+    kids = np.empty(n, np.int64)
+    kid_fill = kid_ptr[:n + 1].copy()
+    for v in range(n):
+        p = up[v] if up[v] >= 0 else root
+        kids[kid_fill[p]] = v
+        kid_fill[p] += 1
+    key = np.empty(n, np.int64)
+    for v in range(n + 1):  # shell sort by serial (numba's argsort takes seconds to compile)
+        lo, hi = kid_ptr[v], kid_ptr[v + 1]
+        if hi - lo < 2:
+            continue
+        for i in range(lo, hi):
+            key[i] = node_serial[chunk[kids[i]]]
+        gap = (hi - lo) // 2
+        while gap:
+            for i in range(lo + gap, hi):
+                x, kx, j = kids[i], key[i], i
+                while j - gap >= lo and key[j - gap] > kx:
+                    kids[j], key[j] = kids[j - gap], key[j - gap]
+                    j -= gap
+                kids[j], key[j] = x, kx
+            gap //= 2
+    rows = np.empty(B, np.int64)
+    row_fill = row_ptr[:n + 1].copy()
+    for b in range(B):
+        rows[row_fill[tail_of[b]]] = b
+        row_fill[tail_of[b]] += 1
+
+    # 3. depth-first pre-order: a node's rows, then its children's subtrees. Positions follow
+    #    the rows; every node gets the batch range [begin, end) of the paths through it.
+    begin = np.empty(n + 1, np.int64)
+    end = np.empty(n + 1, np.int64)
+    pre = np.empty(n, np.int64)
+    order = np.empty(B, np.int32)
+    stack = np.empty(n + 1, np.int64)  # nodes entered, not left
+    next_kid = kid_ptr[:n + 1].copy()  # each node's next child to enter
+    stack[0] = root
+    top, pos, k = 1, 0, 0
+    begin[root] = 0
+    while top:
+        v = stack[top - 1]
+        i = next_kid[v]
+        if i == kid_ptr[v + 1]:
+            end[v] = pos
+            top -= 1
+            continue
+        next_kid[v] = i + 1
+        u = kids[i]
+        begin[u] = pos
+        pre[k] = u
+        k += 1
+        for j in range(row_ptr[u], row_ptr[u + 1]):
+            order[pos] = rows[j]
+            pos += 1
+        stack[top] = u
+        top += 1
+
+    # 4. segments, in pre-order (= by first position, then depth): a shared node (range of 2 or
+    #    more) whose parent is the root or has a wider range starts one, which runs down
+    #    through the nodes with the same range
+    seg_begin = np.empty(n, np.int32)
+    seg_end = np.empty(n, np.int32)
+    seg_chunk_indptr = np.zeros(n + 1, np.int32)
+    seg_chunks = np.empty(n, np.int32)
+    S = 0
+    t = 0
+    for j in range(n):
+        v = pre[j]
+        if end[v] - begin[v] < 2:
+            continue
+        p = up[v]
+        if p >= 0 and begin[p] == begin[v] and end[p] == end[v]:
+            continue  # inside its parent's segment
+        seg_begin[S], seg_end[S] = begin[v], end[v]
+        w = v
+        while True:
+            seg_chunks[t] = chunk[w]
+            t += 1
+            if kid_ptr[w] == kid_ptr[w + 1]:
+                break
+            u = kids[kid_ptr[w]]
+            if begin[u] != begin[w] or end[u] != end[w]:
+                break
+            w = u
+        S += 1
+        seg_chunk_indptr[S] = t
+
+    # 5. private suffixes: the nodes of a path below its last shared one, root side first
+    private_indptr = np.zeros(B + 1, np.int32)
+    for q in range(B):
+        v = tail_of[order[q]]
+        m = 0
+        while v >= 0 and end[v] - begin[v] == 1:
+            m += 1
+            v = up[v]
+        private_indptr[q + 1] = private_indptr[q] + m
+    private_chunks = np.empty(private_indptr[B], np.int32)
+    for q in range(B):
+        v = tail_of[order[q]]
+        j = private_indptr[q + 1]
+        while j > private_indptr[q]:
+            j -= 1
+            private_chunks[j] = chunk[v]
+            v = up[v]
+    path_len_pos = np.empty(B, np.int32)
+    for q in range(B):
+        path_len_pos[q] = path_len[order[q]]
+    # (plain loops and views: numba compiles fancy indexing, astype and copies slowly)
+    return (order, path_len_pos, seg_begin[:S], seg_end[:S], seg_chunk_indptr[:S + 1], seg_chunks[:t],
+            private_indptr, private_chunks)
+
+
+@_jit
+def _split_core(seg_begin, seg_end, seg_chunk_indptr, private_indptr, step, pstep):
+    """Pieces of at most ``step`` chunks, items of at most ``pstep`` (0: no split)."""
+    S = len(seg_begin)
+    B = len(private_indptr) - 1
+    if step == 0:
+        step = 1
+        for s in range(S):
+            step = max(step, seg_chunk_indptr[s + 1] - seg_chunk_indptr[s])
+    if pstep == 0:
+        pstep = 1
+        for pos in range(B):
+            pstep = max(pstep, private_indptr[pos + 1] - private_indptr[pos])
+
+    # pieces: contiguous runs of at most `step` chunks of each segment (same flat chunk list)
+    P = 0
+    for s in range(S):
+        P += -(-(seg_chunk_indptr[s + 1] - seg_chunk_indptr[s]) // step)
+    piece_chunk_indptr = np.empty(P + 1, np.int32)
+    piece_begin = np.empty(P, np.int32)
+    piece_end = np.empty(P, np.int32)
+    piece_state_offset = np.zeros(P + 1, np.int32)
+    p = 0
+    for s in range(S):
+        for a in range(seg_chunk_indptr[s], seg_chunk_indptr[s + 1], step):
+            piece_chunk_indptr[p] = a
+            piece_begin[p], piece_end[p] = seg_begin[s], seg_end[s]
+            piece_state_offset[p + 1] = piece_state_offset[p] + seg_end[s] - seg_begin[s]
+            p += 1
+    piece_chunk_indptr[P] = seg_chunk_indptr[S]
+
+    # each position's pieces in piece order (root side first: pieces are in segment-start order)
+    seq_piece_indptr = np.zeros(B + 1, np.int32)
+    for p in range(P):
+        for pos in range(piece_begin[p], piece_end[p]):
+            seq_piece_indptr[pos + 1] += 1
+    for pos in range(B):
+        seq_piece_indptr[pos + 1] += seq_piece_indptr[pos]
+    fill = seq_piece_indptr[:B].copy()
+    seq_pieces = np.empty(piece_state_offset[P], np.int32)
+    for p in range(P):
+        for pos in range(piece_begin[p], piece_end[p]):
+            seq_pieces[fill[pos]] = p
+            fill[pos] += 1
+
+    # phase-2 items: runs of at most `pstep` private chunks of one position
+    seq_item_indptr = np.zeros(B + 1, np.int32)
+    for pos in range(B):
+        seq_item_indptr[pos + 1] = seq_item_indptr[pos] - (-(private_indptr[pos + 1] - private_indptr[pos]) // pstep)
+    I = seq_item_indptr[B]
+    item_pos = np.empty(I, np.int32)
+    item_begin = np.empty(I, np.int32)
+    item_end = np.empty(I, np.int32)
+    i = 0
+    for pos in range(B):
+        for a in range(private_indptr[pos], private_indptr[pos + 1], pstep):
+            item_pos[i], item_begin[i] = pos, a
+            item_end[i] = min(a + pstep, private_indptr[pos + 1])
+            i += 1
+    return (piece_begin, piece_end, piece_chunk_indptr, piece_state_offset, seq_piece_indptr, seq_pieces,
+            item_pos, item_begin, item_end, seq_item_indptr)
+
+
+
+def _batch_states(cache: ChunkCache, seqs):
+    """(ids, states) of the batch. Distinct live int ids with tokens skip the per-id checks;
+    anything else goes through the reference's ``batch_states`` (same errors)."""
+    if isinstance(seqs, (list, tuple)):
+        ids = list(seqs)
+    elif isinstance(seqs, np.ndarray) and seqs.ndim == 1 and seqs.dtype.kind in "iu":
+        ids = seqs.tolist()
+    else:
+        ids = None
+    if ids and set(map(type, ids)) == {int} and len(set(ids)) == len(ids):
+        states = cache.live_states(ids)
+        if states is not None and 0 not in map(_N_TOKENS, states):
+            return ids, states
+    return batch_states(cache, seqs)
+
+
+def _plan_base(cache: ChunkCache, seqs) -> dict:
+    """The unsplit fields of the plan for ``seqs`` (every field but ``SPLIT_FIELDS``).
+
+    Python touches each sequence once (its slot and last node); the rest is ``_plan_core`` over
+    the per-cache node table, which learns only the nodes it has not seen (new chunks).
+    """
+    ids, states = _batch_states(cache, seqs)
+    B = len(states)
+    tails = [s.path[-1] for s in states]
+    tail_chunk = np.fromiter(map(_CHUNK, tails), np.int64, B)
+    tail_serial = np.fromiter(map(_SERIAL, tails), np.int64, B)
+    t = _node_table(cache)
+    miss = t.serial[tail_chunk] != tail_serial
+    if miss.any():
+        k = np.flatnonzero(miss)
+        t.learn([states[i] for i in k.tolist()], [tails[i] for i in k.tolist()], tail_chunk[k], tail_serial[k])
+    order, path_len, sb, se, seg_chunk_indptr, seg_chunks, private_indptr, private_chunks = _plan_core(
+        tail_chunk, t.serial, t.parent, t.depth, t.seen, t.stamp())
+    slots = np.fromiter(map(_SLOT, states), _I32, B)[order]
+    return dict(batch=tuple(ids), version=cache.version, chunk_size=cache.chunk_size,
+                order=order, slots=slots, path_len=path_len,
+                seg_begin=sb, seg_end=se, seg_chunk_indptr=seg_chunk_indptr, piece_chunks=seg_chunks,
+                private_indptr=private_indptr, private_chunks=private_chunks, num_segments=len(sb))
+
+
+def _split(base: dict, piece_chunks, private_piece_chunks) -> DecodePlan:
+    split = _split_core(base["seg_begin"], base["seg_end"], base["seg_chunk_indptr"], base["private_indptr"],
+                        int(piece_chunks or 0), int(private_piece_chunks or 0))
+    return DecodePlan(**dict(zip(SPLIT_FIELDS, split)), **base)
+
+
+def build_decode_plan(cache: ChunkCache, seqs, piece_chunks: int | None = None,
+                      private_piece_chunks: int | None = None) -> DecodePlan:
+    """``reference.build_decode_plan`` (same arguments, errors and arrays), fast."""
+    check_piece_chunks(piece_chunks, "piece_chunks")
+    check_piece_chunks(private_piece_chunks, "private_piece_chunks")
+    return _split(_plan_base(cache, seqs), piece_chunks, private_piece_chunks)
+
+
+def split_plan(plan: DecodePlan, piece_chunks: int | None = None,
+               private_piece_chunks: int | None = None) -> DecodePlan:
+    """``reference.split_plan`` (same arguments, errors and arrays), fast."""
+    check_piece_chunks(piece_chunks, "piece_chunks")
+    check_piece_chunks(private_piece_chunks, "private_piece_chunks")
+    return _split({k: v for k, v in plan.__dict__.items() if k not in SPLIT_FIELDS}, piece_chunks,
+                  private_piece_chunks)
+
+
+# ---------------------------------------------------------------------- work units
 @_jit
 def _units_core(piece_begin, piece_end, piece_chunk_indptr, piece_state_offset, item_pos, item_begin, item_end,
                 private_indptr, path_len, slots, H, group, c, rows_per_unit, rows1):
@@ -98,10 +511,11 @@ def build_units(plan: DecodePlan, num_kv_heads: int, group: int):
     """Work units of the fused attend launch (see raw_kernels/chunk_attention.cu).
 
     Returns (units int32 [U, 9], chunk_list int32): phase-1 units for every (piece, tile of
-    ``phase1_rows`` rows of range x group, kv head) and phase-2 units for every (private item, tile, kv head),
-    largest first so the long ones start early. Columns: 0, 1 range in chunk_list; 2 slot whose
-    length bounds the keys (-1: whole chunks); 3 tokens on the path before the range; 4 first
-    batch position; 5, 6 first row and row count of the tile; 7 kv head; 8 first state row.
+    ``phase1_rows`` rows of range x group, kv head) and phase-2 units for every (private item,
+    tile of ``ROWS_PER_UNIT`` rows of the group, kv head), largest first so the long ones start
+    early. Columns: 0, 1 range in chunk_list; 2 slot whose length bounds the keys (-1: whole
+    chunks); 3 tokens on the path before the range; 4 first batch position; 5, 6 first row and
+    row count of the tile; 7 kv head; 8 first state row.
     """
     units = _units_core(plan.piece_begin, plan.piece_end, plan.piece_chunk_indptr, plan.piece_state_offset,
                         plan.item_pos, plan.item_begin, plan.item_end, plan.private_indptr, plan.path_len,
@@ -110,55 +524,84 @@ def build_units(plan: DecodePlan, num_kv_heads: int, group: int):
     return units, np.concatenate([plan.piece_chunks, plan.private_chunks]).astype(np.int32)
 
 
+def auto_piece_chunks(plan, num_q_heads: int, num_kv_heads: int, num_sms: int, units_per_sm: int = 4) -> int:
+    """The piece size of ``piece_chunks="auto"`` (and of ``private_piece_chunks="auto"``).
+
+    ``plan``: a DecodePlan, or anything with its unsplit fields (seg_begin, seg_end,
+    seg_chunk_indptr, private_indptr, chunk_size). The unsplit plan's work, in chunk reads of
+    units (phase-1 tiles of ``phase1_rows`` rows, phase-2 tiles of ``ROWS_PER_UNIT``, times kv
+    heads), divided over ``units_per_sm * num_sms`` units: the cap on chunks per piece / item.
+    """
+    group = num_q_heads // num_kv_heads
+    rows = (np.asarray(plan.seg_end) - np.asarray(plan.seg_begin)).astype(np.int64) * group
+    tiles1 = -(-rows // phase1_rows(int(plan.chunk_size)))
+    work = (int(np.dot(np.diff(plan.seg_chunk_indptr).astype(np.int64), tiles1))
+            + int(plan.private_indptr[-1]) * -(-group // ROWS_PER_UNIT)) * num_kv_heads
+    return max(1, math.ceil(work / (units_per_sm * num_sms)))
+
+
+# The device arrays of a plan, in the order of plan_host's buffer.
+DEVICE_ARRAYS = ("units", "chunk_list", "order", "seq_piece_indptr", "seq_pieces", "piece_state_offset",
+                 "piece_begin", "seq_item_indptr")
+
+
 def plan_host(cache, seqs, num_q_heads: int, piece_chunks="auto", private_piece_chunks="auto",
               units_per_sm: int = 4, num_sms: int = 132):
     """Host part of ``ChunkAttentionDecode.plan``: everything but the upload (no GPU needed).
 
-    Returns (plan, buf, offs, num_units): ``buf`` int32 concatenates units [U, 9] (raveled),
-    chunk_list, order, seq_piece_indptr, seq_pieces, piece_state_offset, piece_begin and
-    seq_item_indptr; array ``i`` is ``buf[offs[i]:offs[i + 1]]`` (``offs`` has 9 entries).
+    Returns (plan, buf, offs, num_units): ``buf`` int32 concatenates the ``DEVICE_ARRAYS``:
+    units [U, 9] (raveled), chunk_list, order, seq_piece_indptr, seq_pieces,
+    piece_state_offset, piece_begin and seq_item_indptr; array ``i`` is
+    ``buf[offs[i]:offs[i + 1]]`` (``offs`` has 9 entries).
     """
-    if not isinstance(num_q_heads, (int, np.integer)) or num_q_heads < 1 or num_q_heads % cache.num_kv_heads:
-        raise ValueError(f"num_q_heads: expected a positive multiple of num_kv_heads "
-                         f"{cache.num_kv_heads}, got {num_q_heads!r}")
+    num_q_heads = check_num_q_heads(cache, num_q_heads)
+    pc = check_piece_chunks(piece_chunks, "piece_chunks", auto=True)
+    ppc = check_piece_chunks(private_piece_chunks, "private_piece_chunks", auto=True)
     H = cache.num_kv_heads
-    group = num_q_heads // H
-    pc, ppc = piece_chunks, private_piece_chunks
-    check_piece_sizes(None if pc == "auto" else pc, None if ppc == "auto" else ppc)
-    base = plan_base(cache, seqs)
-    if pc == "auto" or ppc == "auto":  # about units_per_sm units per SM (chunk reads per unit <= cap)
-        tiles1 = -(-(base["seg_end"] - base["seg_begin"]).astype(np.int64) * group // phase1_rows(cache.chunk_size))
-        work = (int(np.dot(np.diff(base["seg_chunk_indptr"]), tiles1)) + int(base["private_indptr"][-1])
-                * -(-group // ROWS_PER_UNIT)) * H
-        cap = max(1, math.ceil(work / (units_per_sm * num_sms)))
+    base = _plan_base(cache, seqs)
+    if pc == "auto" or ppc == "auto":  # about units_per_sm units per SM
+        cap = auto_piece_chunks(types.SimpleNamespace(**base), num_q_heads, H, num_sms, units_per_sm)
         pc, ppc = cap if pc == "auto" else pc, cap if ppc == "auto" else ppc
-    plan = split_plan(None, pc, ppc, base=base)
-    units, chunk_list = build_units(plan, H, group)
+    plan = _split(base, pc, ppc)
+    units, chunk_list = build_units(plan, H, num_q_heads // H)
     host = [units.ravel(), chunk_list, plan.order, plan.seq_piece_indptr, plan.seq_pieces,
             plan.piece_state_offset, plan.piece_begin, plan.seq_item_indptr]
     offs = [0, *itertools.accumulate(map(len, host))]
     return plan, np.concatenate(host), offs, len(units)
 
 
+# ---------------------------------------------------------------------- plan / run
 class ChunkAttentionDecode:
-    """Plan/run wrapper of the two-phase partition decode over a ``GpuChunkCache``.
+    """Plan/run decoder of the two-phase partition over a ``GpuChunkCache``.
 
-    ``piece_chunks`` / ``private_piece_chunks``: chunks per phase-1 piece / phase-2 item, or
-    "auto" to size them so about ``units_per_sm`` units per multiprocessor exist.
+    The API of ``reference.ChunkAttentionDecode``, name for name: constructing this class with a
+    NumPy cache (``cache.backend == "numpy"``) returns the reference decoder.
+
+    ``piece_chunks`` / ``private_piece_chunks``: chunks per phase-1 piece / phase-2 item, None
+    for no split, or "auto" (``auto_piece_chunks``) to size them so about ``units_per_sm``
+    units per multiprocessor exist. Results never depend on them.
     """
+
+    def __new__(cls, cache, *args, **kwargs):
+        if getattr(cache, "backend", None) == "numpy":
+            return reference.ChunkAttentionDecode(cache, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, cache, piece_chunks="auto", private_piece_chunks="auto", units_per_sm: int = 4):
         import cupy
 
+        self.piece_chunks = check_piece_chunks(piece_chunks, "piece_chunks", auto=True)
+        self.private_piece_chunks = check_piece_chunks(private_piece_chunks, "private_piece_chunks", auto=True)
+        self.units_per_sm = check_int(units_per_sm, "units_per_sm", 1)
         self.cache = cache
-        self.piece_chunks, self.private_piece_chunks = piece_chunks, private_piece_chunks
-        self.units_per_sm = units_per_sm
         self._kern = get_kernels("chunk_attention", cache.dtype, cache.head_dim, cache.chunk_size)
         self._smem = _smem_bytes(cache.head_dim, cache.chunk_size)
         self._kern["chunk_attend"].max_dynamic_shared_size_bytes = self._smem
         self._sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self._states_cap = 0
-        self.ref_plan: DecodePlan | None = None
+        self.decode_plan: DecodePlan | None = None  # the current plan (host arrays)
+        self.num_q_heads: int | None = None
+        self._dev = {}  # DEVICE_ARRAYS name -> view of the one uploaded buffer
 
     # ------------------------------------------------------------------ plan
     def plan(self, seqs, num_q_heads: int) -> DecodePlan:
@@ -166,72 +609,80 @@ class ChunkAttentionDecode:
         import cupy
 
         cache = self.cache
-        plan, host, offs, self._num_units = plan_host(cache, seqs, num_q_heads, self.piece_chunks,
-                                                      self.private_piece_chunks, self.units_per_sm, self._sms)
+        plan, host, offs, num_units = plan_host(cache, seqs, num_q_heads, self.piece_chunks,
+                                                self.private_piece_chunks, self.units_per_sm, self._sms)
         buf = cupy.asarray(host)  # the one upload
-        views = [buf[offs[i]:offs[i + 1]] for i in range(len(offs) - 1)]
-        (self._units, self._chunk_list, self._order, self._seq_piece_indptr, self._seq_pieces,
-         self._piece_state_offset, self._piece_begin, self._seq_item_indptr) = views
+        self._dev = {name: buf[offs[i]:offs[i + 1]] for i, name in enumerate(DEVICE_ARRAYS)}
+        self._dev["units"] = self._dev["units"].reshape(num_units, 9)
         rows = plan.num_state_rows + plan.num_items
         if rows * num_q_heads > self._states_cap:  # grow only; fixed while a graph replays
             self._states_cap = rows * num_q_heads
             self._o_states = cupy.empty(self._states_cap * cache.head_dim, np.float32)
             self._lse_states = cupy.empty(self._states_cap, np.float32)
-        self._num_q_heads, self._group = num_q_heads, num_q_heads // cache.num_kv_heads
+        self.num_q_heads = int(num_q_heads)
         cache.sync_lens()
-        self.ref_plan = plan
+        self.decode_plan = plan
         return plan
 
+    @property
+    def units(self):
+        """The planned work units on the device, int32 [U, 9] (columns in ``build_units``)."""
+        check_plan(self.cache, self.decode_plan)
+        return self._dev["units"]
+
     # ------------------------------------------------------------------ run
-    def run(self, q, layer: int = 0, scale: float | None = None, out=None, lse=None):
-        """o [batch, Hq, D] (storage dtype) for q [batch, Hq, D]; ``lse`` [batch, Hq] float32 if given.
+    def _check_q(self, q, layer, scale):
+        cache, plan = self.cache, check_plan(self.cache, self.decode_plan)
+        q = as_cupy(q, "q", cache.dtype, (plan.batch_size, self.num_q_heads, cache.head_dim))
+        cache.check_layer(layer)
+        return q, check_scale(scale, cache.head_dim)
+
+    def launch_attend(self, q, layer: int = 0, *, scale: float | None = None, units=None):
+        """Launch ``chunk_attend`` alone over ``units`` (a device int32 [n, 9] subset of
+        ``self.units``; default all): the partial states, no merge. For profiling."""
+        q, scale = self._check_q(q, layer, scale)
+        units = self._dev["units"] if units is None else as_cupy(units, "units", None, None)
+        if units.dtype != np.int32 or units.ndim != 2 or units.shape[1] != 9:
+            raise ValueError(f"units: expected a device int32 array [n, 9], got {units.dtype} {units.shape}")
+        cache = self.cache
+        self._kern["chunk_attend"](
+            (len(units),), (THREADS,),
+            (q, cache.k_pool, cache.v_pool, np.int64(layer * cache.num_chunks * cache.num_kv_heads),
+             units, self._dev["chunk_list"], self._dev["order"], cache.d_slot_lens, self._o_states,
+             self._lse_states, np.int32(self.num_q_heads), np.int32(cache.num_kv_heads),
+             np.int32(self.num_q_heads // cache.num_kv_heads), np.float32(scale * LOG2E)),
+            shared_mem=self._smem)
+
+    def run(self, q, layer: int = 0, *, scale: float | None = None, out=None, return_lse: bool = False,
+            lse_out=None):
+        """o [B, Hq, D] (storage dtype) for q [B, Hq, D] (rows in the planned batch order); with
+        ``return_lse`` or ``lse_out`` [B, Hq] float32, returns (o, lse).
 
         Launches two kernels on the current stream; never synchronises.
         """
         import cupy
 
-        cache, plan = self.cache, self.ref_plan
-        if plan is None:
-            raise CacheError("plan: expected a plan (call plan(seqs, num_q_heads) before run), got none")
-        if plan.version != cache.version:
-            raise CacheError(f"plan: expected a plan for cache version {cache.version}, got one built at "
-                             f"version {plan.version} (the tree changed); call plan() again")
-        B, Hq, D = plan.batch_size, self._num_q_heads, cache.head_dim
-        q = as_cupy(q, "q", cache.dtype, (B, Hq, D))
-        cache.check_layer(layer)
-        if out is None:
-            out = cupy.empty((B, Hq, D), q.dtype)
-        else:
-            out = as_cupy(out, "out", cache.dtype, (B, Hq, D))
-        if lse is not None:
-            lse = as_cupy(lse, "lse", None, (B, Hq))
-            if lse.dtype != np.float32:
-                raise TypeError(f"lse: expected dtype float32, got {lse.dtype}")
-        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        o_st = self._o_states
-        lse_st = self._lse_states
-        self._kern["chunk_attend"](
-            (self._num_units,), (THREADS,),
-            (q, cache.k_pool, cache.v_pool, np.int64(layer * cache.num_chunks * cache.num_kv_heads),
-             self._units, self._chunk_list, self._order, cache.d_slot_lens, o_st, lse_st,
-             np.int32(Hq), np.int32(cache.num_kv_heads), np.int32(self._group),
-             np.float32(scale * 1.4426950408889634)),
-            shared_mem=self._smem)
-        lse_out = lse if lse is not None else lse_st  # lse_st is a valid dummy when not asked for
-        write_lse = lse is not None
-        warps = B * Hq
+        q, scale = self._check_q(q, layer, scale)
+        cache, plan = self.cache, self.decode_plan
+        B, Hq, D = plan.batch_size, self.num_q_heads, cache.head_dim
+        return_lse = check_bool(return_lse, "return_lse")
+        out = cupy.empty((B, Hq, D), q.dtype) if out is None else as_cupy(out, "out", cache.dtype, (B, Hq, D))
+        if lse_out is not None:
+            lse_out = as_cupy(lse_out, "lse_out", None, (B, Hq))
+            if lse_out.dtype != np.float32:
+                raise TypeError(f"lse_out: expected dtype float32, got {lse_out.dtype}")
+        elif return_lse:
+            lse_out = cupy.empty((B, Hq), np.float32)
+        self.launch_attend(q, layer, scale=scale)
+        d = self._dev
         self._kern["chunk_merge"](
-            ((warps + 3) // 4,), (THREADS,),
-            (o_st, lse_st, self._seq_piece_indptr, self._seq_pieces, self._piece_state_offset,
-             self._piece_begin, self._seq_item_indptr, np.int32(plan.num_state_rows), self._order,
-             out, lse_out, np.int32(write_lse), np.int32(B), np.int32(Hq)))
-        return (out, lse) if lse is not None else out
+            ((B * Hq + 3) // 4,), (THREADS,),  # one warp per (sequence, query head)
+            (self._o_states, self._lse_states, d["seq_piece_indptr"], d["seq_pieces"], d["piece_state_offset"],
+             d["piece_begin"], d["seq_item_indptr"], np.int32(plan.num_state_rows), d["order"],
+             out, self._lse_states if lse_out is None else lse_out,  # the states: a valid dummy
+             np.int32(lse_out is not None), np.int32(B), np.int32(Hq)))
+        return out if lse_out is None else (out, lse_out)
 
 
-def run_once(cache, seqs_or_plan, q, layer: int = 0, scale: float | None = None):
-    """One-call decode: plan (or reuse the reference plan's batch) and run. Convenience only."""
-    seqs = seqs_or_plan.batch if isinstance(seqs_or_plan, DecodePlan) else seqs_or_plan
-    q = as_cupy(q, "q", cache.dtype)
-    dec = ChunkAttentionDecode(cache)
-    dec.plan(seqs, q.shape[1])
-    return dec.run(q, layer, scale)
+__all__ = ["ChunkAttentionDecode", "DecodePlan", "build_decode_plan", "split_plan", "plan_host", "build_units",
+           "auto_piece_chunks", "DEVICE_ARRAYS", "ROWS_PER_UNIT", "THREADS", "phase1_rows"]

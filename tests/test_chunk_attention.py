@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cpattn.reference.chunk_attention import attention_state, decode, dense_decode, merge_states
-from cpattn.reference.dtypes import to_float32, to_storage
-from cpattn.reference.plan import build_decode_plan
+import cpattn
+from cpattn.reference.chunk_attention import (ChunkAttentionDecode, attention_state, build_decode_plan, decode,
+                                              merge_states, oracle_decode)
+from cpattn.reference.dtypes import round_to_storage, storage_numpy_dtype, to_float32, to_storage
 from cpattn.reference.chunk_cache import CacheError, ChunkCache
 from cpattn.reference.workloads import TokenKV, fill_cache, prefix_tree_prompts, random_queries
 
@@ -113,7 +114,7 @@ def test_decode_matches_dense_oracle(w, piece, private, data):
     q = w.queries()
     plan = build_decode_plan(cache, ids, piece_chunks=piece, private_piece_chunks=private)
     o, lse = decode(cache, plan, q, layer, return_lse=True)
-    ref, ref_lse = dense_decode(cache, ids, q, layer, return_lse=True)
+    ref, ref_lse = oracle_decode(cache, ids, q, layer)
     assert o.dtype == np.float32 and o.shape == (w.num_requests, w.num_q_heads, w.head_dim)
     assert np.isfinite(o).all() and np.isfinite(lse).all()
     err = rel_err(o, ref)
@@ -130,17 +131,17 @@ def test_decode_matches_dense_oracle_at_model_head_dims(head_dim, dtype):
     q = w.queries()
     plan = build_decode_plan(cache, ids, piece_chunks=1, private_piece_chunks=1)
     assert plan.num_pieces > 0 and plan.num_items > 0  # both phases and the merge are exercised
-    assert rel_err(decode(cache, plan, q), dense_decode(cache, ids, q)) <= DECODE_BUDGET
+    assert rel_err(decode(cache, plan, q), oracle_decode(cache, ids, q)[0]) <= DECODE_BUDGET
 
 
 def test_the_oracle_is_attention_over_the_written_tokens():
-    """dense_decode checked once against attention written out from TokenKV, not the cache."""
+    """oracle_decode checked once against attention written out from TokenKV, not the cache."""
     w = Workload(seed=5, num_requests=3, chunk_size=4, levels=2, fanout=2, num_layers=2,
                  num_kv_heads=2, group=2, head_dim=16, dtype="bfloat16")
     cache, ids = w.cache()
     q = w.queries()
     kv = w.kv()
-    o = dense_decode(cache, ids, q, layer=1)
+    o, _ = oracle_decode(cache, ids, q, layer=1)
     for b, sid in enumerate(ids):
         k, v = (to_float32(x[1], w.dtype).astype(np.float64) for x in kv(cache.seq_tokens(sid)))
         for h in range(w.num_q_heads):
@@ -255,12 +256,12 @@ def test_plan_survives_appends_within_a_chunk():
         append(room)
         appended += len(room)
         assert cache.version == plan.version
-        assert rel_err(decode(cache, plan, q), dense_decode(cache, ids, q)) <= DECODE_BUDGET
+        assert rel_err(decode(cache, plan, q), oracle_decode(cache, ids, q)[0]) <= DECODE_BUDGET
     assert appended >= len(ids)
     append(ids[:1])  # every tail is full now: this append opens a chunk
     with pytest.raises(CacheError, match="plan"):
         decode(cache, plan, q)
-    assert rel_err(run(cache, ids, q), dense_decode(cache, ids, q)) <= DECODE_BUDGET
+    assert rel_err(run(cache, ids, q), oracle_decode(cache, ids, q)[0]) <= DECODE_BUDGET
 
 
 # ---------------------------------------------------------------------- merge_states
@@ -330,10 +331,115 @@ def test_extreme_logits_stay_finite(sign, dtype):
     q = to_storage(sign * q1 * np.float32(1e4 / top), dtype)
     o, lse = decode(cache, build_decode_plan(cache, ids, piece_chunks=1, private_piece_chunks=1), q,
                     return_lse=True)
-    ref, ref_lse = dense_decode(cache, ids, q, return_lse=True)
+    ref, ref_lse = oracle_decode(cache, ids, q)
     assert np.abs(ref_lse).max() > 5e3  # the scores really are extreme
     assert np.isfinite(o).all() and np.isfinite(lse).all()
     # a float32 score of magnitude 1e4 is off by up to D * u * 1e4 ~ 4e-2 (worst case; about
     # sqrt(D) * u * 1e4 ~ 5e-3 typically), which moves a softmax weight by as much relatively
     assert rel_err(o, ref) <= 1e-2
     assert np.abs(lse - ref_lse).max() <= 1e-4 * np.abs(ref_lse).max()
+
+
+# ---------------------------------------------------------------------- ChunkAttentionDecode
+def small():
+    w = Workload(seed=21, num_requests=5, chunk_size=4, levels=2, fanout=2, num_layers=2,
+                 num_kv_heads=2, group=2, head_dim=16, dtype="bfloat16")
+    cache, ids = w.cache()
+    return w, cache, ids
+
+
+@given(w=workloads(head_dims=st.sampled_from([8, 16])), piece=st.none() | st.just("auto") | st.integers(1, 3),
+       data=st.data())
+def test_class_run_is_decode_rounded_once_to_storage(w, piece, data):
+    cache, ids = w.cache()
+    layer = data.draw(st.integers(0, w.num_layers - 1), label="layer")
+    q = w.queries()
+    dec = cpattn.ChunkAttentionDecode(cache, piece_chunks=piece, private_piece_chunks=piece)
+    assert type(dec) is ChunkAttentionDecode  # a NumPy cache gets the reference decoder
+    plan = dec.plan(ids, w.num_q_heads)
+    assert dec.decode_plan is plan and plan.batch == tuple(ids)
+    o = dec.run(q, layer)
+    want, want_lse = decode(cache, plan, q, layer, return_lse=True)
+    assert o.dtype == storage_numpy_dtype(w.dtype) and o.shape == q.shape
+    assert np.array_equal(to_float32(o, w.dtype), round_to_storage(want, w.dtype))
+    o2, lse = dec.run(q, layer, return_lse=True)
+    assert np.array_equal(o2, o) and lse.dtype == np.float32 and np.array_equal(lse, want_lse)
+    # "auto" plans no split in the reference; any piece size gives the same result
+    if piece in (None, "auto"):
+        assert plan.num_pieces == plan.num_segments and plan.num_items == int((np.diff(plan.private_indptr) > 0).sum())
+    ref, _ = oracle_decode(cache, ids, q, layer)
+    assert rel_err(to_float32(o, w.dtype), ref) <= DECODE_BUDGET + 2.0**-8
+
+
+def test_class_writes_out_and_lse_out_in_place():
+    w, cache, ids = small()
+    dec = ChunkAttentionDecode(cache)
+    dec.plan(ids, w.num_q_heads)
+    q = w.queries()
+    out = np.full(q.shape, 0x7FC0, np.uint16)
+    lse_out = np.full(q.shape[:2], np.nan, np.float32)
+    o, lse = dec.run(q, 1, out=out, lse_out=lse_out)
+    assert o is out and lse is lse_out
+    want, want_lse = dec.run(q, 1, return_lse=True)
+    assert np.array_equal(out, want) and np.array_equal(lse_out, want_lse)
+    assert dec.run(q, 1, out=out) is out
+    for kw, exc in ((dict(out=out.astype(np.float16)), TypeError), (dict(out=out[:1]), ValueError),
+                    (dict(out=out.tolist()), TypeError), (dict(lse_out=lse_out.astype(np.float64)), TypeError),
+                    (dict(lse_out=lse_out[:, :1]), ValueError), (dict(return_lse=1), TypeError)):
+        before = (out.copy(), lse_out.copy())
+        with pytest.raises(exc, match="^(out|lse_out|return_lse): "):
+            dec.run(q, 1, **kw)
+        assert np.array_equal(out, before[0]) and np.array_equal(lse_out, before[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("scale", [0, 0.0, -1.0, float("nan"), float("inf"), -float("inf"), "0.5", True,
+                                   np.float32("nan"), [0.5]])
+def test_bad_scale_is_refused(scale):
+    w, cache, ids = small()
+    q = w.queries()
+    dec = ChunkAttentionDecode(cache)
+    plan = dec.plan(ids, w.num_q_heads)
+    for call in (lambda: dec.run(q, scale=scale), lambda: decode(cache, plan, q, scale=scale),
+                 lambda: oracle_decode(cache, ids, q, scale=scale)):
+        with pytest.raises(ValueError, match="^scale: "):
+            call()
+
+
+def test_scale_is_used():
+    w, cache, ids = small()
+    q = w.queries()
+    dec = ChunkAttentionDecode(cache)
+    dec.plan(ids, w.num_q_heads)
+    o, lse = dec.run(q, scale=0.3, return_lse=True)
+    ref, ref_lse = oracle_decode(cache, ids, q, scale=np.float32(0.3))
+    assert rel_err(to_float32(o, w.dtype), ref) <= DECODE_BUDGET + 2.0**-8
+    assert np.abs(lse - ref_lse).max() <= 1e-4 * max(1.0, np.abs(ref_lse).max())
+    assert not np.allclose(lse, dec.run(q, return_lse=True)[1])  # not the default 1/sqrt(D)
+
+
+def test_class_refuses_a_stale_or_missing_plan_and_bad_arguments():
+    w, cache, ids = small()
+    q = w.queries()
+    dec = ChunkAttentionDecode(cache)
+    with pytest.raises(CacheError, match="^plan: "):
+        dec.run(q)
+    dec.plan(ids, w.num_q_heads)
+    with pytest.raises(ValueError, match="^q: "):
+        dec.run(np.ascontiguousarray(np.concatenate([q, q], axis=1)))  # more heads than planned
+    with pytest.raises(ValueError, match="^layer: "):
+        dec.run(q, w.num_layers)
+    with pytest.raises(TypeError, match="^layer: "):
+        dec.run(q, True)
+    for bad in (0, 3, True, 2.0):
+        with pytest.raises(ValueError, match="^num_q_heads: "):
+            dec.plan(ids, bad)
+    for kw in (dict(piece_chunks=0), dict(private_piece_chunks="x"), dict(piece_chunks=1.5)):
+        with pytest.raises(ValueError, match="^(piece_chunks|private_piece_chunks): "):
+            ChunkAttentionDecode(cache, **kw)
+    with pytest.raises(TypeError, match="^units_per_sm: "):
+        ChunkAttentionDecode(cache, units_per_sm=2.0)
+    cache.release(cache.add_sequence([]))  # any structural change makes the plan stale
+    with pytest.raises(CacheError, match="^plan: "):
+        dec.run(q)
+    dec.plan(ids, w.num_q_heads)
+    dec.run(q)
