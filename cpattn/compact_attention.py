@@ -1,11 +1,12 @@
 """CompactAttention chunked prefill on the GPU: selection, unions, CSR tables, paged kernel.
 
-Mirrors ``cpattn.reference.compact_attention`` name for name::
+Mirrors ``cpattn.reference.compact_attention`` name for name (docs/design.md, "One API for both
+backends"); the cache picks the backend, so a NumPy ``ChunkCache`` runs the reference::
 
-    means = GpuBlockMeans(cache)                       # mean key per full page, on the device
+    means = BlockMeans(cache)                          # mean key per full page, on the device
     r = compact_prefill(cache, means, seq, q, layer)   # q [n, Hq, D]: the sequence's last n tokens
     r.o, r.lse                                         # [n, Hq, D] storage dtype, [n, Hq] float32
-    r.density()                                        # per-stage densities (syncs to read them)
+    r.density(), r.tables()                            # per-stage densities, host CSR (both sync)
 
 Five launches on the current stream, no host synchronisation: block_score (tensor cores),
 block_union (threshold + sink/window + Q-block and group unions + compaction), tables_csr
@@ -25,7 +26,9 @@ import numpy as np
 
 from .arrays import as_cupy
 from .kernels import get_kernels
-from .reference.compact_attention import BlockMeans, _cdiv, _check_chunk, _check_options, _check_scale
+from .reference import compact_attention as reference
+from .reference.checks import cdiv, check_bool, check_choice, check_scale
+from .reference.compact_attention import KERNEL_CHOICES, check_chunk, check_events, check_options, dense_options
 from .reference.dtypes import storage_numpy_dtype
 
 THREADS = 128
@@ -41,7 +44,6 @@ def _prefill_smem(head_dim: int, chunk_size: int) -> int:
 
 
 WG_THREADS, WG_KEYS = 256, 128  # kWgThreads and WgSmem::TK of raw_kernels/compact_attention_sm90.cu
-KERNEL_CHOICES = ("auto", "wgmma", "mma")
 
 
 def _prefill_smem_wg(head_dim: int, chunk_size: int) -> int:
@@ -51,110 +53,144 @@ def _prefill_smem_wg(head_dim: int, chunk_size: int) -> int:
     return 1024 + ROWS_PER_UNIT * head_dim * 2 + 2 * stages * WG_KEYS * head_dim * 2 + 2 * stages * 8
 
 
-def _use_wgmma(kernel: str) -> bool:
-    """'auto': the warpgroup-MMA kernel on compute capability 9.0 (Hopper), unless the
-    environment sets CPATTN_PREFILL_KERNEL=mma; 'wgmma' / 'mma' force one."""
+def choose_kernel(kernel: str = "auto") -> str:
+    """The paged-prefill kernel ``compact_prefill(kernel=...)`` runs: 'wgmma' (warpgroup MMA,
+    compute capability 9.0 only) or 'mma' (mma.sync, every GPU). 'auto' picks 'wgmma' on Hopper,
+    unless the environment sets CPATTN_PREFILL_KERNEL to 'mma' (or 'wgmma'). Checked before
+    CuPy is imported."""
     import os
 
-    if kernel not in KERNEL_CHOICES:
-        raise ValueError(f"kernel: expected one of {KERNEL_CHOICES}, got {kernel!r}")
+    check_choice(kernel, "kernel", KERNEL_CHOICES)
     if kernel == "auto":
-        kernel = os.environ.get("CPATTN_PREFILL_KERNEL", "auto")
-        if kernel not in KERNEL_CHOICES:
-            raise ValueError(f"CPATTN_PREFILL_KERNEL: expected one of {KERNEL_CHOICES}, got {kernel!r}")
+        kernel = check_choice(os.environ.get("CPATTN_PREFILL_KERNEL", "auto"), "CPATTN_PREFILL_KERNEL",
+                              KERNEL_CHOICES)
     if kernel == "mma":
-        return False
+        return "mma"
     import cupy
 
-    hopper = cupy.cuda.Device().compute_capability == "90"
-    if kernel == "wgmma" and not hopper:
-        raise ValueError(f"kernel: 'wgmma' needs compute capability 9.0, got {cupy.cuda.Device().compute_capability}")
-    return kernel == "wgmma" or (kernel == "auto" and hopper)
+    cc = cupy.cuda.Device().compute_capability
+    if kernel == "wgmma" and cc != "90":
+        raise ValueError(f"kernel: expected 'wgmma' only on compute capability 9.0, got compute capability {cc}")
+    return "wgmma" if cc == "90" else "mma"
 
 
-class GpuBlockMeans(BlockMeans):
-    """Mean key of every summarised pool page, on the device (the reference ``BlockMeans`` with
-    its summaries computed by one ``block_mean`` launch per update).
+def use_wgmma(kernel: str = "auto") -> bool:
+    """True when ``choose_kernel(kernel)`` is the warpgroup-MMA kernel."""
+    return choose_kernel(kernel) == "wgmma"
+
+
+class BlockMeans(reference.BlockMeans):
+    """Mean key of every summarised pool page, on the device: the reference ``BlockMeans`` with
+    its summaries computed by one ``block_mean`` launch per update. For a NumPy cache,
+    ``BlockMeans(cache)`` is the reference one.
 
     Arrays:
-        kmean: float32 [num_layers, num_chunks, Hkv, D]
+        kmean: cupy float32 [num_layers, num_chunks, Hkv, D]
         kmean_lp: the same rounded to the storage dtype (what the score kernel reads)
     Pages are summarised once, when full and committed; keyed by pool id and owning tree node.
     """
 
+    def __new__(cls, cache):
+        if cache.backend == "numpy":
+            return reference.BlockMeans(cache)
+        return super().__new__(cls)
+
     def __init__(self, cache):
         import cupy
 
-        self.cache = cache
-        self.chunk_size = cache.chunk_size
         shape = (cache.num_layers, cache.num_chunks, cache.num_kv_heads, cache.head_dim)
-        self.kmean = cupy.zeros(shape, np.float32)
+        super().__init__(cache, kmean=cupy.zeros(shape, np.float32))
         self.kmean_lp = cupy.zeros(shape, storage_numpy_dtype(cache.dtype))
-        self._owner: list = [None] * cache.num_chunks
-        self._kern = get_kernels("compact_attention", cache.dtype, cache.head_dim, cache.chunk_size)
+        self._kernels = get_kernels("compact_attention", cache.dtype, cache.head_dim, cache.chunk_size)
 
-    def _summarise(self, cache, chunks: list) -> None:
+    def summarise(self, cache, chunks: list) -> None:
         import cupy
 
         pages = cupy.asarray(np.array(chunks, np.int32))
-        self._kern["block_mean"](
+        self._kernels["block_mean"](
             (len(chunks), cache.num_kv_heads), (cache.head_dim,),
             (cache.k_pool, pages, np.int32(len(chunks)), np.int32(cache.num_layers), np.int32(cache.num_chunks),
              np.int32(cache.num_kv_heads), self.kmean, self.kmean_lp))
 
 
 @dataclass
-class GpuCompactPrefill:
-    """Result of ``compact_prefill``. Device arrays; reading ``density()`` synchronises."""
+class CompactPrefill:
+    """Result of ``compact_prefill`` (the reference's ``CompactPrefill`` on the device). Reading
+    ``density()`` or ``tables()`` synchronises.
 
-    o: object  # cupy [n, Hq, D] storage dtype
-    lse: object  # cupy float32 [n, Hq]
-    indptr: object  # cupy int32 [R + 1], R = T * Hkv * S tables (reference BlockTables order)
-    indices: object  # cupy int32 [capacity]; the first indptr[-1] entries are the page lists
-    stats: object  # cupy uint64 [3]: kept triples at select / q_union / group_union
+    Arrays:
+        o        cupy [n, Hq, D] storage dtype
+        lse      cupy float32 [n, Hq]; None with return_lse=False
+        indptr   cupy int32 [R + 1], R = T * Hkv * S tables (reference BlockTables order)
+        indices  cupy int32 [capacity]; the first indptr[-1] entries are the page lists
+        stats    cupy uint64 [3]: kept (head, query block, past block) triples at select / q_union /
+                 group_union
+    """
+
+    o: object
+    lse: object
+    indptr: object
+    indices: object
+    stats: object
     num_past_blocks: int
     num_tables: int
     denominator: int  # Hq * Qb * Pb
+    causal_blocks: int  # Pb * R + own blocks of every table: what a dense prefill reads
 
     def density(self) -> dict:
-        """Past-block density after each stage, as the reference counts it (syncs)."""
+        """Density after each stage, as the reference counts it: select, q_union, group_union
+        (past blocks), tables (all blocks). Synchronises."""
+        tables = float(self.indptr[-1].get()) / self.causal_blocks
         if self.num_past_blocks == 0:
-            return dict(select=1.0, q_union=1.0, group_union=1.0)
+            return dict(select=1.0, q_union=1.0, group_union=1.0, tables=tables)
         s = self.stats.get().astype(np.float64) / self.denominator
-        return dict(select=float(s[0]), q_union=float(s[1]), group_union=float(s[2]))
+        return dict(select=float(s[0]), q_union=float(s[1]), group_union=float(s[2]), tables=tables)
 
     def tables(self):
-        """(indptr, indices) on the host (syncs): the CSR page lists, compare with the reference."""
+        """(indptr int32 [R + 1], indices int32 [nnz]) on the host (syncs): the CSR page lists."""
         indptr = self.indptr.get()
         return indptr, self.indices[: int(indptr[-1])].get()
 
 
-def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *, scale: float | None = None,
+def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, scale: float | None = None,
                     alpha: float = 0.06, sink: int = 2, window: int = 4, q_tile: int | None = None,
-                    group_size: int | None = None, return_lse: bool = True, out=None,
-                    events: list | None = None, kernel: str = "auto") -> GpuCompactPrefill:
-    """CompactAttention for one chunk and layer of a ``GpuChunkCache`` (see the module docstring).
+                    group_size: int | None = None, return_lse: bool = True, out=None, kernel: str = "auto",
+                    events: list | None = None):
+    """CompactAttention for one chunk and layer (see the module docstring): a ``CompactPrefill``.
 
     The chunk is the sequence's last n = q.shape[0] tokens, their K/V written for this layer;
     q: [n, Hq, D] storage dtype (CuPy, __cuda_array_interface__ or DLPack). alpha 0 keeps every
     block (dense chunked prefill). Launches on the current stream; never synchronises.
-    ``events``: a list that receives (stage name, CUDA event) after each stage, for profiling.
-    ``kernel``: the attention kernel: 'auto' (warpgroup MMA on Hopper, else mma.sync), 'wgmma'
-    or 'mma'; the environment variable CPATTN_PREFILL_KERNEL overrides 'auto'.
+    ``out``: a device array [n, Hq, D] storage dtype that receives ``o``.
+    ``events``: a list that receives (stage name, CUDA event) at "start" and after "means",
+    "score", "tables" and "attention", for profiling.
+    ``kernel``: the attention kernel (``choose_kernel``): 'auto' (warpgroup MMA on Hopper, else
+    mma.sync), 'wgmma' or 'mma'; the environment variable CPATTN_PREFILL_KERNEL overrides 'auto'.
+    A NumPy ``ChunkCache`` runs ``cpattn.reference.compact_attention.compact_prefill``.
     """
+    if cache.backend == "numpy":
+        return reference.compact_prefill(cache, means, seq, q, layer, scale=scale, alpha=alpha, sink=sink,
+                                         window=window, q_tile=q_tile, group_size=group_size,
+                                         return_lse=return_lse, out=out, kernel=kernel, events=events)
     import cupy
 
+    check_choice(kernel, "kernel", KERNEL_CHOICES)
+    check_bool(return_lse, "return_lse")
+    check_events(events)
     q = as_cupy(q, "q", cache.dtype)
-    P, n, G = _check_chunk(cache, seq, q, layer)
-    scale = _check_scale(scale, cache.head_dim)
+    P, n, G = check_chunk(cache, seq, q, layer)
+    scale = check_scale(scale, cache.head_dim)
     c, Hkv, D = cache.chunk_size, cache.num_kv_heads, cache.head_dim
-    q_tile, s = _check_options(c, n, G, alpha, sink, window, q_tile, group_size)
-    means._check_cache(cache)
-    wg = _use_wgmma(kernel)
+    q_tile, s = check_options(c, n, G, alpha, sink, window, q_tile, group_size)
+    if not isinstance(means, BlockMeans):
+        raise TypeError(f"means: expected cpattn.compact_attention.BlockMeans(cache) for a GPU cache, "
+                        f"got {type(means).__module__}.{type(means).__name__}")
+    means.check_cache(cache)
+    wg = use_wgmma(kernel)
     Hq = q.shape[1]
     if out is not None:
         out = as_cupy(out, "out", cache.dtype, (n, Hq, D))
-    k = means._kern
+    k = get_kernels("compact_attention", cache.dtype, D, c)
 
     def mark(name):
         if events is not None:
@@ -166,9 +202,9 @@ def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *,
     means.update(cache, seq, num_tokens=P)
     mark("means")
 
-    Pb, Qb, Cb = P // c, _cdiv(n, c), _cdiv(n, c)
+    Pb, Qb, Cb = P // c, cdiv(n, c), cdiv(n, c)
     tb = q_tile // c
-    T, S = _cdiv(Qb, tb), G // s
+    T, S = cdiv(Qb, tb), G // s
     R = T * Hkv * S
     blocks = cupy.asarray(np.array(cache.seq_chunks(seq)[: Pb + Cb], np.int32))
     page0 = np.int64(layer * cache.num_chunks * Hkv)
@@ -177,7 +213,7 @@ def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *,
     # 2. scores
     s_raw = cupy.zeros((Hq, Qb, max(Pb, 1)), np.float32)
     if Pb and alpha > 0:  # alpha 0 keeps every block: all-zero scores pass a zero threshold
-        k["block_score"]((_cdiv(n, SCORE_ROWS), Hq), (THREADS,),
+        k["block_score"]((cdiv(n, SCORE_ROWS), Hq), (THREADS,),
                          (q, means.kmean_lp, page0, blocks, np.int32(Pb), np.int32(n), np.int32(Hq),
                           np.int32(Hkv), scale_log2, s_raw))
     mark("score")
@@ -218,15 +254,17 @@ def compact_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, *,
         np.int32(return_lse)),
        shared_mem=smem)
     mark("attention")
-    return GpuCompactPrefill(o=o, lse=lse if return_lse else None, indptr=indptr, indices=indices, stats=stats,
-                             num_past_blocks=Pb, num_tables=R, denominator=Hq * Qb * max(Pb, 1))
+    own_blocks = sum(cdiv(min(n, (t + 1) * q_tile), c) for t in range(T))  # own pages each tile reads
+    return CompactPrefill(o=o, lse=lse if return_lse else None, indptr=indptr, indices=indices, stats=stats,
+                          num_past_blocks=Pb, num_tables=R, denominator=Hq * Qb * max(Pb, 1),
+                          causal_blocks=Pb * R + own_blocks * Hkv * S)
 
 
-def dense_prefill(cache, means: GpuBlockMeans, seq: int, q, layer: int = 0, **kw) -> GpuCompactPrefill:
-    """Our dense chunked prefill: the same kernel with every block selected (alpha 0)."""
-    kw.setdefault("sink", 0)
-    kw.setdefault("window", 0)
-    return compact_prefill(cache, means, seq, q, layer, alpha=0.0, **kw)
+def dense_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, **options):
+    """Our dense chunked prefill: ``compact_prefill`` with every block kept (alpha 0, sink and
+    window 0 unless given). A NumPy ``ChunkCache`` runs the reference."""
+    return compact_prefill(cache, means, seq, q, layer, **dense_options(options))
 
 
-__all__ = ["GpuBlockMeans", "GpuCompactPrefill", "compact_prefill", "dense_prefill"]
+__all__ = ["BlockMeans", "CompactPrefill", "compact_prefill", "dense_prefill", "choose_kernel", "use_wgmma",
+           "KERNEL_CHOICES"]

@@ -28,9 +28,13 @@ The passes, written as the GPU runs them (each is one function below)::
     7. execute    sparse_prefill        per table: state over past pages (no mask) merged with
                                         the state over own pages (bottom-right causal mask)
 
-``compact_prefill`` runs 2-7 for one chunk and layer; ``chunked_prefill`` drives a whole prompt
-(write K/V, attend, commit, summarise). ``dense_prefill`` is the float64 oracle;
+``compact_prefill`` runs 2-7 for one chunk and layer and returns a ``CompactPrefill`` (``o`` in
+the storage dtype, ``lse`` float32, as the GPU backend returns them); ``dense_prefill`` is the same
+call with every block kept (alpha 0), our dense chunked prefill; ``chunked_prefill`` drives a
+whole prompt (write K/V, attend, commit, summarise). ``oracle_prefill`` is the float64 oracle;
 ``attention_mass``, ``mass_recall``, ``relative_error`` and ``needle_recall`` are the metrics.
+``cpattn.compact_attention`` has the same ``BlockMeans``, ``compact_prefill``, ``dense_prefill``
+and ``CompactPrefill`` on the GPU (docs/design.md, "One API for both backends").
 
 Why the own blocks go last: a paged prefill kernel's causal mask is bottom-right aligned. With
 every own block of the tile present and last in the list, compacted key position
@@ -39,15 +43,18 @@ mask reproduces causality inside the chunk and never touches a past block.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .checks import cdiv, check_bool, check_choice, check_int, check_scale, is_int
 from .chunk_attention import attention_state, merge_states
-from .dtypes import storage_numpy_dtype, to_float32
 from .chunk_cache import CacheError, ChunkCache
+from .dtypes import storage_numpy_dtype, to_float32, to_storage
 
 _I32 = np.int32
+KERNEL_CHOICES = ("auto", "wgmma", "mma")  # compact_prefill(kernel=...): the GPU's attention kernels
 
 
 def _host(x):
@@ -55,14 +62,10 @@ def _host(x):
     return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 # ============================================================================ 1. block means
 class BlockMeans:
     """Mean key of every summarised pool page, per layer and kv head: the selector's view of
-    the past. Lives next to the cache; a GPU cache keeps the same array on the device.
+    the past. Lives next to the cache; the GPU backend keeps the same array on the device.
 
     Arrays:
         kmean: float32 [num_layers, num_chunks, Hkv, D]; ``kmean[l, chunk, h]`` is the mean of
@@ -73,16 +76,23 @@ class BlockMeans:
     sequences (a reused prefix) is summarised once for all of them. Entries are keyed by pool
     chunk id *and* the tree node that owned the page when it was summarised, so a page that was
     evicted and reused for other tokens is summarised again, never read stale.
+
+    ``kmean`` (optional): the zeroed float32 array to keep the means in; the GPU backend passes
+    device memory and overrides ``summarise``. Users call ``BlockMeans(cache)``.
     """
 
-    def __init__(self, cache: ChunkCache):
+    def __init__(self, cache: ChunkCache, kmean=None):
         self.cache = cache
         self.chunk_size = cache.chunk_size
-        self.kmean = np.zeros((cache.num_layers, cache.num_chunks, cache.num_kv_heads, cache.head_dim),
-                              np.float32)
+        shape = (cache.num_layers, cache.num_chunks, cache.num_kv_heads, cache.head_dim)
+        self.kmean = np.zeros(shape, np.float32) if kmean is None else kmean
+        if tuple(self.kmean.shape) != shape or self.kmean.dtype != np.float32:
+            raise ValueError(f"kmean: expected a float32 array of shape {shape}, got {self.kmean.dtype} "
+                             f"{tuple(self.kmean.shape)}")
         self._owner: list = [None] * cache.num_chunks  # tree Node summarised in each page
 
-    def _check_cache(self, cache) -> None:
+    def check_cache(self, cache) -> None:
+        """Raise ``ValueError`` unless ``cache`` is the cache these means were made for."""
         if cache is not self.cache:
             raise ValueError("cache: expected the cache these block means were made for "
                              f"(id {id(self.cache):#x}), got another one (id {id(cache):#x})")
@@ -93,33 +103,34 @@ class BlockMeans:
 
         Only committed tokens count: a reserved chunk may still be missing K/V of later layers.
         """
-        self._check_cache(cache)
+        self.check_cache(cache)
         state = cache.sequence(seq)
         committed = state.n_committed
         upto = committed if num_tokens is None else num_tokens
-        if not isinstance(upto, (int, np.integer)) or not 0 <= upto <= committed:
+        if not is_int(upto) or not 0 <= upto <= committed:
             raise ValueError(f"num_tokens: expected an integer in [0, {committed}] (committed tokens "
                              f"of sequence {seq}), got {num_tokens!r}")
         # every node but a path's tail is full
         todo = [n for n in state.path[: upto // self.chunk_size] if self._owner[n.chunk] is not n]
         if todo:
-            self._summarise(cache, [n.chunk for n in todo])
+            self.summarise(cache, [n.chunk for n in todo])
         for n in todo:
             self._owner[n.chunk] = n
         return len(todo)
 
-    def _summarise(self, cache: ChunkCache, chunks: list) -> None:
-        """kmean[:, chunk] for every listed pool chunk (all layers). A GPU subclass launches a kernel."""
+    def summarise(self, cache: ChunkCache, chunks: list) -> None:
+        """kmean[:, chunk] for every listed pool chunk (all layers); ``update`` decides which.
+        The GPU backend launches one kernel instead."""
         for ch in chunks:
             k = to_float32(_host(cache.k_pool[:, ch]), cache.dtype)  # [L, Hkv, c, D]
             self.kmean[:, ch] = k.astype(np.float64).mean(axis=2).astype(np.float32)
 
     def is_current(self, cache: ChunkCache, seq: int, num_blocks: int) -> bool:
         """True when the sequence's first ``num_blocks`` pages are all summarised."""
-        self._check_cache(cache)
+        self.check_cache(cache)
         return all(self._owner[n.chunk] is n for n in cache.sequence(seq).path[:num_blocks])
 
-    def gather(self, cache: ChunkCache, seq: int, layer: int, num_blocks: int) -> np.ndarray:
+    def gather(self, cache: ChunkCache, seq: int, layer: int, num_blocks: int):
         """kmean of the sequence's first ``num_blocks`` pages: float32 [num_blocks, Hkv, D]."""
         if not self.is_current(cache, seq, num_blocks):
             raise CacheError(f"means: the first {num_blocks} blocks of sequence {seq} are not all "
@@ -129,8 +140,10 @@ class BlockMeans:
 
 
 # ============================================================================ argument checks
-def _check_chunk(cache: ChunkCache, seq: int, q, layer: int):
-    """Validate one prefill call; returns (P, n, G). The chunk is the sequence's last n tokens."""
+def check_chunk(cache: ChunkCache, seq: int, q, layer: int):
+    """Check one prefill call's chunk; returns (P, n, G). The chunk is the sequence's last n
+    tokens, so ``P = seq_len - n`` must be a multiple of the chunk size. Both backends use it
+    (``q`` may be a NumPy or a CuPy array)."""
     length = cache.seq_len(seq)  # unknown or released sequence -> CacheError
     cache.check_layer(layer)
     want = storage_numpy_dtype(cache.dtype)
@@ -159,35 +172,31 @@ def _check_chunk(cache: ChunkCache, seq: int, q, layer: int):
     return P, n, hq // cache.num_kv_heads
 
 
-def _check_scale(scale, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / float(np.sqrt(head_dim))
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)) \
-            or not np.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale: expected None or a finite number > 0, got {scale!r}")
-    return float(scale)
-
-
-def _check_options(c: int, n: int, G: int, alpha, sink, window, q_tile, group_size):
-    """Validate the selection options; returns (q_tile in rows, group_size)."""
+def check_options(c: int, n: int, G: int, alpha, sink, window, q_tile, group_size):
+    """Check the selection options of a chunk of ``n`` rows, chunk size ``c``, GQA group ``G``;
+    returns (q_tile in rows, group_size) with the defaults filled in."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) \
             or not 0.0 <= float(alpha) <= 1.0:  # NaN fails the comparison too
         raise ValueError(f"alpha: expected a number in [0, 1], got {alpha!r}")
-    for name, val in (("sink", sink), ("window", window)):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 0:
-            raise ValueError(f"{name}: expected an integer >= 0 (blocks), got {val!r}")
+    check_int(sink, "sink", lo=0)
+    check_int(window, "window", lo=0)
     if q_tile is None:
-        q_tile = _cdiv(n, c) * c  # the whole chunk
-    elif isinstance(q_tile, bool) or not isinstance(q_tile, (int, np.integer)) or q_tile < c or q_tile % c:
+        q_tile = cdiv(n, c) * c  # the whole chunk
+    elif check_int(q_tile, "q_tile") < c or q_tile % c:
         raise ValueError(f"q_tile: expected None or a positive multiple of chunk_size {c} (query "
                          f"rows per tile), got {q_tile!r}")
     if group_size is None:
         group_size = G
-    elif isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
-            or group_size < 1 or G % group_size:
+    elif check_int(group_size, "group_size") < 1 or G % group_size:
         raise ValueError(f"group_size: expected None or a divisor of the GQA group size {G} "
                          f"(query heads per sub-group), got {group_size!r}")
     return int(q_tile), int(group_size)
+
+
+def check_events(events) -> None:
+    """``events``: None or a list that receives (stage name, mark) pairs."""
+    if events is not None and not isinstance(events, list):
+        raise TypeError(f"events: expected None or a list, got {type(events).__name__}")
 
 
 # ============================================================================ 2-5. selection
@@ -202,7 +211,7 @@ def block_scores(q: np.ndarray, kmean: np.ndarray, chunk_size: int, scale: float
     """
     n, Hq, D = q.shape
     Pb, Hkv, _ = kmean.shape
-    Qb = _cdiv(n, chunk_size)
+    Qb = cdiv(n, chunk_size)
     if Pb == 0:
         return np.zeros((Hq, Qb, 0), np.float32)
     km = kmean[:, np.arange(Hq) // (Hq // Hkv)]  # [Pb, Hq, D], each query head's kv head
@@ -265,12 +274,12 @@ def select_blocks(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int 
         group_size: query heads per sub-group of the group union (None: the whole GQA group).
     Past pages not yet summarised (e.g. a freshly matched prefix) are summarised first.
     """
-    P, n, G = _check_chunk(cache, seq, q, layer)
-    scale = _check_scale(scale, cache.head_dim)
+    P, n, G = check_chunk(cache, seq, q, layer)
+    scale = check_scale(scale, cache.head_dim)
     c, Hkv = cache.chunk_size, cache.num_kv_heads
-    q_tile, s = _check_options(c, n, G, alpha, sink, window, q_tile, group_size)
-    means._check_cache(cache)
-    Pb, Qb, Hq = P // c, _cdiv(n, c), q.shape[1]
+    q_tile, s = check_options(c, n, G, alpha, sink, window, q_tile, group_size)
+    means.check_cache(cache)
+    Pb, Qb, Hq = P // c, cdiv(n, c), q.shape[1]
     means.update(cache, seq, num_tokens=P)  # checks done: past pages are committed
 
     # 2. scores [Hq, Qb, Pb]
@@ -288,7 +297,7 @@ def select_blocks(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int 
 
     # 4. Q-block union over each tile of tb query blocks: [Hq, Qb, Pb] -> [Hq, T, Pb]
     tb = q_tile // c
-    T = _cdiv(Qb, tb)
+    T = cdiv(Qb, tb)
     q_union = np.logical_or.reduceat(keep, np.arange(0, Qb, tb), axis=1) if Pb else np.zeros((Hq, T, 0), bool)
 
     # 5. group union over the s query heads of each sub-group: [Hq, T, Pb] -> [T, Hkv, S, Pb]
@@ -324,7 +333,8 @@ class BlockTables:
         blocks     [nnz]     block position of each entry in the sequence (token // c)
         num_past   [R]       the first num_past[r] entries of table r are past blocks
         qo_indptr  [T + 1]   query rows of each tile
-    The chunk's last page holds ``last_page_len`` tokens; every other page is full.
+    Every page is full except the chunk's last one, which holds the chunk's last
+    ``chunk_len - (Cb - 1) * c`` tokens (the kernel masks the rest causally).
     """
 
     seq: int
@@ -360,19 +370,11 @@ class BlockTables:
     @property
     def num_blocks(self) -> int:
         """Blocks of the sequence up to the chunk end (past + own)."""
-        return self.num_past_blocks + _cdiv(self.chunk_len, self.chunk_size)
-
-    @property
-    def last_page_len(self) -> int:
-        return self.chunk_len - (_cdiv(self.chunk_len, self.chunk_size) - 1) * self.chunk_size
+        return self.num_past_blocks + cdiv(self.chunk_len, self.chunk_size)
 
     def table(self, t: int, h: int, g: int = 0) -> int:
         """Row index of the table of tile t, kv head h, sub-group g."""
         return (t * self.num_kv_heads + h) * self.num_subgroups + g
-
-    def arrays(self) -> dict:
-        """Every int32 array by name (what a GPU backend uploads)."""
-        return {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
 
     def to_dense(self) -> np.ndarray:
         """bool [T, Hkv, S, num_blocks]: which sequence blocks each table reads."""
@@ -384,7 +386,7 @@ class BlockTables:
 
     def _own_blocks(self) -> np.ndarray:
         """int [T]: own blocks each tile reads (chunk start to tile end)."""
-        return np.array([_cdiv(int(e), self.chunk_size) for e in self.qo_indptr[1:]], np.int64)
+        return np.array([cdiv(int(e), self.chunk_size) for e in self.qo_indptr[1:]], np.int64)
 
     def density(self, past_only: bool = False) -> float:
         """Fraction of the causally valid blocks the tables read (1.0 = dense).
@@ -406,7 +408,7 @@ class BlockTables:
         """
         c, Pb, Kb = self.chunk_size, self.num_past_blocks, self.num_blocks
         T, Hkv, S = self.num_tiles, self.num_kv_heads, self.num_subgroups
-        w = max(1, _cdiv(Kb, max(8, max_width)))
+        w = max(1, cdiv(Kb, max(8, max_width)))
         dense = self.to_dense().reshape(T * Hkv * S, Kb)
         own_end = self._own_blocks()
 
@@ -455,13 +457,13 @@ def tables_from_mask(cache: ChunkCache, seq: int, past_mask: np.ndarray, *, chun
     length = cache.seq_len(seq)
     P, n = length - chunk_len, chunk_len
     T, Hkv, S, Pb = past_mask.shape
-    if Pb * c != P or Hkv != cache.num_kv_heads or T != _cdiv(n, q_tile):
-        raise ValueError(f"past_mask: expected shape [{_cdiv(n, q_tile)}, {cache.num_kv_heads}, S, {P // c}] "
+    if Pb * c != P or Hkv != cache.num_kv_heads or T != cdiv(n, q_tile):
+        raise ValueError(f"past_mask: expected shape [{cdiv(n, q_tile)}, {cache.num_kv_heads}, S, {P // c}] "
                          f"for a chunk of {n} after P = {P}, got {tuple(past_mask.shape)}")
     ids = np.array(cache.seq_chunks(seq), _I32)
     past_ids, own_ids = ids[:Pb], ids[Pb:]
     qo_indptr = np.minimum(np.arange(T + 1) * q_tile, n).astype(_I32)
-    own_end = [_cdiv(int(e), c) for e in qo_indptr[1:]]  # own blocks up to each tile's end
+    own_end = [cdiv(int(e), c) for e in qo_indptr[1:]]  # own blocks up to each tile's end
 
     # counts, then a prefix sum: the GPU builds the same arrays without a host round trip
     counts = past_mask.sum(axis=3) + np.array(own_end)[:, None, None]  # [T, Hkv, S]
@@ -522,11 +524,11 @@ def sparse_prefill(cache: ChunkCache, tables: BlockTables, q, layer: int = 0,
     if tables.version != cache.version:
         raise CacheError(f"tables: built for cache version {tables.version}, cache is at "
                          f"{cache.version} (the tree changed); select and build again")
-    P, n, G = _check_chunk(cache, tables.seq, q, layer)
+    P, n, G = check_chunk(cache, tables.seq, q, layer)
     if (P, n, q.shape[1]) != (tables.past_len, tables.chunk_len, tables.num_q_heads):
         raise ValueError(f"q: expected [{tables.chunk_len}, {tables.num_q_heads}, D] after P = "
                          f"{tables.past_len} as the tables were built, got {tuple(q.shape)} after P = {P}")
-    scale = _check_scale(scale, cache.head_dim)
+    scale = check_scale(scale, cache.head_dim)
     c, D, Hkv = cache.chunk_size, cache.head_dim, cache.num_kv_heads
     s, S = tables.group_size, tables.num_subgroups
     qf = to_float32(np.asarray(q), cache.dtype)  # [n, Hq, D]
@@ -596,7 +598,7 @@ def _chunk_kv64(cache: ChunkCache, seq: int, layer: int):
     return (to_float32(_host(x), cache.dtype).astype(np.float64) for x in (k, v))
 
 
-def dense_prefill(cache: ChunkCache, seq: int, q, layer: int = 0, scale: float | None = None):
+def oracle_prefill(cache: ChunkCache, seq: int, q, layer: int = 0, scale: float | None = None):
     """float64 oracle: the chunk (the sequence's last n tokens) attends densely and causally to
     every token of the sequence, K/V read back through the tree.
 
@@ -605,8 +607,8 @@ def dense_prefill(cache: ChunkCache, seq: int, q, layer: int = 0, scale: float |
     Returns:
         o float64 [n, Hq, D], lse float64 [n, Hq].
     """
-    _check_chunk(cache, seq, q, layer)
-    scale = _check_scale(scale, cache.head_dim)
+    check_chunk(cache, seq, q, layer)
+    scale = check_scale(scale, cache.head_dim)
     k, v = _chunk_kv64(cache, seq, layer)
     return causal_attention(to_float32(np.asarray(q), cache.dtype), k, v, scale)
 
@@ -617,12 +619,12 @@ def attention_mass(cache: ChunkCache, seq: int, q, layer: int = 0, scale: float 
     Block j covers tokens j*c .. j*c + c - 1 of the sequence (past blocks first, then the
     chunk's own blocks); every (row, head) sums to 1.
     """
-    P, n, G = _check_chunk(cache, seq, q, layer)
-    scale = _check_scale(scale, cache.head_dim)
+    P, n, G = check_chunk(cache, seq, q, layer)
+    scale = check_scale(scale, cache.head_dim)
     k, _ = _chunk_kv64(cache, seq, layer)
     qf = to_float32(np.asarray(q), cache.dtype).astype(np.float64)
     L, Hq, c = k.shape[0], qf.shape[1], cache.chunk_size
-    mass = np.empty((n, Hq, _cdiv(L, c)))
+    mass = np.empty((n, Hq, cdiv(L, c)))
     step = max(1, _SLAB // L)
     for h in range(Hq):
         for a in range(0, n, step):
@@ -676,32 +678,102 @@ def needle_recall(tables: BlockTables, query_pos, q_head, key_block) -> tuple[in
 # ============================================================================ one call, and a prompt driver
 @dataclass(frozen=True)
 class CompactPrefill:
-    """Result of ``compact_prefill``: o float32 [n, Hq, D], lse float32 [n, Hq], and how."""
+    """Result of ``compact_prefill`` (the GPU backend returns one with the same ``o``, ``lse``,
+    ``density()`` and ``tables()``).
+
+    Arrays and objects:
+        o            [n, Hq, D] storage dtype (the float32 result rounded once)
+        lse          float32 [n, Hq], natural log of the scaled-score sum; None with return_lse=False
+        selection    the ``BlockSelection`` (scores and the masks of passes 2-5)
+        block_tables the ``BlockTables`` the attention read (pass 6)
+    """
 
     o: np.ndarray
-    lse: np.ndarray
+    lse: np.ndarray | None
     selection: BlockSelection
-    tables: BlockTables
+    block_tables: BlockTables
 
-    @property
     def density(self) -> dict:
         """Density after each stage: select, q_union, group_union (past blocks), tables (all)."""
-        return dict(self.selection.density, tables=self.tables.density())
+        return dict(self.selection.density, tables=self.block_tables.density())
+
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(indptr int32 [R + 1], indices int32 [nnz]): the CSR page lists, host copies."""
+        return self.block_tables.indptr.copy(), self.block_tables.indices.copy()
+
+
+def _check_out(cache: ChunkCache, out, shape) -> None:
+    want = np.dtype(storage_numpy_dtype(cache.dtype))
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected None or a NumPy array {shape} of dtype {want.name}, "
+                        f"got {type(out).__name__}")
+    if out.dtype != want:
+        raise TypeError(f"out: expected dtype {want.name} ({cache.dtype} storage), got {out.dtype}")
+    if out.shape != shape:
+        raise ValueError(f"out: expected shape {shape}, got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError("out: expected a writeable array, got a read-only one")
 
 
 def compact_prefill(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int = 0, *,
                     scale: float | None = None, alpha: float = 0.06, sink: int = 2, window: int = 4,
-                    q_tile: int | None = None, group_size: int | None = None) -> CompactPrefill:
+                    q_tile: int | None = None, group_size: int | None = None, return_lse: bool = True,
+                    out=None, kernel: str = "auto", events: list | None = None) -> CompactPrefill:
     """CompactAttention for one chunk and layer: select_blocks, build_block_tables, sparse_prefill.
 
     The chunk is the sequence's last n = q.shape[0] tokens, its K/V already written for this
-    layer; q: [n, Hq, D] storage dtype. Options as in ``select_blocks``.
+    layer; q: [n, Hq, D] storage dtype. Selection options as in ``select_blocks`` (alpha 0 keeps
+    every block: dense chunked prefill).
+    ``return_lse``: False leaves ``lse`` None. ``out``: a storage-dtype array [n, Hq, D] that
+    receives ``o`` (and is ``o``). ``kernel``: checked against ``KERNEL_CHOICES`` and otherwise
+    ignored (the GPU backend picks its attention kernel with it; the reference has one).
+    ``events``: a list that receives (stage name, ``time.perf_counter()`` seconds) at "start"
+    and after "means", "score", "tables" and "attention" (the GPU appends CUDA events under the
+    same names).
     """
+    check_choice(kernel, "kernel", KERNEL_CHOICES)
+    check_bool(return_lse, "return_lse")
+    check_events(events)
+    P, n, G = check_chunk(cache, seq, q, layer)
+    check_scale(scale, cache.head_dim)
+    check_options(cache.chunk_size, n, G, alpha, sink, window, q_tile, group_size)
+    means.check_cache(cache)
+    if out is not None:
+        _check_out(cache, out, (n, q.shape[1], cache.head_dim))
+
+    def mark(name):
+        if events is not None:
+            events.append((name, time.perf_counter()))
+
+    mark("start")
+    means.update(cache, seq, num_tokens=P)  # every check passed: now the means may change
+    mark("means")
     sel = select_blocks(cache, means, seq, q, layer, scale=scale, alpha=alpha, sink=sink,
                         window=window, q_tile=q_tile, group_size=group_size)
+    mark("score")  # scores, threshold and unions (the GPU's "score" mark covers the scores alone)
     tables = build_block_tables(cache, seq, sel)
+    mark("tables")
     o, lse = sparse_prefill(cache, tables, q, layer, scale)
-    return CompactPrefill(o, lse, sel, tables)
+    if out is None:
+        out = to_storage(o, cache.dtype)
+    else:
+        out[...] = to_storage(o, cache.dtype)
+    mark("attention")
+    return CompactPrefill(out, lse if return_lse else None, sel, tables)
+
+
+def dense_options(options: dict) -> dict:
+    """``compact_prefill`` options of ``dense_prefill``: alpha 0, sink and window 0 unless given."""
+    if "alpha" in options:
+        raise TypeError(f"alpha: expected no alpha (dense_prefill keeps every block; compact_prefill "
+                        f"takes one), got alpha={options['alpha']!r}")
+    return dict(dict(sink=0, window=0), **options, alpha=0.0)
+
+
+def dense_prefill(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int = 0, **options) -> CompactPrefill:
+    """Our dense chunked prefill: ``compact_prefill`` with every block kept (alpha 0, no sink or
+    window blocks needed). ``options``: the other keywords of ``compact_prefill``."""
+    return compact_prefill(cache, means, seq, q, layer, **dense_options(options))
 
 
 def _check_q_heads(cache: ChunkCache, q) -> int:
@@ -742,8 +814,8 @@ def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k
         chunks: chunk length (int) or list of lengths (see ``split_chunks``).
         options: passed to ``compact_prefill`` (alpha, sink, window, q_tile, group_size, scale).
     Returns:
-        o float32 [L, m, Hq, D], lse float32 [L, m, Hq], results: one list of CompactPrefill
-        per chunk (one per layer).
+        o [L, m, Hq, D] storage dtype, lse float32 [L, m, Hq], results: one list of
+        CompactPrefill per chunk (one per layer).
     Everything is checked before the cache changes.
     """
     c, L = cache.chunk_size, cache.num_layers
@@ -767,16 +839,16 @@ def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k
         raise TypeError(f"options: expected scale, alpha, sink, window, q_tile, group_size, got {unknown}")
     # dry-run every check that does not need the chunk's K/V, so a bad call changes nothing
     G = _check_q_heads(cache, q)
-    _check_scale(options.get("scale"), cache.head_dim)
+    check_scale(options.get("scale"), cache.head_dim)
     for n in sizes:
-        _check_options(c, n, G, options.get("alpha", 0.06), options.get("sink", 2),
+        check_options(c, n, G, options.get("alpha", 0.06), options.get("sink", 2),
                        options.get("window", 4), options.get("q_tile"), options.get("group_size"))
-    means._check_cache(cache)
+    means.check_cache(cache)
     state = cache.sequence(seq)
     cache.check_committed(state)
     cache.check_room_for(state, m)
 
-    o = np.zeros((L, m, q.shape[2], cache.head_dim), np.float32)
+    o = np.zeros((L, m, q.shape[2], cache.head_dim), storage_numpy_dtype(cache.dtype))
     lse = np.zeros((L, m, q.shape[2]), np.float32)
     results, a = [], 0
     for n in sizes:
