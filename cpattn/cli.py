@@ -24,7 +24,9 @@ def _backend(name: str) -> str:
 
 
 def demo(args) -> int:
-    from .reference import ChunkCache, build_decode_plan, decode, dense_decode
+    from . import ChunkAttentionDecode
+    from .arrays import to_host
+    from .reference import ChunkCache, oracle_decode, to_float32
     from .reference.workloads import TokenKV, fill_cache, prefix_tree_prompts, random_queries
 
     backend = _backend(args.backend)
@@ -36,11 +38,10 @@ def demo(args) -> int:
     kv = TokenKV(L, Hkv, D, dtype=args.dtype, seed=args.seed, max_len=max(map(len, prompts)) + 8)
     need = sum(-(-(len(p) + 1) // c) for p in prompts) + 8
     if backend == "cupy":
-        from .chunk_cache import GpuChunkCache
-
-        cache = GpuChunkCache(L, Hkv, D, num_chunks=need, chunk_size=c, dtype=args.dtype)
+        from .chunk_cache import GpuChunkCache as cache_class
     else:
-        cache = ChunkCache(L, Hkv, D, num_chunks=need, chunk_size=c, dtype=args.dtype)
+        cache_class = ChunkCache
+    cache = cache_class(L, Hkv, D, num_chunks=need, chunk_size=c, dtype=args.dtype)
     t0 = time.perf_counter()
     ids = fill_cache(cache, prompts, kv)
     t_fill = time.perf_counter() - t0
@@ -49,34 +50,28 @@ def demo(args) -> int:
     print(f"  cache: {st['tokens_stored']} tokens stored vs {st['tokens_flat']} in a flat cache "
           f"({100 * saved:.1f}% memory saved), {st['chunks_referenced']} chunks in use, filled in {t_fill:.2f}s")
 
+    dec = ChunkAttentionDecode(cache, piece_chunks=args.piece_chunks)  # the cache picks the backend
     t0 = time.perf_counter()
-    plan = build_decode_plan(cache, ids, piece_chunks=args.piece_chunks)
+    plan = dec.plan(ids, Hq)
     t_plan = time.perf_counter() - t0
     print(f"  plan:  {plan.summary()} (built in {1e3 * t_plan:.2f} ms)")
 
     q = random_queries(args.seed + 1, len(ids), Hq, D, args.dtype)
+    host = cache
     if backend == "cupy":  # the oracle reads a host copy of the same tree
         import cupy
 
-        from .chunk_attention import ChunkAttentionDecode
-        from .reference.dtypes import to_float32
-
         host = _host_copy(cache)
-        dec = ChunkAttentionDecode(cache)
-        dec.plan(ids, Hq)
-        qd = cupy.asarray(q)
-        dec.run(qd, 0)  # compile + warm up
+        q_dev = cupy.asarray(q)
+        dec.run(q_dev, 0)  # compile + warm up
+    else:
+        q_dev = q
     worst = 0.0
     for layer in range(L):
         t0 = time.perf_counter()
-        if backend == "cupy":
-            o = dec.run(qd, layer)
-            cupy.cuda.get_current_stream().synchronize()
-            o = to_float32(cupy.asnumpy(o), cache.dtype)
-        else:
-            o = decode(cache, plan, q, layer=layer)
+        o = to_float32(to_host(dec.run(q_dev, layer)), cache.dtype)  # to_host waits for the device
         t_run = time.perf_counter() - t0
-        ref = dense_decode(host if backend == "cupy" else cache, ids, q, layer=layer)
+        ref = oracle_decode(host, ids, q, layer=layer)[0]
         err = float(np.abs(o - ref).max() / np.abs(ref).max())
         worst = max(worst, err)
         print(f"  layer {layer}: two-phase decode {1e3 * t_run:.2f} ms, max error vs float64 oracle "
@@ -91,7 +86,8 @@ def demo(args) -> int:
 def serving(args, backend: str) -> bool:
     """The whole serving flow on the same geometry; True when prefixes were reused and every
     layer's prefill read at least ``--min-recall`` of the attention mass on average."""
-    from .examples.serving import ModelConfig, run_demo
+    from .examples.serving import run_demo
+    from .serving import ModelConfig
 
     cfg = ModelConfig(num_layers=args.layers, num_q_heads=args.q_heads, num_kv_heads=args.kv_heads,
                       head_dim=args.head_dim, dtype=args.dtype)

@@ -1,4 +1,4 @@
-"""End to end: the serving example (cpattn/examples/serving.py) against a dense model.
+"""End to end: the server (cpattn.serving) and its example against a dense model.
 
 A tiny model (2 layers, D=16, GQA 4/2) serves requests that share system prompts through one
 chunk-tree cache: cached prefix chunks are reused, the rest is prefilled chunk by chunk with
@@ -13,8 +13,9 @@ import pytest
 
 from conftest import load_script
 from cpattn import gpu_available
-from cpattn.examples.serving import (ModelConfig, PrefillOptions, Server, TinyLM, check_against_dense,
-                                     dense_generate, footprint_chunks, main, system_prompt_workload)
+from cpattn.examples.serving import main
+from cpattn.serving import (ModelConfig, PrefillOptions, Server, TinyLM, check_against_dense, dense_generate,
+                            footprint_chunks, system_prompt_workload)
 from cpattn.reference.chunk_cache import CacheFullError
 
 CFG = ModelConfig(vocab_size=64, num_layers=2, hidden=64, num_q_heads=4, num_kv_heads=2, head_dim=16,

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from cpattn.bench import serving as bench
+from cpattn.bench.flat_cache import FlatKVCache, TorchSdpaBackend
+from cpattn.serving import shared_prompt_workload
 
 TINY = ["--requests", "5", "--system-len", "70", "--own-len", "21", "--decode-steps", "6", "--layers", "2",
         "--hidden", "64", "--q-heads", "4", "--kv-heads", "2", "--head-dim", "16", "--vocab", "64",
@@ -56,7 +58,7 @@ def test_cli_knows_serving(capsys):
 
 
 def test_workload_shares_one_system_prompt():
-    work = bench.shared_prompt_workload(3, 4, 50, 7, 5, 64)
+    work = shared_prompt_workload(3, 4, 50, 7, 5, 64)
     assert len(work) == 4 and all(len(p) == 57 and m == 6 for p, m in work)
     assert all(p[:50] == work[0][0][:50] for p, _ in work)
     assert len({tuple(p[50:]) for p, _ in work}) == 4
@@ -136,7 +138,7 @@ def test_failed_runs_are_listed_not_tabled(tmp_path):
 
 # ============================================================================ with torch (CPU)
 def _tiny_model(dtype="float16"):
-    from cpattn.examples.serving import ModelConfig, TinyLM
+    from cpattn.serving import ModelConfig, TinyLM
 
     cfg = ModelConfig(vocab_size=64, num_layers=2, hidden=64, num_q_heads=4, num_kv_heads=2, head_dim=16,
                       mlp_hidden=128, locality=16.0, dtype=dtype)
@@ -149,14 +151,14 @@ def test_sdpa_backend_against_the_float64_oracle(dtype):
     decode (equal lengths: a view; unequal: key mask; rows out of order: gathered) match full
     causal attention in float64 to about one storage ulp."""
     pytest.importorskip("torch")
-    from cpattn.examples.serving import causal_attention
+    from cpattn.serving import causal_attention
     from cpattn.reference.dtypes import to_float32, to_storage
 
     rng = np.random.default_rng(1)
     Hq, Hkv, D, lens = 4, 2, 16, [37, 37, 20]
     tol = 2e-3 if dtype == "float16" else 1.6e-2  # relative to max |o|: a few ulp of the storage dtype
-    cache = bench.FlatKVCache(1, Hkv, D, num_slots=4, max_len=64, chunk_size=8, dtype=dtype, device="cpu")
-    backend = bench.TorchSdpaBackend(cache, np, num_q_heads=Hq)
+    cache = FlatKVCache(1, Hkv, D, num_slots=4, max_len=64, chunk_size=8, dtype=dtype, device="cpu")
+    backend = TorchSdpaBackend(cache, np, num_q_heads=Hq)
     seqs, qkv = [], []
     for n in lens:
         q, k, v = (to_storage(2 * rng.standard_normal((n + 2, h, D)).astype(np.float32), dtype) for h in (Hq, Hkv, Hkv))
@@ -199,7 +201,7 @@ def test_sdpa_backend_generates_the_reference_pipelines_tokens():
     pipeline generates the tokens of the NumPy reference pipeline at alpha 0 and of the dense model
     (float16: the rounding of its output hides the order of float32 sums; bf16 ties break apart)."""
     pytest.importorskip("torch")
-    from cpattn.examples.serving import PrefillOptions, Server, dense_generate, system_prompt_workload
+    from cpattn.serving import PrefillOptions, Server, dense_generate, system_prompt_workload
 
     dtype = "float16"
     model = _tiny_model(dtype)
@@ -210,9 +212,9 @@ def test_sdpa_backend_generates_the_reference_pipelines_tokens():
     ref_reqs = [ref.submit(p, m) for p, m in work]
     ref.run()
 
-    cache = bench.FlatKVCache(2, 2, 16, num_slots=len(work), max_len=max(len(p) + m for p, m in work),
+    cache = FlatKVCache(2, 2, 16, num_slots=len(work), max_len=max(len(p) + m for p, m in work),
                               chunk_size=8, dtype=dtype, device="cpu")
-    backend = bench.TorchSdpaBackend(cache, np, num_q_heads=4)
+    backend = TorchSdpaBackend(cache, np, num_q_heads=4)
     server = Server(model, cache.num_chunks, chunk_size=8, prefill_chunk=16, backend=backend, max_batch=len(work))
     reqs = [server.submit(p, m) for p, m in work]
     rep = server.run()
@@ -230,7 +232,7 @@ def test_flat_cache_rows_and_slots():
     torch = pytest.importorskip("torch")
     from cpattn.reference.chunk_cache import CacheFullError
 
-    cache = bench.FlatKVCache(1, 2, 4, num_slots=2, max_len=10, chunk_size=4, device="cpu")
+    cache = FlatKVCache(1, 2, 4, num_slots=2, max_len=10, chunk_size=4, device="cpu")
     assert cache.max_len == 12 and cache.num_chunks == 6 and cache.stats()["tokens_allocated"] == 24
     a, b = cache.add_sequence([1, 2, 3]), cache.add_sequence([4])
     assert cache.seq_len(a) == 0 and (cache.row(a), cache.row(b)) == (0, 1)

@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import math
 import os
 import sys
 import time
 
 import numpy as np
 
+from ..serving import ModelConfig, PrefillOptions, Server, TinyLM, footprint_chunks, shared_prompt_workload
 from . import progress, pyplot
+from .flat_cache import FlatKVCache, TorchSdpaBackend
+from .table import fmt, summary, write_tables
 
 PIPELINE_CPATTN, PIPELINE_SDPA = "cpattn", "torch SDPA"
 
@@ -87,371 +88,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def model_config(args):
-    from ..examples.serving import ModelConfig
-
+def model_config(args) -> ModelConfig:
     return ModelConfig(vocab_size=args.vocab, num_layers=args.layers, hidden=args.hidden, num_q_heads=args.q_heads,
                        num_kv_heads=args.kv_heads, head_dim=args.head_dim, mlp_hidden=2 * args.hidden,
                        dtype=args.dtype)
 
 
-def shared_prompt_workload(seed: int, requests: int, system_len: int, own_len: int, decode_steps: int,
-                           vocab: int) -> list:
-    """[(prompt, max_new_tokens)]: one random system prompt + ``own_len`` random tokens per request;
-    ``decode_steps + 1`` new tokens each (the first from the prefill, the rest one per step)."""
-    rng = np.random.default_rng(seed)
-    system = rng.integers(0, vocab, system_len).tolist()
-    return [(system + rng.integers(0, vocab, own_len).tolist(), decode_steps + 1) for _ in range(requests)]
-
-
-# ============================================================================ torch: cache and backend
-def to_torch(x, dtype: str):
-    """A storage-dtype NumPy/CuPy array as a torch tensor, zero copy through DLPack (bf16 bits travel
-    as int16: NumPy and CuPy have no bfloat16)."""
-    import torch
-
-    if isinstance(x, torch.Tensor):
-        return x
-    if dtype == "bfloat16":
-        return torch.from_dlpack(x.view(np.int16)).view(torch.bfloat16)
-    return torch.from_dlpack(x)
-
-
-def from_torch(t, xp, dtype: str):
-    """A torch tensor as an ``xp`` (NumPy or CuPy) array of the storage dtype, zero copy (DLPack)."""
-    import torch
-
-    if dtype == "bfloat16":
-        return xp.from_dlpack(t.view(torch.int16)).view(np.uint16)
-    return xp.from_dlpack(t)
-
-
-class FlatSlots:
-    """Where a reservation's tokens go: per token a cache row and a position in it."""
-
-    def __init__(self, rows: list, pos: list, device):
-        import torch
-
-        self.rows, self.pos = rows, pos
-        b = len(rows)
-        self.row_range = rows[0] if rows == list(range(rows[0], rows[0] + b)) else None
-        self.one_row = len(set(rows)) == 1 and pos == list(range(pos[0], pos[0] + b))
-        self.same_pos = len(set(pos)) == 1
-        self._rows_t = self._pos_t = None
-        self._device, self._torch = device, torch
-
-    def index(self):
-        """Device index tensors (rows, positions), made once per reservation."""
-        if self._rows_t is None:
-            self._rows_t = self._torch.tensor(self.rows, dtype=self._torch.int64, device=self._device)
-            self._pos_t = self._torch.tensor(self.pos, dtype=self._torch.int64, device=self._device)
-        return self._rows_t, self._pos_t
-
-
-class FlatKVCache:
-    """What a PyTorch user would write first: a static per-request K/V cache (as HF's StaticCache).
-
-    Per layer, ``k[layer]`` and ``v[layer]`` are torch tensors [num_slots, Hkv, max_len, D] of
-    the storage dtype, allocated up front; each live sequence owns one row and its K/V are
-    contiguous in it, no sharing: a shared system prompt is stored (and prefilled) once per
-    request. It has the methods ``Server`` calls on a chunk-tree cache; "chunks" are
-    ``chunk_size``-token pieces of the rows (admission accounting only), and nothing is ever
-    cached after release (``num_cached`` 0). ``Server.max_batch`` at most ``num_slots`` keeps
-    admission from asking for a row when none is free.
-    """
-
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_slots: int, max_len: int,
-                 chunk_size: int = 64, dtype: str = "float16", device="cuda"):
-        import torch
-
-        from ..reference.dtypes import check_dtype_name
-
-        self.torch = torch
-        self.num_layers, self.num_kv_heads, self.head_dim = int(num_layers), int(num_kv_heads), int(head_dim)
-        self.num_slots, self.chunk_size = int(num_slots), int(chunk_size)
-        self.dtype = check_dtype_name(dtype)
-        self.max_len = -(-int(max_len) // self.chunk_size) * self.chunk_size
-        self.chunks_per_row = self.max_len // self.chunk_size
-        self.num_chunks = self.num_slots * self.chunks_per_row
-        self.device = torch.device(device)
-        tdt = torch.float16 if self.dtype == "float16" else torch.bfloat16
-        shape = (self.num_slots, self.num_kv_heads, self.max_len, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=tdt, device=self.device) for _ in range(self.num_layers)]
-        self.v = [torch.zeros(shape, dtype=tdt, device=self.device) for _ in range(self.num_layers)]
-        self._free_rows = list(range(self.num_slots - 1, -1, -1))  # pop() gives the lowest row
-        self._seqs: dict[int, list] = {}  # seq -> [row, tokens]
-        self._cached: dict = {}  # the server's LRU view of cached prefixes: none here
-        self._next_id = 0
-        self.version = 0
-
-    # ---------------------------------------------------------------- introspection
-    @property
-    def sequences(self) -> list[int]:
-        return list(self._seqs)
-
-    def seq_len(self, seq: int) -> int:
-        return self._seqs[seq][1]
-
-    def row(self, seq: int) -> int:
-        return self._seqs[seq][0]
-
-    def seq_chunks(self, seq: int) -> list[int]:
-        row, n = self._seqs[seq]
-        return list(range(row * self.chunks_per_row, row * self.chunks_per_row + -(-n // self.chunk_size)))
-
-    @property
-    def num_referenced(self) -> int:
-        return sum(-(-n // self.chunk_size) for _, n in self._seqs.values())
-
-    @property
-    def num_free(self) -> int:
-        return self.num_chunks - self.num_referenced
-
-    @property
-    def num_cached(self) -> int:
-        return 0
-
-    @property
-    def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
-
-    def stats(self) -> dict:
-        flat = sum(n for _, n in self._seqs.values())
-        return dict(sequences=len(self._seqs), chunks_free=self.num_free, chunks_cached=0,
-                    chunks_referenced=self.num_referenced, tokens_stored=flat, tokens_flat=flat,
-                    tokens_allocated=self.num_slots * self.max_len)
-
-    # ---------------------------------------------------------------- sequences
-    def add_sequence(self, tokens=(), *, max_match: int | None = None) -> int:
-        """A new sequence in a free row; nothing is reused (``seq_len`` 0)."""
-        from ..reference.chunk_cache import CacheFullError
-
-        if not self._free_rows:
-            raise CacheFullError(f"flat cache: all {self.num_slots} rows are in use")
-        sid, self._next_id = self._next_id, self._next_id + 1
-        self._seqs[sid] = [self._free_rows.pop(), 0]
-        self.version += 1
-        return sid
-
-    def _grow(self, seq: int, n: int) -> tuple[int, int]:
-        from ..reference.chunk_cache import CacheFullError
-
-        row, start = self._seqs[seq]
-        if start + n > self.max_len:
-            raise CacheFullError(f"flat cache: sequence {seq} would hold {start + n} tokens, rows hold {self.max_len}")
-        self._seqs[seq][1] = start + n
-        return row, start
-
-    def reserve(self, seq: int, tokens) -> FlatSlots:
-        n = len(tokens)
-        row, start = self._grow(seq, n)
-        self.version += 1
-        return FlatSlots([row] * n, list(range(start, start + n)), self.device)
-
-    def reserve_batch(self, seqs, tokens) -> FlatSlots:
-        rows, pos = [], []
-        for s in seqs:
-            row, start = self._grow(int(s), 1)
-            rows.append(row)
-            pos.append(start)
-        self.version += 1
-        return FlatSlots(rows, pos, self.device)
-
-    def write_kv(self, layer: int, slots: FlatSlots, k, v) -> None:
-        """k, v [n, Hkv, D] (storage dtype: NumPy, CuPy or torch) into their rows and positions."""
-        for pool, x in ((self.k[layer], k), (self.v[layer], v)):
-            t = to_torch(x, self.dtype)
-            if slots.one_row:  # a prefill chunk: one slice copy
-                pool[slots.rows[0], :, slots.pos[0]:slots.pos[0] + t.shape[0]].copy_(t.transpose(0, 1))
-            elif slots.row_range is not None and slots.same_pos:  # a decode step in lockstep
-                pool[slots.row_range:slots.row_range + t.shape[0], :, slots.pos[0]].copy_(t)
-            else:
-                rows, pos = slots.index()
-                pool[rows, :, pos] = t  # index_put_: value [n, Hkv, D]
-
-    def commit(self, seq: int) -> None:
-        if seq not in self._seqs:
-            raise KeyError(f"seq: no live sequence {seq}")
-
-    def release(self, seq: int) -> None:
-        row, _ = self._seqs.pop(seq)
-        self._free_rows.append(row)
-        self._free_rows.sort(reverse=True)
-        self.version += 1
-
-
-class TorchSdpaBackend:
-    """The serving example's two attention methods on torch SDPA over a ``FlatKVCache``.
-
-    prefill: the chunk's queries against the sequence's own K/V rows; ``is_causal=True`` when the
-    chunk is the whole prompt so far (the default: every prompt prefilled in one call), a
-    lower-right causal boolean mask otherwise. decode: one batched call over the running
-    sequences' rows, a view of the cache when the rows are consecutive (a copy of the rows
-    otherwise), padded to the longest, with a key mask only when lengths differ. GQA through
-    ``enable_gqa``. Inputs and outputs are NumPy/CuPy storage-dtype arrays exchanged with torch
-    by DLPack (no copies); the model around it is unchanged.
-    """
-
-    name = "torch-sdpa"
-    label = "torch SDPA"
-
-    def __init__(self, cache: FlatKVCache, xp, num_q_heads: int):
-        import torch
-        import torch.nn.functional as F
-
-        from ..examples.serving import AttentionStats
-
-        self.cache, self.xp, self.torch, self.F = cache, xp, torch, F
-        self.num_q_heads = int(num_q_heads)
-        self.gqa = dict(enable_gqa=True) if num_q_heads != cache.num_kv_heads else {}
-        self.stats = AttentionStats(cache.num_layers)
-        self.masked_calls = self.gathered_calls = 0
-        self._batch_key, self._batch = None, None
-        self._prefill_key, self._prefill_mask = None, None
-
-    def sync(self) -> None:
-        if self.cache.device.type == "cuda":
-            self.torch.cuda.synchronize()
-
-    def prefill(self, seq: int, q, layer: int):
-        """q [n, Hq, D] (the sequence's last n tokens, K/V written) -> o [n, Hq, D] storage dtype."""
-        c, torch = self.cache, self.torch
-        row, total = c.row(seq), c.seq_len(seq)
-        n = q.shape[0]
-        start = total - n
-        qt = to_torch(q, c.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-        k, v = c.k[layer][row:row + 1, :, :total], c.v[layer][row:row + 1, :, :total]  # [1, Hkv, total, D]
-        if start == 0:
-            o = self.F.scaled_dot_product_attention(qt, k, v, is_causal=True, **self.gqa)
-        else:  # a later chunk: query i sees keys 0 .. start + i
-            if self._prefill_key != (start, n):
-                keys = torch.arange(total, device=c.device)
-                rows = torch.arange(start, total, device=c.device)
-                self._prefill_key, self._prefill_mask = (start, n), keys[None, :] <= rows[:, None]
-            o = self.F.scaled_dot_product_attention(qt, k, v, attn_mask=self._prefill_mask, **self.gqa)
-        self.stats.prefill_calls += 1
-        return from_torch(o[0].transpose(0, 1), self.xp, c.dtype)
-
-    def decode(self, seqs, q, layer: int):
-        """q [B, Hq, D], one token per sequence (K/V appended) -> o [B, Hq, D] storage dtype."""
-        c = self.cache
-        lo, idx, length, mask = self._batch_for(seqs)
-        if idx is None:
-            k, v = c.k[layer][lo:lo + len(seqs), :, :length], c.v[layer][lo:lo + len(seqs), :, :length]
-        else:
-            k, v = c.k[layer][idx, :, :length], c.v[layer][idx, :, :length]
-            self.gathered_calls += 1
-        self.masked_calls += mask is not None
-        qt = to_torch(q, c.dtype).unsqueeze(2)  # [B, Hq, 1, D]
-        o = self.F.scaled_dot_product_attention(qt, k, v, attn_mask=mask, **self.gqa)
-        self.stats.decode_calls += 1
-        return from_torch(o.squeeze(2), self.xp, c.dtype)
-
-    def probe_kernels(self) -> dict:
-        """Which SDPA kernels accept this backend's calls (same layouts: strided cache views, q from
-        [n, Hq, D]): {"decode": "flash,...", "prefill": ..., "decode_default": the one torch picks, ...}."""
-        import warnings
-
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        torch, c, F = self.torch, self.cache, self.F
-        L, B, D = min(c.max_len, 4 * c.chunk_size), min(2, c.num_slots), c.head_dim
-        k, v = c.k[0][:B, :, :L], c.v[0][:B, :, :L]
-        q_dec = torch.zeros(B, self.num_q_heads, D, dtype=k.dtype, device=c.device).unsqueeze(2)
-        q_pre = torch.zeros(L, self.num_q_heads, D, dtype=k.dtype, device=c.device).transpose(0, 1).unsqueeze(0)
-        args = dict(decode=((q_dec, k, v), dict(is_causal=False)), prefill=((q_pre, k[:1], v[:1]), dict(is_causal=True)))
-        names = {m.value: name for name, m in SDPBackend.__members__.items()}
-        out = {}
-        for what, (qkv, kw) in args.items():
-            def fn(qkv=qkv, kw=kw):
-                return F.scaled_dot_product_attention(*qkv, **kw, **self.gqa)
-
-            try:  # what torch picks by default (a private call: diagnostic only)
-                choice = torch._fused_sdp_choice(*qkv, attn_mask=None, dropout_p=0.0, scale=None,
-                                                 enable_gqa=bool(self.gqa), **kw)
-                out[f"{what}_default"] = names.get(int(choice), str(choice)).split("_")[0].lower()
-            except Exception:  # noqa: BLE001
-                out[f"{what}_default"] = "unknown"
-            ok = []
-            for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
-                backend = getattr(SDPBackend, name, None)
-                if backend is None:
-                    continue
-                try:
-                    with warnings.catch_warnings(), sdpa_kernel(backend):
-                        warnings.simplefilter("ignore")
-                        fn()
-                    ok.append(name.split("_")[0].lower())
-                except RuntimeError:
-                    pass
-            out[what] = ",".join(ok) or "none"
-        return out
-
-    def _batch_for(self, seqs):
-        """(first row or None, row index tensor or None, padded length, key mask or None), once per step."""
-        key = (tuple(int(s) for s in seqs), self.cache.version)
-        if key != self._batch_key:
-            torch, c = self.torch, self.cache
-            rows = [c.row(s) for s in key[0]]
-            lens = [c.seq_len(s) for s in key[0]]
-            length = max(lens)
-            lo, idx = rows[0], None
-            if rows != list(range(lo, lo + len(rows))):
-                lo, idx = None, torch.tensor(rows, dtype=torch.int64, device=c.device)
-            mask = None
-            if min(lens) != length:
-                lt = torch.tensor(lens, dtype=torch.int64, device=c.device)
-                mask = (torch.arange(length, device=c.device)[None, :] < lt[:, None]).view(len(rows), 1, 1, length)
-            self._batch_key, self._batch = key, (lo, idx, length, mask)
-        return self._batch
-
-
-# ============================================================================ timing
-def timed_server_class():
-    """``Server`` that also records the synchronized wall time of every prefill and decode step."""
-    from ..examples.serving import Server
-
-    class TimedServer(Server):
-        def __init__(self, *args, on_step=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.step_s, self.step_batch, self.prefill_times, self.on_step = [], [], [], on_step
-
-        def _prefill(self, r):
-            self._sync()
-            t0 = time.perf_counter()
-            super()._prefill(r)
-            self._sync()
-            self.prefill_times.append(time.perf_counter() - t0)
-
-        def _decode_step(self, running):
-            self._sync()
-            t0 = time.perf_counter()
-            super()._decode_step(running)
-            self._sync()
-            self.step_s.append(time.perf_counter() - t0)
-            self.step_batch.append(len(running))
-            if self.on_step is not None:
-                self.on_step(len(self.step_s))
-
-    return TimedServer
-
-
-def make_server(pipeline: str, model, work, args, alpha: float = 0.0, on_step=None):
-    """A ``TimedServer`` for one pipeline sized for ``work`` [(prompt, max_new_tokens)]."""
-    from ..examples.serving import PrefillOptions, footprint_chunks
-
-    TimedServer = timed_server_class()
+# ============================================================================ the two pipelines
+def make_server(pipeline: str, model, work, args, alpha: float = 0.0, on_step=None) -> Server:
+    """A ``Server`` for one pipeline sized for ``work`` [(prompt, max_new_tokens)]; ``on_step`` is
+    the server's hook (called after every timed prefill and decode step)."""
     cfg, c, on_gpu = model.config, args.chunk_size, args.device == "cuda"
     if pipeline == PIPELINE_CPATTN:
         need = footprint_chunks(work, c)
-        return TimedServer(model, need + need // 4 + 4, c, args.prefill_chunk, "cupy" if on_gpu else "numpy",
-                           PrefillOptions(alpha=alpha), measure_recall=False, max_batch=len(work), on_step=on_step)
+        return Server(model, need + need // 4 + 4, c, args.prefill_chunk, "cupy" if on_gpu else "numpy",
+                      PrefillOptions(alpha=alpha), measure_recall=False, max_batch=len(work), on_step=on_step)
     cache = FlatKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_slots=len(work),
                         max_len=max(len(p) + m - 1 for p, m in work), chunk_size=c, dtype=cfg.dtype,
                         device="cuda" if on_gpu else "cpu")
     backend = TorchSdpaBackend(cache, model.xp, cfg.num_q_heads)
     prefill_chunk = args.sdpa_prefill_chunk or cache.max_len  # default: every prompt in one call
-    return TimedServer(model, cache.num_chunks, c, prefill_chunk, backend, max_batch=len(work), on_step=on_step)
+    return Server(model, cache.num_chunks, c, prefill_chunk, backend, max_batch=len(work), on_step=on_step)
 
 
 def warm_up(pipeline: str, model, args, alpha: float = 0.0) -> dict:
@@ -492,20 +149,21 @@ def run_pipeline(pipeline: str, model, work, args, alpha: float = 0.0, on_step=N
     reqs = [server.submit(p, m) for p, m in work]
     rep = server.run()
     wall = time.perf_counter() - t0
-    row = pipeline_row(pipeline, alpha, rep, server.step_s, server.step_batch, sum(server.prefill_times),
-                       server.cache, args.warmup_steps)
+    row = pipeline_row(pipeline, alpha, rep, server.cache, args.warmup_steps)
     row["run_s"] = wall
     if pipeline == PIPELINE_SDPA:
         row["masked_decode_calls"] = server.backend.masked_calls
         row["gathered_decode_calls"] = server.backend.gathered_calls
     outputs = [list(r.output) for r in reqs]
-    steps_ms = [1e3 * s for s in server.step_s]
+    steps_ms = [1e3 * s for s in rep.decode_step_s]
     del server
     return row, outputs, steps_ms
 
 
-def pipeline_row(pipeline, alpha, rep, step_s, step_batch, prefill_s, cache, warmup_steps) -> dict:
-    """One CSV row from a ``ServingReport`` and the per-step times (seconds)."""
+def pipeline_row(pipeline, alpha, rep, cache, warmup_steps) -> dict:
+    """One CSV row (the table's summary columns filled in by ``add_comparisons``) from a
+    ``ServingReport``; its per-step times are synchronized wall times in seconds."""
+    step_s, step_batch, prefill_s = rep.decode_step_s, rep.decode_step_batch, rep.prefill_s
     steps = np.asarray(step_s[warmup_steps:] or step_s, np.float64) * 1e3
     pk = rep.peak
     mib = rep.bytes_per_token / 2 ** 20
@@ -577,11 +235,8 @@ def add_comparisons(rows: list) -> dict:
 
 
 # ============================================================================ outputs
-def _fmt(r: dict, key: str, fmt: str = "{:.2f}") -> str:
-    v = r.get(key)
-    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return fmt.format(v)
+def _fmt(r: dict, key: str, spec: str = "{:.2f}") -> str:
+    return fmt(r.get(key), spec)
 
 
 def markdown(rows: list, meta: dict) -> str:
@@ -646,12 +301,16 @@ def markdown(rows: list, meta: dict) -> str:
     return "\n".join(md)
 
 
-def write_csv(rows: list, path: str) -> None:
-    keys = sorted({k for r in rows for k in r})
-    with open(path, "w") as fh:
-        fh.write(",".join(keys) + "\n")
-        for r in rows:
-            fh.write(",".join(str(r.get(k, "")) for k in keys) + "\n")
+def with_summary(rows: list, meta: dict) -> list:
+    """The rows with the table's leading columns: ours / peer = decode step ms (median) of the
+    cpattn run / of torch SDPA, ratio = peer / ours; no floor."""
+    sdpa = next((r for r in rows if r["pipeline"] == PIPELINE_SDPA and "error" not in r), {})
+    out = []
+    for r in rows:
+        ours = r.get("decode_step_ms_median") if r["pipeline"] == PIPELINE_CPATTN else None
+        config = f"{r['pipeline']} alpha {r['alpha']:g}" if r["pipeline"] == PIPELINE_CPATTN else r["pipeline"]
+        out.append(dict(summary(meta["device"], meta["date"], config, ours, sdpa.get("decode_step_ms_median")), **r))
+    return out
 
 
 def plot(rows: list, steps_ms: dict, path: str, dev: str) -> bool:
@@ -689,13 +348,8 @@ def plot(rows: list, steps_ms: dict, path: str, dev: str) -> bool:
 
 def write_outputs(rows: list, meta: dict, steps_ms: dict, out: str) -> str:
     """bench_serving.md / .csv / .json / .png under ``out``; returns the markdown."""
-    os.makedirs(out, exist_ok=True)
     text = markdown(rows, meta)
-    with open(os.path.join(out, "bench_serving.md"), "w") as fh:
-        fh.write(text)
-    write_csv(rows, os.path.join(out, "bench_serving.csv"))
-    with open(os.path.join(out, "bench_serving.json"), "w") as fh:
-        json.dump(dict(meta, rows=rows, decode_step_ms=steps_ms), fh, indent=1)
+    write_tables(out, "bench_serving", with_summary(rows, meta), meta, text, extra=dict(decode_step_ms=steps_ms))
     try:
         plot(rows, steps_ms, os.path.join(out, "bench_serving.png"), meta["device"])
     except Exception as e:  # noqa: BLE001  (the numbers are written; a plotting problem loses only the picture)
@@ -734,8 +388,6 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     import torch
 
-    from ..examples.serving import TinyLM
-
     if args.device == "cuda":
         import cupy as xp
 
@@ -756,7 +408,13 @@ def _run(args) -> int:
         name = pipeline + (f" a={alpha:g}" if pipeline == PIPELINE_CPATTN else "")
         progress(2 * i, n, f"{name}: warm-up")
 
-        def on_step(k, name=name, i=i):
+        decoded = [0]
+
+        def on_step(kind, seconds, requests, name=name, i=i, decoded=decoded):  # the Server's hook
+            if kind != "decode":
+                return
+            decoded[0] += 1
+            k = decoded[0]
             if k % 8 == 0 or k == args.decode_steps:
                 progress(2 * i + 1, n, f"{name}: decode step {k}/{args.decode_steps}")
 
