@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from ..reference.plan import build_decode_plan
+from ..reference.chunk_attention import build_decode_plan
 from ..reference.chunk_cache import ChunkCache
 from ..reference.workloads import TokenKV
 
