@@ -4,8 +4,8 @@
 The workload of tools/bench_decode.py: n sequences sharing a 4096-token prompt, 512 own tokens
 each and one decode token, chunk 64, 8 kv heads and 32 query heads. For n = 64, 256, 1024:
 
-  build         build_decode_plan(cache, ids)                      (reference/plan.py)
-  build+split   build_decode_plan + split_plan to the auto piece size
+  build         build_decode_plan(cache, ids): the fast planner     (cpattn/chunk_attention.py)
+  build+split   build_decode_plan + split_plan to the auto piece size (auto_piece_chunks)
   host plan     cpattn.chunk_attention.plan_host: the host part of ChunkAttentionDecode.plan()
                 (plan, auto split, work units, one int32 buffer), no upload
   after chunk   host plan right after every sequence opened a new chunk (the tree changed:
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -67,26 +66,14 @@ def median_ms(fn, iters):
     return 1e3 * float(np.median(timeit.repeat(fn, number=1, repeat=iters)))
 
 
-def auto_cap(plan, num_sms, units_per_sm=4):
-    """The piece size ChunkAttentionDecode picks for piece_chunks="auto"."""
-    from cpattn.chunk_attention import ROWS_PER_UNIT
-
-    group = HQ // HKV
-    tiles1 = -(-(plan.seg_end - plan.seg_begin).astype(np.int64) * group // ROWS_PER_UNIT)
-    work = (int((np.diff(plan.seg_chunk_indptr) * tiles1).sum()) + int(plan.private_indptr[-1])
-            * -(-group // ROWS_PER_UNIT)) * HKV
-    return max(1, math.ceil(work / (units_per_sm * num_sms)))
-
-
 def host_times(n, iters, num_sms, boundary_samples):
-    from cpattn.chunk_attention import plan_host
+    from cpattn.chunk_attention import auto_piece_chunks, build_decode_plan, plan_host, split_plan
     from cpattn.reference import ChunkCache
-    from cpattn.reference.plan import build_decode_plan, split_plan
 
     steps = boundary_samples * CHUNK
     cache = ChunkCache(1, HKV, 1, num_chunks(n, steps), chunk_size=CHUNK, max_sequences=n + 8)
     ids = build_tree(cache, n)
-    cap = auto_cap(build_decode_plan(cache, ids), num_sms)
+    cap = auto_piece_chunks(build_decode_plan(cache, ids), HQ, HKV, num_sms)
     res = dict(
         build_ms=median_ms(lambda: build_decode_plan(cache, ids), iters),
         build_split_ms=median_ms(lambda: split_plan(build_decode_plan(cache, ids), cap, cap), iters),

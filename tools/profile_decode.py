@@ -22,33 +22,24 @@ def main():
     a = ap.parse_args()
     import cupy
 
-    from cpattn.chunk_attention import THREADS, ChunkAttentionDecode
+    from cpattn.chunk_attention import ChunkAttentionDecode, phase1_rows
 
     cache, ids = build(a.batch, a.shared, a.own, a.hkv, 128, a.chunk)
     q = cupy.random.RandomState(1).standard_normal((a.batch, a.hq, 128), dtype=cupy.float32).astype(cupy.float16)
     for ups in a.units_per_sm:
         dec = ChunkAttentionDecode(cache, units_per_sm=ups)
         plan = dec.plan(ids, a.hq)
-        units_all = dec._units.copy()
-        host = cupy.asnumpy(units_all).reshape(-1, 9)
-        is1 = host[:, 2] < 0
-        is1 &= host[:, 8] < plan.num_state_rows
+        host = cupy.asnumpy(dec.units)  # [U, 9], columns in cpattn.chunk_attention.build_units
+        is1 = (host[:, 2] < 0) & (host[:, 8] < plan.num_state_rows)  # phase-1 units
         out = cupy.empty_like(q)
         t_all = median_ms(lambda: dec.run(q, 0, out=out))
         res = {}
         for name, mask in (("phase1", is1), ("phase2", ~is1)):
-            sub = cupy.asarray(np.ascontiguousarray(host[mask]).ravel())
-            k = dec._kern["chunk_attend"]
-
-            def launch():
-                k((int(mask.sum()),), (THREADS,), (q, cache.k_pool, cache.v_pool, np.int64(0), sub, dec._chunk_list,
-                                                  dec._order, cache.d_slot_lens, dec._o_states, dec._lse_states,
-                                                  np.int32(a.hq), np.int32(a.hkv), np.int32(dec._group),
-                                                  np.float32(0.1275)), shared_mem=dec._smem)
-            res[name] = (int(mask.sum()), median_ms(launch))
+            sub = cupy.asarray(np.ascontiguousarray(host[mask]))
+            res[name] = (int(mask.sum()), median_ms(lambda: dec.launch_attend(q, 0, units=sub)))
         rows1 = host[is1, 6].sum()
         chunks1 = ((host[is1, 1] - host[is1, 0])).sum()
-        flops1 = 4.0 * 64 * 128 * a.chunk * chunks1  # 64-row tiles as computed (padded rows included)
+        flops1 = 4.0 * phase1_rows(a.chunk) * 128 * a.chunk * chunks1  # tiles as computed (padded rows too)
         print(f"units/SM {ups}: pieces {plan.num_pieces} items {plan.num_items} units {len(host)}; "
               f"run {1e3 * t_all:.1f} us; phase1 {res['phase1'][0]} units {1e3 * res['phase1'][1]:.1f} us "
               f"({flops1 / res['phase1'][1] / 1e9:.0f} TFLOP/s on padded tiles, {rows1} real rows); "
