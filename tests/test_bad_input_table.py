@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from backends import CupyBackend, NumpyBackend
-from conftest import assert_same_snapshot, snapshot
 from cpattn import gpu_available
+from cpattn.arrays import to_host
 from cpattn.reference import compact_attention as ca
-from cpattn.reference.chunk_attention import decode, dense_decode
-from cpattn.reference.plan import build_decode_plan
+from cpattn.reference.chunk_attention import build_decode_plan, decode, oracle_decode
+from cpattn.reference.dtypes import to_float32
 from cpattn.reference.chunk_cache import CacheError, CacheFullError, ChunkCache, Slots
 from cpattn.reference.workloads import TokenKV, fill_cache, prefix_tree_prompts, random_queries
+from cpattn.testing import assert_same_snapshot, get_backend, snapshot
 
 L, HKV, HQ = 2, 2, 4
 
@@ -64,7 +64,7 @@ class World:
 
     def k_v(self, tokens, start=0, layers=None):
         k, v = self.kv(tokens, start=start)
-        return self.backend.dev(k), self.backend.dev(v)
+        return self.backend.asarray(k), self.backend.asarray(v)
 
     def q(self, batch, heads=HQ, seed=0):
         return random_queries(seed, batch, heads, self.D, self.cache.dtype)
@@ -91,7 +91,7 @@ def make_world(backend, D, C) -> World:
     w.mid_slots = w.cache.reserve(w.mid, [3, 3])
     w.ids["empty"] = w.cache.add_sequence([])
     w.committed_slots = Slots(np.array(w.cache.seq_chunks(w.a)[:1], np.int32), np.array([1], np.int32))
-    w.means = backend.means(w.cache)
+    w.means = backend.api.BlockMeans(w.cache)
 
     w.full = backend.make_cache(L, HKV, D, 3, chunk_size=C)  # every chunk referenced
     w.ids["f"] = add(w.full, [1] * (C + 1))  # a full chunk and a partial tail
@@ -115,7 +115,7 @@ def bad_kv(w, tokens, start=0, which="k", how="tokens"):
     x = {"tokens": x[:, :-1], "layers": x[:1], "heads": x[:, :, :1], "head_dim": x[..., :-1],
          "dtype": x.astype(np.float32)}[how]
     k, v = (x, v) if which == "k" else (k, x)
-    return w.backend.dev(k), w.backend.dev(v)
+    return w.backend.asarray(k), w.backend.asarray(v)
 
 
 def prefill_q(w, n, heads=HQ):
@@ -161,7 +161,7 @@ CASES = [
     ("append: empty batch", lambda w: w.cache.append([], [], *(x[:, :0] for x in w.k_v([1]))), ValueError, "seqs"),
     ("plan: duplicate ids", lambda w: build_decode_plan(w.cache, [w.a, w.b, w.a]), ValueError, "seqs"),
     ("append: duplicate ids", lambda w: w.cache.append([w.a, w.a], [1, 1], *w.k_v([1, 1])), ValueError, "seqs"),
-    ("dense_decode: sequence id True", lambda w: dense_decode(w.cache, [True], w.q(1)), CacheError, "seqs"),
+    ("oracle_decode: sequence id True", lambda w: oracle_decode(w.cache, [True], w.q(1)), CacheError, "seqs"),
     # ---- resources
     ("add: pool full, nothing evictable", lambda w: w.full.add_sequence([2] * 3, *w.k_v([2] * 3)),
      CacheFullError, "pool"),
@@ -176,7 +176,7 @@ CASES = [
      ValueError, "q"),
     ("decode: q float32", lambda w: decode(w.cache, w.plan, w.q(2).astype(np.float32)), TypeError, "q"),
     ("decode: q batch != plan batch", lambda w: decode(w.cache, w.plan, w.q(3)), ValueError, "q"),
-    ("dense_decode: q head_dim", lambda w: dense_decode(w.cache, [w.a], w.q(1)[..., :-1]), ValueError, "q"),
+    ("oracle_decode: q head_dim", lambda w: oracle_decode(w.cache, [w.a], w.q(1)[..., :-1]), ValueError, "q"),
     ("decode: stale plan", lambda w: decode(w.cache, w.stale_plan, w.q(1)), CacheError, "plan"),
     ("decode: layer out of range", lambda w: decode(w.cache, w.plan, w.q(2), L), ValueError, "layer"),
     ("plan: piece_chunks 0", lambda w: build_decode_plan(w.cache, [w.a], piece_chunks=0), ValueError, "piece_chunks"),
@@ -199,7 +199,7 @@ CASES = [
     ("prefill: q heads not a multiple", lambda w: ca.compact_prefill(w.cache, w.means, w.p, prefill_q(w, w.C, 3)),
      ValueError, "q"),
     ("prefill: block means of another cache", lambda w: ca.compact_prefill(
-        w.cache, w.backend.means(w.full), w.p, prefill_q(w, w.C)), ValueError, "cache"),
+        w.cache, w.backend.api.BlockMeans(w.full), w.p, prefill_q(w, w.C)), ValueError, "cache"),
     # ---- construction
     ("cache: head_dim 0", lambda w: w.backend.make_cache(L, HKV, 0, 4), ValueError, "head_dim"),
     ("cache: chunk_size not a power of two", lambda w: w.backend.make_cache(L, HKV, w.D, 4, chunk_size=3),
@@ -226,19 +226,17 @@ def test_table_is_large_and_distinct():
     assert len(GPU_CASES) >= 15 and len({name for name, *_ in GPU_CASES}) == len(GPU_CASES)
 
 
-@pytest.fixture(scope="module")
-def cpu_world_factory():
-    return lambda: make_world(NumpyBackend(), D=8, C=4)
-
-
 @pytest.mark.parametrize("name,call,exc,arg", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(cpu_world_factory, name, call, exc, arg):
-    check_case(cpu_world_factory(), call, exc, arg)
+@pytest.mark.parametrize("backend_name", ["numpy", "emulated"])
+def test_bad_input(backend_name, name, call, exc, arg):
+    """Every row on the NumPy cache and on the emulated GPU cache: same error, same message."""
+    with get_backend(backend_name) as backend:
+        check_case(make_world(backend, D=8, C=4), call, exc, arg)
 
 
 def test_the_check_fails_on_a_change_or_a_vague_message():
     """check_case itself: a call that changes a cache, or names no argument, fails it."""
-    w = make_world(NumpyBackend(), D=8, C=4)
+    w = make_world(get_backend("numpy"), D=8, C=4)
 
     def change_then_raise(w):
         w.cache.evict(1)
@@ -252,9 +250,7 @@ def test_the_check_fails_on_a_change_or_a_vague_message():
 
 # ============================================================================ GPU API
 def gpu_decoder(w, seqs=None):
-    from cpattn.chunk_attention import ChunkAttentionDecode
-
-    dec = ChunkAttentionDecode(w.cache)
+    dec = w.backend.api.ChunkAttentionDecode(w.cache)
     dec.plan([w.a, w.b] if seqs is None else seqs, HQ)
     return dec
 
@@ -292,7 +288,8 @@ GPU_CASES = [
     ("run: q not contiguous", lambda w: gpu_decoder(w).run(_noncontiguous(w)), ValueError, "q"),
     ("run: out on the host", lambda w: gpu_decoder(w).run(cq(w), out=w.q(2)), TypeError, "out"),
     ("run: out wrong shape", lambda w: gpu_decoder(w).run(cq(w), out=cq(w, batch=3)), ValueError, "out"),
-    ("run: lse float16", lambda w: gpu_decoder(w).run(cq(w), lse=cq(w)[:, :, 0].copy()), TypeError, "lse"),
+    ("run: lse_out float16", lambda w: gpu_decoder(w).run(cq(w), lse_out=cq(w)[:, :, 0].copy()), TypeError,
+     "lse_out"),
     ("run: layer out of range", lambda w: gpu_decoder(w).run(cq(w), L), ValueError, "layer"),
     ("plan: num_q_heads not a multiple", lambda w: gpu_decoder(w).plan([w.a], 3), ValueError, "num_q_heads"),
     ("plan: empty batch", lambda w: gpu_decoder(w).plan([], HQ), ValueError, "seqs"),
@@ -317,7 +314,7 @@ GPU_CASES = [
     ("prefill: q longer than the sequence", lambda w: gpu_prefill(w, cq(w, batch=3 * w.C)), ValueError, "q"),
     ("prefill: alpha negative", lambda w: gpu_prefill(w, cq(w, batch=w.C), alpha=-0.1), ValueError, "alpha"),
     ("prefill: block means of another cache", lambda w: gpu_prefill(
-        w, cq(w, batch=w.C), means=w.backend.means(w.full)), ValueError, "cache"),
+        w, cq(w, batch=w.C), means=w.backend.api.BlockMeans(w.full)), ValueError, "cache"),
 ]
 
 
@@ -325,13 +322,13 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")
 def test_bad_input_gpu(name, call, exc, arg):
-    check_case(make_world(CupyBackend(), D=64, C=16), call, exc, arg)
+    check_case(make_world(get_backend("cupy"), D=64, C=16), call, exc, arg)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")
 def test_gpu_stale_plan_refused_and_nothing_changes():
-    w = make_world(CupyBackend(), D=64, C=16)
+    w = make_world(get_backend("cupy"), D=64, C=16)
     dec = _stale_run(w)
     before = [snapshot(c) for c in w.caches]
     with pytest.raises(CacheError, match="^plan:"):
@@ -396,10 +393,10 @@ def confined(backend, D, C, per_head: bool):
     shared = [n for n in cache.seq_nodes(ids[j]) if n.ref > 1]
     assert shared, "the poisoned sequence must share chunks with others"
     for split in (None, 1):
-        dec = backend.decoder(cache, split, split)
+        dec = backend.api.ChunkAttentionDecode(cache, piece_chunks=split, private_piece_chunks=split)
         dec.plan(ids, HQ)
         before = snapshot(cache)
-        clean, dirty = dec.run(q), dec.run(bad)
+        clean, dirty = (to_float32(to_host(dec.run(backend.asarray(x))), cache.dtype) for x in (q, bad))
         assert_same_snapshot(before, snapshot(cache))
         others = [i for i in range(len(ids)) if i != j]
         assert np.isfinite(clean).all()
@@ -414,12 +411,12 @@ def confined(backend, D, C, per_head: bool):
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 def test_nan_query_stays_in_its_sequence():
-    list(confined(NumpyBackend(), 8, 4, per_head=False))
+    list(confined(get_backend("numpy"), 8, 4, per_head=False))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 def test_nan_query_stays_in_its_head_in_the_reference():
-    for clean, dirty in confined(NumpyBackend(), 8, 4, per_head=True):
+    for clean, dirty in confined(get_backend("numpy"), 8, 4, per_head=True):
         assert clean.tobytes() == dirty.tobytes()
 
 
@@ -427,9 +424,9 @@ def test_nan_query_stays_in_its_head_in_the_reference():
 def test_nan_key_in_a_private_chunk_stays_in_its_sequence():
     """A NaN K/V row (model blow-up) in one sequence's own tail chunk reaches no other sequence,
     even those sharing its prefix: phase 1 reads only shared chunks."""
-    cache, ids, kv = nan_world(NumpyBackend(), 8, 4)
+    cache, ids, kv = nan_world(get_backend("numpy"), 8, 4)
     j = 4
-    twin, _, _ = nan_world(NumpyBackend(), 8, 4)
+    twin, _, _ = nan_world(get_backend("numpy"), 8, 4)
     n = cache.seq_len(ids[j])
     k, v = kv([1], start=n)
     k[:] = np.nan
@@ -447,8 +444,8 @@ def test_nan_key_in_a_private_chunk_stays_in_its_sequence():
 @pytest.mark.gpu
 @pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")
 def test_nan_query_stays_in_its_sequence_gpu():
-    list(confined(CupyBackend(), 64, 16, per_head=False))
-    list(confined(CupyBackend(), 64, 16, per_head=True))  # the rest of the sequence may differ
+    list(confined(get_backend("cupy"), 64, 16, per_head=False))
+    list(confined(get_backend("cupy"), 64, 16, per_head=True))  # the rest of the sequence may differ
 
 
 def test_docs_list_every_case():
@@ -464,7 +461,7 @@ def test_docs_list_every_case():
 def test_named_errors_not_yet_in_expected_got_form():
     """Errors from files owned elsewhere (reference/plan.py): the argument is named and nothing
     changes, but the wording is not 'expected ..., got ...' yet (see docs/guarantees.md)."""
-    w = make_world(NumpyBackend(), D=8, C=4)
+    w = make_world(get_backend("numpy"), D=8, C=4)
     before = [snapshot(c) for c in w.caches]
     with pytest.raises(CacheError, match=r"^seqs: "):
         build_decode_plan(w.cache, [w.a, w.empty])
