@@ -13,10 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cpattn.reference.compact_attention import (
-    BlockMeans, BlockTables, attention_mass, build_block_tables, causal_attention, chunked_prefill,
-    compact_prefill, dense_prefill, mass_recall, needle_recall, relative_error, select_blocks,
-    sparse_prefill, split_chunks)
-from cpattn.reference.dtypes import to_float32, to_storage
+    BlockMeans, BlockTables, CompactPrefill, attention_mass, build_block_tables, causal_attention,
+    chunked_prefill, compact_prefill, dense_prefill, mass_recall, needle_recall, oracle_prefill,
+    relative_error, select_blocks, sparse_prefill, split_chunks)
+from cpattn.reference.dtypes import to_float32, to_storage, unit_roundoff
 from cpattn.reference.chunk_cache import CacheError, ChunkCache
 from cpattn.reference.workloads import long_context_qkv, oracle_block_tables
 
@@ -40,7 +40,11 @@ def new_cache(g, num_chunks=64, **kw):
 
 
 def means_state(means):
-    return means.kmean.tobytes(), [id(n) for n in means._owner]
+    """The means' values and, per live sequence, which leading pages count as summarised."""
+    cache = means.cache
+    current = {s: [means.is_current(cache, s, b) for b in range(len(cache.seq_chunks(s)) + 1)]
+               for s in cache.sequences}
+    return means.kmean.tobytes(), current
 
 
 @st.composite
@@ -107,13 +111,17 @@ def test_alpha_zero_equals_dense_causal_attention_for_any_chunking(data, g):
         q, k, v = (f32(x[layer], g["dtype"]) for x in (w.q, w.k, w.v))
         o_ref, lse_ref = causal_attention(q, k, v)  # the whole prompt at once, float64
         vmax = np.abs(v).max()
-        # float32 accumulation over at most 128 keys of values stored in 16 bits
-        np.testing.assert_allclose(o[layer], o_ref, rtol=0, atol=2e-5 * vmax)
+        # float32 accumulation over at most 128 keys of values stored in 16 bits, then o is
+        # rounded once to the storage dtype
+        assert o.dtype == w.q.dtype
+        np.testing.assert_allclose(f32(o[layer], g["dtype"]), o_ref, rtol=0,
+                                   atol=(2e-5 + unit_roundoff(g["dtype"])) * vmax)
         np.testing.assert_allclose(lse[layer], lse_ref, rtol=2e-6, atol=2e-6)
     for per_layer in results:
         for res in per_layer:
-            assert res.density == dict(select=1.0, q_union=1.0, group_union=1.0, tables=1.0)
-            assert res.tables.num_past.sum() == res.tables.num_tables * res.tables.num_past_blocks
+            assert res.density() == dict(select=1.0, q_union=1.0, group_union=1.0, tables=1.0)
+            t = res.block_tables
+            assert t.num_past.sum() == t.num_tables * t.num_past_blocks
     # the chunk's K/V went into the tree: read back equals what was written
     for layer in range(g["layers"]):
         rk, rv = cache.read_kv(seq, layer)
@@ -205,14 +213,14 @@ def test_recall_is_mass_on_read_blocks_and_bounds_the_error(data, g):
     layer = g["layers"] - 1
     q = w.q[layer, P:]
     res = compact_prefill(cache, means, seq, q, layer, **opts)
-    o_ref, lse_ref = dense_prefill(cache, seq, q, layer)
+    o_ref, lse_ref = oracle_prefill(cache, seq, q, layer)
     recall = mass_recall(res.lse, lse_ref)  # [n, Hq]
 
     # exact mass (float64) on the blocks each (row, head) reads
     mass = attention_mass(cache, seq, q, layer)  # [n, Hq, Kb]
-    dense = res.tables.to_dense()  # [T, Hkv, S, Kb]
-    G, s = g["Hq"] // g["Hkv"], res.tables.group_size
-    tile = np.searchsorted(res.tables.qo_indptr, np.arange(n), side="right") - 1
+    dense = res.block_tables.to_dense()  # [T, Hkv, S, Kb]
+    G, s = g["Hq"] // g["Hkv"], res.block_tables.group_size
+    tile = np.searchsorted(res.block_tables.qo_indptr, np.arange(n), side="right") - 1
     heads = np.arange(g["Hq"])
     reads = dense[tile[:, None], (heads // G)[None], ((heads % G) // s)[None]]  # [n, Hq, Kb]
     expected = (mass * reads).sum(axis=2)
@@ -221,11 +229,13 @@ def test_recall_is_mass_on_read_blocks_and_bounds_the_error(data, g):
     assert (np.abs(np.log(recall) - np.log(expected)) <= tol).all()
     assert (np.log(recall) <= tol).all()  # recall <= 1 up to rounding
 
-    # |o_sparse - o_dense| <= 2 (1 - r) max|v| per element, plus float32 rounding
+    # |o_sparse - o_dense| <= 2 (1 - r) max|v| per element, plus float32 rounding and the one
+    # rounding of o to the storage dtype
     vmax = np.abs(f32(w.v[layer], g["dtype"])).max()
-    bound = 2 * (1 - expected)[:, :, None] * vmax + 2e-5 * vmax
-    assert (np.abs(res.o - o_ref) <= bound).all()
-    assert relative_error(res.o, o_ref) >= 0
+    bound = 2 * (1 - expected)[:, :, None] * vmax + (2e-5 + unit_roundoff(g["dtype"])) * vmax
+    o = f32(res.o, g["dtype"])
+    assert (np.abs(o - o_ref) <= bound).all()
+    assert relative_error(o, o_ref) >= 0
 
 
 # ---------------------------------------------------------------------------- reused prefix
@@ -312,18 +322,19 @@ def test_structured_workload_selection_finds_needles_and_oracle_dominates():
     _, _, results = chunked_prefill(cache, means, seq, list(range(m)), w.q, w.k, w.v, chunk)
     found = counted = 0
     for res in (r[0] for r in results):
-        f, n = needle_recall(res.tables, *w.needles.triples(16))
+        f, n = needle_recall(res.block_tables, *w.needles.triples(16))
         found, counted = found + f, counted + n
     assert counted > 0 and found / counted >= 0.9
     last = results[-1][0]
-    assert last.density["group_union"] < 0.8  # the selection is actually sparse
-    assert last.density["select"] <= last.density["q_union"] <= last.density["group_union"]
+    d = last.density()
+    assert d["group_union"] < 0.8  # the selection is actually sparse
+    assert d["select"] <= d["q_union"] <= d["group_union"]
 
     # recall at equal density: the exact-mass oracle is at least as good in every table
     q = w.q[0, m - chunk:]
-    _, lse_ref = dense_prefill(cache, seq, q)
-    oracle = oracle_block_tables(cache, seq, q, last.tables)
-    assert oracle.num_past.tolist() == last.tables.num_past.tolist()
+    _, lse_ref = oracle_prefill(cache, seq, q)
+    oracle = oracle_block_tables(cache, seq, q, last.block_tables)
+    assert oracle.num_past.tolist() == last.block_tables.num_past.tolist()
     _, lse_oracle = sparse_prefill(cache, oracle, q)
     r_compact, r_oracle = mass_recall(last.lse, lse_ref), mass_recall(lse_oracle, lse_ref)
     assert r_compact.mean() > 0.97
@@ -363,7 +374,7 @@ def test_block_tables_to_string_to_dense_and_density():
     g = dict(c=4, Hkv=2, Hq=4, D=16, dtype="float16", layers=1, seed=7)
     w, cache, means, seq = prefill_one_chunk(g, 40, 9)
     res = compact_prefill(cache, means, seq, w.q[0, 40:], alpha=0.3, sink=1, window=1, q_tile=8, group_size=1)
-    t = res.tables
+    t = res.block_tables
     dense = t.to_dense()
     assert dense.shape == (2, 2, 2, 13) and dense.sum() == len(t.indices)
     own = np.array([2, 3])  # tile 0 reads own blocks 0-1, tile 1 (the tail) reads all 3
@@ -384,7 +395,7 @@ def test_block_tables_to_string_to_dense_and_density():
 def test_block_tables_to_string_compresses_long_sequences():
     g = dict(c=4, Hkv=1, Hq=2, D=8, dtype="float16", layers=1, seed=8)
     w, cache, means, seq = prefill_one_chunk(g, 400, 6)  # 100 past blocks
-    t = compact_prefill(cache, means, seq, w.q[0, 400:], alpha=0.5, sink=0, window=0).tables
+    t = compact_prefill(cache, means, seq, w.q[0, 400:], alpha=0.5, sink=0, window=0).block_tables
     lines = t.to_string(max_width=20).splitlines()
     assert "one column = 6 blocks" in lines[2]
     past, own = lines[3].split()[2].split("|")
@@ -404,6 +415,86 @@ def test_split_chunks():
             split_chunks(7, bad, 2)
     with pytest.raises(ValueError, match="chunks: expected a positive multiple of chunk_size 2, got 3"):
         split_chunks(7, 3, 2)
+
+
+# ---------------------------------------------------------------------------- the one API
+@given(data=st.data(), g=geometries())
+def test_compact_prefill_result_is_the_rounded_sparse_prefill_of_its_tables(data, g):
+    """o is the float32 attention over the result's own tables rounded once to the storage
+    dtype; lse, density() and tables() are the selection's and the tables'; return_lse, out,
+    kernel and events change nothing else."""
+    c = g["c"]
+    P, n = c * data.draw(st.integers(0, 6)), awkward(data.draw, c, 3)
+    opts = options(data.draw, g)
+    w, cache, means, seq = prefill_one_chunk(g, P, n)
+    q = w.q[0, P:]
+    res = compact_prefill(cache, means, seq, q, **opts)
+    assert isinstance(res, CompactPrefill)
+    o32, lse32 = sparse_prefill(cache, res.block_tables, q, 0)
+    assert res.o.dtype == q.dtype and res.o.shape == q.shape
+    assert res.o.tobytes() == to_storage(o32, g["dtype"]).tobytes()
+    assert res.lse.dtype == np.float32 and res.lse.tobytes() == lse32.tobytes()
+    assert res.density() == dict(res.selection.density, tables=res.block_tables.density())
+    indptr, indices = res.tables()
+    assert indptr.dtype == indices.dtype == np.int32
+    assert indptr.tolist() == res.block_tables.indptr.tolist() and indices.tolist() == res.block_tables.indices.tolist()
+    indices[:] = -1  # host copies: the result is not changed through them
+    assert (res.block_tables.indices >= 0).all()
+
+    out = np.full(q.shape, 0x7E00, q.dtype)  # NaN poison: every element must be written
+    events = []
+    kernel = data.draw(st.sampled_from(["auto", "wgmma", "mma"]))
+    again = compact_prefill(cache, means, seq, q, return_lse=False, out=out, kernel=kernel, events=events, **opts)
+    assert again.o is out and out.tobytes() == res.o.tobytes() and again.lse is None
+    assert [name for name, _ in events] == ["start", "means", "score", "tables", "attention"]
+    times = [t for _, t in events]
+    assert times == sorted(times)
+
+
+def test_dense_prefill_is_compact_prefill_at_alpha_zero_within_one_rounding_of_the_oracle():
+    g = dict(c=8, Hkv=2, Hq=8, D=16, dtype="bfloat16", layers=2, seed=4)
+    w, cache, means, seq = prefill_one_chunk(g, 48, 21)
+    q = w.q[1, 48:]
+    dense = dense_prefill(cache, means, seq, q, 1)
+    same = compact_prefill(cache, means, seq, q, 1, alpha=0.0, sink=0, window=0)
+    assert dense.o.tobytes() == same.o.tobytes() and dense.lse.tobytes() == same.lse.tobytes()
+    assert dense.density() == dict(select=1.0, q_union=1.0, group_union=1.0, tables=1.0)
+    tiled = dense_prefill(cache, means, seq, q, 1, q_tile=8, group_size=1, sink=3)  # options pass through
+    assert tiled.block_tables.num_tiles == 3 and tiled.block_tables.group_size == 1
+    o_ref, lse_ref = oracle_prefill(cache, seq, q, 1)
+    vmax = np.abs(f32(w.v[1], "bfloat16")).max()
+    err = np.abs(f32(dense.o, "bfloat16") - o_ref).max()
+    assert err <= (2e-5 + unit_roundoff("bfloat16")) * vmax
+    assert err > 0  # the rounding shows: o is bf16, not float32
+    np.testing.assert_allclose(dense.lse, lse_ref, rtol=2e-6, atol=2e-6)
+    with pytest.raises(TypeError, match="alpha: expected no alpha"):
+        dense_prefill(cache, means, seq, q, 1, alpha=0.5)
+
+
+def test_the_gpu_module_runs_the_reference_for_a_numpy_cache():
+    """cpattn.BlockMeans / compact_prefill / dense_prefill dispatch on the cache; a NumPy cache
+    needs no CuPy and gets exactly the reference."""
+    import sys
+
+    import cpattn
+    from cpattn import compact_attention as gpu
+    from cpattn.reference import compact_attention as ref
+
+    had_cupy = "cupy" in sys.modules
+    g = dict(c=4, Hkv=1, Hq=2, D=8, dtype="float16", layers=1, seed=9)
+    w, cache, _, seq = prefill_one_chunk(g, 16, 6)
+    means = cpattn.BlockMeans(cache)
+    assert type(means) is ref.BlockMeans and cpattn.BlockMeans is gpu.BlockMeans
+    q = w.q[0, 16:]
+    r = cpattn.compact_prefill(cache, means, seq, q, alpha=0.2, kernel="mma")
+    want = ref.compact_prefill(cache, ref.BlockMeans(cache), seq, q, alpha=0.2)
+    assert type(r) is ref.CompactPrefill and r.o.tobytes() == want.o.tobytes()
+    assert r.density() == want.density()
+    d = cpattn.dense_prefill(cache, means, seq, q)
+    assert d.o.tobytes() == ref.dense_prefill(cache, means, seq, q).o.tobytes()
+    with pytest.raises(ValueError, match=r"kernel: expected one of \('auto', 'wgmma', 'mma'\), got 'fast'"):
+        cpattn.compact_prefill(cache, means, seq, q, kernel="fast")
+    assert ("cupy" in sys.modules) == had_cupy
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -461,11 +552,36 @@ def test_bad_input_names_the_argument_and_changes_nothing(chunk_setup, unchanged
     check_bad_call(cache, means, unchanged, lambda: fn(cache, means, seq, q, layer, **kw), err, words)
 
 
+BAD_CALL = [
+    ("kernel not a choice", dict(kernel="fast"), ValueError, ["kernel:", "'auto', 'wgmma', 'mma'", "'fast'"]),
+    ("return_lse not a bool", dict(return_lse=1), TypeError, ["return_lse:", "True or False", "1"]),
+    ("events not a list", dict(events=()), TypeError, ["events:", "list", "tuple"]),
+    ("out of the wrong shape", dict(out=np.zeros((5, 4, 4), np.float16)), ValueError, ["out:", "(5, 4, 8)", "(5, 4, 4)"]),
+    ("out of the wrong dtype", dict(out=np.zeros((5, 4, 8), np.float32)), TypeError, ["out:", "float16", "float32"]),
+    ("out not an array", dict(out=[0.0] * 5), TypeError, ["out:", "NumPy array", "list"]),
+]
+
+
+@pytest.mark.parametrize("what,kw,err,words", BAD_CALL, ids=[b[0] for b in BAD_CALL])
+@pytest.mark.parametrize("fn", [compact_prefill, dense_prefill], ids=["compact_prefill", "dense_prefill"])
+def test_bad_call_options_name_the_argument_and_change_nothing(chunk_setup, unchanged, fn, what, kw, err, words):
+    g, w, cache, means, seq = chunk_setup
+    check_bad_call(cache, means, unchanged, lambda: fn(cache, means, seq, w.q[0, 12:], **kw), err, words)
+
+
+def test_read_only_out_is_refused(chunk_setup, unchanged):
+    g, w, cache, means, seq = chunk_setup
+    out = np.zeros((5, 4, 8), np.float16)
+    out.flags.writeable = False
+    check_bad_call(cache, means, unchanged, lambda: compact_prefill(cache, means, seq, w.q[0, 12:], out=out),
+                   ValueError, ["out:", "writeable", "read-only"])
+
+
 BAD_ORACLE = [b for b in BAD_CHUNK if b[1] is not None or set(b[2]) & {"scale", "layer", "seq"}]
 
 
 @pytest.mark.parametrize("what,make_q,kw,err,words", BAD_ORACLE, ids=[b[0] for b in BAD_ORACLE])
-@pytest.mark.parametrize("fn", [dense_prefill, attention_mass], ids=["dense_prefill", "attention_mass"])
+@pytest.mark.parametrize("fn", [oracle_prefill, attention_mass], ids=["oracle_prefill", "attention_mass"])
 def test_bad_input_to_the_oracles(chunk_setup, unchanged, fn, what, make_q, kw, err, words):
     g, w, cache, means, seq = chunk_setup
     q, seq, layer, kw = bad_args(w, seq, make_q, kw)
@@ -522,6 +638,6 @@ def test_stale_tables_and_selections_are_refused(chunk_setup):
     other = cache.add_sequence([])  # any structural change bumps the version
     cache.extend(other, [1], w.k[:, :1], w.v[:, :1])
     with pytest.raises(CacheError, match="tables: built for cache version"):
-        sparse_prefill(cache, res.tables, q)
+        sparse_prefill(cache, res.block_tables, q)
     with pytest.raises(ValueError, match="selection: expected one made for sequence"):
         build_block_tables(cache, seq, res.selection)
