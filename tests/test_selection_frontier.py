@@ -1,4 +1,4 @@
-"""tools/selection_frontier.py: the exact masses, the alpha rule's recall and the oracle curve
+"""The selection frontier (cpattn/bench/frontier.py, also tools/selection_frontier.py): the exact masses, the alpha rule's recall and the oracle curve
 on a small prompt. The oracle is optimal for its table granularity, so no selection with the
 same tables can beat it at equal density; the alpha rule must agree with the reference
 ``select_blocks`` on the same data."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import load_script
+from cpattn.bench import frontier
 from cpattn.reference.compact_attention import BlockMeans, select_blocks
 from cpattn.reference.dtypes import to_float32
 from cpattn.reference.chunk_cache import ChunkCache
@@ -19,7 +19,7 @@ P, N, C, G = 1024, 128, 16, 4
 
 @pytest.fixture(scope="module")
 def fr():
-    return load_script("tools/selection_frontier.py")
+    return frontier
 
 
 @pytest.fixture(scope="module")

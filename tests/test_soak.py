@@ -1,4 +1,4 @@
-"""tools/soak.py in its small NumPy mode (a few hundred operations), and proof that it fails
+"""The soak (cpattn/bench/soak.py, also tools/soak.py) in its small NumPy mode (a few hundred operations), and proof that it fails
 when the cache leaks a chunk or corrupts K/V. The GPU run (10,000+ operations at realistic
 sizes) is a device command: see docs/guarantees.md."""
 from __future__ import annotations
@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from conftest import load_script
+from cpattn.bench import soak as soak_module
 from cpattn.reference.chunk_cache import ChunkCache
+
 
 @pytest.fixture(scope="module")
 def soak():
-    return load_script("tools/soak.py")
+    return soak_module
 
 
 def run(soak, tmp_path, *extra):

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Same as `cpattn bench decode` (see cpattn/bench/decode.py)."""
-import os
+"""Shared-prefix decode benchmark: `cpattn bench decode` (the code is cpattn/bench/decode.py, installed with cpattn).
+
+Runs from a checkout (after `pip install -e .`) and from an installed wheel.
+"""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cpattn.bench.decode import main  # noqa: E402
+from cpattn.bench.decode import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Same as `cpattn bench prefill` (see cpattn/bench/prefill.py)."""
-import os
+"""CompactAttention chunked-prefill benchmark: `cpattn bench prefill` (the code is cpattn/bench/prefill.py, installed with cpattn).
+
+Runs from a checkout (after `pip install -e .`) and from an installed wheel.
+"""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cpattn.bench.prefill import main  # noqa: E402
+from cpattn.bench.prefill import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
