@@ -37,7 +37,7 @@ def setup(seed, P, n, c, Hq, Hkv, D, dtype, layers=1):
     import cupy
 
     from cpattn.chunk_cache import GpuChunkCache
-    from cpattn.compact_attention import GpuBlockMeans
+    from cpattn.compact_attention import BlockMeans
 
     w = long_context_qkv(seed, P + n, Hq, Hkv, D, num_layers=layers, dtype=dtype, num_sinks=2,
                          locality_len=2 * c, needle_len=c, num_needles=2, needle_queries=2)
@@ -54,7 +54,7 @@ def setup(seed, P, n, c, Hq, Hkv, D, dtype, layers=1):
     (cpu, seq), (gpu, gseq) = caches
     assert seq == gseq
     assert np.array_equal(cupy.asnumpy(gpu.k_pool), cpu.k_pool)
-    return w, cpu, ca.BlockMeans(cpu), gpu, GpuBlockMeans(gpu), seq
+    return w, cpu, ca.BlockMeans(cpu), gpu, BlockMeans(gpu), seq
 
 
 def run_gpu(gpu, gmeans, seq, q, **opt):
@@ -101,9 +101,11 @@ def test_alpha_zero_equals_dense_and_tables_are_all_blocks(seed, c, pb, n_blocks
     opt = dict(alpha=0.0, q_tile=None if tile is None else tile * c, group_size=sub)
     r, o, lse = run_gpu(gpu, gmeans, seq, q, kernel=kernel, **opt)
     ref = ca.compact_prefill(cpu, means, seq, q, 0, **opt)
-    oracle, oracle_lse = ca.dense_prefill(cpu, seq, q, 0)
+    oracle, oracle_lse = ca.oracle_prefill(cpu, seq, q, 0)
     indptr, indices = r.tables()
-    assert np.array_equal(indptr, ref.tables.indptr) and np.array_equal(indices, ref.tables.indices)
+    ref_indptr, ref_indices = ref.tables()
+    assert np.array_equal(indptr, ref_indptr) and np.array_equal(indices, ref_indices)
+    assert r.density() == ref.density() == dict(select=1.0, q_union=1.0, group_union=1.0, tables=1.0)
     vmax = float(np.abs(to_float32(w.v[0], dtype)).max())
     assert np.isfinite(o).all() and np.isfinite(lse).all()
     assert np.abs(o - oracle).max() <= budget(dtype, vmax)
@@ -146,13 +148,14 @@ def test_selection_and_output_match_reference(seed, c, pb, n_blocks, ratio, dtyp
     d_gpu, d_ref = r.density(), sel.density
     for k in ("select", "q_union", "group_union"):
         assert abs(d_gpu[k] - d_ref[k]) <= 0.03, (k, d_gpu, d_ref)
+    assert d_gpu["tables"] == pytest.approx(tables.density(), rel=1e-12)  # counted on the GPU's own tables
 
 
 def test_prefix_reused_from_another_sequence_equals_from_scratch():
     import cupy
 
     from cpattn.chunk_cache import GpuChunkCache
-    from cpattn.compact_attention import GpuBlockMeans, compact_prefill
+    from cpattn.compact_attention import BlockMeans, compact_prefill
 
     c, Hq, Hkv, D, dtype = 64, 8, 2, 128, "bfloat16"
     P, n = 8 * c, 3 * c - 7
@@ -162,10 +165,10 @@ def test_prefix_reused_from_another_sequence_equals_from_scratch():
     a = GpuChunkCache(1, Hkv, D, 64, chunk_size=c, dtype=dtype)
     sa = a.add_sequence([])
     a.extend(sa, toks, w.k[:, :], w.v[:, :])
-    ra = compact_prefill(a, GpuBlockMeans(a), sa, cupy.asarray(w.q[0, P:]))
+    ra = compact_prefill(a, BlockMeans(a), sa, cupy.asarray(w.q[0, P:]))
     # another sequence caches the prefix; ours reuses it and writes only its chunk
     b = GpuChunkCache(1, Hkv, D, 64, chunk_size=c, dtype=dtype)
-    mb = GpuBlockMeans(b)
+    mb = BlockMeans(b)
     other = b.add_sequence(toks[:P] + [999], np.concatenate([w.k[:, :P], w.k[:, :1]], 1),
                            np.concatenate([w.v[:, :P], w.v[:, :1]], 1))
     mb.update(b, other)
@@ -191,7 +194,7 @@ def test_wgmma_kernel_equals_mma_kernel_and_oracle(dtype, D, c, n, P, ratio):
     q = w.q[0, P:]
     _, o_mma, lse_mma = run_gpu(gpu, gmeans, seq, q, alpha=0.0, kernel="mma")
     _, o_wg, lse_wg = run_gpu(gpu, gmeans, seq, q, alpha=0.0, kernel="wgmma")
-    oracle, oracle_lse = ca.dense_prefill(cpu, seq, q, 0)
+    oracle, oracle_lse = ca.oracle_prefill(cpu, seq, q, 0)
     vmax = float(np.abs(to_float32(w.v[0], dtype)).max())
     for o, lse in ((o_mma, lse_mma), (o_wg, lse_wg)):
         assert np.isfinite(o).all() and np.abs(o - oracle).max() <= budget(dtype, vmax)
@@ -210,3 +213,35 @@ def test_kernel_choice_is_checked():
     if "wgmma" not in KERNELS:
         with pytest.raises(ValueError, match="compute capability 9.0"):
             compact_prefill(gpu, gmeans, seq, cupy.asarray(w.q[0, 64:]), kernel="wgmma")
+
+
+def test_same_api_as_the_reference():
+    """One test body's view of both backends: the result's names, dtypes and shapes agree, and
+    the options the reference takes (return_lse, out, events, dense_prefill) work the same."""
+    import cupy
+
+    import cpattn
+    from cpattn import compact_attention as gpu_ca
+
+    P, n, c = 4 * 64, 100, 64
+    w, cpu, means, gpu, gmeans, seq = setup(5, P, n, c, 8, 2, 128, "bfloat16")
+    assert type(gmeans) is gpu_ca.BlockMeans and type(cpattn.BlockMeans(cpu)) is ca.BlockMeans
+    q = w.q[0, P:]
+    results = {}
+    for name, cache, m, qq in (("numpy", cpu, means, q), ("cupy", gpu, gmeans, cupy.asarray(q))):
+        events = []
+        r = cpattn.compact_prefill(cache, m, seq, qq, alpha=0.1, events=events)
+        assert r.o.dtype == np.uint16 and r.o.shape == q.shape and r.lse.dtype == np.float32
+        assert [e[0] for e in events] == ["start", "means", "score", "tables", "attention"]
+        assert set(r.density()) == {"select", "q_union", "group_union", "tables"}
+        assert cpattn.compact_prefill(cache, m, seq, qq, return_lse=False).lse is None
+        d = cpattn.dense_prefill(cache, m, seq, qq)
+        results[name] = (r, d)
+    (r_ref, d_ref), (r_gpu, d_gpu) = results["numpy"], results["cupy"]
+    assert np.array_equal(d_gpu.tables()[0], d_ref.tables()[0]) and np.array_equal(d_gpu.tables()[1], d_ref.tables()[1])
+    vmax = float(np.abs(to_float32(w.v[0], "bfloat16")).max())
+    o_gpu, o_ref = to_float32(cupy.asnumpy(d_gpu.o), "bfloat16"), to_float32(d_ref.o, "bfloat16")
+    assert np.abs(o_gpu - o_ref).max() <= 2 * budget("bfloat16", vmax)
+    out = cupy.full(q.shape, POISON["bfloat16"], dtype=np.uint16)
+    again = cpattn.dense_prefill(gpu, gmeans, seq, cupy.asarray(q), out=out)
+    assert again.o is out and np.array_equal(cupy.asnumpy(out), cupy.asnumpy(d_gpu.o))
