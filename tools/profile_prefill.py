@@ -1,18 +1,14 @@
 #!/usr/bin/env python3
 """Dense paged-prefill kernel speed, both tensor-core paths, on random (non-zero) bf16 data:
-TFLOP/s of ``compact_prefill(alpha=0)`` with kernel='wgmma' and kernel='mma' (CUDA events,
+TFLOP/s of ``dense_prefill`` (compact_prefill at alpha 0) with kernel='wgmma' and kernel='mma' (CUDA events,
 median), for a few (past, chunk) sizes. A quick loop for kernel work; the benchmark with peers
 and the structured workload is ``cpattn bench prefill``.
 
     python tools/profile_prefill.py [--sizes 32768:4096 131072:4096] [--block 64] [--iters 10]
 """
 import argparse
-import os
-import sys
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
@@ -29,7 +25,7 @@ def main(argv=None):
 
     from cpattn.bench.prefill import events_ms
     from cpattn.chunk_cache import GpuChunkCache
-    from cpattn.compact_attention import GpuBlockMeans, compact_prefill
+    from cpattn.compact_attention import BlockMeans, dense_prefill
     from cpattn.reference.dtypes import to_float32
 
     D, c = a.head_dim, a.block
@@ -44,19 +40,19 @@ def main(argv=None):
             kv = rng.standard_normal((2, 1, s1 - s0, a.hkv, D), dtype=np.float32)
             bits = (kv.view(np.uint32) >> 16).astype(np.uint16)
             cache.extend(seq, list(range(s0, s1)), bits[0], bits[1])
-        means = GpuBlockMeans(cache)
+        means = BlockMeans(cache)
         q = cupy.asarray((rng.standard_normal((n, a.hq, D), dtype=np.float32).view(np.uint32) >> 16)
                          .astype(np.uint16))
         flops = 4.0 * D * a.hq * (n * P + n * (n + 1) / 2)
         res = {}
         for k in a.kernels:
-            ms = events_ms(lambda: compact_prefill(cache, means, seq, q, alpha=0.0, sink=0, window=0, kernel=k),
+            ms = events_ms(lambda: dense_prefill(cache, means, seq, q, kernel=k),
                            a.iters)
             res[k] = ms
             print(f"past {P} chunk {n} block {c} D {D} Hq {a.hq} Hkv {a.hkv}: {k:6s} {ms:8.3f} ms "
                   f"{flops / ms / 1e9:6.0f} TFLOP/s", flush=True)
         if len(res) == 2:
-            o = {k: compact_prefill(cache, means, seq, q, alpha=0.0, sink=0, window=0, kernel=k).o for k in res}
+            o = {k: dense_prefill(cache, means, seq, q, kernel=k).o for k in res}
             a_, b_ = (to_float32(cupy.asnumpy(v), "bfloat16") for v in o.values())
             diff = float(np.abs(a_ - b_).max())
             print(f"   max |wgmma - mma| = {diff:.3g}")

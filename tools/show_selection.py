@@ -4,7 +4,7 @@
 Builds a prompt with ``long_context_qkv`` (sinks, multi-scale locality, RoPE, needles, head
 temperatures), caches its first ``P`` tokens, writes the last chunk and runs
 ``compact_prefill`` on it; then prints the block tables (``BlockTables.to_string()``), the
-density after each stage, the attention-mass recall against the float64 dense oracle, the same
+density after each stage, the attention-mass recall against the float64 oracle (``oracle_prefill``), the same
 recall for the exact-mass oracle selector at equal density, and needle recall.
 
     python tools/show_selection.py [--tokens 8192] [--chunk 1024] [--block 64] [--alpha 0.06]
@@ -15,18 +15,15 @@ CPU only; the defaults take a few seconds.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cpattn.reference.compact_attention import (  # noqa: E402
-    BlockMeans, compact_prefill, dense_prefill, mass_recall, needle_recall, relative_error,
-    sparse_prefill)
-from cpattn.reference.chunk_cache import ChunkCache  # noqa: E402
-from cpattn.reference.workloads import long_context_qkv, oracle_block_tables  # noqa: E402
+from cpattn.reference.chunk_cache import ChunkCache
+from cpattn.reference.compact_attention import (
+    BlockMeans, compact_prefill, mass_recall, needle_recall, oracle_prefill, relative_error, sparse_prefill)
+from cpattn.reference.dtypes import to_float32
+from cpattn.reference.workloads import long_context_qkv, oracle_block_tables
 
 
 def recall_line(name, recall):
@@ -67,24 +64,25 @@ def main(argv=None):
 
     res = compact_prefill(cache, means, seq, q, alpha=args.alpha, sink=args.sink, window=args.window,
                           q_tile=args.q_tile, group_size=args.group_size)
-    o_ref, lse_ref = dense_prefill(cache, seq, q)
-    oracle = oracle_block_tables(cache, seq, q, res.tables)
+    o_ref, lse_ref = oracle_prefill(cache, seq, q)
+    tables = res.block_tables
+    oracle = oracle_block_tables(cache, seq, q, tables)
     _, lse_oracle = sparse_prefill(cache, oracle, q)
-    found, counted = needle_recall(res.tables, *w.needles.triples(c))
+    found, counted = needle_recall(tables, *w.needles.triples(c))
 
     print(f"$ python tools/show_selection.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     print(f"workload: long_context_qkv(seed={args.seed}, {args.tokens} tokens, Hq={args.heads}, "
           f"Hkv={args.kv_heads}, D={args.head_dim}, {args.dtype}); alpha={args.alpha}, sink={args.sink}, "
           f"window={args.window}, q_tile={res.selection.q_tile}, group_size={res.selection.group_size}")
     print()
-    print(res.tables.to_string(max_width=args.width))
+    print(tables.to_string(max_width=args.width))
     print()
-    d = res.density
+    d = res.density()
     print("density   select {select:.3f} -> q_union {q_union:.3f} -> group_union {group_union:.3f} "
           "(past blocks);  tables {tables:.3f} (incl. own blocks)".format(**d))
     print(recall_line("recall (compact)", mass_recall(res.lse, lse_ref)))
     print(recall_line("recall (oracle, =dens)", mass_recall(lse_oracle, lse_ref)))
-    print(f"relative output error  {relative_error(res.o, o_ref):.2e}")
+    print(f"relative output error  {relative_error(to_float32(res.o, args.dtype), o_ref):.2e} ({args.dtype} o)")
     print(f"needle recall          {found}/{counted} (query row, head, block) triples in this chunk")
 
 
