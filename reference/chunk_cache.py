@@ -28,7 +28,7 @@ from typing import Sequence as _Seq
 
 import numpy as np
 
-from .checks import check_int
+from .checks import check_ids, check_int
 from .dtypes import check_dtype_name, storage_numpy_dtype
 
 
@@ -263,13 +263,13 @@ class ChunkCache:
 
     def append(self, seqs: _Seq[int], tokens: _Seq[int], k, v) -> None:
         """Decode step: one token per sequence (k, v: [num_layers, batch, Hkv, D]), committed."""
-        n = len(np.asarray(seqs).reshape(-1))
-        self.check_kv(k, "k", n)
-        self.check_kv(v, "v", n)
-        slots = self.reserve_batch(seqs, tokens)
+        ids = self.check_batch(seqs)  # before anything is reserved: a bad batch changes nothing
+        self.check_kv(k, "k", len(ids))
+        self.check_kv(v, "v", len(ids))
+        slots = self.reserve_batch(ids, tokens)
         self._write_all(slots, k, v)
-        for sid in seqs:
-            self._commit(self._seqs[int(sid)])
+        for sid in ids:
+            self._commit(self._seqs[sid])
 
     def reserve(self, seq: int, tokens: _Seq[int]) -> Slots:
         """Make room for ``tokens`` at the end of ``seq``; K/V is written later (``write_kv``)
@@ -382,14 +382,19 @@ class ChunkCache:
             raise CacheError(f"{name}: expected a live sequence id, got {seq!r} (unknown or released)")
         return s
 
-    def check_batch(self, seqs) -> list[int]:
-        seqs = list(seqs) if isinstance(seqs, (list, tuple)) else list(np.asarray(seqs).reshape(-1))
+    def check_batch(self, seqs, name: str = "seqs") -> list[int]:
+        """Distinct live sequence ids from a list, tuple or 1-D integer array (a scalar is not a
+        batch: TypeError); an element that is no live id raises CacheError, as a single one does."""
+        if isinstance(seqs, np.ndarray):
+            seqs = check_ids(seqs, name)  # 1-D integer arrays only
+        elif not isinstance(seqs, (list, tuple, range)):
+            raise TypeError(f"{name}: expected a 1-D list of sequence ids, got {type(seqs).__name__} {seqs!r}")
         if not seqs:
-            raise ValueError("seqs: expected a non-empty batch of sequence ids, got an empty one")
-        seqs = [self.sequence(x, "seqs").id for x in seqs]
+            raise ValueError(f"{name}: expected a non-empty batch of sequence ids, got an empty one")
+        seqs = [self.sequence(x, name).id for x in seqs]
         if len(set(seqs)) != len(seqs):
             dup = sorted({x for x in seqs if seqs.count(x) > 1})
-            raise ValueError(f"seqs: expected distinct sequence ids, got duplicates {dup}")
+            raise ValueError(f"{name}: expected distinct sequence ids, got duplicates {dup}")
         return seqs
 
     @staticmethod
@@ -511,10 +516,16 @@ class ChunkCache:
         p.children.remove(n)
         if n.registered and p.index.get(tuple(n.tokens)) is n:
             del p.index[tuple(n.tokens)]
+        was_registered = n.registered
         n.registered = False
         self._pending_lo[n.chunk], self._pending_hi[n.chunk] = self.chunk_size, 0
         self._free.append(n.chunk)
         self.version += 1
+        if was_registered:  # a duplicate of the evicted chunk (same parent, same tokens) takes its place
+            twin = next((m for m in p.children if not m.registered and m.tokens == n.tokens
+                         and self._is_committed(m)), None)
+            if twin is not None and p.registered:
+                self._register_down(p, twin)
 
     def _reserve(self, s: SeqState, tokens: list[int]) -> Slots:
         c = self.chunk_size
@@ -556,6 +567,23 @@ class ChunkCache:
                 parent.index[key] = n
                 n.registered = True
             parent = n
+
+    def _is_committed(self, n: Node) -> bool:
+        """Full, and none of its rows reserved without a commit."""
+        return len(n.tokens) == self.chunk_size and self._pending_hi[n.chunk] == 0
+
+    def _register_down(self, parent: Node, n: Node) -> None:
+        """Register ``n`` under ``parent`` and, below it, every complete committed node that a
+        registered twin had kept out of the index (depth-first; at most one per token key)."""
+        stack = [(parent, n)]
+        while stack:
+            parent, n = stack.pop()
+            key = tuple(n.tokens)
+            if n.registered or not self._is_committed(n) or key in parent.index:
+                continue
+            parent.index[key] = n
+            n.registered = True
+            stack.extend((n, m) for m in reversed(n.children))
 
     def _scatter(self, layer, slots: Slots, k, v) -> None:
         xp = self.xp
