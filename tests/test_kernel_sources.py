@@ -27,12 +27,12 @@ def test_every_kernel_file_is_loaded_and_hopper_file_targets_sm90a():
 def test_prefill_kernel_choice_is_checked_before_touching_the_gpu(monkeypatch):
     import pytest
 
-    from cpattn.compact_attention import _use_wgmma
+    from cpattn.compact_attention import choose_kernel, use_wgmma
 
     with pytest.raises(ValueError, match=r"kernel: expected one of \('auto', 'wgmma', 'mma'\), got 'fast'"):
-        _use_wgmma("fast")
+        use_wgmma("fast")
     monkeypatch.setenv("CPATTN_PREFILL_KERNEL", "tensor")
     with pytest.raises(ValueError, match=r"CPATTN_PREFILL_KERNEL: expected one of .*, got 'tensor'"):
-        _use_wgmma("auto")
+        use_wgmma("auto")
     monkeypatch.setenv("CPATTN_PREFILL_KERNEL", "mma")
-    assert _use_wgmma("auto") is False and _use_wgmma("mma") is False
+    assert use_wgmma("auto") is False and use_wgmma("mma") is False and choose_kernel("auto") == "mma"

@@ -124,7 +124,7 @@ def main(argv=None):
     from torch.nn.attention.bias import causal_lower_right
 
     from cpattn.chunk_cache import GpuChunkCache
-    from cpattn.compact_attention import GpuBlockMeans, _use_wgmma, compact_prefill
+    from cpattn.compact_attention import BlockMeans, choose_kernel, compact_prefill
     from cpattn.reference.workloads import long_context_qkv
 
     os.makedirs(args.out, exist_ok=True)
@@ -159,7 +159,7 @@ def main(argv=None):
         for a in range(0, S_len, 16384):  # in slices: bounded host->device copies
             b = min(S_len, a + 16384)
             cache.extend(seq, list(range(a, b)), w.k[:, a:b], w.v[:, a:b])
-        means = GpuBlockMeans(cache)
+        means = BlockMeans(cache)
         means.update(cache, seq)
         q = cupy.asarray(w.q[0, P:S_len])
         r = {"block": c, "past": P, "chunk": n, "alpha": alpha, "group_size": gsz or Hq // Hkv, "q_tile": qtile or n}
@@ -181,7 +181,7 @@ def main(argv=None):
         dense = compact_prefill(cache, means, seq, q, alpha=0.0, sink=0, window=0)
         r["ours_dense_ms"] = events_ms(lambda: compact_prefill(cache, means, seq, q, alpha=0.0, sink=0, window=0),
                                        args.iters)
-        r["kernel"] = "wgmma" if _use_wgmma("auto") else "mma"
+        r["kernel"] = choose_kernel("auto")
         if r["kernel"] == "wgmma":  # the portable mma.sync kernel too, for comparison
             r["ours_dense_mma_ms"] = events_ms(lambda: compact_prefill(cache, means, seq, q, alpha=0.0, sink=0,
                                                                        window=0, kernel="mma"), args.iters)
