@@ -28,16 +28,12 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from cpattn import gpu_available
 from cpattn.arrays import to_host
-from cpattn.reference import compact_attention as ca
 from cpattn.reference.chunk_attention import oracle_decode
+from cpattn.reference.compact_attention import oracle_prefill
 from cpattn.reference.chunk_cache import CacheError, CacheFullError
-from cpattn.reference.dtypes import to_float32
 from cpattn.reference.workloads import TokenKV, random_queries
-from cpattn.testing import assert_close_to_oracle, assert_same_snapshot, get_backend, poisoned, snapshot, v_absmax
+from cpattn.testing import as_float32, assert_close_to_oracle, assert_same_snapshot, get_backend, poisoned, snapshot, v_absmax
 from cpattn.testing.strategies import prompts
-
-# TRANSITION: the float64 prefill oracle is renamed oracle_prefill (docs/design.md)
-oracle_prefill = getattr(ca, "oracle_prefill", ca.dense_prefill)
 
 L, HKV, HQ = 2, 2, 4  # GQA group of 2
 VOCAB = 3
@@ -293,7 +289,7 @@ class DifferentialMachine(RuleBasedStateMachine):
         self.model[seq] += tokens
         vmax = self.vmax()
         for b, o in zip(self.backends, outs):
-            assert np.isfinite(to_float32(o, self.dtype) if o.dtype != np.float32 else o).all(), b.name
+            assert o.dtype == self.primary.k_pool.dtype and np.isfinite(as_float32(o, self.dtype)).all(), b.name
             if alpha == 0:  # every block kept: dense causal attention
                 for layer in range(L):
                     oracle, _ = oracle_prefill(self.primary, seq, q[layer], layer)
