@@ -2,23 +2,24 @@
 import numpy as np
 import pytest
 
+import cpattn
 from cpattn import gpu_available
+from cpattn.arrays import to_host
 from cpattn.reference.dtypes import to_float32
 from cpattn.reference.workloads import TokenKV, fill_cache, prefix_tree_prompts, random_queries
+from cpattn.testing import get_backend
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")]
 
 
 def small_decode(dtype="float16", Hq=8):
-    from cpattn.chunk_cache import GpuChunkCache
-    from cpattn.chunk_attention import ChunkAttentionDecode
-
     c, D, Hkv = 16, 64, 2
     prompts = prefix_tree_prompts(4, 9, c, vocab=8)
     kv = TokenKV(1, Hkv, D, dtype=dtype, seed=4, vocab=8, max_len=max(map(len, prompts)) + 4)
-    cache = GpuChunkCache(1, Hkv, D, sum(-(-(len(p) + 1) // c) for p in prompts) + 2, chunk_size=c, dtype=dtype)
+    cache = get_backend("cupy").make_cache(1, Hkv, D, sum(-(-(len(p) + 1) // c) for p in prompts) + 2,
+                                           chunk_size=c, dtype=dtype)
     ids = fill_cache(cache, prompts, kv)
-    dec = ChunkAttentionDecode(cache)
+    dec = cpattn.ChunkAttentionDecode(cache)  # a GpuChunkCache: the kernels
     dec.plan(ids, Hq)
     return cache, ids, dec
 
@@ -92,16 +93,16 @@ def test_decode_run_captured_in_a_cuda_graph_replays_like_eager():
     lse = cupy.empty(q.shape[:2], cupy.float32)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        dec.run(q, 0, out=out, lse=lse)  # warm-up outside the capture (compilation, attributes)
+        dec.run(q, 0, out=out, lse_out=lse)  # warm-up outside the capture (compilation, attributes)
         stream.begin_capture()
-        dec.run(q, 0, out=out, lse=lse)
+        dec.run(q, 0, out=out, lse_out=lse)
         graph = stream.end_capture()
         for seed in (5, 6):
             q[...] = cupy.asarray(random_queries(seed, len(ids), 8, 64, "float16"))
             out.fill(0)
             graph.launch(stream)
             stream.synchronize()
-            eager, eager_lse = dec.run(q, 0, lse=cupy.empty_like(lse))
+            eager, eager_lse = dec.run(q, 0, return_lse=True)
             stream.synchronize()
             assert bool((out == eager).all()) and bool((lse == eager_lse).all())
-            assert np.isfinite(to_float32(cupy.asnumpy(out), "float16")).all()
+            assert np.isfinite(to_float32(to_host(out), "float16")).all()
