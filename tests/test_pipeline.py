@@ -149,6 +149,41 @@ def test_arrivals_join_a_running_batch():
     assert check_against_dense(model, reqs)["requests_equal"] == len(reqs)
 
 
+def test_on_step_hook_sees_every_timed_step_and_the_report_keeps_them():
+    """The server's public hook (what ``cpattn bench serving`` uses instead of subclassing)."""
+    work = workload(6, 4, max_new=5)
+    seen = []
+    model = TinyLM(CFG, seed=0)
+    server = Server(model, 400, chunk_size=C, prefill_chunk=PREFILL, options=PrefillOptions(alpha=0.0),
+                    on_step=lambda kind, seconds, reqs: seen.append((kind, seconds, [r.rid for r in reqs])))
+    reqs = [server.submit(p, m, arrival=i) for i, (p, m) in enumerate(work)]
+    rep = server.run()
+    prefills = [s for s in seen if s[0] == "prefill"]
+    decodes = [s for s in seen if s[0] == "decode"]
+    assert [s[2] for s in prefills] == [[r.rid] for r in reqs]  # one per request, in admission order
+    assert len(decodes) == rep.decode_steps == len(rep.decode_step_s) == len(rep.decode_step_batch)
+    assert [s[1] for s in decodes] == rep.decode_step_s and [s[1] for s in prefills] == rep.prefill_request_s
+    assert [len(s[2]) for s in decodes] == rep.decode_step_batch and sum(rep.decode_step_batch) == rep.decode_tokens
+    assert rep.decode_s == pytest.approx(sum(rep.decode_step_s)) and all(t > 0 for _, t, _ in seen)
+    assert max(rep.decode_step_batch) > 1  # arrivals joined a running batch
+    assert sum(m for _, m in work) == sum(len(r.output) for r in reqs)
+
+
+def test_backends_and_caches_implement_the_protocols():
+    from cpattn.bench.flat_cache import FlatKVCache, TorchSdpaBackend
+    from cpattn.reference.chunk_cache import ChunkCache
+    from cpattn.serving import AttentionBackend, ChunkTreeBackend, ServingCache, make_backend
+
+    backend = make_backend("numpy", CFG, 64, C)
+    assert isinstance(backend, ChunkTreeBackend) and isinstance(backend, AttentionBackend)
+    assert isinstance(backend.cache, ChunkCache) and isinstance(backend.cache, ServingCache)
+    assert backend.label == "NumPy reference" and backend.name == "numpy"
+    torch = pytest.importorskip("torch")  # noqa: F841
+    flat = FlatKVCache(1, 2, 16, num_slots=2, max_len=32, chunk_size=8, device="cpu")
+    assert isinstance(flat, ServingCache) and flat.cached_nodes() == []
+    assert isinstance(TorchSdpaBackend(flat, np, 4), AttentionBackend)
+
+
 def test_module_entry_point_prints_the_report(capsys):
     assert main(["--backend", "numpy", "--requests", "3", "--waves", "2", "--system-len", "40",
                  "--own-len", "4", "12", "--new-tokens", "3", "--hidden", "32", "--head-dim", "16",

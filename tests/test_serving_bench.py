@@ -293,3 +293,120 @@ def test_a_failing_run_is_recorded_and_the_script_exits_1(tmp_path, monkeypatch)
     assert e.value.code == 1
     md = (tmp_path / "bench_serving.md").read_text()
     assert "Failed runs: torch SDPA: RuntimeError: no room." in md and "| cpattn | 0 |" in md
+
+
+# ============================================================================ the one timer and table writer
+class FakeClock:
+    """Events that read a counter the timed calls advance; a buffer that counts its fills."""
+
+    def __init__(self):
+        self.now, self.log = 0.0, []
+
+    def event(self):
+        clock = self
+
+        class Event:
+            def record(self):
+                self.t = clock.now
+                clock.log.append("record")
+
+        return Event()
+
+    def elapsed_ms(self, start, stop):
+        return stop.t - start.t
+
+    def buffer(self, nbytes):
+        clock = self
+
+        class Buffer:
+            size = nbytes
+
+            def fill(self, value):
+                clock.log.append(("flush", nbytes, value))
+
+        return Buffer()
+
+
+def test_timer_warms_up_flushes_before_every_timed_call_and_takes_the_median():
+    from cpattn.bench.timing import L2_FLUSH_BYTES, GpuTimer
+
+    clock = FakeClock()
+    durations = iter([100.0, 100.0, 3.0, 1.0, 2.0, 50.0, 4.0])  # two warm-up calls, then five timed
+
+    def fn():
+        clock.now += next(durations)
+        clock.log.append("call")
+
+    timer = GpuTimer(warmup=2, iters=5, clock=clock)
+    assert timer.median_ms(fn) == 3.0  # the median ignores the slow outlier; warm-up is not timed
+    assert clock.log[:2] == ["call", "call"]
+    timed = clock.log[2:]
+    assert timed.count("call") == 5 and len(timed) == 5 * 4
+    for i in range(5):  # flush, record, call, record: the flush is outside the events
+        flush, rec1, call, rec2 = timed[4 * i:4 * i + 4]
+        assert flush[:2] == ("flush", L2_FLUSH_BYTES) and (rec1, call, rec2) == ("record", "call", "record")
+    assert len({f[2] for f in timed[::4]}) == 5  # a new value each time: the writes cannot be skipped
+    assert L2_FLUSH_BYTES >= 200 << 20  # larger than any GPU's L2
+    clock.log.clear()
+    GpuTimer(warmup=0, iters=2, flush_bytes=0, clock=clock).runs_ms(lambda: None)
+    assert not any(isinstance(e, tuple) for e in clock.log)
+    with pytest.raises(ValueError, match="iters"):
+        GpuTimer(iters=0, clock=clock)
+
+
+def test_table_writer_leads_with_the_summary_columns(tmp_path):
+    from cpattn.bench.table import SUMMARY_COLUMNS, csv_text, fmt, markdown_table, summary, write_tables
+
+    rows = [dict(summary("GPU", "2026-01-02", "batch 32, own 512", 10.0, 25.0, 4.0), extra=1, alpha=0.5),
+            dict(summary("GPU", "2026-01-02", "no peer", 10.0, float("nan")), zeta="a,b")]
+    assert rows[0]["ratio"] == 2.5 and np.isnan(rows[1]["ratio"]) and rows[1]["floor"] == ""
+    lines = csv_text(rows).splitlines()
+    assert lines[0].split(",") == list(SUMMARY_COLUMNS) + ["alpha", "extra", "zeta"]
+    got = list(csv.DictReader(lines))
+    assert got[0]["config"] == "batch 32, own 512" and got[1]["zeta"] == "a,b" and got[1]["extra"] == ""
+    assert fmt(float("nan")) == fmt(None) == fmt("") == "n/a" and fmt(2.0, "{:.1f}x") == "2.0x"
+    assert markdown_table(["a", "b"], [[1, 2]]) == ["| a | b |", "|---|---|", "| 1 | 2 |"]
+    paths = write_tables(str(tmp_path / "out"), "bench_x", rows, dict(device="GPU"), "# md\n", extra=dict(k=[1]))
+    assert open(paths["md"]).read() == "# md\n" and open(paths["csv"]).read() == csv_text(rows)
+    js = json.loads(open(paths["json"]).read())
+    assert js["device"] == "GPU" and js["k"] == [1] and js["rows"][0]["ours"] == 10.0
+
+
+def test_serving_rows_carry_the_summary_columns(tmp_path):
+    rows = fake_rows()
+    summary = bench.add_comparisons(rows)
+    meta = dict(device="GPU", date="2026-01-02", args=vars(bench.parse_args([])), summary=summary)
+    bench.write_outputs(rows, meta, {}, str(tmp_path))
+    got = list(csv.DictReader(open(tmp_path / "bench_serving.csv")))
+    assert [g["config"] for g in got] == ["cpattn alpha 0", "cpattn alpha 0.06", "torch SDPA"]
+    assert float(got[0]["ratio"]) == pytest.approx(8.4 / 7.0) and got[2]["ours"] == ""
+
+
+def test_bench_modules_use_the_one_timer_and_writer():
+    """No module of cpattn.bench times with its own events or writes its own CSV."""
+    import pathlib
+
+    import cpattn.bench
+
+    for path in pathlib.Path(cpattn.bench.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        if path.name in ("timing.py", "table.py"):
+            continue
+        assert "get_elapsed_time(a, b)" not in text and "Event(enable_timing" not in text, path.name
+        assert '.write(",".join' not in text and "csv." not in text, path.name
+
+
+@pytest.mark.parametrize("script,needle", [("tools/soak.py", "--ops"), ("tools/selection_frontier.py", "--past"),
+                                           ("tools/bench_decode.py", "--quick"), ("tools/bench_prefill.py", "--configs")])
+def test_tools_scripts_run_from_anywhere(tmp_path, script, needle):
+    """The scripts are thin: they import the installed cpattn (no sys.path games), from any directory."""
+    import pathlib
+    import subprocess
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / script
+    assert "sys.path.insert" not in path.read_text()
+    done = subprocess.run([sys.executable, str(path), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert needle in done.stdout

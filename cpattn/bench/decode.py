@@ -7,8 +7,9 @@ For each (batch, shared prompt, own tokens) and head layout, in one run:
   cascade   Hydragen-style: all queries vs the shared prefix as one sequence + each query vs its
             own suffix, two flash calls returning the LSE, merged, captured in a CUDA graph
   floor     unique K/V bytes over measured device copy bandwidth
-Timings: CUDA events around each call after warm-up, median of --iters runs. Also the
-plan-build time for 256 sequences. Writes a markdown table (BENCHMARKS.md section), CSV and JSON.
+Timings: ``cpattn.bench.timing.GpuTimer`` (CUDA events around each call after warm-up, the L2
+flushed before each, median of --iters runs). Also the plan-build time for 256 sequences.
+Writes a markdown table (BENCHMARKS.md section), CSV, JSON (``cpattn.bench.table``) and a plot.
 
     cpattn bench decode --out DIR   (or python tools/bench_decode.py) [--quick]
 """
@@ -25,40 +26,12 @@ import time
 import numpy as np
 
 from . import bar_chart, progress
+from .table import fmt, markdown_table, summary, write_tables
+from .timing import GpuTimer
 
 
 CONFIGS = [(32, 1024, 512), (32, 4096, 512), (64, 2048, 512), (128, 4096, 256)]
 LAYOUTS = [("MHA 32", 32, 32), ("GQA 32/8", 32, 8)]
-
-
-def median_ms(fn, warmup=5, iters=50, lib="cupy"):
-    if lib == "torch":
-        import torch
-
-        for _ in range(warmup):
-            fn()
-        ts = []
-        for _ in range(iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        return float(np.median(ts))
-    import cupy
-
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(iters):
-        a, b = cupy.cuda.Event(), cupy.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(cupy.cuda.get_elapsed_time(a, b))
-    return float(np.median(ts))
 
 
 def copy_bandwidth():
@@ -68,7 +41,7 @@ def copy_bandwidth():
     n = 1 << 30
     x = cupy.random.randint(0, 255, n, dtype=cupy.uint8)
     y = cupy.empty_like(x)
-    ms = median_ms(lambda: cupy.copyto(y, x), warmup=3, iters=20)
+    ms = GpuTimer(warmup=3, iters=20).median_ms(lambda: cupy.copyto(y, x))
     del x, y
     return 2 * n / (ms * 1e-3)
 
@@ -112,6 +85,7 @@ def bench_config(batch, shared, own, Hq, Hkv, D=128, c=64, share=True, iters=50)
     from cpattn.chunk_attention import ChunkAttentionDecode
 
     cache, ids = build(batch, shared, own, Hkv, D, c, share)
+    timer = GpuTimer(iters=iters)
     G = Hq // Hkv
     q = cupy.random.RandomState(7).standard_normal((batch, Hq, D), dtype=cupy.float32).astype(cupy.float16)
     dec = ChunkAttentionDecode(cache)
@@ -119,14 +93,14 @@ def bench_config(batch, shared, own, Hq, Hkv, D=128, c=64, share=True, iters=50)
     plan = dec.plan(ids, Hq)
     plan_ms = (time.perf_counter() - t0) * 1e3
     out = cupy.empty_like(q)
-    ours = median_ms(lambda: dec.run(q, 0, out=out), iters=iters)
+    ours = timer.median_ms(lambda: dec.run(q, 0, out=out))
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         dec.run(q, 0, out=out)
         stream.begin_capture()
         dec.run(q, 0, out=out)
         graph = stream.end_capture()
-        ours_graph = median_ms(lambda: graph.launch(stream), iters=iters)
+        ours_graph = timer.median_ms(lambda: graph.launch(stream))  # events and flushes on the stream
     stream.synchronize()
     o_ours = torch.from_dlpack(out).float()
 
@@ -142,14 +116,14 @@ def bench_config(batch, shared, own, Hq, Hkv, D=128, c=64, share=True, iters=50)
     torch.cuda.synchronize()
     res = dict(batch=batch, shared=shared if share else 0, own=own if share else shared + own, Hq=Hq, Hkv=Hkv,
                ours_us=1e3 * ours, ours_graph_us=1e3 * ours_graph, plan_ms=plan_ms, pieces=plan.num_pieces,
-               units=dec._num_units)
+               units=len(dec.units()))
     ref = None
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
         try:
             with sdpa_kernel(backend):
                 fn = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=G > 1)  # noqa: E731
                 o = fn()
-                res[f"sdpa_{name}_us"] = 1e3 * median_ms(fn, iters=iters, lib="torch")
+                res[f"sdpa_{name}_us"] = 1e3 * timer.median_ms(fn)
                 ref = o.squeeze(2).float() if ref is None else ref
         except Exception as e:  # noqa: BLE001
             res[f"sdpa_{name}_us"] = float("nan")
@@ -186,7 +160,7 @@ def bench_config(batch, shared, own, Hq, Hkv, D=128, c=64, share=True, iters=50)
             oc = cascade()
         g.replay()
         torch.cuda.synchronize()
-        res["cascade_graph_us"] = 1e3 * median_ms(g.replay, iters=iters, lib="torch")
+        res["cascade_graph_us"] = 1e3 * timer.median_ms(g.replay)
         res["max_abs_diff_cascade_vs_sdpa"] = float((oc.float() - ref).abs().max())
     else:
         res["cascade_graph_us"] = float("nan")
@@ -199,8 +173,7 @@ def bench_config(batch, shared, own, Hq, Hkv, D=128, c=64, share=True, iters=50)
 
 def plan_timing(n=256, shared=4096, own=512, c=64):
     """Host time of build_decode_plan and of the full plan() (units + upload) for n sequences."""
-    from cpattn.chunk_attention import ChunkAttentionDecode
-    from cpattn.reference.plan import build_decode_plan
+    from cpattn.chunk_attention import ChunkAttentionDecode, build_decode_plan
 
     cache, ids = build(n, shared, own, 8, 128, c)
     build_decode_plan(cache, ids)
@@ -237,7 +210,6 @@ def main(argv=None):
     import cupy
     import torch
 
-    os.makedirs(args.out, exist_ok=True)
     dev = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     bw = copy_bandwidth()
     print(f"device {dev}; measured copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -260,18 +232,22 @@ def main(argv=None):
         print("   " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
     plan_build_ms, plan_full_ms = plan_timing()
     date = datetime.date.today().isoformat()
-    md = [f"## ChunkAttention decode ({dev}, {date})", "",
-          f"fp16, head_dim 128, chunk 64; CUDA events, median of {args.iters} after warm-up; "
-          f"copy bandwidth measured {bw / 1e12:.2f} TB/s (read + write). Generated by `tools/bench_decode.py`.",
-          "ours = graph replay of run() (attend + merge); eager in parentheses. cascade = two flash-attention "
-          "calls with LSE + merge, CUDA graph. floor = unique K/V bytes / copy bandwidth. Times in us.", "",
-          "| heads | batch | shared | own | ours | cuDNN SDPA | flash SDPA | cascade | floor | best peer / ours | ours / floor | max abs diff vs SDPA |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['layout']} | {r['batch']} | {r['shared']} | {r['own']} | {r['ours_graph_us']:.1f} "
-                  f"({r['ours_us']:.1f}) | {r['sdpa_cudnn_us']:.1f} | {r['sdpa_flash_us']:.1f} | "
-                  f"{r['cascade_graph_us']:.1f} | {r['floor_us']:.1f} | {r['speedup_vs_best_peer']:.2f}x | "
-                  f"{r['ours_over_floor']:.2f} | {r['max_abs_diff_vs_sdpa']:.1e} |")
+        config = f"{r['layout']} batch {r['batch']} shared {r['shared']} own {r['own']}"
+        r.update(summary(dev, date, config, r["ours_graph_us"], r["best_peer_us"], r["floor_us"]))
+    md = [f"## ChunkAttention decode ({dev}, {date})", "",
+          f"fp16, head_dim 128, chunk 64; CUDA events, median of {args.iters} after warm-up, L2 flushed before "
+          f"each call; copy bandwidth measured {bw / 1e12:.2f} TB/s (read + write). Generated by "
+          "`tools/bench_decode.py`.",
+          "ours = graph replay of run() (attend + merge); eager in parentheses. cascade = two flash-attention "
+          "calls with LSE + merge, CUDA graph. floor = unique K/V bytes / copy bandwidth. Times in us.", ""]
+    md += markdown_table(
+        ["heads", "batch", "shared", "own", "ours", "cuDNN SDPA", "flash SDPA", "cascade", "floor",
+         "best peer / ours", "ours / floor", "max abs diff vs SDPA"],
+        [[r["layout"], r["batch"], r["shared"], r["own"], f"{fmt(r['ours_graph_us'], '{:.1f}')} "
+          f"({fmt(r['ours_us'], '{:.1f}')})", fmt(r["sdpa_cudnn_us"], "{:.1f}"), fmt(r["sdpa_flash_us"], "{:.1f}"),
+          fmt(r["cascade_graph_us"], "{:.1f}"), fmt(r["floor_us"], "{:.1f}"), fmt(r["ratio"], "{:.2f}x"),
+          fmt(r["ours_over_floor"]), fmt(r["max_abs_diff_vs_sdpa"], "{:.1e}")] for r in rows])
     md += ["", f"Plan build for 256 sequences (shared 4096, own 512, chunk 64): `build_decode_plan` "
                f"{plan_build_ms:.2f} ms, full `plan()` (units + upload) {plan_full_ms:.2f} ms.", ""]
     errors = {f"{r['layout']} {r['batch']}/{r['shared']}/{r['own']}": {k: v for k, v in r.items() if k.endswith("_error")}
@@ -280,18 +256,12 @@ def main(argv=None):
         md += ["Peer failures: " + json.dumps(errors), ""]
     text = "\n".join(md)
     print(text)
-    with open(os.path.join(args.out, "bench_decode.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
-        json.dump(dict(device=dev, date=date, copy_bw=bw, rows=rows, plan_build_ms=plan_build_ms,
-                       plan_full_ms=plan_full_ms, torch=torch.__version__, cupy=cupy.__version__), f, indent=1)
+    meta = dict(device=dev, date=date, copy_bw=bw, plan_build_ms=plan_build_ms, plan_full_ms=plan_full_ms,
+                torch=torch.__version__, cupy=cupy.__version__)
+    write_tables(args.out, "bench_decode", rows, meta, text)
     plot(rows, os.path.join(args.out, "bench_decode.png"), dev)
-    with open(os.path.join(args.out, "bench_decode.csv"), "w") as f:
-        keys = sorted({k for r in rows for k in r})
-        f.write(",".join(keys) + "\n")
-        for r in rows:
-            f.write(",".join(str(r.get(k, "")) for k in keys) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

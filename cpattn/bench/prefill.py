@@ -11,7 +11,9 @@ in one run:
   flex dense    FlexAttention with a causal lower-right BlockMask
   flex sparse   FlexAttention with a BlockMask built from our selection (same blocks)
 plus density per stage, attention-mass recall exp(lse_sparse - lse_dense) (mean, min), and
-TFLOP/s (dense FLOPs = 4 D Hq sum over rows of visible keys). CUDA events, median.
+TFLOP/s (dense FLOPs = 4 D Hq sum over rows of visible keys). Timings: ``GpuTimer`` (CUDA
+events after warm-up, the L2 flushed before each call, median); per-stage times from the events
+``compact_prefill`` records. Outputs through ``cpattn.bench.table``.
 
     cpattn bench prefill --out DIR   (or python tools/bench_prefill.py) [--configs 64:131072:4096 ...] [--no-flex]
 """
@@ -28,6 +30,8 @@ import time
 import numpy as np
 
 from . import bar_chart, progress
+from .table import fmt, summary, write_tables
+from .timing import GpuTimer
 
 
 DEFAULT = ["64:32768:4096", "64:65536:4096", "64:131072:2048", "64:131072:4096", "64:131072:8192",
@@ -36,29 +40,7 @@ Hq, Hkv, D = 32, 8, 128
 PROMPT_LEN = 131072 + 8192  # the generator's multi-scale locality depends on the prompt length
 
 
-def events_ms(fn, iters, lib="cupy"):
-    if lib == "torch":
-        import torch
-
-        Ev, sync = (lambda: torch.cuda.Event(enable_timing=True)), None
-    else:
-        import cupy
-
-        Ev = cupy.cuda.Event
-    fn()
-    fn()
-    ts = []
-    for _ in range(iters):
-        a, b = Ev(), Ev()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) if lib == "torch" else __import__("cupy").cuda.get_elapsed_time(a, b))
-    return float(np.median(ts))
-
-
-def cudnn_peer(torch, F, sdpa_kernel, SDPBackend, qt, kt, vt, mask, iters, ours):
+def cudnn_peer(torch, F, sdpa_kernel, SDPBackend, qt, kt, vt, mask, timer, ours):
     """torch SDPA on the cuDNN backend: causal lower-right when it accepts that mask, else
     with no mask over all P + n keys (``sdpa_cudnn_mask`` says which): that does the causal
     work plus the masked-out triangle, n^2/2 extra dot products per head (1.5% at 128K + 4K),
@@ -78,7 +60,7 @@ def cudnn_peer(torch, F, sdpa_kernel, SDPBackend, qt, kt, vt, mask, iters, ours)
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     fn = lambda: F.scaled_dot_product_attention(*args, **kw2)  # noqa: E731
                     o = fn()
-                    r["sdpa_cudnn_ms"] = events_ms(fn, iters, "torch")
+                    r["sdpa_cudnn_ms"] = timer.median_ms(fn)
                 r["sdpa_cudnn_mask"], r["sdpa_cudnn_heads"] = how, heads
                 if "attn_mask" in kw:
                     r["max_abs_diff_dense_vs_cudnn"] = float((o.float() - ours.float()).abs().max())
@@ -127,7 +109,6 @@ def main(argv=None):
     from cpattn.compact_attention import BlockMeans, choose_kernel, compact_prefill
     from cpattn.reference.workloads import long_context_qkv
 
-    os.makedirs(args.out, exist_ok=True)
     cfgs = []
     for spec in args.configs:
         f_ = spec.split(":")
@@ -148,6 +129,7 @@ def main(argv=None):
             flex = torch.compile(flex_attention, dynamic=False)
         except Exception as e:  # noqa: BLE001
             print(f"FlexAttention unavailable: {e}")
+    timer = GpuTimer(warmup=2, iters=args.iters)
     bf = lambda a: torch.from_numpy(np.ascontiguousarray(a)).view(torch.bfloat16).cuda()  # noqa: E731
     rows = []
     for i, (c, P, n, alpha, gsz, qtile) in enumerate(cfgs):
@@ -163,15 +145,16 @@ def main(argv=None):
         means.update(cache, seq)
         q = cupy.asarray(w.q[0, P:S_len])
         r = {"block": c, "past": P, "chunk": n, "alpha": alpha, "group_size": gsz or Hq // Hkv, "q_tile": qtile or n}
-        # ours, sparse with per-stage times
+        # ours, sparse with per-stage times (the timer's warm-up and flush, compact_prefill's events)
         stage = {}
         res = None
         times = []
-        for it in range(args.iters + 2):
+        for it in range(timer.warmup + timer.iters):
+            timer.flush()
             ev = []
             res = compact_prefill(cache, means, seq, q, alpha=alpha, group_size=gsz, q_tile=qtile, events=ev)
             ev[-1][1].synchronize()
-            if it >= 2:
+            if it >= timer.warmup:
                 times.append(cupy.cuda.get_elapsed_time(ev[0][1], ev[-1][1]))
                 for (a_, ea), (b_, eb) in zip(ev[:-1], ev[1:]):
                     stage.setdefault(b_, []).append(cupy.cuda.get_elapsed_time(ea, eb))
@@ -179,12 +162,11 @@ def main(argv=None):
         for k_, v_ in stage.items():
             r[f"stage_{k_}_ms"] = float(np.median(v_))
         dense = compact_prefill(cache, means, seq, q, alpha=0.0, sink=0, window=0)
-        r["ours_dense_ms"] = events_ms(lambda: compact_prefill(cache, means, seq, q, alpha=0.0, sink=0, window=0),
-                                       args.iters)
+        r["ours_dense_ms"] = timer.median_ms(lambda: compact_prefill(cache, means, seq, q, alpha=0.0, sink=0, window=0))
         r["kernel"] = choose_kernel("auto")
         if r["kernel"] == "wgmma":  # the portable mma.sync kernel too, for comparison
-            r["ours_dense_mma_ms"] = events_ms(lambda: compact_prefill(cache, means, seq, q, alpha=0.0, sink=0,
-                                                                       window=0, kernel="mma"), args.iters)
+            r["ours_dense_mma_ms"] = timer.median_ms(lambda: compact_prefill(cache, means, seq, q, alpha=0.0, sink=0,
+                                                                             window=0, kernel="mma"))
         recall = cupy.exp(res.lse - dense.lse)
         r["recall_mean"], r["recall_min"] = float(recall.mean()), float(recall.min())
         r.update({f"density_{k_}": v_ for k_, v_ in res.density().items()})
@@ -203,13 +185,13 @@ def main(argv=None):
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 fn = lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)  # noqa: E731
                 o_ref = fn()
-                r["sdpa_flash_ms"] = events_ms(fn, args.iters, "torch")
+                r["sdpa_flash_ms"] = timer.median_ms(fn)
             o_ours = torch.from_dlpack(dense.o).view(torch.bfloat16).permute(1, 0, 2).unsqueeze(0)
             r["max_abs_diff_dense_vs_sdpa"] = float((o_ours.float() - o_ref.float()).abs().max())
         except Exception as e:  # noqa: BLE001
             r["sdpa_flash_ms"], r["sdpa_error"] = float("nan"), str(e).splitlines()[0][:160]
         o_dense = torch.from_dlpack(dense.o).view(torch.bfloat16).permute(1, 0, 2).unsqueeze(0)
-        r.update(cudnn_peer(torch, F, sdpa_kernel, SDPBackend, qt, kt, vt, mask, args.iters, o_dense))
+        r.update(cudnn_peer(torch, F, sdpa_kernel, SDPBackend, qt, kt, vt, mask, timer, o_dense))
         if flex is not None:
             try:
                 def causal(b, h, q_idx, kv_idx):
@@ -221,7 +203,7 @@ def main(argv=None):
                 fd()
                 torch.cuda.synchronize()
                 r["flex_compile_s"] = time.time() - t1
-                r["flex_dense_ms"] = events_ms(fd, args.iters, "torch")
+                r["flex_dense_ms"] = timer.median_ms(fd)
                 # our selection as a BlockMask: per query head, per 128-row query block
                 G, nqb, nkb = Hq // Hkv, -(-n // 128), S_len // c + (S_len % c > 0)
                 s_sub = gsz or G
@@ -242,7 +224,7 @@ def main(argv=None):
                                               BLOCK_SIZE=(128, c), mask_mod=causal, seq_lengths=(n, S_len))
                 fs = lambda: flex(qt, kt, vt, block_mask=sm, enable_gqa=True)  # noqa: E731
                 fs()
-                r["flex_sparse_ms"] = events_ms(fs, args.iters, "torch")
+                r["flex_sparse_ms"] = timer.median_ms(fs)
                 o_fs = fs().float()
                 o_sp = torch.from_dlpack(res.o).view(torch.bfloat16).permute(1, 0, 2).unsqueeze(0).float()
                 r["max_abs_diff_sparse_vs_flex_sparse"] = float((o_sp - o_fs).abs().max())
@@ -272,14 +254,19 @@ def main(argv=None):
         cell = f(r, "sdpa_cudnn_ms")
         return cell + ("*" if r.get("sdpa_cudnn_mask", "").startswith("none") else "")
 
-    f = lambda r, k_, fmt="{:.2f}": fmt.format(r[k_]) if k_ in r and not (isinstance(r[k_], float) and math.isnan(r[k_])) else "n/a"  # noqa: E731
+    def f(r, key, spec="{:.2f}"):
+        return fmt(r.get(key), spec)
+
+    for r in rows:
+        config = f"block {r['block']} past {r['past']} chunk {r['chunk']} alpha {r['alpha']} group {r['group_size']}"
+        r.update(summary(dev, date, config, r["ours_sparse_ms"], r["best_dense_peer_ms"]))
     md = [f"## CompactAttention chunked prefill ({dev}, {date})", "",
           "bf16, Hq 32, Hkv 8, D 128, structured prompt from `long_context_qkv` (seed 1), "
           "sink 2, window 4; Q-block union over `q tile` rows, group union over `group` query heads "
           "(4 = the whole GQA group). Ours runs the warpgroup-MMA kernel (wgmma, sm_90a) on Hopper; "
           "the mma.sync kernel's dense time is in parentheses. "
           "CUDA events, median of "
-          f"{args.iters}. Generated by `tools/bench_prefill.py`. Times in ms; TFLOP/s count dense causal FLOPs.", "",
+          f"{args.iters}, L2 flushed before each call. Generated by `tools/bench_prefill.py`. Times in ms; TFLOP/s count dense causal FLOPs.", "",
           "| block | past | chunk | alpha | group | q tile | ours sparse | (score / tables / kernel) | ours dense (mma.sync) | SDPA flash | SDPA cuDNN | Flex dense | Flex sparse (our blocks) | sparse vs best dense | density select / q-union / group | keys read | recall mean / min | ours dense TFLOP/s | Flex dense TFLOP/s |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -301,17 +288,11 @@ def main(argv=None):
         md += ["", "Peer errors: " + json.dumps(errs)]
     text = "\n".join(md) + "\n"
     print(text)
-    with open(os.path.join(args.out, "bench_prefill.md"), "w") as fh:
-        fh.write(text)
-    with open(os.path.join(args.out, "bench_prefill.csv"), "w") as fh:
-        keys = sorted({k_ for r in rows for k_ in r})
-        fh.write(",".join(keys) + "\n")
-        for r in rows:
-            fh.write(",".join(str(r.get(k_, "")) for k_ in keys) + "\n")
+    write_tables(args.out, "bench_prefill", rows, dict(device=dev, date=date, torch=torch.__version__,
+                                                       cupy=cupy.__version__), text)
     plot(rows, os.path.join(args.out, "bench_prefill.png"), dev)
-    with open(os.path.join(args.out, "bench_prefill.json"), "w") as fh:
-        json.dump(dict(device=dev, date=date, rows=rows, torch=torch.__version__, cupy=cupy.__version__), fh, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,7 +7,7 @@ steps with all requests in one batch) and one serving loop (``Server``: admissio
 batched decode, release). Only the KV cache and the attention call differ:
 
   cpattn      ``GpuChunkCache`` (prefix reuse: the system prompt is prefilled once),
-              CompactAttention chunked prefill, ChunkAttention decode (``GpuBackend``);
+              CompactAttention chunked prefill, ChunkAttention decode (``ChunkTreeBackend``);
               once per ``--alphas`` value (alpha 0 reads every block: dense)
   torch SDPA  a static per-request K/V cache in torch tensors (``FlatKVCache``: [requests, Hkv,
               max_len, D] per layer, no sharing), every prompt prefilled whole with

@@ -145,7 +145,7 @@ class AttentionStats:
         """Stage -> weighted mean density (empty when no prefill call had a past)."""
         if self.device_kept is not None:  # one small copy from the device
             kept = self.device_kept.get().astype(np.float64) / self.device_triples
-            return dict(zip(("select", "q_union", "group_union"), map(float, kept)))
+            return dict(zip(DENSITY_STAGES, map(float, kept)))
         return {k: v / self.density_weight for k, v in self.density_sum.items()} if self.density_weight else {}
 
     @property
@@ -155,15 +155,7 @@ class AttentionStats:
 
 
 # ============================================================================ the backend
-def _prefill_api(cache):
-    """(BlockMeans class, compact_prefill) of the cache's backend."""
-    if cache.backend == "cupy":
-        from .. import compact_attention as gpu
-
-        return getattr(gpu, "BlockMeans", None) or gpu.GpuBlockMeans, gpu.compact_prefill
-    from ..reference import compact_attention as ref
-
-    return ref.BlockMeans, ref.compact_prefill
+DENSITY_STAGES = ("select", "q_union", "group_union")  # CompactPrefill.density() keys the stats average
 
 
 class ChunkTreeBackend:
@@ -177,19 +169,20 @@ class ChunkTreeBackend:
     are in the storage dtype, on the cache's device; on the GPU nothing synchronises.
 
     ``measure_recall`` compares every prefill chunk with the float64 oracle on host copies
-    (slow, and it synchronises: leave it off for timing). Densities of GPU prefills are summed
-    on the device and read once, by ``stats.density``.
+    (slow, and it synchronises: leave it off for timing). On the GPU the kept-block counters of
+    every prefill (``CompactPrefill.stats``) are summed on the device and read once, by
+    ``stats.density``, since ``CompactPrefill.density()`` would synchronise per call.
     """
 
     def __init__(self, cache, options: PrefillOptions = PrefillOptions(), measure_recall: bool = True,
                  piece_chunks="auto"):
         from ..chunk_attention import ChunkAttentionDecode
+        from ..compact_attention import BlockMeans
 
         self.cache, self.options, self.measure_recall = cache, options, measure_recall
         self.name = cache.backend
         self.label = "CUDA kernels" if self.name == "cupy" else "NumPy reference"
-        means_class, self._compact_prefill = _prefill_api(cache)
-        self.means = means_class(cache)
+        self.means = BlockMeans(cache)
         self.decoder = ChunkAttentionDecode(cache, piece_chunks=piece_chunks)
         self.stats = AttentionStats(cache.num_layers)
         self._planned = None
@@ -202,18 +195,19 @@ class ChunkTreeBackend:
 
     def prefill(self, seq: int, q, layer: int):
         """q [n, Hq, D] storage dtype (the sequence's last n tokens, K/V written) -> o [n, Hq, D]."""
+        from ..compact_attention import compact_prefill
+        from ..reference.compact_attention import oracle_prefill
+
         past = self.cache.seq_len(seq) - q.shape[0]
-        res = self._compact_prefill(self.cache, self.means, seq, q, layer, **self.options.kwargs())
+        res = compact_prefill(self.cache, self.means, seq, q, layer, **self.options.kwargs())
         density = None
-        if past:
-            kept = getattr(res, "stats", None)  # GPU: kept triples per stage, a device counter
-            if kept is not None:
-                self.stats.add_device_density(kept, res.denominator)
-            else:
-                density = res.density() if callable(res.density) else res.density
+        if past and self.name == "cupy":
+            self.stats.add_device_density(res.stats, res.denominator)
+        elif past:
+            density = {k: v for k, v in res.density().items() if k in DENSITY_STAGES}
         recall, t0 = None, time.perf_counter()
         if self.measure_recall and past:
-            recall = mass_recall(to_host(res.lse), oracle_lse(self.cache, seq, to_host(q), layer))
+            recall = mass_recall(to_host(res.lse), oracle_prefill(self.cache, seq, to_host(q), layer)[1])
         self.stats.check_s += time.perf_counter() - t0
         self.stats.record_prefill(layer, past, q.shape, self.cache.chunk_size, density, recall)
         return res.o
@@ -227,14 +221,6 @@ class ChunkTreeBackend:
             self.stats.plans_built += 1
         self.stats.decode_calls += 1
         return self.decoder.run(q, layer)
-
-
-def oracle_lse(cache, seq: int, q, layer: int):
-    """float32 [n, Hq]: the float64 oracle's log-sum-exp of the chunk ``q`` (host arrays)."""
-    from ..reference import compact_attention as ref
-
-    oracle = getattr(ref, "oracle_prefill", None) or ref.dense_prefill
-    return oracle(cache, seq, q, layer)[1]
 
 
 def resolve_backend(name: str) -> str:

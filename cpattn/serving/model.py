@@ -127,8 +127,8 @@ class TinyLM:
     def attention_values(self, o):
         """Attention output as the model sees it: rounded to the storage dtype, in compute dtype.
 
-        A backend may return float32 (the NumPy reference) or the storage dtype (the CUDA kernels);
-        both become the same numbers here.
+        Backends return the storage dtype; the dense check passes float32, rounded here the same
+        way, so both feed the model the same numbers.
         """
         dtype = self.config.dtype
         if np.dtype(o.dtype) == np.dtype(storage_numpy_dtype(dtype)):
