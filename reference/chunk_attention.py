@@ -357,7 +357,7 @@ def check_plan(cache: ChunkCache, plan) -> DecodePlan:
     if plan is None:
         raise CacheError("plan: expected a plan (call plan(seqs, num_q_heads) before run), got none")
     if plan.version != cache.version:
-        raise CacheError(f"plan: expected a plan for cache version {cache.version}, got one built at "
+        raise CacheError(f"plan: expected a plan for cache version {cache.version}, got one built for "
                          f"version {plan.version} (the tree changed); build a new plan")
     return plan
 

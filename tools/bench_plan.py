@@ -16,6 +16,8 @@ Host times use a NumPy cache (head_dim 1: the tree is what matters). Median of -
 after warm-up (the first call in a process also loads or compiles the numba loops).
 
     python tools/bench_plan.py [--sizes 64 256 1024] [--iters 200] [--json FILE]
+
+Runs from a checkout (after `pip install -e .`) and from an installed wheel.
 """
 from __future__ import annotations
 
@@ -24,13 +26,10 @@ import datetime
 import json
 import os
 import platform
-import sys
 import time
 import timeit
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHARED, OWN, CHUNK, HKV, HQ = 4096, 512, 64, 8, 32
 

@@ -3,15 +3,14 @@
 units, and the merge launch, for one configuration (CUDA events, median).
 
     python tools/profile_decode.py --batch 128 --shared 4096 --own 256 --hq 32 --hkv 8
+
+Runs from a checkout (after `pip install -e .`) and from an installed wheel.
 """
 import argparse
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cpattn.bench.decode import build, median_ms  # noqa: E402
+from cpattn.bench.decode import build, median_ms
 
 
 def main():
