@@ -178,7 +178,7 @@ def test_backends_and_caches_implement_the_protocols():
     assert isinstance(backend, ChunkTreeBackend) and isinstance(backend, AttentionBackend)
     assert isinstance(backend.cache, ChunkCache) and isinstance(backend.cache, ServingCache)
     assert backend.label == "NumPy reference" and backend.name == "numpy"
-    torch = pytest.importorskip("torch")  # noqa: F841
+    pytest.importorskip("torch")
     flat = FlatKVCache(1, 2, 16, num_slots=2, max_len=32, chunk_size=8, device="cpu")
     assert isinstance(flat, ServingCache) and flat.cached_nodes() == []
     assert isinstance(TorchSdpaBackend(flat, np, 4), AttentionBackend)
