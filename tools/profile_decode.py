@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Where decode time goes: the attend launch with only phase-1 units, only phase-2 units, all
-units, and the merge launch, for one configuration (CUDA events, median).
+"""Where decode time goes: the whole run (attend and merge), and the attend launch alone over
+only the phase-1 units and over only the phase-2 units, for one configuration (the benchmarks' GpuTimer: CUDA events,
+L2 flushed, median).
 
     python tools/profile_decode.py --batch 128 --shared 4096 --own 256 --hq 32 --hkv 8
 
@@ -10,7 +11,8 @@ import argparse
 
 import numpy as np
 
-from cpattn.bench.decode import build, median_ms
+from cpattn.bench.decode import build
+from cpattn.bench.timing import GpuTimer
 
 
 def main():
@@ -24,6 +26,7 @@ def main():
     from cpattn.chunk_attention import ChunkAttentionDecode, phase1_rows
 
     cache, ids = build(a.batch, a.shared, a.own, a.hkv, 128, a.chunk)
+    median_ms = GpuTimer().median_ms
     q = cupy.random.RandomState(1).standard_normal((a.batch, a.hq, 128), dtype=cupy.float32).astype(cupy.float16)
     for ups in a.units_per_sm:
         dec = ChunkAttentionDecode(cache, units_per_sm=ups)
