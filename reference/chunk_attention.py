@@ -181,8 +181,8 @@ def build_decode_plan(cache: ChunkCache, seqs, piece_chunks: int | None = None,
     # Pass 2. Depth-first order. Sorting the paths by their serials, lexicographically, is a
     #         depth-first walk of the batch's subtree: siblings in creation order, and a path
     #         that ends at a node (a prefix of longer paths) before the paths that go on below
-    #         it. Ties (two sequences on one path) keep the caller's order. Then every node is
-    #         passed by a contiguous range of positions [begin, end).
+    #         it. Ties (two sequences on one path) keep the caller's order. Then the paths through
+    #         any node hold a contiguous range of positions [begin, end).
     order = sorted(range(B), key=lambda b: [n.serial for n in paths[b]])  # [B] position -> user index
     begin, end = {}, {}  # Node -> first position through it, one past the last
     for pos, b in enumerate(order):
@@ -220,7 +220,7 @@ def build_decode_plan(cache: ChunkCache, seqs, piece_chunks: int | None = None,
     #         going down a path, so the private nodes are a suffix), root side first.
     private = [[n.chunk for n in paths[b] if not shared(n)] for b in order]  # [B] lists
 
-    # Pass 5. The flat arrays, unsplit, then the split into pieces and items.
+    # Pass 5. The flat arrays of the unsplit plan; passes 6 to 8 (``_split``) cut it up.
     base = dict(
         batch=tuple(ids), version=cache.version, chunk_size=cache.chunk_size,
         order=np.array(order, _I32),
@@ -263,8 +263,8 @@ def _split(base: dict, piece_chunks, private_piece_chunks) -> DecodePlan:
     step = piece_chunks or max(seg_len, default=1)
     pstep = private_piece_chunks or max(max(priv_len, default=1), 1)
 
-    # Pass 5a. Pieces: contiguous runs of at most `step` chunks of each segment, in segment
-    #          order; they keep the segment's batch range and index the same flat chunk list.
+    # Pass 6. Pieces: contiguous runs of at most `step` chunks of each segment, in segment
+    #         order; they keep the segment's batch range and index the same flat chunk list.
     piece_begin, piece_end, piece_ptr, rows = [], [], [], []
     for s, (a, n) in enumerate(zip(seg_ptr, seg_len)):
         for k in range(0, n, step):
@@ -274,14 +274,14 @@ def _split(base: dict, piece_chunks, private_piece_chunks) -> DecodePlan:
             rows.append(piece_end[-1] - piece_begin[-1])
     piece_ptr.append(seg_ptr[-1])
 
-    # Pass 5b. The pieces on each position's path, root side first (segments were found in
-    #          pre-order, so a path's shallower segment comes first).
+    # Pass 7. The pieces on each position's path, root side first (segments were found in
+    #         pre-order, so a path's shallower segment comes first).
     mine = [[] for _ in range(B)]  # [B] lists of piece ids
     for p, (b0, b1) in enumerate(zip(piece_begin, piece_end)):
         for pos in range(b0, b1):
             mine[pos].append(p)
 
-    # Pass 5c. Items: runs of at most `pstep` of one position's private chunks.
+    # Pass 8. Items: runs of at most `pstep` of one position's private chunks.
     item_pos, item_begin, item_end, n_items = [], [], [], []
     for pos in range(B):
         a, n = priv_ptr[pos], priv_len[pos]
