@@ -148,7 +148,7 @@ def accounting(cache, live) -> dict:
                 refcount_errors=ref_errors, sequences=len(live), exact=bool(exact))
 
 
-def oracle_decode(kv: TokenKV, tokens, q, layer, dtype):
+def model_decode_oracle(kv: TokenKV, tokens, q, layer, dtype):
     """float64 decode of one sequence from the model's K/V (tokens -> TokenKV), q [Hq, D]."""
     k, v = kv(tokens)
     k = to_float32(k[layer], dtype).astype(np.float64)  # [n, Hkv, D]
@@ -321,7 +321,7 @@ class Soak:
         layer = int(self.rng.integers(a.layers))
         o = to_float32(self.rig.host(self.rig.decode(pick, q, layer)), a.dtype)
         for i, s in enumerate(pick):
-            want, vmax = oracle_decode(self.kv, self.live[s], q[i], layer, a.dtype)
+            want, vmax = model_decode_oracle(self.kv, self.live[s], q[i], layer, a.dtype)
             err = float(np.abs(o[i] - want).max()) if np.isfinite(o[i]).all() else float("inf")
             bound = budget("decode", a.dtype, vmax, backend=self.rig.name)
             self.max_err = max(self.max_err, err / bound)
