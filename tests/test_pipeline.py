@@ -174,6 +174,9 @@ def test_backends_and_caches_implement_the_protocols():
     from cpattn.reference.chunk_cache import ChunkCache
     from cpattn.serving import AttentionBackend, ChunkTreeBackend, ServingCache, make_backend
 
+    from cpattn.serving import ServingModel
+
+    assert isinstance(TinyLM(CFG, seed=0), ServingModel)
     backend = make_backend("numpy", CFG, 64, C)
     assert isinstance(backend, ChunkTreeBackend) and isinstance(backend, AttentionBackend)
     assert isinstance(backend.cache, ChunkCache) and isinstance(backend.cache, ServingCache)

@@ -410,3 +410,18 @@ def test_tools_scripts_run_from_anywhere(tmp_path, script, needle):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert needle in done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("cpattn").gpu_available(), reason="needs CuPy and a CUDA GPU")
+def test_timer_on_the_device():
+    import cupy
+
+    from cpattn.bench.timing import L2_FLUSH_BYTES, GpuTimer
+
+    x = cupy.ones(1 << 24, cupy.float32)
+    timer = GpuTimer(warmup=1, iters=5)
+    runs = timer.runs_ms(lambda: cupy.multiply(x, 2, out=x))
+    assert len(runs) == 5 and all(t > 0 for t in runs)
+    assert timer.median_ms(lambda: None) < min(runs)  # an empty call times less than 64 MB of traffic
+    assert timer.clock.buffer(16).nbytes == 16 and L2_FLUSH_BYTES > cupy.cuda.Device().attributes["L2CacheSize"]

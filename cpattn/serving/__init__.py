@@ -12,9 +12,10 @@ the backend protocol (``AttentionBackend``) and ``ChunkTreeBackend`` (NumPy or C
 from .backends import (AttentionBackend, AttentionStats, ChunkTreeBackend, PrefillOptions, ServingCache,
                        make_backend, resolve_backend)
 from .model import ModelConfig, TinyLM, causal_attention, dense_generate
-from .server import Request, Server, ServingReport, check_against_dense
+from .server import Request, Server, ServingModel, ServingReport, check_against_dense
 from .workloads import footprint_chunks, shared_prompt_workload, system_prompt_workload
 
-__all__ = ["AttentionBackend", "AttentionStats", "ChunkTreeBackend", "ModelConfig", "PrefillOptions", "Request", "Server", "ServingCache", "ServingReport", "TinyLM", "causal_attention", "check_against_dense",
-           "dense_generate", "footprint_chunks", "make_backend", "resolve_backend", "shared_prompt_workload",
-           "system_prompt_workload"]
+__all__ = ["AttentionBackend", "AttentionStats", "ChunkTreeBackend", "ModelConfig", "PrefillOptions", "Request",
+           "Server", "ServingCache", "ServingModel", "ServingReport", "TinyLM", "causal_attention",
+           "check_against_dense", "dense_generate", "footprint_chunks", "make_backend", "resolve_backend",
+           "shared_prompt_workload", "system_prompt_workload"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -27,6 +27,19 @@ from ..reference.chunk_cache import CacheFullError
 from ..reference.compact_attention import split_chunks
 from .backends import AttentionBackend, AttentionStats, PrefillOptions, make_backend
 from .model import TinyLM, dense_generate
+
+
+@runtime_checkable
+class ServingModel(Protocol):
+    """What ``Server`` calls on a model (``TinyLM`` implements it). ``config`` has
+    ``num_layers``, ``num_kv_heads``, ``head_dim`` and ``dtype`` (the storage dtype name)."""
+
+    config: object
+
+    def embed(self, tokens): ...  # ints [n] -> x [n, hidden]
+    def qkv(self, layer: int, x, pos): ...  # -> q [n, Hq, D], k, v [n, Hkv, D] storage dtype
+    def finish_layer(self, layer: int, x, o): ...  # o [n, Hq, D] storage dtype -> x [n, hidden]
+    def greedy(self, x) -> list: ...  # x [n, hidden] -> the next token of every row
 
 
 @dataclass
@@ -114,7 +127,7 @@ class Server:
     """Continuous batching over one cache (see the module docstring).
 
     Args:
-        model: a ``TinyLM``; its array module decides where the pool lives.
+        model: a ``ServingModel`` (e.g. ``TinyLM``), on the device of the backend's cache.
         num_chunks: pool capacity in chunks (the pool never grows; LRU eviction makes room).
         chunk_size: tokens per chunk = CompactAttention block size.
         prefill_chunk: tokens per prefill chunk, a multiple of ``chunk_size``.
@@ -131,7 +144,7 @@ class Server:
             running request, all layers); seconds between two ``backend.sync()`` calls.
     """
 
-    def __init__(self, model: TinyLM, num_chunks: int, chunk_size: int = 16, prefill_chunk: int = 64,
+    def __init__(self, model: ServingModel, num_chunks: int, chunk_size: int = 16, prefill_chunk: int = 64,
                  backend: str | AttentionBackend = "numpy", options: PrefillOptions = PrefillOptions(),
                  measure_recall: bool = True, max_batch: int = 256, trace: bool = False,
                  on_step: StepHook | None = None):
