@@ -27,10 +27,8 @@ settings.register_profile("default", max_examples=30, deadline=None, print_blob=
 settings.register_profile("dev", max_examples=300, deadline=None, print_blob=True,
                           suppress_health_check=SUPPRESS)
 
-if os.environ.get("CI") or os.environ.get("HYPOTHESIS_PROFILE") == "ci":
-    settings.load_profile("ci")
-else:
-    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+PROFILE = "ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "default")
+settings.load_profile(PROFILE)
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

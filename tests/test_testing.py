@@ -13,9 +13,10 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
+from conftest import PROFILE
 from cpattn.reference.chunk_attention import oracle_decode
 from cpattn.reference.workloads import TokenKV
 from cpattn.testing import (NAN_BITS, as_float32, assert_cache_unchanged, assert_close_to_oracle, budget,
@@ -25,12 +26,20 @@ from cpattn.testing.strategies import apply_tree_ops, tree_ops, workloads
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "testing.md"
 
 
-def doc_module() -> dict:
-    """The namespace of docs/testing.md's python blocks, run in order as one module."""
+def doc_module(shrink: bool = True) -> dict:
+    """The namespace of docs/testing.md's python blocks, run in order as one module. With
+    ``shrink=False`` its hypothesis tests stop at the first failure (they are expected to fail)."""
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
     assert len(blocks) >= 3, "docs/testing.md lost its examples"
     ns = {"__name__": "docs_testing"}
-    exec(compile("\n".join(blocks), str(DOC), "exec"), ns)
+    if not shrink:  # the page's @settings inherit from the profile loaded when they are made
+        settings.register_profile("no-shrink", settings(settings.get_profile(PROFILE),
+                                                        phases=[Phase.explicit, Phase.generate]))
+        settings.load_profile("no-shrink")
+    try:
+        exec(compile("\n".join(blocks), str(DOC), "exec"), ns)
+    finally:
+        settings.load_profile(PROFILE)
     return ns
 
 
@@ -47,7 +56,7 @@ def test_the_docs_examples_pass():
 
 def test_the_docs_examples_catch_a_broken_attention():
     """my_decode that forgets its sequence's last key (the query token's own K/V) must fail."""
-    ns = doc_module()
+    ns = doc_module(shrink=False)
     good = ns["my_decode"]
     ns["my_decode"] = lambda q, k, v, scale: good(q, k[:-1], v[:-1], scale) if len(k) > 1 else 0 * good(q, k, v, scale)
     users = {k: v for k, v in doc_tests(ns).items() if "my_decode" in k}  # the tests of my_decode
