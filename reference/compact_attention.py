@@ -767,7 +767,7 @@ def dense_options(options: dict) -> dict:
     if "alpha" in options:
         raise TypeError(f"alpha: expected no alpha (dense_prefill keeps every block; compact_prefill "
                         f"takes one), got alpha={options['alpha']!r}")
-    return dict(dict(sink=0, window=0), **options, alpha=0.0)
+    return {"sink": 0, "window": 0, **options, "alpha": 0.0}
 
 
 def dense_prefill(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int = 0, **options) -> CompactPrefill:
