@@ -21,11 +21,11 @@ for dtype, D, c, Hkv, ratio, n in (("float16", 128, 64, 2, 1, 5), ("bfloat16", 6
     dec.plan(ids, Hkv * ratio)
     q = cupy.asarray(random_queries(1, n, Hkv * ratio, D, dtype))
     lse = cupy.empty((n, Hkv * ratio), cupy.float32)
-    o, _ = dec.run(q, 0, lse=lse)
+    o, _ = dec.run(q, 0, lse_out=lse)
     cupy.cuda.Device().synchronize()
     assert bool(cupy.isfinite(lse).all())
     print(f"sanitize: {dtype} D={D} c={c} ratio={ratio} batch={n}: ok")
-from cpattn.compact_attention import GpuBlockMeans, compact_prefill
+from cpattn.compact_attention import BlockMeans, compact_prefill
 from cpattn.reference.workloads import long_context_qkv
 
 for dtype, D, c, Hkv, ratio, P, n, tile, sub in (("bfloat16", 128, 64, 2, 4, 5 * 64, 2 * 64 - 3, None, None),
@@ -36,7 +36,7 @@ for dtype, D, c, Hkv, ratio, P, n, tile, sub in (("bfloat16", 128, 64, 2, 4, 5 *
     cache = GpuChunkCache(1, Hkv, D, (P + n) // c + 2, chunk_size=c, dtype=dtype)
     seq = cache.add_sequence([])
     cache.extend(seq, list(range(P + n)), w.k, w.v)
-    means = GpuBlockMeans(cache)
+    means = BlockMeans(cache)
     kernels = ("mma", "wgmma") if cupy.cuda.Device().compute_capability == "90" else ("mma",)
     for alpha, kernel in [(a, k) for a in (0.0, 0.06) for k in kernels]:
         r = compact_prefill(cache, means, seq, cupy.asarray(w.q[0, P:]), alpha=alpha, q_tile=tile, group_size=sub,
