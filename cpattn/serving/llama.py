@@ -1,0 +1,315 @@
+"""A Llama-family decoder whose every attention call goes through cpattn's chunk tree.
+
+The model is a pretrained one read from a GGUF file (``cpattn.serving.gguf``); only attention
+is cpattn's, the rest is a few array operations on NumPy or CuPy::
+
+    x = embed[tokens]                                               [n, hidden] float32
+    per layer:
+        h = rmsnorm(x) ; q, k, v = h @ Wq.T, h @ Wk.T, h @ Wv.T     [n, Hq | Hkv, D]
+        q, k = rope(q, pos), rope(k, pos)                            (the file's theta and scaling)
+        K/V written into the cache; o = attention through cpattn     [n, Hq, D] storage dtype
+        x = x + o @ Wo.T
+        h = rmsnorm(x) ; x = x + (silu(h @ Wg.T) * (h @ Wu.T)) @ Wd.T
+    logits = rmsnorm(x) @ embed.T  (tied embeddings) or @ output.T   [n, vocab] float32
+
+Attention (docs/design.md, *One API for both backends*):
+
+* **prefill** of a prompt chunk: ``cache.reserve`` once, per layer ``cache.write_kv`` then
+  ``compact_prefill(cache, means, seq, q, layer, alpha=...)`` (alpha 0 is dense), then
+  ``cache.commit`` and ``means.update``. A prompt's cached prefix (``add_sequence`` reuse) is
+  never recomputed.
+* **decode** of one token per sequence: ``cache.reserve_batch``, one ``dec.plan(seqs, Hq)`` per
+  step, per layer ``cache.write_kv`` then ``dec.run(q, layer)``; then ``cache.commit``.
+
+Q, K and V enter the cache post-RoPE, in the storage dtype. Weights are dequantised once and
+rounded to the storage dtype (fp16 or bf16). On CuPy with fp16 they are held as fp16 and the
+matmuls run on cuBLAS; NumPy has no fast half-precision matmul, so there (and for bf16, which
+CuPy has no dtype for) the rounded values are held as float32. Norms, RoPE, softmax inputs and
+the residual stream are float32.
+
+RoPE rotates adjacent pairs ``(x[2i], x[2i+1])``, matching the row order of GGUF's q/k weights
+(see ``cpattn.serving.gguf``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..reference.checks import check_choice, check_int, check_real
+from ..reference.dtypes import STORAGE_DTYPES, to_float32, to_storage
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Geometry and constants of a Llama-family decoder (read from a GGUF file's metadata)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scale: float = 1.0  # linear position scaling (positions divided by it)
+    rope_freq_factors: np.ndarray | None = field(default=None, repr=False, compare=False)  # [D/2] divisors
+    rms_eps: float = 1e-5
+    context_length: int = 2048
+    tied_embeddings: bool = True
+
+    def inv_freq(self) -> np.ndarray:
+        """RoPE angle per position of each rotated pair, float64 [head_dim / 2]."""
+        d = self.head_dim
+        f = self.rope_theta ** (-np.arange(0, d, 2, dtype=np.float64) / d) / self.rope_scale
+        if self.rope_freq_factors is not None:
+            f = f / np.asarray(self.rope_freq_factors, np.float64)
+        return f
+
+    @property
+    def num_params(self) -> int:
+        h, i, L = self.hidden_size, self.intermediate_size, self.num_layers
+        qkv = h * (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
+        per_layer = qkv + self.num_q_heads * self.head_dim * h + 3 * h * i + 2 * h
+        emb = self.vocab_size * h * (1 if self.tied_embeddings else 2)
+        return L * per_layer + emb + h
+
+
+# ============================================================================ attention through cpattn
+def attention_api():
+    """``(ChunkAttentionDecode, BlockMeans, compact_prefill)`` of cpattn: the names at the top of
+    the package, which dispatch on the cache's backend."""
+    import cpattn
+
+    try:
+        return cpattn.ChunkAttentionDecode, cpattn.BlockMeans, cpattn.compact_prefill
+    except AttributeError:  # until the top-level names land (issue 12): the reference, NumPy only
+        from ..reference import chunk_attention, compact_attention
+
+        return chunk_attention.ChunkAttentionDecode, compact_attention.BlockMeans, compact_attention.compact_prefill
+
+
+class CacheAttention:
+    """The model's view of a chunk cache: block means for prefill, one decoder for decode.
+
+    Args:
+        cache: a ``cpattn.reference.ChunkCache`` (NumPy) or ``cpattn.chunk_cache.GpuChunkCache``.
+        num_q_heads: query heads of the model.
+        alpha, sink, window: CompactAttention selection (alpha 0: every block, dense prefill).
+    """
+
+    def __init__(self, cache, num_q_heads: int, *, alpha: float = 0.0, sink: int = 2, window: int = 4):
+        decoder_cls, means_cls, self._prefill = attention_api()
+        self.cache = cache
+        self.num_q_heads = check_int(num_q_heads, "num_q_heads", 1)
+        self.alpha = check_real(alpha, "alpha", 0.0, 1.0)
+        self.sink, self.window = check_int(sink, "sink", 0), check_int(window, "window", 0)
+        self.means = means_cls(cache)
+        self.decoder = decoder_cls(cache)
+        self.densities: list[dict] = []  # per prefill call, when sparse
+
+    def prefill(self, seq: int, q, layer: int):
+        """Attention of the sequence's last ``n`` tokens (K/V written): o [n, Hq, D] storage dtype."""
+        r = self._prefill(self.cache, self.means, seq, q, layer, alpha=self.alpha, sink=self.sink,
+                          window=self.window)
+        if self.alpha > 0:
+            d = r.density
+            self.densities.append(d() if callable(d) else d)
+        return r.o
+
+    def committed(self, seq: int) -> None:
+        """Summarise the pages the last commit filled (prefill of later chunks selects on them)."""
+        self.means.update(self.cache, seq)
+
+    def plan(self, seqs) -> None:
+        self.decoder.plan(seqs, self.num_q_heads)
+
+    def decode(self, q, layer: int):
+        """Attention of one token per planned sequence: o [B, Hq, D] storage dtype."""
+        return self.decoder.run(q, layer)
+
+
+# ============================================================================ the model
+class LlamaModel:
+    """A Llama-family decoder over a chunk cache.
+
+    Args:
+        config: the geometry (``GGUFFile.config()``).
+        tensors: name -> float32 array in GGUF naming (``token_embd.weight``,
+            ``blk.{i}.attn_q.weight``, ...), or a callable that returns one by name.
+        dtype: storage dtype of the weights and of the K/V cache, "float16" or "bfloat16".
+        xp: numpy or cupy.
+    """
+
+    def __init__(self, config: LlamaConfig, tensors, *, dtype: str = "float16", xp=np):
+        self.config = config
+        self.dtype = check_choice(dtype, "dtype", STORAGE_DTYPES)
+        self.xp = xp
+        get = tensors if callable(tensors) else tensors.__getitem__
+        on_gpu = xp is not np
+        # fp16 weights stay fp16 on the GPU (cuBLAS); elsewhere the rounded values in float32
+        self.weight_dtype = np.float16 if (on_gpu and dtype == "float16") else np.float32
+
+        def weight(*names):
+            w = np.concatenate([get(n) for n in names], axis=0) if len(names) > 1 else get(names[0])
+            w = to_float32(to_storage(np.asarray(w, np.float32), dtype), dtype)  # rounded once
+            return xp.asarray(w.astype(self.weight_dtype))
+
+        def norm(name):
+            return xp.asarray(np.asarray(get(name), np.float32))
+
+        c = config
+        self.embed = weight("token_embd.weight")  # [V, hidden]
+        self.output = self.embed if c.tied_embeddings else weight("output.weight")
+        self.final_norm = norm("output_norm.weight")
+        self.layers = []
+        for i in range(c.num_layers):
+            p = f"blk.{i}."
+            self.layers.append(dict(
+                attn_norm=norm(p + "attn_norm.weight"), ffn_norm=norm(p + "ffn_norm.weight"),
+                qkv=weight(p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"),  # [(Hq+2Hkv)D, h]
+                o=weight(p + "attn_output.weight"),  # [h, Hq D]
+                gate_up=weight(p + "ffn_gate.weight", p + "ffn_up.weight"),  # [2I, h]
+                down=weight(p + "ffn_down.weight")))  # [h, I]
+        self._inv_freq = c.inv_freq()
+        self._rope_len = 0
+        self._cos = self._sin = None
+
+    @classmethod
+    def from_gguf(cls, path_or_file, *, dtype: str = "float16", xp=np) -> "LlamaModel":
+        from .gguf import GGUFFile
+
+        f = path_or_file if isinstance(path_or_file, GGUFFile) else GGUFFile(path_or_file)
+        return cls(f.config(), f.tensor, dtype=dtype, xp=xp)
+
+    # ------------------------------------------------------------------ cache
+    def new_cache(self, num_chunks: int, *, chunk_size: int = 64, max_sequences: int = 256):
+        """An empty chunk cache of this model's geometry on ``self.xp`` (NumPy or CuPy)."""
+        c = self.config
+        if self.xp is np:
+            from ..reference.chunk_cache import ChunkCache
+
+            return ChunkCache(c.num_layers, c.num_kv_heads, c.head_dim, num_chunks, chunk_size=chunk_size,
+                              dtype=self.dtype, max_sequences=max_sequences)
+        from ..chunk_cache import GpuChunkCache
+
+        return GpuChunkCache(c.num_layers, c.num_kv_heads, c.head_dim, num_chunks, chunk_size=chunk_size,
+                             dtype=self.dtype, max_sequences=max_sequences)
+
+    def kv_bytes_per_token(self) -> int:
+        c = self.config
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * 2
+
+    # ------------------------------------------------------------------ pieces
+    def _mm(self, x, w):
+        """x [n, k] float32 @ w.T ([m, k] weight) -> [n, m] float32."""
+        return (x.astype(w.dtype, copy=False) @ w.T).astype(np.float32, copy=False)
+
+    def _rmsnorm(self, x, w):
+        xp = self.xp
+        return x * (1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + np.float32(self.config.rms_eps))) * w
+
+    def _rope_tables(self, upto: int):
+        if upto > self._rope_len:
+            n = max(upto, 2 * self._rope_len, 1024)
+            ang = np.arange(n, dtype=np.float64)[:, None] * self._inv_freq[None, :]  # [n, D/2]
+            self._cos = self.xp.asarray(np.cos(ang).astype(np.float32))
+            self._sin = self.xp.asarray(np.sin(ang).astype(np.float32))
+            self._rope_len = n
+        return self._cos, self._sin
+
+    def _rope(self, x, pos):
+        """x [n, H, D] float32 rotated by positions pos [n] (adjacent pairs)."""
+        cos, sin = self._rope_tables(int(pos.max()) + 1)
+        cos, sin = cos[pos][:, None, :], sin[pos][:, None, :]  # [n, 1, D/2]
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = self.xp.empty_like(x)
+        out[..., 0::2] = a * cos - b * sin
+        out[..., 1::2] = a * sin + b * cos
+        return out
+
+    def _qkv(self, layer: int, x, pos):
+        """q [n, Hq, D], k, v [n, Hkv, D], all post-RoPE, in the storage dtype."""
+        c, w = self.config, self.layers[layer]
+        h = self._rmsnorm(x, w["attn_norm"])
+        qkv = self._mm(h, w["qkv"])
+        n, D = x.shape[0], c.head_dim
+        nq, nk = c.num_q_heads * D, c.num_kv_heads * D
+        q = self._rope(qkv[:, :nq].reshape(n, c.num_q_heads, D), pos)
+        k = self._rope(qkv[:, nq:nq + nk].reshape(n, c.num_kv_heads, D), pos)
+        v = qkv[:, nq + nk:].reshape(n, c.num_kv_heads, D)
+        return (to_storage(self.xp.ascontiguousarray(a), self.dtype) for a in (q, k, v))
+
+    def _finish_layer(self, layer: int, x, o):
+        """Residual adds of attention output o [n, Hq, D] (storage dtype) and the SwiGLU MLP."""
+        w, n = self.layers[layer], x.shape[0]
+        o = o if o.dtype == np.float32 else to_float32(o, self.dtype)
+        x = x + self._mm(o.reshape(n, -1), w["o"])
+        h = self._rmsnorm(x, w["ffn_norm"])
+        gu = self._mm(h, w["gate_up"])
+        g, u = gu[:, : self.config.intermediate_size], gu[:, self.config.intermediate_size:]
+        return x + self._mm(g / (1.0 + self.xp.exp(-g)) * u, w["down"])
+
+    def logits(self, x):
+        """[n, hidden] float32 residual stream -> [n, vocab] float32 logits."""
+        return self._mm(self._rmsnorm(x, self.final_norm), self.output)
+
+    # ------------------------------------------------------------------ prefill and decode
+    def prefill(self, attn: CacheAttention, seq: int, tokens, *, chunk_tokens: int = 256,
+                logits: str = "last"):
+        """Append ``tokens`` to sequence ``seq`` (whose length is a multiple of the chunk size,
+        e.g. a fresh ``add_sequence`` with a reused prefix) and run them through the model.
+
+        The prompt goes in chunks of ``chunk_tokens`` (a multiple of the cache's chunk size).
+        Returns logits float32: ``[vocab]`` of the last token (``logits="last"``), ``[n, vocab]``
+        of every token (``"all"``), or None (``"none"``).
+        """
+        cache, xp = attn.cache, self.xp
+        check_choice(logits, "logits", ("last", "all", "none"))
+        cs = cache.chunk_size
+        if check_int(chunk_tokens, "chunk_tokens", 1) % cs:
+            raise ValueError(f"chunk_tokens: expected a multiple of chunk_size {cs}, got {chunk_tokens}")
+        tokens = cache.check_tokens(tokens, "tokens")
+        if not tokens:
+            raise ValueError("tokens: expected at least one token, got 0")
+        start = cache.seq_len(seq)
+        if start % cs:
+            raise ValueError(f"seq: expected a length that is a multiple of chunk_size {cs}, got {start}")
+        cache.check_room_for(cache.sequence(seq), len(tokens))
+        out = []
+        for a in range(0, len(tokens), chunk_tokens):
+            piece = tokens[a:a + chunk_tokens]
+            pos = xp.arange(start + a, start + a + len(piece))
+            x = self.embed[xp.asarray(piece)].astype(np.float32)
+            slots = cache.reserve(seq, piece)
+            for layer in range(self.config.num_layers):
+                q, k, v = self._qkv(layer, x, pos)
+                cache.write_kv(layer, slots, k, v)
+                x = self._finish_layer(layer, x, attn.prefill(seq, q, layer))
+            cache.commit(seq)
+            attn.committed(seq)
+            if logits == "all":
+                out.append(self.logits(x))
+        if logits == "last":
+            return self.logits(x[-1:])[0]
+        return xp.concatenate(out) if logits == "all" else None
+
+    def decode(self, attn: CacheAttention, seqs, tokens):
+        """One decode step: token ``tokens[b]`` appended to sequence ``seqs[b]``; returns the
+        next-token logits float32 [batch, vocab]. One plan serves every layer of the step."""
+        cache, xp = attn.cache, self.xp
+        seqs = cache.check_batch(seqs)
+        pos = xp.asarray(np.array([cache.seq_len(s) for s in seqs]))
+        slots = cache.reserve_batch(seqs, tokens)
+        attn.plan(seqs)
+        x = self.embed[xp.asarray(np.asarray(tokens, np.int64))].astype(np.float32)
+        for layer in range(self.config.num_layers):
+            q, k, v = self._qkv(layer, x, pos)
+            cache.write_kv(layer, slots, k, v)
+            x = self._finish_layer(layer, x, attn.decode(q, layer))
+        for s in seqs:
+            cache.commit(s)
+        return self.logits(x)
+
+
+__all__ = ["LlamaConfig", "LlamaModel", "CacheAttention", "attention_api"]
