@@ -7,7 +7,9 @@ addressing (flat page index ``layer_page0 + chunk * Hkv + head``, row ``offset``
 preconditions (C-contiguous, 16-byte aligned K/V, a grid that covers every vector).
 
 Use ``with installed(): ...``: it swaps ``sys.modules['cupy']`` and the cache's kernel loader,
-and puts both back afterwards. Never mix it with real CuPy arrays inside the block.
+and puts both back afterwards. Never mix it with real CuPy arrays inside the block. Tests reach
+it through the emulated backend (``cpattn.testing.get_backend("emulated")``), which also gives
+the GPU cache its attention (the reference, on the device length table).
 """
 from __future__ import annotations
 
