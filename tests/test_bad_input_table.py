@@ -263,9 +263,7 @@ def cq(w, batch=2, heads=HQ, dtype=None):
 
 
 def gpu_prefill(w, q, **kw):
-    from cpattn.compact_attention import compact_prefill
-
-    return compact_prefill(w.cache, kw.pop("means", w.means), kw.pop("seq", w.p), q, **kw)
+    return w.backend.api.compact_prefill(w.cache, kw.pop("means", w.means), kw.pop("seq", w.p), q, **kw)
 
 
 def _noncontiguous(w):
