@@ -26,7 +26,8 @@ import weakref
 import numpy as np
 
 from .arrays import as_cupy
-from .kernels import get_kernels
+from .kernels import DECODE_ROWS as ROWS_PER_UNIT  # rows of a phase-2 unit (and of phase-1 units at chunk 128)
+from .kernels import THREADS, UNIT_WIDTH, decode_smem_bytes, get_kernels, phase1_rows
 from .reference import chunk_attention as reference
 from .reference.checks import check_bool, check_int, check_scale
 from .reference.chunk_attention import SPLIT_FIELDS, DecodePlan, batch_states, check_num_q_heads, \
@@ -35,23 +36,6 @@ from .reference.chunk_cache import ChunkCache
 
 _I32 = np.int32
 LOG2E = 1.4426950408889634  # the kernels exponentiate with exp2: scores are scaled by scale * log2(e)
-
-ROWS_PER_UNIT = 64  # rows of a phase-2 unit (and of phase-1 units when chunk_size is 128)
-THREADS = 128
-
-
-def phase1_rows(chunk_size: int) -> int:
-    """Rows of a phase-1 unit: 128 (32 per warp, two mma tiles per K/V fragment) up to chunk 64."""
-    return 128 if chunk_size <= 64 else ROWS_PER_UNIT
-
-
-def _smem_bytes(head_dim: int, chunk_size: int) -> int:
-    """Dynamic shared memory of chunk_attend: the Q tile (QRows<C>) and two K/V stages."""
-    ld = head_dim + 8
-    tiles = (phase1_rows(chunk_size) * ld + 4 * chunk_size * ld) * 2
-    reduce = 4 * (16 * head_dim + 32) * 4 if chunk_size >= 32 else 0
-    return max(tiles, reduce)
-
 
 # ---------------------------------------------------------------------- compiled loops
 def _jit(fn):
@@ -463,7 +447,7 @@ def _units_core(piece_begin, piece_end, piece_chunk_indptr, piece_state_offset, 
     U = I * tiles2 * H
     for p in range(P):
         U += -(-(piece_end[p] - piece_begin[p]) * group // rows1) * H
-    raw = np.empty((U, 9), np.int32)
+    raw = np.empty((U, UNIT_WIDTH), np.int32)
     u = 0
     for p in range(P):  # phase 1: (piece, rows1-row tile of range x group, kv head)
         n_rows = (piece_end[p] - piece_begin[p]) * group
@@ -498,11 +482,11 @@ def _units_core(piece_begin, piece_end, piece_chunk_indptr, piece_state_offset, 
         start[top - (raw[u, 1] - raw[u, 0]) + 1] += 1
     for w in range(top + 1):
         start[w + 1] += start[w]
-    units = np.empty((U, 9), np.int32)
+    units = np.empty((U, UNIT_WIDTH), np.int32)
     for u in range(U):
         j = start[top - (raw[u, 1] - raw[u, 0])]
         start[top - (raw[u, 1] - raw[u, 0])] = j + 1
-        for f in range(9):  # (not units[j] = raw[u]: that slice copy takes seconds to compile)
+        for f in range(UNIT_WIDTH):  # (not units[j] = raw[u]: that slice copy takes seconds to compile)
             units[j, f] = raw[u, f]
     return units
 
@@ -595,7 +579,7 @@ class ChunkAttentionDecode:
         self.units_per_sm = check_int(units_per_sm, "units_per_sm", 1)
         self.cache = cache
         self._kern = get_kernels("chunk_attention", cache.dtype, cache.head_dim, cache.chunk_size)
-        self._smem = _smem_bytes(cache.head_dim, cache.chunk_size)
+        self._smem = decode_smem_bytes(cache.head_dim, cache.chunk_size)
         self._kern["chunk_attend"].max_dynamic_shared_size_bytes = self._smem
         self._sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self._states_cap = 0
@@ -613,7 +597,7 @@ class ChunkAttentionDecode:
                                                 self.private_piece_chunks, self.units_per_sm, self._sms)
         buf = cupy.asarray(host)  # the one upload
         self._dev = {name: buf[offs[i]:offs[i + 1]] for i, name in enumerate(DEVICE_ARRAYS)}
-        self._dev["units"] = self._dev["units"].reshape(num_units, 9)
+        self._dev["units"] = self._dev["units"].reshape(num_units, UNIT_WIDTH)
         rows = plan.num_state_rows + plan.num_items
         if rows * num_q_heads > self._states_cap:  # grow only; fixed while a graph replays
             self._states_cap = rows * num_q_heads
@@ -642,8 +626,8 @@ class ChunkAttentionDecode:
         ``self.units``; default all): the partial states, no merge. For profiling."""
         q, scale = self._check_q(q, layer, scale)
         units = self._dev["units"] if units is None else as_cupy(units, "units", None, None)
-        if units.dtype != np.int32 or units.ndim != 2 or units.shape[1] != 9:
-            raise ValueError(f"units: expected a device int32 array [n, 9], got {units.dtype} {units.shape}")
+        if units.dtype != np.int32 or units.ndim != 2 or units.shape[1] != UNIT_WIDTH:
+            raise ValueError(f"units: expected a device int32 array [n, {UNIT_WIDTH}], got {units.dtype} {units.shape}")
         cache = self.cache
         self._kern["chunk_attend"](
             (len(units),), (THREADS,),

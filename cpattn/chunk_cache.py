@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .arrays import as_cupy
-from .kernels import get_kernels
+from .kernels import APPEND_THREADS, get_kernels
 from .reference.chunk_cache import ChunkCache, Slots
 
 
@@ -79,7 +79,7 @@ class GpuChunkCache(ChunkCache):
         total = n * self.num_kv_heads * (self.head_dim // 8)
         if total:
             self._kern["kv_append"](
-                ((total + 255) // 256,), (256,),
+                (-(-total // APPEND_THREADS),), (APPEND_THREADS,),
                 (k, v, sl[:n], sl[n:], self.k_pool, self.v_pool,
                  np.int64(layer * self.num_chunks * self.num_kv_heads), np.int32(self.num_kv_heads), np.int32(n)))
         self.sync_lens()

@@ -25,32 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .arrays import as_cupy
-from .kernels import get_kernels
+from .kernels import PREFILL_ROWS, SCORE_ROWS, THREADS, UNION_THREADS, WG_THREADS, get_kernels, \
+    prefill_smem_bytes, prefill_wg_smem_bytes
 from .reference import compact_attention as reference
 from .reference.checks import cdiv, check_bool, check_choice, check_scale
 from .reference.compact_attention import KERNEL_CHOICES, check_chunk, check_events, check_options, dense_options
 from .reference.dtypes import storage_numpy_dtype
-
-THREADS = 128
-
-
-ROWS_PER_UNIT = 128  # kPrefillRows of raw_kernels/compact_attention.cu
-SCORE_ROWS = 128  # kScoreRows: query rows per block_score block
-
-
-def _prefill_smem(head_dim: int, chunk_size: int) -> int:
-    """PrefillSmem<D, C>::bytes: the Q tile and two K/V stages of min(C, 64) keys."""
-    return (ROWS_PER_UNIT + 4 * min(chunk_size, 64)) * (head_dim + 8) * 2
-
-
-WG_THREADS, WG_KEYS = 256, 128  # kWgThreads and WgSmem::TK of raw_kernels/compact_attention_sm90.cu
-
-
-def _prefill_smem_wg(head_dim: int, chunk_size: int) -> int:
-    """WgSmem<D, C>::bytes: alignment slack, the swizzled Q tile, the K/V stages of 128 keys and
-    two mbarriers per stage."""
-    stages = 4 if head_dim == 64 else 3
-    return 1024 + ROWS_PER_UNIT * head_dim * 2 + 2 * stages * WG_KEYS * head_dim * 2 + 2 * stages * 8
 
 
 def choose_kernel(kernel: str = "auto") -> str:
@@ -222,7 +202,7 @@ def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, sc
     padded = cupy.empty(R * cap, np.int32)
     counts = cupy.empty(R, np.int32)
     stats = cupy.zeros(3, np.uint64)
-    k["block_union"]((R,), (256,),
+    k["block_union"]((R,), (UNION_THREADS,),
                      (s_raw, np.int32(Pb), np.int32(Qb), np.int32(tb), np.int32(T), np.int32(Hkv), np.int32(G),
                       np.int32(s), np.float32(alpha), np.int32(sink), np.int32(window), blocks, np.int32(Cb),
                       padded, np.int32(cap), counts, stats),
@@ -230,22 +210,22 @@ def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, sc
     # 6. CSR
     indptr = cupy.empty(R + 1, np.int32)
     indices = cupy.empty(R * cap, np.int32)
-    k["tables_csr"]((R,), (128,), (padded, np.int32(cap), counts, np.int32(R), indptr, indices))
+    k["tables_csr"]((R,), (THREADS,), (padded, np.int32(cap), counts, np.int32(R), indptr, indices))
     mark("tables")
     # 7. paged prefill: units (table, 128-row block) are known on the host from the shapes
     tile_tokens = np.minimum(q_tile, n - np.arange(T) * q_tile)  # [T]
     rows = np.repeat(tile_tokens * s, Hkv * S)  # [R]
-    per = -(-rows // ROWS_PER_UNIT)
+    per = -(-rows // PREFILL_ROWS)
     table_of = np.repeat(np.arange(R), per)
-    row0 = (np.arange(len(table_of)) - np.repeat(np.cumsum(per) - per, per)) * ROWS_PER_UNIT
+    row0 = (np.arange(len(table_of)) - np.repeat(np.cumsum(per) - per, per)) * PREFILL_ROWS
     units = cupy.asarray(np.stack([table_of, row0], axis=1).astype(np.int32).ravel())
     o = out if out is not None else cupy.empty((n, Hq, D), q.dtype)
     lse = cupy.empty((n, Hq), np.float32) if return_lse else cupy.empty(1, np.float32)
     if wg:
-        smem = _prefill_smem_wg(D, c)
+        smem = prefill_wg_smem_bytes(D, c)
         pk = get_kernels("compact_attention_sm90", cache.dtype, D, c)["paged_prefill_wg"]
     else:
-        smem = _prefill_smem(D, c)
+        smem = prefill_smem_bytes(D, c)
         pk = k["paged_prefill"]
     pk.max_dynamic_shared_size_bytes = smem
     pk((len(table_of),), (WG_THREADS if wg else THREADS,),

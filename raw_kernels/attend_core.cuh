@@ -6,7 +6,6 @@
 
 namespace cpattn {
 
-constexpr int kThreads = 128;
 constexpr int kNoLimit = 0x7fffffff;
 
 // One page (C keys, both K and V, each C x D) -> shared memory rows padded to D + 8 elements
@@ -15,7 +14,7 @@ template <typename T, int D, int C>
 __device__ __forceinline__ void load_page(const T* __restrict__ gk, const T* __restrict__ gv, T* dk, T* dv,
                                           int valid, int tid) {
   constexpr int LD = D + 8, V = D / 8;
-  for (int j = tid; j < C * V; j += kThreads) {
+  for (int j = tid; j < C * V; j += CPATTN_THREADS) {
     const int r = j / V, c = (j % V) * 8;
     if (r < valid) {
       cp_async16(dk + r * LD + c, gk + r * D + c);

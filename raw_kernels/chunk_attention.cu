@@ -21,8 +21,8 @@
 
 namespace cpattn {
 
-constexpr int kRows = 64;  // rows of a one-tile unit (4 warps x 16)
-// unit table: int32 [num_units][kUnitFields]
+// The unit record: int32 [num_units][kUnitFields], fields in the order of UNIT_FIELDS in
+// cpattn/kernels.py (tests/test_kernel_sources.py compares the two lists).
 enum {
   U_CHUNK_BEGIN,  // first entry of this unit in chunk_list
   U_CHUNK_END,
@@ -30,16 +30,32 @@ enum {
   U_LEN_MINUS,
   U_POS_BEGIN,    // batch position (DFS order) of row 0 of the unit's row space
   U_ROW0,         // first row of this unit within that row space
-  U_ROW_COUNT,    // rows in this unit (<= 64; phase-1 units <= 128 when C <= 64)
-  U_KVH,          // kv head
+  U_ROW_COUNT,    // rows in this unit (<= CPATTN_DECODE_ROWS; phase-1 units <= QRows<C>)
+  U_KV_HEAD,
   U_OUT_BASE,     // state row of the row space's first sequence
   kUnitFields
 };
+static_assert(kUnitFields == CPATTN_UNIT_WIDTH, "the unit record of cpattn/kernels.py has other fields");
+// the tiles below are 4 warps of 16 rows (one-tile units) or 32 rows (two-tile units)
+static_assert(CPATTN_THREADS == 128 && CPATTN_DECODE_ROWS == 64 && CPATTN_DECODE_WIDE_ROWS == 128,
+              "chunk_attend's tiles are written for 4 warps");
 
-// Phase-1 units of more than 64 rows (C <= 64) take the 128-row tile of attend_step_rt2.
+// Phase-1 units of more than CPATTN_DECODE_ROWS rows (small pages) take the two-tile path.
 template <int C>
 struct QRows {
-  static constexpr int value = C <= 64 ? 128 : kRows;
+  static constexpr int value = C <= CPATTN_DECODE_WIDE_MAX_CHUNK ? CPATTN_DECODE_WIDE_ROWS : CPATTN_DECODE_ROWS;
+};
+
+// Dynamic shared memory of chunk_attend (decode_smem_bytes in cpattn/kernels.py, checked equal
+// at compile time): the Q tile, then two K/V stages of one page, rows padded by 16 bytes; the
+// key-split warps' partial states (KS > 1, C >= 32) overlay the K/V stages.
+template <int D, int C>
+struct DecodeSmem {
+  static constexpr int LD = D + 8;
+  static constexpr int q_bytes = QRows<C>::value * LD * 2;
+  static constexpr int kv_bytes = 2 * 2 * C * LD * 2;
+  static constexpr int split_bytes = C >= 32 ? 4 * (16 * D + 32) * 4 : 0;
+  static constexpr int bytes = q_bytes + (kv_bytes > split_bytes ? kv_bytes : split_bytes);
 };
 
 // The 2-stage cp.async ring over a unit's pages: page i + 1 loads while step(i, K, V, valid)
@@ -159,10 +175,9 @@ __device__ __forceinline__ void attend_unit_rt2(
                         });
 }
 
-// One block per unit. Dynamic shared memory: (QRows<C> + 4 C) (D + 8) halves (and at least the
-// key-split reduction area); see _smem_bytes in cpattn/chunk_attention.py.
+// One block per unit. Dynamic shared memory: DecodeSmem<D, C>::bytes.
 template <typename T, int D, int C>
-__global__ void __launch_bounds__(kThreads, 1) chunk_attend(
+__global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend(
     const T* __restrict__ q,        // [batch, Hq, D] caller order
     const T* __restrict__ k_pool,   // [layers, chunks, Hkv, C, D]
     const T* __restrict__ v_pool,
@@ -182,12 +197,16 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_attend(
   T* sV = sK + 2 * C * LD;
   const int* u = units + (long long)blockIdx.x * kUnitFields;
   const int cb = u[U_CHUNK_BEGIN], ce = u[U_CHUNK_END], len_slot = u[U_LEN_SLOT];
-  const int pos_begin = u[U_POS_BEGIN], row0 = u[U_ROW0], row_count = u[U_ROW_COUNT], kvh = u[U_KVH];
+  const int pos_begin = u[U_POS_BEGIN], row0 = u[U_ROW0], row_count = u[U_ROW_COUNT], kvh = u[U_KV_HEAD];
   const int out_base = u[U_OUT_BASE];
   const int nk = len_slot < 0 ? (ce - cb) * C : slot_lens[len_slot] - u[U_LEN_MINUS];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  auto state_row = [&](int r) {  // [rows, Hq] index of the state of unit row r
+    const int gr = row0 + r;
+    return (long long)(out_base + gr / group) * num_q_heads + kvh * group + gr % group;
+  };
 
-  for (int i = tid; i < QR * (D / 8); i += kThreads) {  // Q rows; zeros past row_count
+  for (int i = tid; i < QR * (D / 8); i += CPATTN_THREADS) {  // Q rows; zeros past row_count
     const int r = i / (D / 8), c = (i % (D / 8)) * 8;
     if (r < row_count) {
       const int gr = row0 + r;
@@ -198,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_attend(
     }
   }
 
-  if (QR > kRows && row_count > kRows) {  // 65-128 rows: the two-tile path
+  if (QR > CPATTN_DECODE_ROWS && row_count > CPATTN_DECODE_ROWS) {  // 65-128 rows: the two-tile path
     float o2[2][D / 8][4];
 #pragma unroll
     for (int tt = 0; tt < 2; ++tt)
@@ -207,7 +226,6 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_attend(
     float m2[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, l2[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
     attend_unit_rt2<T, D, C>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sQ, sK, sV,
                              scale_log2, o2, m2, l2);
-    const float kLn2 = 0.6931471805599453f;
 #pragma unroll
     for (int tt = 0; tt < 2; ++tt) {
 #pragma unroll
@@ -215,16 +233,9 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_attend(
         const float l = quad_sum(l2[tt][hh]);
         const int r = warp * 32 + tt * 16 + (lane >> 2) + hh * 8;
         if (r >= row_count) continue;
-        const int gr = row0 + r;
-        const long long srow = (long long)(out_base + gr / group) * num_q_heads + kvh * group + gr % group;
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        float* dst = o_states + srow * D;
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-          const int col = n * 8 + (lane & 3) * 2;
-          *reinterpret_cast<float2*>(dst + col) = make_float2(o2[tt][n][2 * hh] * inv, o2[tt][n][2 * hh + 1] * inv);
-        }
-        if ((lane & 3) == 0) lse_states[srow] = l > 0.f ? (m2[tt][hh] + log2f(l)) * kLn2 : -INFINITY;
+        const long long srow = state_row(r);
+        store_state_row<D>(o_states + srow * D, lse_states + srow, true, m2[tt][hh], l,
+                           [&](int n) { return make_float2(o2[tt][n][2 * hh], o2[tt][n][2 * hh + 1]); });
       }
     }
     return;
@@ -252,36 +263,27 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_attend(
   }
   if (warp >= rblocks) return;  // key-split helpers: their part is merged into warp rb
 
-  const float kLn2 = 0.6931471805599453f;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = warp * 16 + (lane >> 2) + half * 8;
     if (r >= row_count) continue;
-    const int gr = row0 + r;
-    const long long srow = (long long)(out_base + gr / group) * num_q_heads + kvh * group + gr % group;
-    const float l = half ? l1 : l0, m = half ? m1 : m0;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    float* dst = o_states + srow * D;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      const int col = n * 8 + (lane & 3) * 2;
-      *reinterpret_cast<float2*>(dst + col) = make_float2(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
-    }
-    if ((lane & 3) == 0) lse_states[srow] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+    const long long srow = state_row(r);
+    store_state_row<D>(o_states + srow * D, lse_states + srow, true, half ? m1 : m0, half ? l1 : l0,
+                       [&](int n) { return make_float2(o[n][2 * half], o[n][2 * half + 1]); });
   }
 }
 
 // One warp per (batch position, query head): merge the states on the sequence's path and write
 // the output row in the caller's order, and its lse when write_lse is set.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) chunk_merge(
+__global__ void __launch_bounds__(CPATTN_THREADS) chunk_merge(
     const float* __restrict__ o_states, const float* __restrict__ lse_states,
     const int* __restrict__ seq_piece_indptr, const int* __restrict__ seq_pieces,
     const int* __restrict__ piece_state_offset, const int* __restrict__ piece_begin,
     const int* __restrict__ seq_item_indptr, int item_state_base, const int* __restrict__ order,
     T* __restrict__ out, float* __restrict__ out_lse, int write_lse, int batch, int num_q_heads) {
   constexpr int E = D / 32;  // elements per lane
-  const int gw = blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  const int gw = blockIdx.x * (CPATTN_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (gw >= batch * num_q_heads) return;
   const int pos = gw / num_q_heads, head = gw % num_q_heads;
   const int p0 = seq_piece_indptr[pos], np = seq_piece_indptr[pos + 1] - p0;

@@ -8,12 +8,13 @@
 namespace cpattn {
 
 // KV append: token t of k, v ([n, Hkv, D], contiguous) goes to page (slot_chunk[t], h) at row
-// slot_off[t] of one layer. One thread per 16-byte vector. Serves decode (one token per
-// sequence) and prefill (a run of tokens of one sequence) alike.
+// slot_off[t] of one layer. One thread per 16-byte vector, CPATTN_APPEND_THREADS per block.
+// Serves decode (one token per sequence) and prefill (a run of tokens of one sequence) alike.
 template <typename T, int D, int C>
-__global__ void kv_append(const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ slot_chunk,
-                          const int* __restrict__ slot_off, T* __restrict__ k_pool, T* __restrict__ v_pool,
-                          long long layer_page0, int num_kv_heads, int n) {
+__global__ void __launch_bounds__(CPATTN_APPEND_THREADS) kv_append(
+    const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ slot_chunk,
+    const int* __restrict__ slot_off, T* __restrict__ k_pool, T* __restrict__ v_pool, long long layer_page0,
+    int num_kv_heads, int n) {
   constexpr int V = D / 8;
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (long long)n * num_kv_heads * V) return;

@@ -1,7 +1,18 @@
-// cpattn common device helpers: tensor-core fragments (inline PTX, sm_80+), cp.async, packing.
-// Inlined into every kernel source by the loader (CuPy's disk cache hashes only the source
-// string, so headers are never passed with -I).
+// cpattn common device helpers: tensor-core fragments (inline PTX, sm_80+), cp.async, packing,
+// the store of a finished attention state. Inlined into every kernel source by the loader
+// (CuPy's disk cache hashes only the source string, so headers are never passed with -I).
 #pragma once
+
+// Constants shared with Python live in one table, CONSTANTS in cpattn/kernels.py, and arrive as
+// -D options (cpattn.kernels.options(file); tools/compile_kernels.py and tools/nvrtc_check.py
+// pass the same). They are never defined here, so the two sides cannot disagree.
+#if !defined(CPATTN_THREADS) || !defined(CPATTN_DECODE_ROWS) || !defined(CPATTN_DECODE_WIDE_ROWS) || \
+    !defined(CPATTN_DECODE_WIDE_MAX_CHUNK) || !defined(CPATTN_UNIT_WIDTH) || !defined(CPATTN_APPEND_THREADS) || \
+    !defined(CPATTN_SCORE_ROWS) || !defined(CPATTN_UNION_THREADS) || !defined(CPATTN_PREFILL_ROWS) || \
+    !defined(CPATTN_PREFILL_KEYS) || !defined(CPATTN_WG_THREADS) || !defined(CPATTN_WG_KEYS) || \
+    !defined(CPATTN_WG_STAGES_D64) || !defined(CPATTN_WG_STAGES_D128)
+#error "cpattn constants missing: compile with the -D options of cpattn.kernels.options(file)"
+#endif
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -78,6 +89,36 @@ __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+// The end of a unit: one row of a finished online-softmax state -> memory. This thread holds
+// the row's columns 8n + 2 (lane % 4) + {0, 1} for n < D / 8 (the mma accumulator layout;
+// pair(n) returns them as a float2), its running max m (log2 units) and its full sum l.
+// Writes o / l to dst (float for states, the storage dtype for outputs) and, when write_lse,
+// the natural-log lse (m + log2 l) ln 2 to *lse from one lane of the quad. The lse goes first:
+// its address is then dead during the column loop (chunk_attend's widest tiles sit at 255
+// registers, and the other order spills). A row that saw no key
+// (l = 0) gets o = 0 and lse = -inf, which merges as the empty set.
+__device__ __forceinline__ void store_pair(float* p, float a, float b) {
+  *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+template <typename T>
+__device__ __forceinline__ void store_pair(T* p, float a, float b) {
+  *reinterpret_cast<u32*>(p) = Pack<T>::two(a, b);
+}
+
+template <int D, typename Out, typename Pair>
+__device__ __forceinline__ void store_state_row(Out* __restrict__ dst, float* __restrict__ lse, bool write_lse,
+                                                float m, float l, Pair pair) {
+  const float kLn2 = 0.6931471805599453f;
+  const int lane = threadIdx.x & 31;
+  if (write_lse && (lane & 3) == 0) *lse = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    const float2 v = pair(n);
+    store_pair(dst + n * 8 + (lane & 3) * 2, v.x * inv, v.y * inv);
+  }
 }
 
 }  // namespace cpattn

@@ -14,10 +14,13 @@
 //   paged_prefill   7       per (table, 128 rows): flash attention over the table's pages with the
 //                           bottom-right causal mask on the chunk's own pages
 #include "attend_core.cuh"
+#include "compact_attention.cuh"
 
 namespace cpattn {
 
-constexpr int kPrefillRows = 128;  // query rows per paged_prefill block (4 warps x 32)
+// block_score and paged_prefill: 4 warps x 32 rows (two mma tiles per warp)
+static_assert(CPATTN_THREADS == 128 && CPATTN_SCORE_ROWS == 128 && CPATTN_PREFILL_ROWS == 128,
+              "block_score and paged_prefill are written for 4 warps of 32 rows");
 
 // ---------------------------------------------------------------------------------- pass 1
 // grid (num_pages, Hkv), D threads. pages: pool ids to summarise; all layers.
@@ -47,22 +50,20 @@ __global__ void block_mean(const T* __restrict__ k_pool, const int* __restrict__
 // row max, sweep 1 the column sums of exp(z - row max). The sums of each 16-row tile are
 // reduced in shared memory and added to s_raw[h, i, j] (zeroed by the caller) with one atomic
 // per (query block, column, CTA).
-constexpr int kScoreRows = 128;
-
 template <typename T, int D, int C>
-__global__ void __launch_bounds__(kThreads) block_score(
+__global__ void __launch_bounds__(CPATTN_THREADS) block_score(
     const T* __restrict__ q,          // [n, Hq, D]
     const T* __restrict__ kmean_lp,   // [L, N, Hkv, D] storage dtype
     long long layer_page0,            // layer * N * Hkv
     const int* __restrict__ blocks,   // [Pb] pool ids of the past blocks, in token order
     int Pb, int n, int num_q_heads, int num_kv_heads, float scale_log2,
     float* __restrict__ s_raw) {      // [Hq, Qb, Pb]
-  constexpr int LD = D + 8, TJ = 64;
+  constexpr int LD = D + 8, TJ = 64, NT = CPATTN_SCORE_ROWS / 16;  // TJ past blocks per tile; NT 16-row tiles
   __shared__ __align__(16) T tile[2][TJ * LD];
-  __shared__ float colsum[8][TJ];  // per 16-row tile of the block
+  __shared__ float colsum[NT][TJ];  // per 16-row tile of the block
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int h = blockIdx.y, kvh = h / (num_q_heads / num_kv_heads);
-  const int block_row0 = blockIdx.x * kScoreRows;
+  const int block_row0 = blockIdx.x * CPATTN_SCORE_ROWS;
   const int Qb = (n + C - 1) / C;
 
   u32 qf[2][D / 16][4];
@@ -84,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) block_score(
     }
   }
   auto load_tile = [&](int j0, T* dst) {  // kmean rows j0 .. j0+63 (zeros past Pb)
-    for (int e = tid; e < TJ * (D / 8); e += kThreads) {
+    for (int e = tid; e < TJ * (D / 8); e += CPATTN_THREADS) {
       const int r = e / (D / 8), c = (e % (D / 8)) * 8;
       if (j0 + r < Pb) {
         cp_async16(dst + r * LD + c, kmean_lp + (layer_page0 + (long long)blocks[j0 + r] * num_kv_heads + kvh) * D + c);
@@ -160,12 +161,12 @@ __global__ void __launch_bounds__(kThreads) block_score(
       __syncthreads();
       // 16-row tiles of one query block add up; one atomic per (query block, column)
       if (tid < TJ && j0 + tid < Pb) {
-        for (int w = 0; w < 8; ++w) {
+        for (int w = 0; w < NT; ++w) {
           const int r = block_row0 + w * 16;
           if (r >= n) break;
           const int i = r / C;
           float acc = colsum[w][tid];
-          while (w + 1 < 8 && block_row0 + (w + 1) * 16 < n && (block_row0 + (w + 1) * 16) / C == i) {
+          while (w + 1 < NT && block_row0 + (w + 1) * 16 < n && (block_row0 + (w + 1) * 16) / C == i) {
             ++w;
             acc += colsum[w][tid];
           }
@@ -178,26 +179,27 @@ __global__ void __launch_bounds__(kThreads) block_score(
 }
 
 // ------------------------------------------------------------------------------- passes 3-5
-// grid (num_tables) = T x Hkv x S, 256 threads, s * tb floats of dynamic shared memory. Table (t, kvh, g) ORs the keep masks of the s
-// heads kvh*G + g*s + [0, s) over the query blocks of tile t, then compacts the kept past
-// blocks' pool ids (ascending token order) followed by the tile's own blocks into
-// padded[table * cap ...]; counts[table] = length. stats[0..2] += kept (head, query block,
+// grid (num_tables) = T x Hkv x S, CPATTN_UNION_THREADS threads, s * tb floats of dynamic
+// shared memory. Table (t, kvh, g) ORs the keep masks of the s heads kvh*G + g*s + [0, s)
+// over the query blocks of tile t, then compacts the kept past blocks' pool ids (ascending
+// token order) followed by the tile's own blocks into padded[table * cap ...];
+// counts[table] = length. stats[0..2] += kept (head, query block,
 // past block) triples at the select / q-union / group-union stage (same weighting as the
 // reference's densities).
-__global__ void __launch_bounds__(256) block_union(
+__global__ void __launch_bounds__(CPATTN_UNION_THREADS) block_union(
     const float* __restrict__ s_raw, int Pb, int Qb, int tb, int T, int num_kv_heads, int G, int s,
     float alpha, int sink, int window, const int* __restrict__ blocks, int own_total,
     int* __restrict__ padded, int cap, int* __restrict__ counts, unsigned long long* __restrict__ stats) {
   extern __shared__ float thr[];  // [s * tb] thresholds (dynamic shared memory)
-  __shared__ int scan[256];
+  __shared__ int scan[CPATTN_UNION_THREADS];
   __shared__ int base_s;
   const int table = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int S = G / s;
-  const int t = table / (num_kv_heads * S), kvh = (table / S) % num_kv_heads, g = table % S;
+  const TableCoords tc = table_coords(table, num_kv_heads, G / s);
+  const int t = tc.t, kvh = tc.kvh, g = tc.g;
   const int i0 = t * tb, nb = min(tb, Qb - i0);  // query blocks of this tile
   const int h0 = kvh * G + g * s;
   // thresholds: alpha * max_j s_raw[h, i, :], one warp per (head, block) row
-  for (int row = warp; row < s * nb; row += 8) {
+  for (int row = warp; row < s * nb; row += CPATTN_UNION_THREADS / 32) {
     const float* src = s_raw + ((long long)(h0 + row / nb) * Qb + i0 + row % nb) * Pb;
     float mx = 0.f;
     for (int j = lane; j < Pb; j += 32) mx = fmaxf(mx, src[j]);
@@ -208,7 +210,7 @@ __global__ void __launch_bounds__(256) block_union(
   if (tid == 0) base_s = 0;
   __syncthreads();
   unsigned long long n_sel = 0, n_qu = 0, n_gu = 0;
-  for (int j0 = 0; j0 < Pb; j0 += 256) {
+  for (int j0 = 0; j0 < Pb; j0 += CPATTN_UNION_THREADS) {
     const int j = j0 + tid;
     int keep_g = 0;
     if (j < Pb) {
@@ -226,10 +228,10 @@ __global__ void __launch_bounds__(256) block_union(
       }
       n_gu += (unsigned long long)keep_g * s * nb;
     }
-    // block-wide exclusive scan of keep_g (Hillis-Steele over 256 threads)
+    // block-wide exclusive scan of keep_g (Hillis-Steele over the block)
     scan[tid] = keep_g;
     __syncthreads();
-    for (int off = 1; off < 256; off <<= 1) {
+    for (int off = 1; off < CPATTN_UNION_THREADS; off <<= 1) {
       const int v = tid >= off ? scan[tid - off] : 0;
       __syncthreads();
       scan[tid] += v;
@@ -237,12 +239,12 @@ __global__ void __launch_bounds__(256) block_union(
     }
     if (keep_g) padded[(long long)table * cap + base_s + scan[tid] - 1] = blocks[j];
     __syncthreads();
-    if (tid == 255) base_s += scan[255];
+    if (tid == CPATTN_UNION_THREADS - 1) base_s += scan[CPATTN_UNION_THREADS - 1];
     __syncthreads();
   }
   // the tile's own blocks: chunk blocks [0, min(tile end, chunk) / C rounded up)
   const int own = min((t + 1) * tb, own_total);
-  for (int b = tid; b < own; b += 256) padded[(long long)table * cap + base_s + b] = blocks[Pb + b];
+  for (int b = tid; b < own; b += CPATTN_UNION_THREADS) padded[(long long)table * cap + base_s + b] = blocks[Pb + b];
   if (tid == 0) counts[table] = base_s + own;
   // stats: warp sums, then one atomic per warp
 #pragma unroll
@@ -277,26 +279,26 @@ __global__ void tables_csr(const int* __restrict__ padded, int cap, const int* _
 }
 
 // -------------------------------------------------------------------------------- pass 7
-// grid (num_units), 128 threads. units[u] = (table, row0): 128 rows of the table's row space,
-// row gr -> chunk token tile_start + gr / s, query head kvh*G + g*s + gr % s. Keys: the
-// table's pages (past pages first, then the chunk's own pages); row token x may read every past
-// key and own keys <= x (bottom-right causal mask). Writes o [n, Hq, D] and lse [n, Hq].
+// grid (num_units), CPATTN_THREADS threads, one unit each (PagedUnit in compact_attention.cuh:
+// CPATTN_PREFILL_ROWS rows of a table's row space, the table's pages with the bottom-right
+// causal mask on the own pages). Writes o [n, Hq, D] and lse [n, Hq].
 //
 // Compute-bound, so the tile differs from decode's: each warp owns 32 rows (two 16-row mma
 // tiles) and every K/V fragment read from shared memory feeds both, halving shared-memory
 // traffic per FLOP; Q stays in shared memory (re-read per page) to leave registers for the
 // two accumulators. Shared memory: Q [128][D+8], then two K/V stages.
-// Keys stream in tiles of TK = min(C, 64) rows (a page of 128 keys is two tiles), so shared
-// memory is (128 + 4 TK) (D + 8) halves whatever the page size: two blocks per SM.
+// Keys stream in tiles of TK = min(C, CPATTN_PREFILL_KEYS) rows (a page of 128 keys is two
+// tiles), so shared memory is (128 + 4 TK) (D + 8) halves whatever the page size: two blocks
+// per SM.
 template <int D, int C>
 struct PrefillSmem {
   static constexpr int LD = D + 8;
-  static constexpr int TK = C < 64 ? C : 64;
-  static constexpr int bytes = (kPrefillRows + 4 * TK) * LD * 2;
+  static constexpr int TK = C < CPATTN_PREFILL_KEYS ? C : CPATTN_PREFILL_KEYS;
+  static constexpr int bytes = (CPATTN_PREFILL_ROWS + 4 * TK) * LD * 2;  // prefill_smem_bytes in cpattn/kernels.py
 };
 
 template <typename T, int D, int C>
-__global__ void __launch_bounds__(kThreads, 2) paged_prefill(
+__global__ void __launch_bounds__(CPATTN_THREADS, 2) paged_prefill(
     const T* __restrict__ q,          // [n, Hq, D]
     const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
     const int* __restrict__ units,    // [U, 2]: table, row0
@@ -307,29 +309,19 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
   constexpr int TK = PrefillSmem<D, C>::TK;  // keys per pipeline step
   constexpr int SUB = C / TK;                 // steps per page
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);  // [128][LD]
-  T* sK = sQ + kPrefillRows * LD;          // [2][TK][LD]
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // [CPATTN_PREFILL_ROWS][LD]
+  T* sK = sQ + CPATTN_PREFILL_ROWS * LD;   // [2][TK][LD]
   T* sV = sK + 2 * TK * LD;                // [2][TK][LD]
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int table = units[2 * blockIdx.x], row0 = units[2 * blockIdx.x + 1];
-  const int S = G / s;
-  const int t = table / (num_kv_heads * S), kvh = (table / S) % num_kv_heads, g = table % S;
-  const int tile_start = t * q_tile, tile_tokens = min(q_tile, n - tile_start);
-  const int row_count = min(kPrefillRows, tile_tokens * s - row0);
-  const int own = min((t + 1) * (q_tile / C), own_total);  // own pages in this table
-  const int p0 = indptr[table], npages = indptr[table + 1] - p0, npast = npages - own;
-  const int past_keys = npast * C;
-  const int tok_max = tile_start + (row0 + row_count - 1) / s;
-  const int lim_unit = past_keys + tok_max + 1;  // keys any row of this unit may read
+  const PagedUnit u = paged_unit<C>(units, indptr, n, q_tile, num_kv_heads, G, s, own_total);
+  const int row_count = u.row_count, npast = u.npast, lim_unit = u.lim_unit;
   const int nsteps = (lim_unit + TK - 1) / TK;
-  const int lim_min = past_keys + tile_start + row0 / s + 1;  // the unit's first row's limit
 
   // Q rows -> shared memory (zeros past row_count); row limits of this thread's 4 rows
-  for (int e = tid; e < kPrefillRows * (D / 8); e += kThreads) {
+  for (int e = tid; e < CPATTN_PREFILL_ROWS * (D / 8); e += CPATTN_THREADS) {
     const int r = e / (D / 8), c = (e % (D / 8)) * 8;
     if (r < row_count) {
-      const int gr = row0 + r;
-      cp_async16(sQ + r * LD + c, q + ((long long)(tile_start + gr / s) * num_q_heads + kvh * G + g * s + gr % s) * D + c);
+      cp_async16(sQ + r * LD + c, q + u.index(r, num_q_heads) * D + c);
     } else {
       *reinterpret_cast<uint4*>(sQ + r * LD + c) = make_uint4(0, 0, 0, 0);
     }
@@ -340,7 +332,7 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int r = warp * 32 + tt * 16 + (lane >> 2) + 8 * hh;
-      lim[tt][hh] = r < row_count ? past_keys + tile_start + (row0 + r) / s + 1 : 0;
+      lim[tt][hh] = u.limit(r);
     }
   auto step_valid = [&](int i) {  // key rows of step i that any row of this unit may read
     const int page = i / SUB, first = (i % SUB) * TK;
@@ -348,7 +340,7 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
     return min(v, lim_unit - i * TK);
   };
   auto step_src = [&](int i) {  // element offset of step i's first key row in the pools
-    const long long page = layer_page0 + (long long)indices[p0 + i / SUB] * num_kv_heads + kvh;
+    const long long page = layer_page0 + (long long)indices[u.p0 + i / SUB] * num_kv_heads + u.kvh;
     return (page * C + (i % SUB) * TK) * D;
   };
 
@@ -377,11 +369,10 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
     const T* vs_ = sV + (i & 1) * TK * LD;
     const int valid = step_valid(i);
     // every key of this step visible to every row of the unit: skip the per-key mask
-    const bool full = valid == TK && (i + 1) * TK <= lim_min;
+    const bool full = valid == TK && (i + 1) * TK <= u.lim_min;
     attend_step_rt2<T, D, TK>(sQ, ks_, vs_, valid, i * TK, lim, full, scale_log2, o, m, l);
     __syncthreads();
   }
-  const float kLn2 = 0.6931471805599453f;
 #pragma unroll
   for (int tt = 0; tt < 2; ++tt) {
 #pragma unroll
@@ -389,16 +380,9 @@ __global__ void __launch_bounds__(kThreads, 2) paged_prefill(
       const float lsum = quad_sum(l[tt][hh]);
       const int r = warp * 32 + tt * 16 + (lane >> 2) + hh * 8;
       if (r >= row_count) continue;
-      const int gr = row0 + r, tok = tile_start + gr / s, head = kvh * G + g * s + gr % s;
-      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-      T* dst = out + ((long long)tok * num_q_heads + head) * D;
-#pragma unroll
-      for (int nn = 0; nn < D / 8; ++nn) {
-        const int col = nn * 8 + (lane & 3) * 2;
-        *reinterpret_cast<u32*>(dst + col) = Pack<T>::two(o[tt][nn][2 * hh] * inv, o[tt][nn][2 * hh + 1] * inv);
-      }
-      if (write_lse && (lane & 3) == 0)
-        lse_out[(long long)tok * num_q_heads + head] = lsum > 0.f ? (m[tt][hh] + log2f(lsum)) * kLn2 : -INFINITY;
+      const long long row = u.index(r, num_q_heads);
+      store_state_row<D>(out + row * D, lse_out + row, write_lse, m[tt][hh], lsum,
+                         [&](int nn) { return make_float2(o[tt][nn][2 * hh], o[tt][nn][2 * hh + 1]); });
     }
   }
 }

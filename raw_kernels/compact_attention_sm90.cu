@@ -15,18 +15,21 @@
 // warpgroups are done with it), never by a block-wide barrier, so the two warpgroups drift
 // apart and one's softmax overlaps the other's wgmmas. Per step i: issue S(i+1) and P(i)V(i),
 // refill the stage of step i-1, softmax of S(i+1) while P(i)V(i) runs, rescale O.
+#include "compact_attention.cuh"
 #include "wgmma.cuh"
 
 namespace cpattn {
 
-constexpr int kWgRows = 128;     // query rows per block (two warpgroups of 64): paged_prefill's units
-constexpr int kWgThreads = 256;  // two warpgroups
+// a unit (CPATTN_PREFILL_ROWS query rows, as paged_prefill's) is two warpgroups of 64 rows
+static_assert(CPATTN_WG_THREADS == 256 && CPATTN_PREFILL_ROWS == 64 * (CPATTN_WG_THREADS / 128),
+              "paged_prefill_wg is written for two warpgroups of 64 rows");
 
+// Dynamic shared memory (prefill_wg_smem_bytes in cpattn/kernels.py, checked equal at compile time)
 template <int D, int C>
 struct WgSmem {
-  static constexpr int TK = 128;                  // keys per step
-  static constexpr int NST = D == 64 ? 4 : 3;    // cp.async stages
-  static constexpr int q_bytes = kWgRows * D * 2;
+  static constexpr int TK = CPATTN_WG_KEYS;  // keys per step
+  static constexpr int NST = D == 64 ? CPATTN_WG_STAGES_D64 : CPATTN_WG_STAGES_D128;  // cp.async stages
+  static constexpr int q_bytes = CPATTN_PREFILL_ROWS * D * 2;
   static constexpr int tile_bytes = TK * D * 2;  // one K or V step
   static constexpr int bytes = 1024 + q_bytes + 2 * NST * tile_bytes + 2 * NST * 8;  // slack; mbarriers
 };
@@ -68,7 +71,7 @@ __device__ __forceinline__ int swz(int r, int j) {
 // NVVM emit copies that ptxas counted as such reads.
 
 template <typename T, int D, int C>
-__global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
+__global__ void __launch_bounds__(CPATTN_WG_THREADS, 1) paged_prefill_wg(
     const T* __restrict__ q,          // [n, Hq, D]
     const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
     const int* __restrict__ units,    // [U, 2]: table, row0
@@ -81,38 +84,27 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
   constexpr int CH = D / 8;              // 16-byte chunks per row
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* sQ = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // [2][64 rows] swizzled
-  unsigned char* sK = sQ + kWgRows * D * 2;  // [NST] tiles
+  unsigned char* sK = sQ + CPATTN_PREFILL_ROWS * D * 2;  // [NST] tiles
   unsigned char* sV = sK + NST * TILE;       // [NST] tiles
   u64* full = reinterpret_cast<u64*>(sV + NST * TILE);  // [NST]: stage loaded (every thread's copies landed)
   u64* empty = full + NST;                              // [NST]: stage consumed by both warpgroups
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-  const int table = units[2 * blockIdx.x], row0 = units[2 * blockIdx.x + 1];
-  const int S = G / s;
-  const int t = table / (num_kv_heads * S), kvh = (table / S) % num_kv_heads, g = table % S;
-  const int tile_start = t * q_tile, tile_tokens = min(q_tile, n - tile_start);
-  const int row_count = min(kWgRows, tile_tokens * s - row0);
-  const int own = min((t + 1) * (q_tile / C), own_total);  // own pages in this table
-  const int p0 = indptr[table], npages = indptr[table + 1] - p0, npast = npages - own;
-  const int past_keys = npast * C;
-  const int tok_max = tile_start + (row0 + row_count - 1) / s;
-  const int lim_unit = past_keys + tok_max + 1;  // keys any row of this unit may read
+  const PagedUnit u = paged_unit<C>(units, indptr, n, q_tile, num_kv_heads, G, s, own_total);
+  const int row_count = u.row_count, lim_unit = u.lim_unit, lim_min = u.lim_min;
   const int nsteps = (lim_unit + TK - 1) / TK;
-  const int lim_min = past_keys + tile_start + row0 / s + 1;  // the unit's first row's limit
 
   if (tid < NST) {
-    mbar_init(full + tid, kWgThreads);
-    mbar_init(empty + tid, kWgThreads);
+    mbar_init(full + tid, CPATTN_WG_THREADS);
+    mbar_init(empty + tid, CPATTN_WG_THREADS);
   }
   __syncthreads();
   // Q rows -> shared memory (zeros past row_count); stage 0's barrier covers these copies too.
   // Every shared-memory write goes through cp.async (zeros included), so the mbarriers order
   // them all.
-  for (int e = tid; e < kWgRows * CH; e += kWgThreads) {
+  for (int e = tid; e < CPATTN_PREFILL_ROWS * CH; e += CPATTN_WG_THREADS) {
     const int r = e / CH, j = e % CH;
     unsigned char* dst = sQ + (r >> 6) * (64 * D * 2) + swz<64>(r & 63, j);
-    const int gr = row0 + min(r, row_count - 1);
-    cp_async16_or_zero(dst, q + ((long long)(tile_start + gr / s) * num_q_heads + kvh * G + g * s + gr % s) * D + j * 8,
-                       r < row_count);
+    cp_async16_or_zero(dst, q + u.index(min(r, row_count - 1), num_q_heads) * D + j * 8, r < row_count);
   }
   // this thread's two rows (accumulator fragment rows) and their key limits
   const int r_lo = wg * 64 + warp * 16 + (lane >> 2);
@@ -120,13 +112,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int r = r_lo + 8 * hh;
-    lim[hh] = r < row_count ? past_keys + tile_start + (row0 + r) / s + 1 : 0;
+    lim[hh] = u.limit(r);
   }
-  // The table's keys in list order: past pages, then own pages; key x of the table lies in
-  // page x / C. Keys below lim_unit all exist (the last own page is cut at n, and tok_max < n).
+  // Keys below lim_unit all exist (the last own page is cut at n, and the unit's last token < n).
   auto step_valid = [&](int i) { return min(TK, lim_unit - i * TK); };  // key rows of step i any row may read
   auto load_step = [&](int i) {  // step i's K and V rows -> stage i % NST (rows >= valid zeroed)
-    constexpr int RSTEP = kWgThreads / CH;    // rows between one thread's rows (a multiple of 8)
+    constexpr int RSTEP = CPATTN_WG_THREADS / CH;    // rows between one thread's rows (a multiple of 8)
     constexpr int RPP = C < TK ? C : TK;      // rows per page (C <= TK: whole pages)
     const int valid = step_valid(i), st = i % NST;
     const int j = tid % CH, r0 = tid / CH;    // this thread's 16-byte column and first row
@@ -135,7 +126,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
 #pragma unroll
     for (int pg = 0; pg < TK / RPP; ++pg) {
       const int key0 = i * TK + pg * RPP;  // a page's first key: one page-id load per page
-      const long long page = key0 < lim_unit ? layer_page0 + (long long)indices[p0 + key0 / C] * num_kv_heads + kvh : 0;
+      const long long page =
+          key0 < lim_unit ? layer_page0 + (long long)indices[u.p0 + key0 / C] * num_kv_heads + u.kvh : 0;
       const T* gk = k_pool + (page * C + r0) * D + j * 8;
       const T* gv = v_pool + (page * C + r0) * D + j * 8;
 #pragma unroll
@@ -286,22 +278,14 @@ __global__ void __launch_bounds__(kWgThreads, 1) paged_prefill_wg(
     wgmma_wait<0>();
   }
 
-  const float kLn2 = 0.6931471805599453f;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const float lsum = quad_sum(l[hh]);
     const int r = r_lo + 8 * hh;
     if (r >= row_count) continue;
-    const int gr = row0 + r, tok = tile_start + gr / s, head = kvh * G + g * s + gr % s;
-    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-    T* dst = out + ((long long)tok * num_q_heads + head) * D;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      const int col = j * 8 + (lane & 3) * 2;
-      *reinterpret_cast<u32*>(dst + col) = Pack<T>::two(o[4 * j + 2 * hh] * inv, o[4 * j + 2 * hh + 1] * inv);
-    }
-    if (write_lse && (lane & 3) == 0)
-      lse_out[(long long)tok * num_q_heads + head] = lsum > 0.f ? (m[hh] + log2f(lsum)) * kLn2 : -INFINITY;
+    const long long row = u.index(r, num_q_heads);
+    store_state_row<D>(out + row * D, lse_out + row, write_lse, m[hh], lsum,
+                       [&](int j) { return make_float2(o[4 * j + 2 * hh], o[4 * j + 2 * hh + 1]); });
   }
 }
 

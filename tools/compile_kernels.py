@@ -2,11 +2,13 @@
 """Compile every kernel variant with nvcc for sm_90 and report registers, spills and shared memory.
 
 The same variant table as the runtime loader (cpattn.kernels) is instantiated explicitly in a
-generated translation unit per kernel file, so CI checks exactly what users will run.
+generated translation unit per kernel file, with the loader's options (the -D constants) and
+its shared-memory checks, so CI checks exactly what users will run. Imports the installed
+cpattn (``pip install -e .`` in a checkout).
 Exit status: 1 on a compile error or on spills in a hot kernel; 0 with a message when nvcc is
 absent (nothing to check on that machine).
 
-    python tools/compile_kernels.py [--arch sm_90] [--keep DIR]
+    python tools/compile_kernels.py [--arch sm_90] [--keep DIR] [FILE ...]   (FILE: e.g. chunk_attention)
 """
 from __future__ import annotations
 
@@ -17,9 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 HOT = ("chunk_attend", "paged_prefill")  # (paged_prefill_wg too)  # kernels that must not spill
 
@@ -35,6 +34,7 @@ def translation_unit(file: str) -> str:
     from cpattn import kernels
 
     lines = [kernels.source(file)]
+    lines += [kernels.smem_asserts(file, d, c) for d in kernels.HEAD_DIMS for c in kernels.CHUNK_SIZES]
     exprs = sorted({e for (f, dt, d, c) in kernels.all_variants() if f == file
                     for e in kernels.name_expressions(f, dt, d, c).values()})
     for i, expr in enumerate(exprs):  # taking the address instantiates the template
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--keep", default=None, help="keep the generated .cu files here")
+    ap.add_argument("files", nargs="*", help="kernel files to compile (default: every one)")
     args = ap.parse_args(argv)
     nvcc = find_nvcc()
     if nvcc is None:
@@ -87,15 +88,18 @@ def main(argv=None) -> int:
     failed, spilled = False, []
     tmp = args.keep or tempfile.mkdtemp(prefix="cpattn_nvcc_")
     os.makedirs(tmp, exist_ok=True)
-    for file in kernels.KERNELS:
+    unknown = set(args.files) - set(kernels.KERNELS)
+    if unknown:
+        ap.error(f"files: expected some of {sorted(kernels.KERNELS)}, got {sorted(unknown)}")
+    for file in args.files or kernels.KERNELS:
         src = os.path.join(tmp, f"{file}_all.cu")
         with open(src, "w") as fh:
             fh.write(translation_unit(file))
         arch = kernels.ARCH.get(file, args.arch)
         # -arch=sm_90a would also embed compute_90 PTX, which has no wgmma: name the target alone
         target = ["-gencode", f"arch=compute_{arch[3:]},code={arch}"] if arch.endswith("a") else [f"-arch={arch}"]
-        cmd = [nvcc, *target, "-std=c++17", "-c", "-o", os.path.join(tmp, f"{file}.o"),
-               "-Xptxas", "-v", src]
+        opts = [o for o in kernels.options(file) if not o.startswith("-arch")]
+        cmd = [nvcc, *target, *opts, "-c", "-o", os.path.join(tmp, f"{file}.o"), "-Xptxas", "-v", src]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             print(f"FAILED: {' '.join(cmd)}\n{res.stderr[-6000:]}")

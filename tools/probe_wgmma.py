@@ -57,8 +57,7 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import nvrtc_check  # noqa: E402  (tools/nvrtc_check.py: libnvrtc, CUDA headers, compile)
+from cpattn.raw_kernels import nvrtc  # libnvrtc, CUDA headers, compile (as tools/nvrtc_check.py)
 
 KERNEL_NAME = "probe_wgmma_kernel"
 NVRTC_OPTIONS = ("-std=c++17", "-arch=sm_90a")
@@ -446,7 +445,7 @@ def emulate_all():
 
 
 # --------------------------------------------------------------------------------------------------
-# compile checks (NVRTC through tools/nvrtc_check.py, as CI runs it)
+# compile checks (NVRTC through cpattn.raw_kernels.nvrtc, as tools/nvrtc_check.py runs it in CI)
 
 def compile_only(args) -> int:
     res = selfcheck()
@@ -469,13 +468,13 @@ def compile_only(args) -> int:
         print((p.stdout + p.stderr).strip())
         print(f"nvcc rc={p.returncode}")
         failed |= p.returncode != 0
-    path = nvrtc_check.find_libnvrtc()
+    path = nvrtc.find_libnvrtc()
     if path is None:
         print("libnvrtc not found: NVRTC compile check skipped")
     else:
-        incs = nvrtc_check.cuda_include_dirs(path)
-        opts = [o for o in NVRTC_OPTIONS if not o.startswith("-arch")] + ([f"-I{incs[0]}"] if incs else [])
-        rc, log = nvrtc_check.compile_nvrtc(ctypes.CDLL(path), CUDA_SOURCE, [], arch="sm_90a", options=opts)
+        incs = nvrtc.cuda_include_dirs(path)
+        opts = list(NVRTC_OPTIONS) + ([f"-I{incs[0]}"] if incs else [])
+        rc, log = nvrtc.compile_program(ctypes.CDLL(path), CUDA_SOURCE, [], options=opts)
         print(f"NVRTC -arch=sm_90a [{os.path.basename(path)}]: rc={rc}" + (f"\n{log.strip()}" if log.strip() else ""))
         failed |= rc != 0
     print("\ncompile-only:", "FAIL" if failed else "OK")
