@@ -104,7 +104,7 @@ def decode_smem_bytes(head_dim: int, chunk_size: int) -> int:
     q = phase1_rows(chunk_size) * ld * _ELEM
     kv = 2 * 2 * chunk_size * ld * _ELEM
     warps, rows = THREADS // 32, DECODE_ROWS // (THREADS // 32)
-    split = warps * (rows * head_dim + 2 * rows) * 4 if chunk_size >= 2 * rows else 0
+    split = warps * (rows * head_dim + 2 * rows) * 4 if chunk_size >= 32 else 0  # (>= 16 keys per warp of 2)
     return q + max(kv, split)
 
 
