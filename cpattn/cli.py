@@ -27,6 +27,7 @@ def demo(args) -> int:
     from . import ChunkAttentionDecode
     from .arrays import to_host
     from .reference import ChunkCache, oracle_decode, to_float32
+    from .reference.checks import cdiv
     from .reference.workloads import TokenKV, fill_cache, prefix_tree_prompts, random_queries
 
     backend = _backend(args.backend)
@@ -36,7 +37,7 @@ def demo(args) -> int:
     prompts = prefix_tree_prompts(args.seed, args.requests, c, levels=args.levels, fanout=3,
                                   max_chunks=args.segment_chunks, vocab=50, own_max_chunks=2)
     kv = TokenKV(L, Hkv, D, dtype=args.dtype, seed=args.seed, max_len=max(map(len, prompts)) + 8)
-    need = sum(-(-(len(p) + 1) // c) for p in prompts) + 8
+    need = sum(cdiv(len(p) + 1, c) for p in prompts) + 8
     if backend == "cupy":
         from .chunk_cache import GpuChunkCache as cache_class
     else:

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from ..reference.checks import cdiv
 from . import bar_chart, progress
 from .table import fmt, markdown_table, summary, write_tables
 from .timing import GpuTimer
@@ -57,7 +58,7 @@ def build(batch, shared, own, Hkv, D, c, share=True, seed=0):
     if not share:  # no common prefix at all
         rng = np.random.default_rng(seed + 1)
         prompts = [rng.integers(0, 32000, shared + own).tolist() for _ in range(batch)]
-    chunks = batch * (-(-(shared + own + 1) // c)) + 8
+    chunks = batch * cdiv(shared + own + 1, c) + 8
     cache = GpuChunkCache(1, Hkv, D, chunks, chunk_size=c, dtype="float16", max_sequences=batch + 8)
     rs = cupy.random.RandomState(seed)
     for pool in (cache.k_pool, cache.v_pool):

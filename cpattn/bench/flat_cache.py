@@ -7,6 +7,7 @@ are the ones cpattn runs with; only the cache and the attention call differ.
 """
 from __future__ import annotations
 
+from ..reference.checks import cdiv
 from ..reference.chunk_cache import CacheFullError
 from ..reference.dtypes import check_dtype_name
 from ..serving.backends import AttentionStats
@@ -55,7 +56,7 @@ class FlatKVCache:
         self.num_layers, self.num_kv_heads, self.head_dim = int(num_layers), int(num_kv_heads), int(head_dim)
         self.num_slots, self.chunk_size = int(num_slots), int(chunk_size)
         self.dtype = check_dtype_name(dtype)
-        self.max_len = -(-int(max_len) // self.chunk_size) * self.chunk_size
+        self.max_len = cdiv(int(max_len), self.chunk_size) * self.chunk_size
         self.chunks_per_row = self.max_len // self.chunk_size
         self.num_chunks = self.num_slots * self.chunks_per_row
         self.device = torch.device(device)
@@ -81,11 +82,11 @@ class FlatKVCache:
 
     def seq_chunks(self, seq: int) -> list[int]:
         row, n = self._seqs[seq]
-        return list(range(row * self.chunks_per_row, row * self.chunks_per_row + -(-n // self.chunk_size)))
+        return list(range(row * self.chunks_per_row, row * self.chunks_per_row + cdiv(n, self.chunk_size)))
 
     @property
     def num_referenced(self) -> int:
-        return sum(-(-n // self.chunk_size) for _, n in self._seqs.values())
+        return sum(cdiv(n, self.chunk_size) for _, n in self._seqs.values())
 
     @property
     def num_free(self) -> int:

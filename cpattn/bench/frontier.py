@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 
+from ..reference.checks import cdiv
 from ..reference.dtypes import to_float32
 from ..reference.workloads import long_context_qkv
 from .prefill import PROMPT_LEN
@@ -98,7 +99,7 @@ def tables(mask_hqb, heads, rows_per_tile, c):
     """OR a per-(head, query block) mask [G, Qb, Pb] over tables of `heads` x `rows_per_tile`."""
     G, Qb, Pb = mask_hqb.shape
     tb = Qb if rows_per_tile is None else rows_per_tile // c
-    T = -(-Qb // tb)
+    T = cdiv(Qb, tb)
     pad = np.zeros((G, T * tb, Pb), bool)
     pad[:, :Qb] = mask_hqb
     m = pad.reshape(G // heads, heads, T, tb, Pb).any(axis=(1, 3))  # [G/heads, T, Pb]
@@ -117,17 +118,17 @@ def oracle_parts(past, own, heads, rows_per_tile, c, forced):
     totals that do not depend on the choice (own and forced blocks, rows, triples)."""
     G, n, Pb = past.shape
     r = n if rows_per_tile is None else rows_per_tile
-    T = -(-n // r)
+    T = cdiv(n, r)
     pad = np.zeros((G, T * r, Pb), np.float64)
     pad[:, :n] = past
     tot = pad.reshape(G // heads, heads, T, r, Pb).sum(axis=(1, 3))  # [tables, T, Pb] mass summed
     rows_in = np.minimum(r, n - np.arange(T) * r)  # rows per tile
     free = tot[..., ~forced]  # candidates
     # every candidate costs heads x (query blocks of its tile) triples of density
-    qb_in = -(-rows_in // c)
+    qb_in = cdiv(rows_in, c)
     cost = np.broadcast_to((heads * qb_in)[None, :, None], free.shape).ravel()
     return dict(gain=free.ravel(), cost=cost, base=own.sum() + tot[..., forced].sum(), rows=G * n,
-                triples=G * (-(-n // c)) * Pb, forced=G * (-(-n // c)) * forced.sum())
+                triples=G * cdiv(n, c) * Pb, forced=G * cdiv(n, c) * forced.sum())
 
 
 def pooled_curve(parts):

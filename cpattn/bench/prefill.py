@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from ..reference.checks import cdiv
 from . import bar_chart, progress
 from .table import fmt, summary, write_tables
 from .timing import GpuTimer
@@ -171,7 +172,7 @@ def main(argv=None):
         r["recall_mean"], r["recall_min"] = float(recall.mean()), float(recall.min())
         r.update({f"density_{k_}": v_ for k_, v_ in res.density().items()})
         indptr, indices = res.tables()
-        own = -(-n // c)
+        own = cdiv(n, c)
         r["keys_read_frac"] = len(indices) / (res.num_tables * (P // c + own))
         dense_flops = 4.0 * D * Hq * (n * P + n * (n + 1) / 2)
         r["dense_tflop"] = dense_flops / 1e12
@@ -205,7 +206,7 @@ def main(argv=None):
                 r["flex_compile_s"] = time.time() - t1
                 r["flex_dense_ms"] = timer.median_ms(fd)
                 # our selection as a BlockMask: per query head, per 128-row query block
-                G, nqb, nkb = Hq // Hkv, -(-n // 128), S_len // c + (S_len % c > 0)
+                G, nqb, nkb = Hq // Hkv, cdiv(n, 128), S_len // c + (S_len % c > 0)
                 s_sub = gsz or G
                 kv_num = np.zeros((1, Hq, nqb), np.int32)
                 kv_idx = np.zeros((1, Hq, nqb, nkb), np.int32)

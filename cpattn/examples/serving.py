@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 
+from ..reference.checks import cdiv
 from ..serving import (ModelConfig, PrefillOptions, Server, ServingReport, TinyLM, check_against_dense,
                        footprint_chunks, resolve_backend, system_prompt_workload)
 
@@ -44,7 +45,7 @@ def run_demo(backend: str = "auto", requests: int = 12, waves: int = 2, num_syst
     options = PrefillOptions(alpha=alpha)
     # warm-up on a scratch server: kernel compilation (GPU) and the plan builder's first call
     # would otherwise be timed as part of the first wave
-    scratch = Server(model, 4 * (-(-(2 * prefill_chunk + 8) // chunk_size) + 2), chunk_size, prefill_chunk, name,
+    scratch = Server(model, 4 * (cdiv(2 * prefill_chunk + 8, chunk_size) + 2), chunk_size, prefill_chunk, name,
                      options, measure_recall=False)
     for tail in ([1, 2, 3], [4, 5]):
         scratch.submit([t % config.vocab_size for t in list(range(2 * prefill_chunk)) + tail], 2)

@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..arrays import to_host
+from ..reference.checks import cdiv
 from ..reference.compact_attention import mass_recall
 
 BACKENDS = ("auto", "numpy", "cupy")
@@ -124,7 +125,7 @@ class AttentionStats:
         if past_len == 0:
             return
         n, Hq = q_shape[0], q_shape[1]
-        weight = Hq * -(-n // chunk_size) * (past_len // chunk_size)
+        weight = Hq * cdiv(n, chunk_size) * (past_len // chunk_size)
         if density:
             for k, d in density.items():
                 self.density_sum[k] = self.density_sum.get(k, 0.0) + weight * float(d)

@@ -23,6 +23,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..reference.checks import cdiv
 from ..reference.chunk_cache import CacheFullError
 from ..reference.compact_attention import split_chunks
 from .backends import AttentionBackend, AttentionStats, PrefillOptions, make_backend
@@ -174,7 +175,7 @@ class Server:
 
     # ---------------------------------------------------------------- admission
     def _chunks_for(self, n_tokens: int) -> int:
-        return -(-n_tokens // self.chunk_size)
+        return cdiv(n_tokens, self.chunk_size)
 
     def _owed(self, r: Request) -> int:
         """Chunks a live request still needs to reach its last token (its path is full chunks

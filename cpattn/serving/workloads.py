@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..reference.checks import cdiv
+
 
 def system_prompt_workload(seed: int, num_requests: int, num_systems: int = 2, system_len: int = 200,
                            own_len: tuple = (8, 48), max_new_tokens: int = 8, vocab: int = 256):
@@ -28,7 +30,7 @@ def footprint_chunks(work, chunk_size: int) -> int:
     for prompt, m in work:
         full = (len(prompt) - 1) // c  # chunks matchable under max_match = len - 1
         shared.update(tuple(prompt[:(i + 1) * c]) for i in range(full))
-        private += -(-(len(prompt) + m - 1) // c) - full
+        private += cdiv(len(prompt) + m - 1, c) - full
     return len(shared) + private
 
 
