@@ -114,7 +114,18 @@ def assert_same_snapshot(a: dict, b: dict, *, common: bool = False) -> None:
     keys = sorted(a.keys() & b.keys()) if common else sorted(a.keys() | b.keys())
     for key in keys:
         assert key in a and key in b, f"{key}: present in one snapshot only"
-        assert a[key] == b[key], f"{key} changed"
+        assert a[key] == b[key], f"{key} changed: {_describe(a[key], b[key])}"
+
+
+def _describe(x, y) -> str:
+    """What differs between two frozen values, short enough for an assertion message."""
+    if isinstance(x, tuple) and x[:1] == ("array",) and y[:1] == ("array",):
+        if x[1:3] != y[1:3]:
+            return f"dtype/shape {x[1:3]} -> {y[1:3]}"
+        diff = np.frombuffer(x[3], np.uint8) != np.frombuffer(y[3], np.uint8)
+        return f"{int(diff.sum())} of {diff.size} bytes differ, first at byte {int(np.argmax(diff))}"
+    text = f"{x!r} -> {y!r}"
+    return text if len(text) <= 300 else text[:300] + " ..."
 
 
 @contextmanager
