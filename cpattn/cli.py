@@ -131,7 +131,12 @@ def main(argv=None) -> int:
                        description="cpattn bench decode|prefill|serving [options]; run 'cpattn bench decode --help'.")
     b.add_argument("which", choices=("decode", "prefill", "serving"))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)")
+    from .serving import cli_models
+
+    cli_models.register(sub)  # cpattn generate, cpattn models
     args = p.parse_args(argv)
+    if getattr(args, "run", None):
+        return args.run(args)
     if args.command == "demo":
         return demo(args)
     if args.command == "bench":

