@@ -85,10 +85,9 @@ def serving(args, backend: str) -> bool:
     """The whole serving flow on the same geometry; True when prefixes were reused and every
     layer's prefill read at least ``--min-recall`` of the attention mass on average."""
     from .examples.serving import run_demo
-    from .serving import ModelConfig
+    from .serving.model import config_from_args
 
-    cfg = ModelConfig(num_layers=args.layers, num_q_heads=args.q_heads, num_kv_heads=args.kv_heads,
-                      head_dim=args.head_dim, dtype=args.dtype)
+    cfg = config_from_args(args)
     print()
     reports = run_demo(backend, requests=args.serving_requests, waves=2, system_len=args.system_len,
                        chunk_size=args.chunk_size, prefill_chunk=4 * args.chunk_size, check=args.check_requests,
@@ -103,6 +102,7 @@ def serving(args, backend: str) -> bool:
 
 def main(argv=None) -> int:
     from . import __version__
+    from .serving.model import add_model_arguments
 
     p = argparse.ArgumentParser(prog="cpattn", description=__doc__)
     p.add_argument("--version", action="version", version=f"cpattn {__version__}")
@@ -113,11 +113,7 @@ def main(argv=None) -> int:
     d.add_argument("--levels", type=int, default=2)
     d.add_argument("--segment-chunks", type=int, default=6, help="max chunks per shared tree level")
     d.add_argument("--chunk-size", type=int, default=16)
-    d.add_argument("--layers", type=int, default=2)
-    d.add_argument("--q-heads", type=int, default=8)
-    d.add_argument("--kv-heads", type=int, default=2)
-    d.add_argument("--head-dim", type=int, default=64)
-    d.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    add_model_arguments(d, num_q_heads=8)  # the serving model's shape; the decode check uses its heads
     d.add_argument("--piece-chunks", type=int, default=4)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--tolerance", type=float, default=1e-2)

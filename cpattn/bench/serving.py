@@ -35,6 +35,7 @@ import time
 import numpy as np
 
 from ..serving import ModelConfig, PrefillOptions, Server, TinyLM, footprint_chunks, shared_prompt_workload
+from ..serving.model import add_model_arguments, config_from_args
 from . import progress, pyplot
 from .flat_cache import FlatKVCache, TorchSdpaBackend
 from .table import fmt, summary, write_tables
@@ -52,13 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--decode-steps", type=int, default=128,
                     help="decode steps per request (each generates decode-steps + 1 tokens: the first "
                          "comes from the prefill)")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--q-heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    add_model_arguments(ap, num_layers=4, hidden=1024, num_q_heads=32, num_kv_heads=8, head_dim=128)
     ap.add_argument("--chunk-size", type=int, default=64, help="cpattn chunk = CompactAttention block")
     ap.add_argument("--prefill-chunk", type=int, default=512, help="cpattn prefill chunk (tokens)")
     ap.add_argument("--sdpa-prefill-chunk", type=int, default=0,
@@ -89,9 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_config(args) -> ModelConfig:
-    return ModelConfig(vocab_size=args.vocab, num_layers=args.layers, hidden=args.hidden, num_q_heads=args.q_heads,
-                       num_kv_heads=args.kv_heads, head_dim=args.head_dim, mlp_hidden=2 * args.hidden,
-                       dtype=args.dtype)
+    return config_from_args(args)
 
 
 # ============================================================================ the two pipelines

@@ -19,6 +19,7 @@ import numpy as np
 from ..reference.checks import cdiv
 from ..serving import (ModelConfig, PrefillOptions, Server, ServingReport, TinyLM, check_against_dense,
                        footprint_chunks, resolve_backend, system_prompt_workload)
+from ..serving.model import add_model_arguments, config_from_args
 
 
 def run_demo(backend: str = "auto", requests: int = 12, waves: int = 2, num_systems: int = 2, system_len: int = 300,
@@ -82,21 +83,14 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=64)
     ap.add_argument("--pool-chunks", type=int, default=None, help="default: room for one wave")
     ap.add_argument("--alpha", type=float, default=0.06)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--q-heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    add_model_arguments(ap)
     ap.add_argument("--check", type=int, default=None, metavar="N",
                     help="compare the first N requests of each wave with the dense model (default all, 0 none)")
     ap.add_argument("--no-recall", action="store_true",
                     help="skip the float64 recall check of every prefill chunk (it runs on the host)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    cfg = ModelConfig(vocab_size=a.vocab, num_layers=a.layers, hidden=a.hidden, num_q_heads=a.q_heads,
-                      num_kv_heads=a.kv_heads, head_dim=a.head_dim, mlp_hidden=2 * a.hidden, dtype=a.dtype)
+    cfg = config_from_args(a)
     run_demo(a.backend, a.requests, a.waves, a.systems, a.system_len, tuple(a.own_len), a.new_tokens, a.chunk_size,
              a.prefill_chunk, a.pool_chunks, a.alpha, a.check, a.seed, cfg, not a.no_recall)
     return 0

@@ -53,6 +53,25 @@ class ModelConfig:
             raise ValueError(f"head_dim: expected an even number (RoPE rotates pairs), got {self.head_dim}")
 
 
+MODEL_ARGUMENTS = (("layers", "num_layers"), ("hidden", "hidden"), ("q_heads", "num_q_heads"),
+                   ("kv_heads", "num_kv_heads"), ("head_dim", "head_dim"), ("vocab", "vocab_size"))
+
+
+def add_model_arguments(parser, **defaults) -> None:
+    """``--layers --hidden --q-heads --kv-heads --head-dim --vocab --dtype`` on an argparse parser;
+    ``defaults`` (by ``ModelConfig`` field name) override the config's own."""
+    base = ModelConfig()
+    for flag, name in MODEL_ARGUMENTS:
+        parser.add_argument("--" + flag.replace("_", "-"), type=int, default=defaults.get(name, getattr(base, name)))
+    parser.add_argument("--dtype", choices=("float16", "bfloat16"), default=defaults.get("dtype", base.dtype))
+
+
+def config_from_args(args) -> ModelConfig:
+    """The ``ModelConfig`` of ``add_model_arguments``' options (MLP width twice the hidden size)."""
+    fields = {name: getattr(args, flag) for flag, name in MODEL_ARGUMENTS}
+    return ModelConfig(mlp_hidden=2 * fields["hidden"], dtype=args.dtype, **fields)
+
+
 class TinyLM:
     """Decoder-only transformer with random weights: ``x -> [attention, MLP] * L -> logits``.
 
