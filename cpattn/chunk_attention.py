@@ -439,7 +439,7 @@ def split_plan(plan: DecodePlan, piece_chunks: int | None = None,
 @_jit
 def _units_core(piece_begin, piece_end, piece_chunk_indptr, piece_state_offset, item_pos, item_begin, item_end,
                 private_indptr, path_len, slots, H, group, c, rows_per_unit, rows1):
-    """units int32 [U, 9] of ``build_units``, in (entry, tile, kv head) order, then stably
+    """units int32 [U, UNIT_WIDTH] of ``build_units``, in (entry, tile, kv head) order, then stably
     sorted by chunk count, largest first (a counting sort: counts are small integers)."""
     P, I = len(piece_begin), len(item_pos)
     off2 = piece_chunk_indptr[P]
@@ -494,12 +494,13 @@ def _units_core(piece_begin, piece_end, piece_chunk_indptr, piece_state_offset, 
 def build_units(plan: DecodePlan, num_kv_heads: int, group: int):
     """Work units of the fused attend launch (see raw_kernels/chunk_attention.cu).
 
-    Returns (units int32 [U, 9], chunk_list int32): phase-1 units for every (piece, tile of
-    ``phase1_rows`` rows of range x group, kv head) and phase-2 units for every (private item,
-    tile of ``ROWS_PER_UNIT`` rows of the group, kv head), largest first so the long ones start
-    early. Columns: 0, 1 range in chunk_list; 2 slot whose length bounds the keys (-1: whole
-    chunks); 3 tokens on the path before the range; 4 first batch position; 5, 6 first row and
-    row count of the tile; 7 kv head; 8 first state row.
+    Returns (units int32 [U, UNIT_WIDTH], chunk_list int32): phase-1 units for every (piece,
+    tile of ``phase1_rows`` rows of range x group, kv head) and phase-2 units for every
+    (private item, tile of ``ROWS_PER_UNIT`` rows of the group, kv head), largest first so the
+    long ones start early. Columns: ``cpattn.kernels.UNIT_FIELDS`` (0, 1 range in chunk_list;
+    2 slot whose length bounds the keys, -1: whole chunks; 3 tokens on the path before the
+    range; 4 first batch position; 5, 6 first row and row count of the tile; 7 kv head; 8
+    first state row).
     """
     units = _units_core(plan.piece_begin, plan.piece_end, plan.piece_chunk_indptr, plan.piece_state_offset,
                         plan.item_pos, plan.item_begin, plan.item_end, plan.private_indptr, plan.path_len,
@@ -534,7 +535,7 @@ def plan_host(cache, seqs, num_q_heads: int, piece_chunks="auto", private_piece_
     """Host part of ``ChunkAttentionDecode.plan``: everything but the upload (no GPU needed).
 
     Returns (plan, buf, offs, num_units): ``buf`` int32 concatenates the ``DEVICE_ARRAYS``:
-    units [U, 9] (raveled), chunk_list, order, seq_piece_indptr, seq_pieces,
+    units [U, UNIT_WIDTH] (raveled), chunk_list, order, seq_piece_indptr, seq_pieces,
     piece_state_offset, piece_begin and seq_item_indptr; array ``i`` is
     ``buf[offs[i]:offs[i + 1]]`` (``offs`` has 9 entries).
     """
@@ -610,7 +611,7 @@ class ChunkAttentionDecode:
 
     @property
     def units(self):
-        """The planned work units on the device, int32 [U, 9] (columns in ``build_units``)."""
+        """The planned work units on the device, int32 [U, UNIT_WIDTH] (``build_units``)."""
         check_plan(self.cache, self.decode_plan)
         return self._dev["units"]
 
@@ -622,7 +623,7 @@ class ChunkAttentionDecode:
         return q, check_scale(scale, cache.head_dim)
 
     def launch_attend(self, q, layer: int = 0, *, scale: float | None = None, units=None):
-        """Launch ``chunk_attend`` alone over ``units`` (a device int32 [n, 9] subset of
+        """Launch ``chunk_attend`` alone over ``units`` (a device int32 [n, UNIT_WIDTH] subset of
         ``self.units``; default all): the partial states, no merge. For profiling."""
         q, scale = self._check_q(q, layer, scale)
         units = self._dev["units"] if units is None else as_cupy(units, "units", None, None)

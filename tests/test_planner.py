@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cpattn import chunk_attention as fast
+from cpattn.kernels import UNIT_FIELDS
 from cpattn.reference import chunk_attention as ref
 from cpattn.reference.chunk_attention import DecodePlan
 from cpattn.reference.chunk_cache import CacheError, ChunkCache
@@ -39,20 +40,25 @@ def assert_same_plan(new: DecodePlan, old: DecodePlan):
 
 def assert_units_cover_the_plan(plan: DecodePlan, H: int, group: int):
     """Every (piece, row tile, kv head) and (item, row tile, kv head) is one unit, with the
-    columns build_units documents, largest chunk count first."""
+    fields of UNIT_FIELDS (the record the kernel reads), largest chunk count first."""
     units, chunk_list = fast.build_units(plan, H, group)
-    assert units.dtype == np.int32 and units.shape[1] == 9 and chunk_list.dtype == np.int32
+    assert units.dtype == np.int32 and units.shape[1] == len(UNIT_FIELDS) and chunk_list.dtype == np.int32
+
+    def unit(*values):
+        assert len(values) == len(UNIT_FIELDS)
+        return dict(zip(("chunk_begin", "chunk_end", "len_slot", "len_minus", "pos_begin", "row0", "row_count",
+                         "kv_head", "out_base"), map(int, values)))
     assert np.array_equal(chunk_list, np.concatenate([plan.piece_chunks, plan.private_chunks]))
     work = units[:, 1] - units[:, 0]
     assert (work >= 1).all() and (np.diff(work) <= 0).all()
     rows1, rows2 = fast.phase1_rows(plan.chunk_size), fast.ROWS_PER_UNIT
-    want = set()
+    want = []
     for p in range(plan.num_pieces):
         n_rows = int(plan.piece_end[p] - plan.piece_begin[p]) * group
         for r0 in range(0, n_rows, rows1):
             for h in range(H):
-                want.add((int(plan.piece_chunk_indptr[p]), int(plan.piece_chunk_indptr[p + 1]), -1, 0,
-                          int(plan.piece_begin[p]), r0, min(rows1, n_rows - r0), h, int(plan.piece_state_offset[p])))
+                want.append(unit(plan.piece_chunk_indptr[p], plan.piece_chunk_indptr[p + 1], -1, 0,
+                                 plan.piece_begin[p], r0, min(rows1, n_rows - r0), h, plan.piece_state_offset[p]))
     off2, c = len(plan.piece_chunks), plan.chunk_size
     for i in range(plan.num_items):
         pos = int(plan.item_pos[i])
@@ -60,9 +66,10 @@ def assert_units_cover_the_plan(plan: DecodePlan, H: int, group: int):
         before = int(plan.path_len[pos] - (plan.private_indptr[pos + 1] - plan.item_begin[i])) * c
         for r0 in range(0, group, rows2):
             for h in range(H):
-                want.add((off2 + int(plan.item_begin[i]), off2 + int(plan.item_end[i]),
-                          int(plan.slots[pos]) if last else -1, before if last else 0, pos, r0,
-                          min(rows2, group - r0), h, plan.num_state_rows + i))
+                want.append(unit(off2 + plan.item_begin[i], off2 + plan.item_end[i],
+                                 plan.slots[pos] if last else -1, before if last else 0, pos, r0,
+                                 min(rows2, group - r0), h, plan.num_state_rows + i))
+    want = {tuple(u[f] for f in UNIT_FIELDS) for u in want}  # in the record's column order
     got = [tuple(map(int, u)) for u in units]
     assert len(got) == len(set(got)) == len(want) and set(got) == want
 

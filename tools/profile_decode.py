@@ -24,6 +24,9 @@ def main():
     import cupy
 
     from cpattn.chunk_attention import ChunkAttentionDecode, phase1_rows
+    from cpattn.kernels import UNIT_FIELDS
+
+    col = {f: i for i, f in enumerate(UNIT_FIELDS)}
 
     cache, ids = build(a.batch, a.shared, a.own, a.hkv, 128, a.chunk)
     median_ms = GpuTimer().median_ms
@@ -31,16 +34,16 @@ def main():
     for ups in a.units_per_sm:
         dec = ChunkAttentionDecode(cache, units_per_sm=ups)
         plan = dec.plan(ids, a.hq)
-        host = cupy.asnumpy(dec.units)  # [U, 9], columns in cpattn.chunk_attention.build_units
-        is1 = (host[:, 2] < 0) & (host[:, 8] < plan.num_state_rows)  # phase-1 units
+        host = cupy.asnumpy(dec.units)  # [U, len(UNIT_FIELDS)]
+        is1 = (host[:, col["len_slot"]] < 0) & (host[:, col["out_base"]] < plan.num_state_rows)  # phase-1 units
         out = cupy.empty_like(q)
         t_all = median_ms(lambda: dec.run(q, 0, out=out))
         res = {}
         for name, mask in (("phase1", is1), ("phase2", ~is1)):
             sub = cupy.asarray(np.ascontiguousarray(host[mask]))
             res[name] = (int(mask.sum()), median_ms(lambda: dec.launch_attend(q, 0, units=sub)))
-        rows1 = host[is1, 6].sum()
-        chunks1 = ((host[is1, 1] - host[is1, 0])).sum()
+        rows1 = host[is1, col["row_count"]].sum()
+        chunks1 = (host[is1, col["chunk_end"]] - host[is1, col["chunk_begin"]]).sum()
         flops1 = 4.0 * phase1_rows(a.chunk) * 128 * a.chunk * chunks1  # tiles as computed (padded rows too)
         print(f"units/SM {ups}: pieces {plan.num_pieces} items {plan.num_items} units {len(host)}; "
               f"run {1e3 * t_all:.1f} us; phase1 {res['phase1'][0]} units {1e3 * res['phase1'][1]:.1f} us "
