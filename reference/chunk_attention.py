@@ -33,7 +33,7 @@ import numpy as np
 
 from .checks import check_bool, check_int, check_scale, is_int
 from .chunk_cache import CacheError, ChunkCache
-from .dtypes import storage_numpy_dtype, to_float32, to_storage
+from .dtypes import as_numpy, storage_numpy_dtype, to_float32, to_storage
 
 _I32 = np.int32
 
@@ -328,10 +328,6 @@ def attention_state(q, k, v, scale, dtype=np.float32):
     return (p @ v) / l, (m + np.log(l))[:, 0]
 
 
-def _host(x):
-    """A NumPy array of ``x`` (a CuPy array is copied to the host)."""
-    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
-
 
 def check_q(cache: ChunkCache, q, batch: int) -> int:
     """Check ``q [batch, Hq, D]`` in the cache's storage dtype; returns the GQA group Hq // Hkv."""
@@ -377,8 +373,8 @@ def decode(cache: ChunkCache, plan: DecodePlan, q, layer: int = 0, scale: float 
     scale = check_scale(scale, cache.head_dim)
     c, Hkv = cache.chunk_size, cache.num_kv_heads
     B, Hq, D = q.shape
-    qf = to_float32(_host(q), cache.dtype)[plan.order]  # [B, Hq, D] in depth-first order
-    kp, vp = _host(cache.k_pool[layer]), _host(cache.v_pool[layer])  # [N, Hkv, c, D]
+    qf = to_float32(as_numpy(q), cache.dtype)[plan.order]  # [B, Hq, D] in depth-first order
+    kp, vp = as_numpy(cache.k_pool[layer]), as_numpy(cache.v_pool[layer])  # [N, Hkv, c, D]
 
     def keys(chunks, n_last=c):
         """K, V [n_keys, Hkv, D] float32 of a chunk list whose last chunk holds n_last tokens."""
@@ -441,12 +437,12 @@ def oracle_decode(cache: ChunkCache, seqs, q, layer: int = 0, scale: float | Non
     group = check_q(cache, q, len(ids))
     cache.check_layer(layer)
     scale = check_scale(scale, cache.head_dim)
-    qf = to_float32(_host(q), cache.dtype).astype(np.float64)
+    qf = to_float32(as_numpy(q), cache.dtype).astype(np.float64)
     B, Hq, D = q.shape
     o = np.zeros((B, Hq, D))
     lse = np.zeros((B, Hq))
     for b, sid in enumerate(ids):
-        k, v = (to_float32(_host(x), cache.dtype).astype(np.float64) for x in cache.read_kv(sid, layer))
+        k, v = (to_float32(as_numpy(x), cache.dtype).astype(np.float64) for x in cache.read_kv(sid, layer))
         for h in range(Hq):
             ob, lb = attention_state(qf[b, h][None], k[:, h // group], v[:, h // group], scale, np.float64)
             o[b, h], lse[b, h] = ob[0], lb[0]

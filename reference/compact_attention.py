@@ -51,15 +51,11 @@ import numpy as np
 from .checks import cdiv, check_bool, check_choice, check_int, check_scale, is_int
 from .chunk_attention import attention_state, merge_states
 from .chunk_cache import CacheError, ChunkCache
-from .dtypes import storage_numpy_dtype, to_float32, to_storage
+from .dtypes import as_numpy, storage_numpy_dtype, to_float32, to_storage
 
 _I32 = np.int32
 KERNEL_CHOICES = ("auto", "wgmma", "mma")  # compact_prefill(kernel=...): the GPU's attention kernels
 
-
-def _host(x):
-    """A NumPy view of a pool (CuPy pools are copied to the host)."""
-    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
 
 
 # ============================================================================ 1. block means
@@ -122,7 +118,7 @@ class BlockMeans:
         """kmean[:, chunk] for every listed pool chunk (all layers); ``update`` decides which.
         The GPU backend launches one kernel instead."""
         for ch in chunks:
-            k = to_float32(_host(cache.k_pool[:, ch]), cache.dtype)  # [L, Hkv, c, D]
+            k = to_float32(as_numpy(cache.k_pool[:, ch]), cache.dtype)  # [L, Hkv, c, D]
             self.kmean[:, ch] = k.astype(np.float64).mean(axis=2).astype(np.float32)
 
     def is_current(self, cache: ChunkCache, seq: int, num_blocks: int) -> bool:
@@ -532,7 +528,7 @@ def sparse_prefill(cache: ChunkCache, tables: BlockTables, q, layer: int = 0,
     c, D, Hkv = cache.chunk_size, cache.head_dim, cache.num_kv_heads
     s, S = tables.group_size, tables.num_subgroups
     qf = to_float32(np.asarray(q), cache.dtype)  # [n, Hq, D]
-    kp, vp = _host(cache.k_pool[layer]), _host(cache.v_pool[layer])  # [num_chunks, Hkv, c, D]
+    kp, vp = as_numpy(cache.k_pool[layer]), as_numpy(cache.v_pool[layer])  # [num_chunks, Hkv, c, D]
 
     def pages(pool, ids, h):  # [len(ids) * c, D] float32, in list order
         return to_float32(pool[ids, h], cache.dtype).reshape(-1, D)
@@ -595,7 +591,7 @@ def causal_attention(q, k, v, scale: float | None = None):
 
 def _chunk_kv64(cache: ChunkCache, seq: int, layer: int):
     k, v = cache.read_kv(seq, layer)
-    return (to_float32(_host(x), cache.dtype).astype(np.float64) for x in (k, v))
+    return (to_float32(as_numpy(x), cache.dtype).astype(np.float64) for x in (k, v))
 
 
 def oracle_prefill(cache: ChunkCache, seq: int, q, layer: int = 0, scale: float | None = None):

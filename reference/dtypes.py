@@ -21,6 +21,12 @@ def array_module(x):
     return np
 
 
+def as_numpy(x) -> np.ndarray:
+    """``x`` as a NumPy array: NumPy arrays as they are (no copy), CuPy arrays copied to the host.
+    (``cpattn.arrays.to_host`` is the copying version for any GPU array.)"""
+    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
+
+
 def check_dtype_name(dtype, argument: str = "dtype") -> str:
     """Normalise a storage dtype given as a name or as ``numpy.float16``; reject the rest."""
     name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype), "name", None)
