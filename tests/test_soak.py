@@ -67,3 +67,12 @@ def test_soak_catches_corrupted_kv(soak, tmp_path, monkeypatch):
     monkeypatch.setattr(ChunkCache, "_scatter", off_by_one)
     rc, s = run(soak, tmp_path)
     assert rc == 1 and any("differs from what was written" in f for f in s["failures"])
+
+
+def test_the_report_section_of_a_summary(soak, tmp_path):
+    rc, s = run(soak, tmp_path, "--ops", "120")
+    md = soak.markdown_section(s, "soak.json")
+    assert md.startswith(f"## Soak (cpu, {s['date']})") and "`tools/soak_report.py soak.json`" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 3 and table[2].count("|") == table[0].count("|") == 10
+    assert f"= {s['accounting']['capacity']} (exact: True" in table[2] and table[2].endswith(f"| {s['passed']} |")
