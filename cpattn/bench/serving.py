@@ -154,7 +154,7 @@ def run_pipeline(pipeline: str, model, work, args, alpha: float = 0.0, on_step=N
 
 
 def pipeline_row(pipeline, alpha, rep, cache, warmup_steps) -> dict:
-    """One CSV row (the table's summary columns filled in by ``add_comparisons``) from a
+    """One CSV row (the table's summary columns are added by ``with_summary``) from a
     ``ServingReport``; its per-step times are synchronized wall times in seconds."""
     step_s, step_batch, prefill_s = rep.decode_step_s, rep.decode_step_batch, rep.prefill_s
     steps = np.asarray(step_s[warmup_steps:] or step_s, np.float64) * 1e3
