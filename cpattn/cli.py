@@ -14,13 +14,12 @@ import numpy as np
 
 
 def _backend(name: str) -> str:
-    from . import gpu_available
+    from .serving.backends import resolve_backend
 
-    if name == "auto":
-        return "cupy" if gpu_available() else "numpy"
-    if name == "cupy" and not gpu_available():
-        raise SystemExit("--backend cupy: no CUDA GPU visible to CuPy on this machine")
-    return name
+    try:
+        return resolve_backend(name)
+    except RuntimeError as e:  # cupy asked for, no GPU: a message, not a traceback
+        raise SystemExit(f"--{e}") from None
 
 
 def demo(args) -> int:
@@ -102,13 +101,14 @@ def serving(args, backend: str) -> bool:
 
 def main(argv=None) -> int:
     from . import __version__
+    from .serving.backends import BACKENDS
     from .serving.model import add_model_arguments
 
     p = argparse.ArgumentParser(prog="cpattn", description=__doc__)
     p.add_argument("--version", action="version", version=f"cpattn {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="prefix-sharing decode checked against a dense oracle, then the serving example")
-    d.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
+    d.add_argument("--backend", choices=BACKENDS, default="auto")
     d.add_argument("--requests", type=int, default=24)
     d.add_argument("--levels", type=int, default=2)
     d.add_argument("--segment-chunks", type=int, default=6, help="max chunks per shared tree level")

@@ -19,6 +19,7 @@ import numpy as np
 from ..reference.checks import cdiv
 from ..serving import (ModelConfig, PrefillOptions, Server, ServingReport, TinyLM, check_against_dense,
                        footprint_chunks, resolve_backend, system_prompt_workload)
+from ..serving.backends import BACKENDS
 from ..serving.model import add_model_arguments, config_from_args
 
 
@@ -72,7 +73,7 @@ def run_demo(backend: str = "auto", requests: int = 12, waves: int = 2, num_syst
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cpattn.examples.serving", description=__doc__.split("\n")[0])
-    ap.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto")
     ap.add_argument("--requests", type=int, default=12, help="requests per wave")
     ap.add_argument("--waves", type=int, default=2)
     ap.add_argument("--systems", type=int, default=2, help="distinct system prompts")
