@@ -148,8 +148,7 @@ def main(argv=None) -> int:
             from .bench.serving import main as bench_main
         else:
             from .bench.prefill import main as bench_main
-        bench_main(args.rest)
-        return 0
+        return bench_main(args.rest) or 0
     return 2
 
 

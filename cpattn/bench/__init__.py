@@ -1,7 +1,16 @@
-"""Benchmarks behind ``cpattn bench decode`` and ``cpattn bench prefill`` (GPU only).
+"""Benchmarks: ``cpattn bench decode|prefill|serving`` (GPU), the soak and the selection frontier.
 
-Each run measures cpattn and the peers a user would pick instead in the same process, and
+Each benchmark measures cpattn and the peers a user would pick instead in the same process, and
 writes a markdown table (the BENCHMARKS.md section), CSV, JSON and a PNG plot.
+
+* ``timing``: the one GPU timer (CUDA events after warm-up, L2 flushed, median);
+* ``table``: the one table writer (md / csv / json, leading columns device, date, config,
+  ours, peer, ratio, floor);
+* ``decode``, ``prefill``, ``serving``: the three benchmarks; ``flat_cache`` and
+  ``torch_interop``: the serving benchmark's torch SDPA peer;
+* ``soak`` (``python -m cpattn.bench.soak``): a long serving loop checked for leaks and
+  corruption; ``frontier`` (``python -m cpattn.bench.frontier``): recall against density of
+  block selection and of the exact-mass oracle (CPU).
 """
 import sys
 
