@@ -34,7 +34,9 @@ class ServingCache(Protocol):
 
     Chunk accounting (``num_free + num_cached + num_referenced == num_chunks``) is what admission
     counts on; ``cached_nodes()`` lists the complete chunks no sequence uses, least recently used
-    first (their ``ref`` is 0): they are evicted when the free list runs out.
+    first (their ``ref`` is 0): they are evicted when the free list runs out. ``stats()`` returns
+    at least ``sequences``, ``tokens_stored`` (tokens in the pool) and ``tokens_flat`` (tokens a
+    flat per-sequence cache would hold): the report's memory line.
     """
 
     num_layers: int
