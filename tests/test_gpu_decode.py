@@ -9,9 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cpattn import gpu_available
+from cpattn.testing.budgets import budget as testing_budget
 from cpattn.reference import ChunkAttentionDecode as RefDecode
 from cpattn.reference import ChunkCache, oracle_decode
-from cpattn.reference.dtypes import to_float32, unit_roundoff
+from cpattn.reference.dtypes import to_float32
 from cpattn.reference.workloads import TokenKV, fill_cache, prefix_tree_prompts, random_queries
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")]
@@ -32,8 +33,8 @@ def make_pair(prompts, kv, L, Hkv, D, c, dtype, share=True, order=None):
 
 
 def budget(dtype, v_absmax):
-    # kernel: P rounded to the storage dtype for the P.V product, output rounded once
-    return 4 * unit_roundoff(dtype) * v_absmax + 1e-6
+    """The kernels' budget from the one table (cpattn.testing.budgets)."""
+    return testing_budget("decode", dtype, v_absmax, backend="cupy")
 
 
 def run_gpu(gpu, ids, q, layer, piece=None, private=None, scale=None):

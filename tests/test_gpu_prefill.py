@@ -11,9 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cpattn import gpu_available
+from cpattn.testing.budgets import budget as testing_budget
 from cpattn.reference import compact_attention as ca
 from cpattn.reference.chunk_attention import attention_state  # noqa: F401
-from cpattn.reference.dtypes import to_float32, unit_roundoff
+from cpattn.reference.dtypes import to_float32
 from cpattn.reference.chunk_cache import ChunkCache
 from cpattn.reference.workloads import long_context_qkv
 
@@ -81,8 +82,9 @@ def gpu_mask(r, cpu, seq, sel):
     return mask.reshape(T, Hkv, S, Pb)
 
 
-def budget(dtype, vmax):
-    return 4 * unit_roundoff(dtype) * vmax + 1e-5
+def budget(dtype, v_absmax):
+    """The kernels' budget from the one table (cpattn.testing.budgets)."""
+    return testing_budget("prefill", dtype, v_absmax, backend="cupy")
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
