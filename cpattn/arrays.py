@@ -5,13 +5,28 @@ import numpy as np
 
 from .reference.dtypes import storage_numpy_dtype
 
+CUPY_EXTRA = "pip install 'cpattn[cuda13x]'"  # or cpattn[cuda12x] for a CUDA 12 driver
+
+
+def import_cupy(what: str = "the GPU backend"):
+    """The ``cupy`` module, or a ModuleNotFoundError that says which extra installs it."""
+    try:
+        import cupy
+    except ModuleNotFoundError as e:
+        if e.name != "cupy":
+            raise
+        raise ModuleNotFoundError(f"{what} needs CuPy, which is not installed: {CUPY_EXTRA} (CUDA 13 "
+                                  f"drivers) or pip install 'cpattn[cuda12x]' (CUDA 12); the NumPy "
+                                  f"reference (a ChunkCache) needs neither", name="cupy") from None
+    return cupy
+
 
 def as_cupy(x, name: str, dtype: str | None = None, shape=None, contiguous: bool = True):
     """View ``x`` as a CuPy array without copying; check dtype (storage name), shape, layout.
 
     torch bfloat16 tensors are viewed as int16 first (CuPy has no bf16), then as uint16.
     """
-    import cupy
+    cupy = import_cupy("a GPU array argument")
 
     if isinstance(x, np.ndarray):
         raise TypeError(f"{name}: expected a GPU array (CuPy, __cuda_array_interface__ or DLPack), "

@@ -25,14 +25,14 @@ import weakref
 
 import numpy as np
 
-from .arrays import as_cupy
+from .arrays import as_cupy, import_cupy
 from .kernels import DECODE_ROWS as ROWS_PER_UNIT  # rows of a phase-2 unit (and of phase-1 units at chunk 128)
 from .kernels import THREADS, UNIT_WIDTH, decode_smem_bytes, get_kernels, phase1_rows
 from .reference import chunk_attention as reference
-from .reference.checks import check_bool, check_int, check_scale
+from .reference.checks import INT32_MAX, check_bool, check_instance, check_int, check_scale
 from .reference.chunk_attention import SPLIT_FIELDS, DecodePlan, batch_states, check_num_q_heads, \
     check_piece_chunks, check_plan
-from .reference.chunk_cache import ChunkCache
+from .reference.chunk_cache import ChunkCache, check_cache
 
 _I32 = np.int32
 LOG2E = 1.4426950408889634  # the kernels exponentiate with exp2: scores are scaled by scale * log2(e)
@@ -429,6 +429,7 @@ def build_decode_plan(cache: ChunkCache, seqs, piece_chunks: int | None = None,
 def split_plan(plan: DecodePlan, piece_chunks: int | None = None,
                private_piece_chunks: int | None = None) -> DecodePlan:
     """``reference.split_plan`` (same arguments, errors and arrays), fast."""
+    check_instance(plan, "plan", DecodePlan, "a DecodePlan (from build_decode_plan)")
     check_piece_chunks(piece_chunks, "piece_chunks")
     check_piece_chunks(private_piece_chunks, "private_piece_chunks")
     return _split({k: v for k, v in plan.__dict__.items() if k not in SPLIT_FIELDS}, piece_chunks,
@@ -517,6 +518,11 @@ def auto_piece_chunks(plan, num_q_heads: int, num_kv_heads: int, num_sms: int, u
     units (phase-1 tiles of ``phase1_rows`` rows, phase-2 tiles of ``ROWS_PER_UNIT``, times kv
     heads), divided over ``units_per_sm * num_sms`` units: the cap on chunks per piece / item.
     """
+    for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("num_sms", num_sms),
+                        ("units_per_sm", units_per_sm)):
+        check_int(value, name, 1, INT32_MAX)
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads: expected a multiple of num_kv_heads {num_kv_heads}, got {num_q_heads}")
     group = num_q_heads // num_kv_heads
     rows = (np.asarray(plan.seg_end) - np.asarray(plan.seg_begin)).astype(np.int64) * group
     tiles1 = -(-rows // phase1_rows(int(plan.chunk_size)))
@@ -539,9 +545,11 @@ def plan_host(cache, seqs, num_q_heads: int, piece_chunks="auto", private_piece_
     piece_state_offset, piece_begin and seq_item_indptr; array ``i`` is
     ``buf[offs[i]:offs[i + 1]]`` (``offs`` has 9 entries).
     """
-    num_q_heads = check_num_q_heads(cache, num_q_heads)
+    num_q_heads = check_num_q_heads(check_cache(cache), num_q_heads)
     pc = check_piece_chunks(piece_chunks, "piece_chunks", auto=True)
     ppc = check_piece_chunks(private_piece_chunks, "private_piece_chunks", auto=True)
+    check_int(units_per_sm, "units_per_sm", 1, INT32_MAX)
+    check_int(num_sms, "num_sms", 1, INT32_MAX)
     H = cache.num_kv_heads
     base = _plan_base(cache, seqs)
     if pc == "auto" or ppc == "auto":  # about units_per_sm units per SM
@@ -568,16 +576,15 @@ class ChunkAttentionDecode:
     """
 
     def __new__(cls, cache, *args, **kwargs):
-        if getattr(cache, "backend", None) == "numpy":
+        if check_cache(cache).backend == "numpy":
             return reference.ChunkAttentionDecode(cache, *args, **kwargs)
         return super().__new__(cls)
 
     def __init__(self, cache, piece_chunks="auto", private_piece_chunks="auto", units_per_sm: int = 4):
-        import cupy
-
         self.piece_chunks = check_piece_chunks(piece_chunks, "piece_chunks", auto=True)
         self.private_piece_chunks = check_piece_chunks(private_piece_chunks, "private_piece_chunks", auto=True)
-        self.units_per_sm = check_int(units_per_sm, "units_per_sm", 1)
+        self.units_per_sm = check_int(units_per_sm, "units_per_sm", 1, INT32_MAX)
+        cupy = import_cupy("ChunkAttentionDecode on a GpuChunkCache")
         self.cache = cache
         self._kern = get_kernels("chunk_attention", cache.dtype, cache.head_dim, cache.chunk_size)
         self._smem = decode_smem_bytes(cache.head_dim, cache.chunk_size)

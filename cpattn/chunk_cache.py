@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arrays import as_cupy
+from .arrays import as_cupy, import_cupy
 from .kernels import APPEND_THREADS, get_kernels
 from .reference.chunk_cache import ChunkCache, Slots
 
@@ -19,8 +19,7 @@ class GpuChunkCache(ChunkCache):
 
     def __init__(self, num_layers, num_kv_heads, head_dim, num_chunks, chunk_size=64, dtype="float16",
                  share_prefix=True, max_sequences=4096):
-        import cupy
-
+        cupy = import_cupy("GpuChunkCache")
         super().__init__(num_layers, num_kv_heads, head_dim, num_chunks, chunk_size=chunk_size, dtype=dtype,
                          xp=cupy, share_prefix=share_prefix, max_sequences=max_sequences)
         self._kern = get_kernels("chunk_cache", self.dtype, self.head_dim, self.chunk_size)

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .arrays import as_cupy
+from .arrays import as_cupy, import_cupy
 from .kernels import PREFILL_ROWS, SCORE_ROWS, THREADS, UNION_THREADS, WG_THREADS, get_kernels, \
     prefill_smem_bytes, prefill_wg_smem_bytes
 from .reference import compact_attention as reference
-from .reference.checks import cdiv, check_bool, check_choice, check_scale
+from .reference.checks import cdiv, check_bool, check_choice, check_instance, check_scale
+from .reference.chunk_cache import check_cache
 from .reference.compact_attention import KERNEL_CHOICES, check_chunk, check_events, check_options, dense_options
 from .reference.dtypes import storage_numpy_dtype
 
@@ -71,12 +72,12 @@ class BlockMeans(reference.BlockMeans):
     """
 
     def __new__(cls, cache):
-        if cache.backend == "numpy":
+        if check_cache(cache).backend == "numpy":
             return reference.BlockMeans(cache)
         return super().__new__(cls)
 
     def __init__(self, cache):
-        import cupy
+        cupy = import_cupy("BlockMeans on a GpuChunkCache")
 
         shape = (cache.num_layers, cache.num_chunks, cache.num_kv_heads, cache.head_dim)
         super().__init__(cache, kmean=cupy.zeros(shape, np.float32))
@@ -148,7 +149,7 @@ def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, sc
     mma.sync), 'wgmma' or 'mma'; the environment variable CPATTN_PREFILL_KERNEL overrides 'auto'.
     A NumPy ``ChunkCache`` runs ``cpattn.reference.compact_attention.compact_prefill``.
     """
-    if cache.backend == "numpy":
+    if check_cache(cache).backend == "numpy":
         return reference.compact_prefill(cache, means, seq, q, layer, scale=scale, alpha=alpha, sink=sink,
                                          window=window, q_tile=q_tile, group_size=group_size,
                                          return_lse=return_lse, out=out, kernel=kernel, events=events)
@@ -162,9 +163,7 @@ def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, sc
     scale = check_scale(scale, cache.head_dim)
     c, Hkv, D = cache.chunk_size, cache.num_kv_heads, cache.head_dim
     q_tile, s = check_options(c, n, G, alpha, sink, window, q_tile, group_size)
-    if not isinstance(means, BlockMeans):
-        raise TypeError(f"means: expected cpattn.compact_attention.BlockMeans(cache) for a GPU cache, "
-                        f"got {type(means).__module__}.{type(means).__name__}")
+    check_instance(means, "means", BlockMeans, "cpattn.compact_attention.BlockMeans(cache) for a GPU cache")
     means.check_cache(cache)
     wg = use_wgmma(kernel)
     Hq = q.shape[1]

@@ -12,6 +12,9 @@ from numbers import Real
 
 import numpy as np
 
+INT32_MAX = 2**31 - 1  # sizes and ids that reach int32 tables or kernel arguments stay below this
+MAX_SCALE = 1e30  # a softmax scale above this overflows float32 scores (scale * log2(e) in the kernels)
+
 
 def is_int(value) -> bool:
     """True for Python and NumPy integers, False for bools and everything else."""
@@ -62,12 +65,32 @@ def check_ids(value, name: str) -> list[int]:
     return [operator.index(x) for x in value]
 
 
+def is_real(value) -> bool:
+    """True for Python and NumPy real numbers (ints and floats), False for bools and the rest."""
+    return isinstance(value, (Real, np.floating, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_token_ids(value, name: str, vocab_size: int | None = None) -> list[int]:
+    """A 1-D list of integer token ids (list, tuple or 1-D integer array), each in
+    [0, vocab_size) when ``vocab_size`` is given: a negative id would wrap around an embedding
+    table, one past the vocabulary would fail deep inside a model."""
+    ids = check_ids(value, name)
+    if ids and vocab_size is not None:
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{name}: expected token ids in [0, {vocab_size}) (the vocabulary), got "
+                             f"{bad} at position {ids.index(bad)}")
+    return ids
+
+
 def check_real(value, name: str, lo: float | None = None, hi: float | None = None,
                lo_open: bool = False) -> float:
-    """A finite real number in [lo, hi] (``lo_open``: (lo, hi]); bools and strings are refused."""
-    ok = isinstance(value, (Real, np.floating, np.integer)) and not isinstance(value, (bool, np.bool_))
-    v = float(value) if ok else float("nan")
-    if not ok or not np.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) \
+    """A finite real number in [lo, hi] (``lo_open``: (lo, hi]). Not a number (a bool, a
+    string, None, an array): TypeError; NaN, infinity or out of range: ValueError."""
+    if not is_real(value):
+        raise TypeError(f"{name}: expected a real number, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    if not np.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) \
             or (hi is not None and v > hi):
         lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
         hi_s = "" if hi is None else f"<= {hi}"
@@ -80,14 +103,30 @@ def check_scale(scale, head_dim: int) -> float:
     """The softmax scale: None means 1 / sqrt(head_dim); otherwise a finite number > 0."""
     if scale is None:
         return 1.0 / float(np.sqrt(head_dim))
-    return check_real(scale, "scale", lo=0.0, lo_open=True)
+    return check_real(scale, "scale", lo=0.0, hi=MAX_SCALE, lo_open=True)
 
 
 def check_choice(value, name: str, choices) -> str:
-    """One of ``choices`` (compared by equality, so a non-string is simply not one of them)."""
-    if not isinstance(value, str) or value not in choices:
+    """One of the strings ``choices``. Not a string: TypeError; another string: ValueError."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected one of {tuple(choices)}, got {value!r} ({type(value).__name__})")
+    if value not in choices:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def check_instance(value, name: str, cls, what: str):
+    """``value`` when it is an instance of ``cls`` (a class or a tuple of classes), else
+    TypeError naming ``what`` was expected (e.g. "a DecodePlan from build_decode_plan")."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{name}: expected {what}, got {type(value).__module__}.{type(value).__qualname__} "
+                        f"{_short(value)}")
+    return value
+
+
+def _short(value) -> str:
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def check_bool(value, name: str) -> bool:
@@ -101,5 +140,5 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["is_int", "check_int", "check_optional_int", "check_ids", "check_real", "check_scale",
-           "check_choice", "check_bool", "cdiv"]
+__all__ = ["is_int", "is_real", "check_int", "check_optional_int", "check_ids", "check_real", "check_scale",
+           "check_choice", "check_bool", "check_instance", "check_token_ids", "cdiv", "INT32_MAX", "MAX_SCALE"]

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checks import check_bool, check_int, check_scale, is_int
-from .chunk_cache import CacheError, ChunkCache
+from .checks import INT32_MAX, check_bool, check_instance, check_int, check_scale, is_int
+from .chunk_cache import CacheError, ChunkCache, check_cache
 from .dtypes import as_numpy, storage_numpy_dtype, to_float32, to_storage
 
 _I32 = np.int32
@@ -141,17 +141,23 @@ SPLIT_FIELDS = ("piece_begin", "piece_end", "piece_chunk_indptr", "piece_state_o
 
 
 def check_piece_chunks(value, name: str, auto: bool = False):
-    """A piece size: None (no split), an integer >= 1, or "auto" where ``auto`` allows it."""
-    if value is None or (auto and isinstance(value, str) and value == "auto") or (is_int(value) and value >= 1):
-        return value if value is None or isinstance(value, str) else int(value)
+    """A piece size: None (no split), an integer in [1, 2**31), or "auto" where ``auto`` allows
+    it. Not one of those kinds (a float, a bool, another string): TypeError; out of range:
+    ValueError (the fast planner's loops take int32-sized counts)."""
+    if value is None or (auto and isinstance(value, str) and value == "auto"):
+        return value
+    if is_int(value):
+        return check_int(value, name, 1, INT32_MAX)
     want = 'None, "auto" or an integer >= 1' if auto else "None or an integer >= 1"
-    raise ValueError(f"{name}: expected {want}, got {value!r}")
+    err = ValueError if auto and isinstance(value, str) else TypeError
+    raise err(f"{name}: expected {want}, got {value!r} ({type(value).__name__})")
 
 
 def batch_states(cache: ChunkCache, seqs) -> tuple:
     """(ids, states) of a decode batch: distinct live sequence ids, each with a token (the
     query token's K/V is appended before its decode step). Raises what ``cache.check_batch``
     raises, or CacheError naming ``seqs``."""
+    check_cache(cache)
     ids = cache.check_batch(seqs)
     states = [cache.sequence(i, "seqs") for i in ids]
     for s in states:
@@ -248,6 +254,7 @@ def split_plan(plan: DecodePlan, piece_chunks: int | None = None,
                private_piece_chunks: int | None = None) -> DecodePlan:
     """The same plan with pieces / items of at most the given number of chunks (None: whole
     segments / whole private suffixes). Only the small per-piece arrays change."""
+    check_instance(plan, "plan", DecodePlan, "a DecodePlan (from build_decode_plan)")
     check_piece_chunks(piece_chunks, "piece_chunks")
     check_piece_chunks(private_piece_chunks, "private_piece_chunks")
     base = {k: v for k, v in plan.__dict__.items() if k not in SPLIT_FIELDS}
@@ -332,9 +339,10 @@ def attention_state(q, k, v, scale, dtype=np.float32):
 def check_q(cache: ChunkCache, q, batch: int) -> int:
     """Check ``q [batch, Hq, D]`` in the cache's storage dtype; returns the GQA group Hq // Hkv."""
     want = storage_numpy_dtype(cache.dtype)
-    if not hasattr(q, "shape") or len(q.shape) != 3:
-        raise ValueError(f"q: expected an array [batch, num_q_heads, head_dim], got "
-                         f"{getattr(q, 'shape', type(q).__name__)}")
+    if not hasattr(q, "shape") or not hasattr(q, "dtype"):
+        raise TypeError(f"q: expected an array [batch, num_q_heads, head_dim], got {type(q).__name__}")
+    if len(q.shape) != 3:
+        raise ValueError(f"q: expected an array [batch, num_q_heads, head_dim], got shape {tuple(q.shape)}")
     b, hq, d = q.shape
     if b != batch:
         raise ValueError(f"q: expected batch {batch} (one row per sequence), got {b}")
@@ -350,8 +358,10 @@ def check_q(cache: ChunkCache, q, batch: int) -> int:
 
 def check_plan(cache: ChunkCache, plan) -> DecodePlan:
     """``plan`` built for the cache as it is now (``cache.version``), else CacheError."""
+    check_cache(cache)
     if plan is None:
         raise CacheError("plan: expected a plan (call plan(seqs, num_q_heads) before run), got none")
+    check_instance(plan, "plan", DecodePlan, "a DecodePlan (from build_decode_plan)")
     if plan.version != cache.version:
         raise CacheError(f"plan: expected a plan for cache version {cache.version}, got one built for "
                          f"version {plan.version} (the tree changed); build a new plan")
@@ -371,6 +381,7 @@ def decode(cache: ChunkCache, plan: DecodePlan, q, layer: int = 0, scale: float 
     group = check_q(cache, q, plan.batch_size)
     cache.check_layer(layer)
     scale = check_scale(scale, cache.head_dim)
+    return_lse = check_bool(return_lse, "return_lse")
     c, Hkv = cache.chunk_size, cache.num_kv_heads
     B, Hq, D = q.shape
     qf = to_float32(as_numpy(q), cache.dtype)[plan.order]  # [B, Hq, D] in depth-first order
@@ -433,7 +444,7 @@ def oracle_decode(cache: ChunkCache, seqs, q, layer: int = 0, scale: float | Non
 
     Returns (o [B, Hq, D] float64, lse [B, Hq] float64).
     """
-    ids = cache.check_batch(seqs)
+    ids = check_cache(cache).check_batch(seqs)
     group = check_q(cache, q, len(ids))
     cache.check_layer(layer)
     scale = check_scale(scale, cache.head_dim)
@@ -451,7 +462,8 @@ def oracle_decode(cache: ChunkCache, seqs, q, layer: int = 0, scale: float | Non
 
 # ============================================================================ 7. plan / run
 def check_num_q_heads(cache: ChunkCache, num_q_heads) -> int:
-    if not is_int(num_q_heads) or num_q_heads < 1 or num_q_heads % cache.num_kv_heads:
+    check_int(num_q_heads, "num_q_heads", 1, INT32_MAX)  # a bool, a float: TypeError
+    if num_q_heads % cache.num_kv_heads:
         raise ValueError(f"num_q_heads: expected a positive multiple of num_kv_heads "
                          f"{cache.num_kv_heads}, got {num_q_heads!r}")
     return int(num_q_heads)
@@ -489,8 +501,8 @@ class ChunkAttentionDecode:
                  units_per_sm: int = 4):
         self.piece_chunks = check_piece_chunks(piece_chunks, "piece_chunks", auto=True)
         self.private_piece_chunks = check_piece_chunks(private_piece_chunks, "private_piece_chunks", auto=True)
-        self.units_per_sm = check_int(units_per_sm, "units_per_sm", 1)
-        self.cache = cache
+        self.units_per_sm = check_int(units_per_sm, "units_per_sm", 1, INT32_MAX)
+        self.cache = check_cache(cache)
         self.decode_plan: DecodePlan | None = None  # the current plan
         self.num_q_heads: int | None = None
 

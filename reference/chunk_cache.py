@@ -28,8 +28,11 @@ from typing import Sequence as _Seq
 
 import numpy as np
 
-from .checks import check_ids, check_int
+from .checks import INT32_MAX, check_bool, check_ids, check_int, check_optional_int
 from .dtypes import check_dtype_name, storage_numpy_dtype
+
+
+MAX_POOL_BYTES = 2**40  # 1 TiB: a larger K/V pool is a typo (num_chunks=10**15), not a cache
 
 
 class CacheError(ValueError):
@@ -38,6 +41,14 @@ class CacheError(ValueError):
 
 class CacheFullError(CacheError):
     """The pool has no free chunk and nothing evictable. Nothing was changed."""
+
+
+def check_cache(cache, name: str = "cache") -> "ChunkCache":
+    """``cache`` when it is a ``ChunkCache`` (NumPy or GPU), else TypeError naming ``name``."""
+    if not isinstance(cache, ChunkCache):
+        raise TypeError(f"{name}: expected a ChunkCache or GpuChunkCache, got {type(cache).__name__} "
+                        f"{str(cache)[:40]!s}")
+    return cache
 
 
 @dataclass(eq=False)
@@ -90,19 +101,32 @@ class ChunkCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_chunks: int,
                  chunk_size: int = 64, dtype="float16", xp=np, share_prefix: bool = True,
                  max_sequences: int = 4096):
+        # int32 bounds: page ids, slots and strides reach int32 kernel arguments and tables
         for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                           ("num_chunks", num_chunks), ("max_sequences", max_sequences)):
-            check_int(val, name, 1)
+            check_int(val, name, 1, INT32_MAX)
         if check_int(chunk_size, "chunk_size", 1, 129) & (chunk_size - 1):
             raise ValueError(f"chunk_size: expected a power of two in [1, 128], got {chunk_size!r}")
         self.num_layers, self.num_kv_heads, self.head_dim = int(num_layers), int(num_kv_heads), int(head_dim)
         self.num_chunks, self.chunk_size = int(num_chunks), int(chunk_size)
         self.dtype = check_dtype_name(dtype)
         self.xp = xp
-        self.share_prefix = bool(share_prefix)
+        self.share_prefix = check_bool(share_prefix, "share_prefix")
         shape = (self.num_layers, self.num_chunks, self.num_kv_heads, self.chunk_size, self.head_dim)
-        self.k_pool = xp.zeros(shape, dtype=storage_numpy_dtype(self.dtype))
-        self.v_pool = xp.zeros(shape, dtype=storage_numpy_dtype(self.dtype))
+        pool_bytes = 2 * 2 * int(np.prod(shape, dtype=object))  # K and V, 2 bytes an element
+        if pool_bytes > MAX_POOL_BYTES:
+            raise ValueError(f"num_chunks: expected a pool of at most {MAX_POOL_BYTES / 2**40:g} TiB, got "
+                             f"num_chunks={self.num_chunks} needing {pool_bytes / 2**30:.4g} GiB for K and V "
+                             f"({self.num_layers} layers x {self.num_kv_heads} kv heads x chunk "
+                             f"{self.chunk_size} x head_dim {self.head_dim}, 2 bytes each)")
+        try:
+            self.k_pool = xp.zeros(shape, dtype=storage_numpy_dtype(self.dtype))
+            self.v_pool = xp.zeros(shape, dtype=storage_numpy_dtype(self.dtype))
+        except MemoryError:
+            self.k_pool = self.v_pool = None
+            raise MemoryError(f"num_chunks: expected a pool that fits in memory, got num_chunks={self.num_chunks} "
+                              f"needing {pool_bytes / 2**30:.4g} GiB for K and V; make num_chunks "
+                              f"smaller") from None
         # per-slot token counts on the host; a GPU cache mirrors them on the device
         self.max_sequences = int(max_sequences)
         self.slot_lens = np.zeros(self.max_sequences, dtype=np.int32)
@@ -228,7 +252,7 @@ class ChunkCache:
         if not self._free_slots:
             raise CacheError(f"max_sequences: expected a free sequence slot, got all {self.max_sequences} "
                              f"in use; release a sequence or make max_sequences larger")
-        limit = len(tokens) if max_match is None else max(0, min(self._check_max_match(max_match), len(tokens)))
+        limit = len(tokens) if max_match is None else min(self._check_max_match(max_match), len(tokens))
         matched = self._match(tokens[:limit])
         n_matched = len(matched) * self.chunk_size
         rest = len(tokens) - n_matched if k is not None else 0
@@ -360,10 +384,8 @@ class ChunkCache:
 
     def evict(self, max_chunks: int | None = None) -> int:
         """Evict up to ``max_chunks`` cached chunks (all when None), least recently used first."""
-        if max_chunks is not None and (isinstance(max_chunks, (bool, np.bool_))
-                                       or not isinstance(max_chunks, (int, np.integer)) or max_chunks < 0):
-            # a float would evict one chunk too many (count < 1.5), a negative count nothing
-            raise ValueError(f"max_chunks: expected None or an integer >= 0, got {max_chunks!r}")
+        # a float would evict one chunk too many (count < 1.5): TypeError; a negative count ValueError
+        max_chunks = check_optional_int(max_chunks, "max_chunks", 0)
         count = 0
         while self._cached and (max_chunks is None or count < max_chunks):
             self._evict_one()
@@ -399,12 +421,7 @@ class ChunkCache:
 
     @staticmethod
     def _check_max_match(max_match) -> int:
-        try:
-            if isinstance(max_match, (bool, np.bool_)):
-                raise TypeError
-            return operator.index(max_match)
-        except TypeError:
-            raise TypeError(f"max_match: expected None or an integer, got {max_match!r}") from None
+        return check_int(max_match, "max_match", 0)
 
     def check_committed(self, s: SeqState, name: str = "seq") -> None:
         if s.n_committed != s.n_tokens:

@@ -48,9 +48,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checks import cdiv, check_bool, check_choice, check_int, check_scale, is_int
+from .checks import INT32_MAX, cdiv, check_bool, check_choice, check_ids, check_instance, check_int, \
+    check_optional_int, check_real, check_scale, is_int
 from .chunk_attention import attention_state, merge_states
-from .chunk_cache import CacheError, ChunkCache
+from .chunk_cache import CacheError, ChunkCache, check_cache
 from .dtypes import as_numpy, storage_numpy_dtype, to_float32, to_storage
 
 _I32 = np.int32
@@ -78,7 +79,7 @@ class BlockMeans:
     """
 
     def __init__(self, cache: ChunkCache, kmean=None):
-        self.cache = cache
+        self.cache = check_cache(cache)
         self.chunk_size = cache.chunk_size
         shape = (cache.num_layers, cache.num_chunks, cache.num_kv_heads, cache.head_dim)
         self.kmean = np.zeros(shape, np.float32) if kmean is None else kmean
@@ -86,6 +87,11 @@ class BlockMeans:
             raise ValueError(f"kmean: expected a float32 array of shape {shape}, got {self.kmean.dtype} "
                              f"{tuple(self.kmean.shape)}")
         self._owner: list = [None] * cache.num_chunks  # tree Node summarised in each page
+
+    def check_num_blocks(self, cache: ChunkCache, seq: int, num_blocks) -> int:
+        """``num_blocks`` as an int in [0, full pages of ``seq``]."""
+        full = cache.seq_len(seq) // self.chunk_size
+        return check_int(num_blocks, "num_blocks", 0, full + 1)
 
     def check_cache(self, cache) -> None:
         """Raise ``ValueError`` unless ``cache`` is the cache these means were made for."""
@@ -102,8 +108,8 @@ class BlockMeans:
         self.check_cache(cache)
         state = cache.sequence(seq)
         committed = state.n_committed
-        upto = committed if num_tokens is None else num_tokens
-        if not is_int(upto) or not 0 <= upto <= committed:
+        upto = committed if num_tokens is None else check_int(num_tokens, "num_tokens")
+        if not 0 <= upto <= committed:
             raise ValueError(f"num_tokens: expected an integer in [0, {committed}] (committed tokens "
                              f"of sequence {seq}), got {num_tokens!r}")
         # every node but a path's tail is full
@@ -124,10 +130,13 @@ class BlockMeans:
     def is_current(self, cache: ChunkCache, seq: int, num_blocks: int) -> bool:
         """True when the sequence's first ``num_blocks`` pages are all summarised."""
         self.check_cache(cache)
+        self.check_num_blocks(cache, seq, num_blocks)
         return all(self._owner[n.chunk] is n for n in cache.sequence(seq).path[:num_blocks])
 
     def gather(self, cache: ChunkCache, seq: int, layer: int, num_blocks: int):
         """kmean of the sequence's first ``num_blocks`` pages: float32 [num_blocks, Hkv, D]."""
+        self.check_cache(cache)
+        layer = cache.check_layer(layer)
         if not self.is_current(cache, seq, num_blocks):
             raise CacheError(f"means: the first {num_blocks} blocks of sequence {seq} are not all "
                              f"summarised; call means.update(cache, seq) after each commit")
@@ -140,7 +149,7 @@ def check_chunk(cache: ChunkCache, seq: int, q, layer: int):
     """Check one prefill call's chunk; returns (P, n, G). The chunk is the sequence's last n
     tokens, so ``P = seq_len - n`` must be a multiple of the chunk size. Both backends use it
     (``q`` may be a NumPy or a CuPy array)."""
-    length = cache.seq_len(seq)  # unknown or released sequence -> CacheError
+    length = check_cache(cache).seq_len(seq)  # unknown or released sequence -> CacheError
     cache.check_layer(layer)
     want = storage_numpy_dtype(cache.dtype)
     if not hasattr(q, "shape") or not hasattr(q, "dtype"):
@@ -165,28 +174,38 @@ def check_chunk(cache: ChunkCache, seq: int, q, layer: int):
         raise ValueError(f"q: expected the chunk to start at a multiple of chunk_size "
                          f"{cache.chunk_size} (P = seq_len - n cached tokens before it), got "
                          f"P = {P} (seq_len {length}, n {n})")
+    committed = cache.sequence(seq).n_committed
+    if P > committed:  # the past must be committed: its pages are summarised and read as keys
+        raise ValueError(f"q: expected the chunk to cover every uncommitted token of sequence {seq} "
+                         f"(P = {P} past tokens, {committed} committed), got n = {n}; commit the "
+                         f"earlier chunk first")
     return P, n, hq // cache.num_kv_heads
 
 
 def check_options(c: int, n: int, G: int, alpha, sink, window, q_tile, group_size):
     """Check the selection options of a chunk of ``n`` rows, chunk size ``c``, GQA group ``G``;
     returns (q_tile in rows, group_size) with the defaults filled in."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) \
-            or not 0.0 <= float(alpha) <= 1.0:  # NaN fails the comparison too
-        raise ValueError(f"alpha: expected a number in [0, 1], got {alpha!r}")
-    check_int(sink, "sink", lo=0)
-    check_int(window, "window", lo=0)
+    check_real(alpha, "alpha", 0.0, 1.0)  # not a number: TypeError; NaN or outside [0, 1]: ValueError
+    check_int(sink, "sink", 0, INT32_MAX)  # int32 kernel arguments
+    check_int(window, "window", 0, INT32_MAX)
     if q_tile is None:
         q_tile = cdiv(n, c) * c  # the whole chunk
-    elif check_int(q_tile, "q_tile") < c or q_tile % c:
+    elif check_int(q_tile, "q_tile", hi=INT32_MAX) < c or q_tile % c:
         raise ValueError(f"q_tile: expected None or a positive multiple of chunk_size {c} (query "
                          f"rows per tile), got {q_tile!r}")
     if group_size is None:
         group_size = G
-    elif check_int(group_size, "group_size") < 1 or G % group_size:
+    elif check_int(group_size, "group_size", hi=INT32_MAX) < 1 or G % group_size:
         raise ValueError(f"group_size: expected None or a divisor of the GQA group size {G} "
                          f"(query heads per sub-group), got {group_size!r}")
     return int(q_tile), int(group_size)
+
+
+def check_means(means, cache) -> None:
+    """``means``: a ``BlockMeans`` made for ``cache`` (TypeError for anything else, ValueError for
+    the means of another cache)."""
+    check_instance(means, "means", BlockMeans, "BlockMeans(cache)")
+    means.check_cache(cache)
 
 
 def check_events(events) -> None:
@@ -274,7 +293,7 @@ def select_blocks(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int 
     scale = check_scale(scale, cache.head_dim)
     c, Hkv = cache.chunk_size, cache.num_kv_heads
     q_tile, s = check_options(c, n, G, alpha, sink, window, q_tile, group_size)
-    means.check_cache(cache)
+    check_means(means, cache)
     Pb, Qb, Hq = P // c, cdiv(n, c), q.shape[1]
     means.update(cache, seq, num_tokens=P)  # checks done: past pages are committed
 
@@ -483,6 +502,8 @@ def tables_from_mask(cache: ChunkCache, seq: int, past_mask: np.ndarray, *, chun
 
 def build_block_tables(cache: ChunkCache, seq: int, selection: BlockSelection) -> BlockTables:
     """Pass 6: the group union of a selection as CSR page lists (see ``BlockTables``)."""
+    check_cache(cache)
+    check_instance(selection, "selection", BlockSelection, "a BlockSelection (from select_blocks)")
     if selection.seq != seq or selection.version != cache.version \
             or cache.seq_len(seq) != selection.past_len + selection.chunk_len:
         raise ValueError(f"selection: expected one made for sequence {seq} at cache version "
@@ -517,8 +538,10 @@ def sparse_prefill(cache: ChunkCache, tables: BlockTables, q, layer: int = 0,
     Returns:
         o: float32 [n, Hq, D] and lse: float32 [n, Hq] (natural log of the scaled-score sum).
     """
+    check_cache(cache)
+    check_instance(tables, "tables", BlockTables, "BlockTables (from build_block_tables)")
     if tables.version != cache.version:
-        raise CacheError(f"tables: built for cache version {tables.version}, cache is at "
+        raise CacheError(f"tables: expected tables for cache version {cache.version}, got tables built for cache version {tables.version}, cache is at "
                          f"{cache.version} (the tree changed); select and build again")
     P, n, G = check_chunk(cache, tables.seq, q, layer)
     if (P, n, q.shape[1]) != (tables.past_len, tables.chunk_len, tables.num_q_heads):
@@ -733,7 +756,7 @@ def compact_prefill(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: in
     P, n, G = check_chunk(cache, seq, q, layer)
     check_scale(scale, cache.head_dim)
     check_options(cache.chunk_size, n, G, alpha, sink, window, q_tile, group_size)
-    means.check_cache(cache)
+    check_means(means, cache)
     if out is not None:
         _check_out(cache, out, (n, q.shape[1], cache.head_dim))
 
@@ -788,11 +811,14 @@ def _check_q_heads(cache: ChunkCache, q) -> int:
 def split_chunks(length: int, chunks, chunk_size: int) -> list[int]:
     """Chunk lengths of a prompt: ``chunks`` is an int (every chunk that long, the last shorter)
     or a list of lengths summing to ``length``, every one but the last a multiple of c."""
-    if isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
+    if is_int(chunks):
         if chunks < chunk_size or chunks % chunk_size:
             raise ValueError(f"chunks: expected a positive multiple of chunk_size {chunk_size}, got {chunks}")
         return [min(int(chunks), length - a) for a in range(0, length, int(chunks))]
-    sizes = [int(x) for x in chunks]
+    if isinstance(chunks, (str, bytes)) or not isinstance(chunks, (list, tuple, range, np.ndarray)):
+        raise TypeError(f"chunks: expected an integer or a list of integer lengths, got {chunks!r} "
+                        f"({type(chunks).__name__})")
+    sizes = check_ids(chunks, "chunks")  # 1-D, integers only: [4.9, 4.9] is refused, not truncated
     if sum(sizes) != length or any(x < 1 for x in sizes) or any(x % chunk_size for x in sizes[:-1]):
         raise ValueError(f"chunks: expected lengths >= 1 summing to {length}, every one but the last "
                          f"a multiple of chunk_size {chunk_size}, got {sizes}")
@@ -839,7 +865,7 @@ def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k
     for n in sizes:
         check_options(c, n, G, options.get("alpha", 0.06), options.get("sink", 2),
                        options.get("window", 4), options.get("q_tile"), options.get("group_size"))
-    means.check_cache(cache)
+    check_means(means, cache)
     state = cache.sequence(seq)
     cache.check_committed(state)
     cache.check_room_for(state, m)

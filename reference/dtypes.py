@@ -28,8 +28,16 @@ def as_numpy(x) -> np.ndarray:
 
 
 def check_dtype_name(dtype, argument: str = "dtype") -> str:
-    """Normalise a storage dtype given as a name or as ``numpy.float16``; reject the rest."""
-    name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype), "name", None)
+    """Normalise a storage dtype given as a name, a NumPy dtype or scalar type (``numpy.float16``,
+    ``ml_dtypes.bfloat16``). Something that names no dtype (``123``, None, an object): TypeError;
+    a dtype that is not a storage dtype ("float32"): ValueError."""
+    if isinstance(dtype, str):
+        name = dtype
+    elif isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
+        name = np.dtype(dtype).name
+    else:
+        raise TypeError(f"{argument}: expected a storage dtype name {STORAGE_DTYPES} or a NumPy dtype, "
+                        f"got {dtype!r} ({type(dtype).__name__})")
     if name not in STORAGE_DTYPES:
         raise ValueError(f"{argument}: expected one of {STORAGE_DTYPES}, got {dtype!r}")
     return name
@@ -41,7 +49,9 @@ def storage_numpy_dtype(dtype: str):
 
 
 def to_storage(x, dtype: str):
-    """float32/float64 values -> storage array (float16, or bf16 bits rounded to nearest even)."""
+    """float32/float64 values -> storage array (float16, or bf16 bits rounded to nearest even).
+    ``dtype`` must be a storage dtype: "float32" is refused (ValueError), not bf16 bits."""
+    dtype = check_dtype_name(dtype)
     xp = array_module(x)
     if dtype == "float16":
         return x.astype(xp.float16)
@@ -54,7 +64,8 @@ def to_storage(x, dtype: str):
 
 
 def to_float32(x, dtype: str):
-    """storage array -> float32 values."""
+    """storage array -> float32 values (``dtype``: the storage dtype the array holds)."""
+    dtype = check_dtype_name(dtype)
     xp = array_module(x)
     if dtype == "float16":
         return x.astype(xp.float32)

@@ -185,11 +185,12 @@ def test_plan_of_an_empty_sequence(setup, unchanged):
         build_decode_plan(cache, [a, e])
 
 
-@pytest.mark.parametrize("arg,val", [("piece_chunks", 0), ("private_piece_chunks", -1),
-                                     ("piece_chunks", 1.5)])
-def test_bad_piece_sizes(setup, unchanged, arg, val):
+@pytest.mark.parametrize("arg,val,exc", [("piece_chunks", 0, ValueError), ("private_piece_chunks", -1, ValueError),
+                                         ("piece_chunks", 2**31, ValueError), ("piece_chunks", 1.5, TypeError),
+                                         ("piece_chunks", True, TypeError)])
+def test_bad_piece_sizes(setup, unchanged, arg, val, exc):
     cache, _, a, b, _ = setup
-    with unchanged(cache), raises(ValueError, arg):
+    with unchanged(cache), raises(exc, arg):
         build_decode_plan(cache, [a, b], **{arg: val})
 
 
@@ -322,7 +323,7 @@ def test_bad_q_dtype(setup, unchanged, q):
 def test_q_not_an_array(setup, unchanged):
     cache, _, a, b, _ = setup
     plan = build_decode_plan(cache, [a, b])
-    with unchanged(cache), raises(ValueError, "q"):
+    with unchanged(cache), raises(TypeError, "q"):  # a list is not an array: a wrong type
         decode(cache, plan, np.zeros((2, HKV, D), np.float16).tolist())
 
 

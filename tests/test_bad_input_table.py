@@ -146,7 +146,7 @@ CASES = [
     ("add: max_match a string", lambda w: w.cache.add_sequence([1], max_match="2"), TypeError, "max_match"),
     ("append: fewer tokens than sequences", lambda w: w.cache.reserve_batch([w.a, w.b], [1]), ValueError, "tokens"),
     ("evict: negative count", lambda w: w.cache.evict(-1), ValueError, "max_chunks"),
-    ("evict: fractional count", lambda w: w.cache.evict(1.5), ValueError, "max_chunks"),
+    ("evict: fractional count", lambda w: w.cache.evict(1.5), TypeError, "max_chunks"),
     # ---- sequences: unknown, released, forked away, mid-prefill, empty/duplicate batches
     ("extend: unknown sequence", lambda w: w.cache.extend(12345, [1], *w.k_v([1])), CacheError, "seq"),
     ("fork: released sequence", lambda w: w.cache.fork(w.gone), CacheError, "seq"),

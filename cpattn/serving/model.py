@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..reference.dtypes import round_to_storage, storage_numpy_dtype, to_float32, to_storage
+from ..reference.checks import check_choice, check_int, check_real, check_token_ids
+from ..reference.dtypes import STORAGE_DTYPES, round_to_storage, storage_numpy_dtype, to_float32, to_storage
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,13 @@ class ModelConfig:
     compute_dtype: str = "float32"
 
     def __post_init__(self):
+        for name in ("vocab_size", "num_layers", "hidden", "num_q_heads", "num_kv_heads", "head_dim", "mlp_hidden"):
+            check_int(getattr(self, name), name, 1, 2**31 - 1)
+        check_real(self.rope_base, "rope_base", lo=0.0, lo_open=True)
+        check_real(self.eps, "eps", lo=0.0)
+        check_real(self.locality, "locality", lo=0.0)
+        check_choice(self.dtype, "dtype", STORAGE_DTYPES)
+        check_choice(self.compute_dtype, "compute_dtype", ("float32", "float64"))
         if self.num_q_heads % self.num_kv_heads:
             raise ValueError(f"num_q_heads: expected a multiple of num_kv_heads {self.num_kv_heads}, "
                              f"got {self.num_q_heads}")
@@ -129,7 +137,8 @@ class TinyLM:
         return xp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
     def embed(self, tokens):
-        """tokens: ints [n] -> x [n, hidden] compute dtype."""
+        """tokens: ints [n] in [0, vocab_size) -> x [n, hidden] compute dtype."""
+        tokens = check_token_ids(tokens, "tokens", self.config.vocab_size)
         return self.embed_table[self.xp.asarray(np.asarray(tokens, np.int64))]
 
     def qkv(self, layer: int, x, pos):

@@ -23,7 +23,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..reference.checks import cdiv
+from ..reference.checks import cdiv, check_bool, check_int, check_optional_int, check_token_ids
 from ..reference.chunk_cache import CacheFullError
 from ..reference.compact_attention import split_chunks
 from .backends import AttentionBackend, AttentionStats, PrefillOptions, make_backend
@@ -149,6 +149,14 @@ class Server:
                  backend: str | AttentionBackend = "numpy", options: PrefillOptions = PrefillOptions(),
                  measure_recall: bool = True, max_batch: int = 256, trace: bool = False,
                  on_step: StepHook | None = None):
+        check_int(num_chunks, "num_chunks", 1)
+        check_int(chunk_size, "chunk_size", 1, 129)
+        check_int(prefill_chunk, "prefill_chunk", 1)
+        check_int(max_batch, "max_batch", 1)
+        check_bool(measure_recall, "measure_recall")
+        check_bool(trace, "trace")
+        if on_step is not None and not callable(on_step):
+            raise TypeError(f"on_step: expected None or a callable, got {type(on_step).__name__}")
         if prefill_chunk < chunk_size or prefill_chunk % chunk_size:
             raise ValueError(f"prefill_chunk: expected a positive multiple of chunk_size {chunk_size}, "
                              f"got {prefill_chunk}")
@@ -165,10 +173,15 @@ class Server:
             self.log.append(f"step {self.step:>2}  {text}")
 
     def submit(self, prompt, max_new_tokens: int, arrival: int | None = None) -> Request:
-        if len(prompt) < 1 or max_new_tokens < 1:
-            raise ValueError(f"prompt, max_new_tokens: expected at least one token each, got "
-                             f"{len(prompt)} and {max_new_tokens}")
-        r = Request(len(self.requests), [int(t) for t in prompt], int(max_new_tokens),
+        """Queue a request: ``prompt`` token ids in [0, vocab_size) of the model (when it has a
+        ``config.vocab_size``), ``max_new_tokens >= 1``, ``arrival`` a step >= 0 (default now)."""
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        prompt = check_token_ids(prompt, "prompt", vocab)
+        if not prompt:
+            raise ValueError("prompt: expected at least one token, got none")
+        check_int(max_new_tokens, "max_new_tokens", 1)
+        check_optional_int(arrival, "arrival", 0)
+        r = Request(len(self.requests), prompt, int(max_new_tokens),
                     self.step if arrival is None else int(arrival))
         self.requests.append(r)
         return r
