@@ -374,6 +374,7 @@ def _split_core(seg_begin, seg_end, seg_chunk_indptr, private_indptr, step, pste
 def _batch_states(cache: ChunkCache, seqs):
     """(ids, states) of the batch. Distinct live int ids with tokens skip the per-id checks;
     anything else goes through the reference's ``batch_states`` (same errors)."""
+    check_cache(cache)
     if isinstance(seqs, (list, tuple)):
         ids = list(seqs)
     elif isinstance(seqs, np.ndarray) and seqs.ndim == 1 and seqs.dtype.kind in "iu":

@@ -94,8 +94,9 @@ class BlockMeans:
         return check_int(num_blocks, "num_blocks", 0, full + 1)
 
     def check_cache(self, cache) -> None:
-        """Raise ``ValueError`` unless ``cache`` is the cache these means were made for."""
-        if cache is not self.cache:
+        """Raise ``ValueError`` unless ``cache`` is the cache these means were made for (TypeError
+        when it is no cache at all)."""
+        if check_cache(cache) is not self.cache:
             raise ValueError("cache: expected the cache these block means were made for "
                              f"(id {id(self.cache):#x}), got another one (id {id(cache):#x})")
 

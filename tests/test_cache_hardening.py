@@ -84,3 +84,19 @@ def test_a_duplicate_chunk_becomes_matchable_when_the_original_is_evicted(cache_
     assert cache.seq_chunks(c) == b_chunks[:2]
     k_c, v_c = cache.read_kv(c, 1)
     assert np.array_equal(k_c, k[1][:8]) and np.array_equal(v_c, v[1][:8])
+
+
+def test_a_pool_over_a_tebibyte_is_refused_naming_num_chunks():
+    with pytest.raises(ValueError, match=r"^num_chunks: expected a pool of at most 1 TiB, got num_chunks=1073741824"):
+        ChunkCache(32, 8, 128, 2**30, chunk_size=64)
+
+
+def test_a_pool_that_does_not_fit_reraises_naming_num_chunks():
+    """The allocation itself failing (here a stand-in array module) names num_chunks too."""
+    import types
+
+    def zeros(shape, dtype):
+        raise MemoryError("out of memory")
+
+    with pytest.raises(MemoryError, match=r"^num_chunks: expected a pool that fits in memory, got num_chunks=4"):
+        ChunkCache(L, HKV, D, 4, chunk_size=C, xp=types.SimpleNamespace(zeros=zeros))
