@@ -18,7 +18,6 @@ What is checked, on the NumPy backend (fp16 weights and K/V, chunk size 64):
 """
 from __future__ import annotations
 
-import copy
 import io
 import os
 import zipfile
@@ -63,18 +62,51 @@ def gen(gguf_file):
 
 
 @pytest.fixture(scope="module")
-def hf(model_file):
+def text():
+    return load_text("python-docs", max_chars=40_000)
+
+
+def _logit_ids(tok, text):
+    return tok.encode(text)[:LOGIT_TOKENS]
+
+
+def _shared_document(tok, text):
+    return tok.decode(tok.encode(text[20_000:])[:300])
+
+
+SHARED_QUESTIONS = ("What is the text above about?", "Give one keyword from the text above.")
+
+
+@pytest.fixture(scope="module")
+def hf(model_file, gguf_file, text):
+    """Everything transformers computes, at once and then freed: its thread pool and NumPy's
+    then never compete for the cores while cpattn runs."""
     torch = pytest.importorskip("torch", reason="needs the hf extra: pip install 'cpattn[hf]'")
     transformers = pytest.importorskip("transformers", reason="needs the hf extra: pip install 'cpattn[hf]'")
     folder, name = os.path.split(model_file)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return torch, model, tok
+    ours = gguf_file.tokenizer()
+    ids = _logit_ids(ours, text)
 
+    def greedy(prompt_ids):
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
+        return out[0, len(prompt_ids):].tolist()
 
-@pytest.fixture(scope="module")
-def text():
-    return load_text("python-docs", max_chars=40_000)
+    def chat(question, system=None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+        return ours.encode(ours.chat(messages))
+
+    document = _shared_document(ours, text)
+    with torch.no_grad():
+        ref = dict(tokenizer=tok, logits=model(torch.tensor([ids])).logits[0].numpy(),
+                   greedy={p: greedy(chat(p)) for p in PROMPTS},
+                   shared={q: greedy(chat(q, document)) for q in SHARED_QUESTIONS})
+        for p in model.parameters():  # transformers with its weights rounded to fp16: the budget's base
+            p.copy_(p.half().float())
+        ref["logits_w16"] = model(torch.tensor([ids])).logits[0].numpy()
+    del model
+    return ref
 
 
 # ============================================================================ file and tokenizer
@@ -89,7 +121,7 @@ def test_config_from_the_file(gguf_file):
 
 
 def test_tokenizer_matches_transformers(gguf_file, hf, text):
-    _, _, ref = hf
+    ref = hf["tokenizer"]
     tok = gguf_file.tokenizer()
     sample = text[:8000] + " 12345 café – naïve 😀"
     ids = tok.encode(sample)
@@ -115,18 +147,12 @@ def test_stream_holds_back_split_characters(gguf_file):
 def test_logits_within_budget_of_transformers(gen, hf, text):
     """Chunked prefill (256-token calls over 64-token pages, so every later call reads earlier
     pages from the pool) against transformers float32, over more than 1K tokens."""
-    torch, ref_model, _ = hf
-    ids = gen.tokenizer.encode(text)[:LOGIT_TOKENS]
+    ids = _logit_ids(gen.tokenizer, text)
     assert len(ids) == LOGIT_TOKENS
     attn = gen.new_session(len(ids))
     seq = attn.cache.add_sequence([])
     ours = np.asarray(gen.model.prefill(attn, seq, ids, chunk_tokens=256, logits="all"))
-    with torch.no_grad():
-        ref = ref_model(torch.tensor([ids])).logits[0].numpy()
-        rounded = copy.deepcopy(ref_model)  # transformers with its weights rounded to fp16: the budget's base
-        for p in rounded.parameters():
-            p.copy_(p.half().float())
-        ref16 = rounded(torch.tensor([ids])).logits[0].numpy()
+    ref, ref16 = hf["logits"], hf["logits_w16"]
     assert ours.shape == ref.shape == (LOGIT_TOKENS, 49152)
     err, base = np.abs(ours - ref), np.abs(ref16 - ref)
     print(f"\nlogits over {LOGIT_TOKENS} tokens: max |d| {err.max():.4f} (fp16 weights alone {base.max():.4f}), "
@@ -135,16 +161,15 @@ def test_logits_within_budget_of_transformers(gen, hf, text):
     assert err.max() <= 2 * base.max() + 0.02
     assert err.mean() <= 2 * base.mean() + 1e-3
     assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= 0.995
-    lp, lq = torch.log_softmax(torch.tensor(ref), -1), torch.log_softmax(torch.tensor(ours), -1)
-    kl = (lp.exp() * (lp - lq)).sum(-1)
+    lp, lq = _log_softmax(ref), _log_softmax(ours)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
     assert float(kl.mean()) < 1e-4
 
 
-def _hf_greedy(hf, ids, n):
-    torch, model, _ = hf
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
-    return out[0, len(ids):].tolist()
+def _log_softmax(x):
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
 def _agree(a, b, eos_ids):
@@ -163,7 +188,7 @@ def _agree(a, b, eos_ids):
 def test_greedy_matches_transformers(gen, hf, prompt):
     ids = gen.prompt_tokens(prompt)
     ours = gen.generate(ids, max_new_tokens=NEW_TOKENS, stop_at_eos=False)
-    ref = _hf_greedy(hf, ids, NEW_TOKENS)
+    ref = hf["greedy"][prompt]
     n, finished = _agree(ours.tokens, ref, gen.tokenizer.eos_ids)
     print(f"\n{prompt!r}: {n} tokens identical: {gen.tokenizer.decode(ours.tokens[:n])!r}")
     assert n == NEW_TOKENS, (n, gen.tokenizer.decode(ours.tokens), gen.tokenizer.decode(ref))
@@ -173,17 +198,16 @@ def test_greedy_matches_transformers(gen, hf, prompt):
 def test_shared_document_batch_matches_transformers(gen, hf, text):
     """Requests sharing a document: later ones reuse its chunks, all decode in one batch, and
     each gets transformers' greedy answer to its own prompt."""
-    document = gen.tokenizer.decode(gen.tokenizer.encode(text[20_000:])[:300])
-    questions = ["What is the text above about?", "Give one keyword from the text above."]
-    report = gen.batch_run(document, questions, max_new_tokens=NEW_TOKENS, stop_at_eos=False)
+    document = _shared_document(gen.tokenizer, text)
+    report = gen.batch_run(document, list(SHARED_QUESTIONS), max_new_tokens=NEW_TOKENS, stop_at_eos=False)
     print("\n" + str(report))
     s = report.summary()
     assert s["prefill_reused"] >= 256  # the second request took the document's complete chunks
     assert s["prefill_computed"] == s["prompt_tokens"] - s["prefill_reused"]
     assert s["kv_mib"] < s["kv_flat_mib"]
     assert report.decode_steps == NEW_TOKENS - 1  # the first token comes from prefill
-    for q, g in zip(questions, report.requests):
-        ref = _hf_greedy(hf, gen.prompt_tokens(q, system=document), NEW_TOKENS)
+    for q, g in zip(SHARED_QUESTIONS, report.requests):
+        ref = hf["shared"][q]
         n, finished = _agree(g.tokens, ref, gen.tokenizer.eos_ids)
         assert finished and n >= 16, (q, n, g.text, gen.tokenizer.decode(ref))
 

@@ -81,12 +81,7 @@ def attention_api():
     the package, which dispatch on the cache's backend."""
     import cpattn
 
-    try:
-        return cpattn.ChunkAttentionDecode, cpattn.BlockMeans, cpattn.compact_prefill
-    except AttributeError:  # until the top-level names land (issue 12): the reference, NumPy only
-        from ..reference import chunk_attention, compact_attention
-
-        return chunk_attention.ChunkAttentionDecode, compact_attention.BlockMeans, compact_attention.compact_prefill
+    return cpattn.ChunkAttentionDecode, cpattn.BlockMeans, cpattn.compact_prefill
 
 
 class CacheAttention:
@@ -254,6 +249,11 @@ class LlamaModel:
         """[n, hidden] float32 residual stream -> [n, vocab] float32 logits."""
         return self._mm(self._rmsnorm(x, self.final_norm), self.output)
 
+    def check_vocab(self, tokens: list, name: str = "tokens") -> None:
+        bad = next((t for t in tokens if t >= self.config.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{name}: expected token ids < vocab_size {self.config.vocab_size}, got {bad}")
+
     # ------------------------------------------------------------------ prefill and decode
     def prefill(self, attn: CacheAttention, seq: int, tokens, *, chunk_tokens: int = 256,
                 logits: str = "last"):
@@ -272,6 +272,7 @@ class LlamaModel:
         tokens = cache.check_tokens(tokens, "tokens")
         if not tokens:
             raise ValueError("tokens: expected at least one token, got 0")
+        self.check_vocab(tokens)
         start = cache.seq_len(seq)
         if start % cs:
             raise ValueError(f"seq: expected a length that is a multiple of chunk_size {cs}, got {start}")
@@ -299,6 +300,7 @@ class LlamaModel:
         next-token logits float32 [batch, vocab]. One plan serves every layer of the step."""
         cache, xp = attn.cache, self.xp
         seqs = cache.check_batch(seqs)
+        self.check_vocab(cache.check_tokens(tokens, "tokens"))
         pos = xp.asarray(np.array([cache.seq_len(s) for s in seqs]))
         slots = cache.reserve_batch(seqs, tokens)
         attn.plan(seqs)
