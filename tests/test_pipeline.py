@@ -234,14 +234,18 @@ def test_cli_demo_runs_the_decode_check_then_the_serving_flow(capsys):
             "--check-requests", "1"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    decode_ok, serving_ok = out.index("OK: worst relative error"), out.index("prompt tokens reused, lowest")
+    decode_ok, serving_ok = out.index("OK: decode of all 6 sequences"), out.index("prompt tokens reused, > 0 expected")
     assert decode_ok < out.index("serving:") < serving_ok
-    for needle in ("memory saved", "% of prefill skipped", "tokens stored vs", "prefill density", "tok/s",
-                   "(first 1 of 3 checked)"):
+    for needle in ("% saved); tokens", "pages =", "MiB flat", "sized for the shared tree", "median of 5",
+                   "the first call took", "% of prefill skipped", "tokens stored vs", "prefill density", "tok/s",
+                   "(first 1 of 3 checked)", "lowest single query row"):
         assert needle in out
-    # an impossible recall bar fails the demo
-    assert cli_main(args + ["--min-recall", "1.5"]) == 1
-    assert "FAILED" in capsys.readouterr().out
+    # an impossible tolerance fails the demo (exit 1); an impossible recall bar is refused (exit 2)
+    assert cli_main(args + ["--tolerance", "1e-9"]) == 1
+    assert "FAILED: decode" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli_main(args + ["--min-recall", "1.5"])
+    assert e.value.code == 2
     assert cli_main(args[:-4] + ["--serving-requests", "0"]) == 0
     assert "serving:" not in capsys.readouterr().out
 

@@ -235,7 +235,14 @@ def resolve_backend(name: str) -> str:
     if name == "auto":
         return "cupy" if gpu_available() else "numpy"
     if name == "cupy" and not gpu_available():
-        raise RuntimeError("backend: 'cupy' asked for, but CuPy sees no CUDA GPU on this machine")
+        import importlib.util
+
+        from ..arrays import CUPY_EXTRA
+
+        if importlib.util.find_spec("cupy") is None:
+            raise RuntimeError(f"backend: expected CuPy for 'cupy', got no CuPy installed ({CUPY_EXTRA}, or "
+                               f"cpattn[cuda12x] for CUDA 12)")
+        raise RuntimeError("backend: expected a CUDA GPU for 'cupy', got none that CuPy can see on this machine")
     return name
 
 

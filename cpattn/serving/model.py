@@ -68,10 +68,17 @@ MODEL_ARGUMENTS = (("layers", "num_layers"), ("hidden", "hidden"), ("q_heads", "
 def add_model_arguments(parser, **defaults) -> None:
     """``--layers --hidden --q-heads --kv-heads --head-dim --vocab --dtype`` on an argparse parser;
     ``defaults`` (by ``ModelConfig`` field name) override the config's own."""
+    from ..cli import int_option
+
     base = ModelConfig()
+    helps = dict(num_layers="model layers", hidden="model hidden size", num_q_heads="query heads",
+                 num_kv_heads="kv heads (divides the query heads)", head_dim="head dimension (even; 64 or 128 "
+                 "on the GPU)", vocab_size="vocabulary size")
     for flag, name in MODEL_ARGUMENTS:
-        parser.add_argument("--" + flag.replace("_", "-"), type=int, default=defaults.get(name, getattr(base, name)))
-    parser.add_argument("--dtype", choices=("float16", "bfloat16"), default=defaults.get("dtype", base.dtype))
+        parser.add_argument("--" + flag.replace("_", "-"), type=int_option(1), metavar="N",
+                            default=defaults.get(name, getattr(base, name)), help=helps[name])
+    parser.add_argument("--dtype", choices=("float16", "bfloat16"), default=defaults.get("dtype", base.dtype),
+                        help="storage dtype of q, k, v and o")
 
 
 def config_from_args(args) -> ModelConfig:
