@@ -3,7 +3,8 @@ transformers in float32 on the CPU.
 
 Needs the model file (``cpattn models fetch smollm2``; CI runs it before the tests) and the
 ``models`` extra; the comparisons need the ``hf`` extra (transformers, torch). Without them the
-tests skip and say why; with ``CPATTN_REQUIRE_MODEL=1`` (CI) a missing model fails instead.
+tests skip and say why (the tests never download the model themselves); with
+``CPATTN_REQUIRE_MODEL=1`` (CI) a missing model or extra fails instead.
 
 What is checked, on the NumPy backend (fp16 weights and K/V, chunk size 64):
 
@@ -26,8 +27,21 @@ from contextlib import redirect_stdout
 import numpy as np
 import pytest
 
-pytest.importorskip("gguf", reason="needs the models extra: pip install 'cpattn[models]'")
-pytest.importorskip("tokenizers", reason="needs the models extra: pip install 'cpattn[models]'")
+REQUIRED = os.environ.get("CPATTN_REQUIRE_MODEL") == "1"  # CI: a missing model or extra fails, never skips
+
+
+def _need(module: str, extra: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        if REQUIRED:
+            raise
+        pytest.skip(f"needs the {extra} extra: pip install 'cpattn[{extra}]'", allow_module_level=True)
+
+
+_need("gguf", "models")
+_need("tokenizers", "models")
+_need("jinja2", "models")
 
 from cpattn.serving import fetch as fetch_mod  # noqa: E402
 from cpattn.serving.generate import Generator, load_text  # noqa: E402
@@ -40,12 +54,14 @@ PROMPTS = ("Explain what a hash table is.", "How do plants make food?", "Tell me
 
 @pytest.fixture(scope="module")
 def model_file():
-    try:
-        return str(fetch_mod.model_path("smollm2", log=print))
-    except fetch_mod.FetchError as e:
-        if os.environ.get("CPATTN_REQUIRE_MODEL") == "1":
-            pytest.fail(f"CPATTN_REQUIRE_MODEL=1 and the model could not be fetched: {e}")
-        pytest.skip(f"model file not available ({fetch_mod.cached_path('smollm2')}): {e}")
+    """The fetched model; tests never download it (CI runs ``cpattn models fetch smollm2`` first)."""
+    path = fetch_mod.cached_path("smollm2")
+    if not fetch_mod.is_fetched("smollm2"):
+        why = f"model file not fetched ({path}); run `cpattn models fetch smollm2` first"
+        if REQUIRED:
+            pytest.fail(f"CPATTN_REQUIRE_MODEL=1: {why}")
+        pytest.skip(why)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +97,8 @@ SHARED_QUESTIONS = ("What is the text above about?", "Give one keyword from the 
 def hf(model_file, gguf_file, text):
     """Everything transformers computes, at once and then freed: its thread pool and NumPy's
     then never compete for the cores while cpattn runs."""
-    torch = pytest.importorskip("torch", reason="needs the hf extra: pip install 'cpattn[hf]'")
-    transformers = pytest.importorskip("transformers", reason="needs the hf extra: pip install 'cpattn[hf]'")
+    torch = _need("torch", "hf")
+    transformers = _need("transformers", "hf")
     folder, name = os.path.split(model_file)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)

