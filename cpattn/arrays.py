@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .reference.dtypes import storage_numpy_dtype
+from .reference.dtypes import check_dtype_name, storage_numpy_dtype, storage_view
 
 CUPY_EXTRA = "pip install 'cpattn[cuda13x]'"  # or cpattn[cuda12x] for a CUDA 12 driver
 
@@ -64,8 +64,36 @@ def to_host(x) -> np.ndarray:
     Synchronises with the device."""
     if type(x) is np.ndarray:
         return x.copy()
+    if type(x).__module__.startswith("torch") and getattr(getattr(x, "device", None), "type", None) == "cpu":
+        return storage_view(x).copy()  # bfloat16 as uint16 bits, like every storage array
     if hasattr(x, "__cuda_array_interface__") and not hasattr(x, "get"):
         x = as_cupy(x, "x", contiguous=False)
     if hasattr(x, "get"):
         return np.asarray(x.get())
     return np.array(x, copy=True)
+
+
+def as_torch(x, dtype: str):
+    """A storage array (NumPy or CuPy, what cpattn returns) as a torch tensor of the storage
+    dtype, without a copy: ``torch.bfloat16`` for bf16 bits (uint16), ``torch.float16`` for
+    float16; on the array's device (CuPy through DLPack). ``dtype`` is the cache's storage
+    dtype (``cache.dtype``). Float32 arrays (``lse``) come back as float32 tensors."""
+    import torch
+
+    dtype = check_dtype_name(dtype)
+    bits = dtype == "bfloat16" and np.dtype(x.dtype) == np.uint16
+    if bits:
+        x = x.view(np.int16)  # DLPack and from_numpy know int16; the bits are reinterpreted below
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.from_dlpack(x)
+    return t.view(torch.bfloat16) if bits else t
+
+
+def as_ml_dtypes(x, dtype: str) -> np.ndarray:
+    """A NumPy storage array as a NumPy array of its real dtype, without a copy: bf16 bits
+    (uint16) as ``ml_dtypes.bfloat16`` (needs the ml_dtypes package), float16 as it is."""
+    if check_dtype_name(dtype) == "float16" or np.dtype(x.dtype) != np.uint16:
+        return x
+    import ml_dtypes
+
+    return x.view(ml_dtypes.bfloat16)
+

@@ -33,7 +33,7 @@ import numpy as np
 
 from .checks import INT32_MAX, check_bool, check_instance, check_int, check_scale, is_int
 from .chunk_cache import CacheError, ChunkCache, check_cache
-from .dtypes import as_numpy, storage_numpy_dtype, to_float32, to_storage
+from .dtypes import as_numpy, storage_numpy_dtype, storage_view, to_float32, to_storage
 
 _I32 = np.int32
 
@@ -378,6 +378,7 @@ def decode(cache: ChunkCache, plan: DecodePlan, q, layer: int = 0, scale: float 
     rounds o once to the storage dtype.
     """
     check_plan(cache, plan)
+    q = storage_view(q)  # ml_dtypes / torch bf16 as uint16 bits, no copy
     group = check_q(cache, q, plan.batch_size)
     cache.check_layer(layer)
     scale = check_scale(scale, cache.head_dim)
@@ -445,6 +446,7 @@ def oracle_decode(cache: ChunkCache, seqs, q, layer: int = 0, scale: float | Non
     Returns (o [B, Hq, D] float64, lse [B, Hq] float64).
     """
     ids = check_cache(cache).check_batch(seqs)
+    q = storage_view(q)
     group = check_q(cache, q, len(ids))
     cache.check_layer(layer)
     scale = check_scale(scale, cache.head_dim)
@@ -521,6 +523,7 @@ class ChunkAttentionDecode:
         returns (o, lse). ``out`` / ``lse_out`` are written in place when given."""
         cache = self.cache
         plan = check_plan(cache, self.decode_plan)
+        q, out = storage_view(q), storage_view(out)
         check_q(cache, q, plan.batch_size)
         B, Hq, D = plan.batch_size, self.num_q_heads, cache.head_dim
         if q.shape[1] != Hq:

@@ -29,7 +29,7 @@ from typing import Sequence as _Seq
 import numpy as np
 
 from .checks import INT32_MAX, check_bool, check_ids, check_int, check_optional_int
-from .dtypes import check_dtype_name, storage_numpy_dtype
+from .dtypes import check_dtype_name, storage_numpy_dtype, storage_view
 
 
 MAX_POOL_BYTES = 2**40  # 1 TiB: a larger K/V pool is a typo (num_chunks=10**15), not a cache
@@ -244,6 +244,7 @@ class ChunkCache:
         so the last prompt token is recomputed to get its logits).
         """
         tokens = self.check_tokens(tokens, "tokens")
+        k, v = storage_view(k), storage_view(v)  # ml_dtypes / torch CPU bf16: the uint16 bits, no copy
         if (k is None) != (v is None):
             raise ValueError("k, v: expected both or neither, got only one")
         if k is not None:
@@ -279,6 +280,7 @@ class ChunkCache:
         """Append tokens with their K/V for every layer (k, v: [num_layers, n, Hkv, D]) and commit."""
         s = self.sequence(seq)
         tokens = self.check_tokens(tokens, "tokens")
+        k, v = storage_view(k), storage_view(v)
         self.check_kv(k, "k", len(tokens))
         self.check_kv(v, "v", len(tokens))
         slots = self.reserve(seq, tokens)
@@ -288,6 +290,7 @@ class ChunkCache:
     def append(self, seqs: _Seq[int], tokens: _Seq[int], k, v) -> None:
         """Decode step: one token per sequence (k, v: [num_layers, batch, Hkv, D]), committed."""
         ids = self.check_batch(seqs)  # before anything is reserved: a bad batch changes nothing
+        k, v = storage_view(k), storage_view(v)
         self.check_kv(k, "k", len(ids))
         self.check_kv(v, "v", len(ids))
         slots = self.reserve_batch(ids, tokens)
@@ -319,13 +322,15 @@ class ChunkCache:
         return Slots(np.concatenate([p.chunk for p in parts]), np.concatenate([p.offset for p in parts]))
 
     def write_kv(self, layer: int, slots: Slots, k, v) -> None:
-        """Write k, v ([n, Hkv, D], storage dtype) of one layer into the reserved slots.
+        """Write k, v ([n, Hkv, D], storage dtype; also ``ml_dtypes.bfloat16`` arrays and torch
+        tensors, viewed as bits) of one layer into the reserved slots.
 
         ``slots`` must address tokens reserved since their sequence's last commit (what
         ``reserve``/``reserve_batch`` returned); anything else raises and writes nothing.
         """
         self.check_layer(layer)
         n = self._check_slots(slots)
+        k, v = storage_view(k), storage_view(v)
         for name, x in (("k", k), ("v", v)):
             self._check_array(x, name, (n, self.num_kv_heads, self.head_dim))
         self._scatter(layer, slots, k, v)

@@ -52,7 +52,7 @@ from .checks import INT32_MAX, cdiv, check_bool, check_choice, check_ids, check_
     check_optional_int, check_real, check_scale, is_int
 from .chunk_attention import attention_state, merge_states
 from .chunk_cache import CacheError, ChunkCache, check_cache
-from .dtypes import as_numpy, storage_numpy_dtype, to_float32, to_storage
+from .dtypes import as_numpy, storage_numpy_dtype, storage_view, to_float32, to_storage
 
 _I32 = np.int32
 KERNEL_CHOICES = ("auto", "wgmma", "mma")  # compact_prefill(kernel=...): the GPU's attention kernels
@@ -290,6 +290,7 @@ def select_blocks(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int 
         group_size: query heads per sub-group of the group union (None: the whole GQA group).
     Past pages not yet summarised (e.g. a freshly matched prefix) are summarised first.
     """
+    q = storage_view(q)
     P, n, G = check_chunk(cache, seq, q, layer)
     scale = check_scale(scale, cache.head_dim)
     c, Hkv = cache.chunk_size, cache.num_kv_heads
@@ -544,6 +545,7 @@ def sparse_prefill(cache: ChunkCache, tables: BlockTables, q, layer: int = 0,
     if tables.version != cache.version:
         raise CacheError(f"tables: expected tables for cache version {cache.version}, got tables built for cache version {tables.version}, cache is at "
                          f"{cache.version} (the tree changed); select and build again")
+    q = storage_view(q)
     P, n, G = check_chunk(cache, tables.seq, q, layer)
     if (P, n, q.shape[1]) != (tables.past_len, tables.chunk_len, tables.num_q_heads):
         raise ValueError(f"q: expected [{tables.chunk_len}, {tables.num_q_heads}, D] after P = "
@@ -627,6 +629,7 @@ def oracle_prefill(cache: ChunkCache, seq: int, q, layer: int = 0, scale: float 
     Returns:
         o float64 [n, Hq, D], lse float64 [n, Hq].
     """
+    q = storage_view(q)
     check_chunk(cache, seq, q, layer)
     scale = check_scale(scale, cache.head_dim)
     k, v = _chunk_kv64(cache, seq, layer)
@@ -639,6 +642,7 @@ def attention_mass(cache: ChunkCache, seq: int, q, layer: int = 0, scale: float 
     Block j covers tokens j*c .. j*c + c - 1 of the sequence (past blocks first, then the
     chunk's own blocks); every (row, head) sums to 1.
     """
+    q = storage_view(q)
     P, n, G = check_chunk(cache, seq, q, layer)
     scale = check_scale(scale, cache.head_dim)
     k, _ = _chunk_kv64(cache, seq, layer)
@@ -754,6 +758,7 @@ def compact_prefill(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: in
     check_choice(kernel, "kernel", KERNEL_CHOICES)
     check_bool(return_lse, "return_lse")
     check_events(events)
+    q, out = storage_view(q), storage_view(out)
     P, n, G = check_chunk(cache, seq, q, layer)
     check_scale(scale, cache.head_dim)
     check_options(cache.chunk_size, n, G, alpha, sink, window, q_tile, group_size)
@@ -844,6 +849,7 @@ def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k
     c, L = cache.chunk_size, cache.num_layers
     length = cache.seq_len(seq)
     tokens = cache.check_tokens(tokens, "tokens")
+    q, k, v = storage_view(q), storage_view(k), storage_view(v)
     m = len(tokens)
     if length % c:
         raise ValueError(f"seq: expected a sequence whose length is a multiple of chunk_size {c} "

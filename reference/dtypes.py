@@ -27,6 +27,23 @@ def as_numpy(x) -> np.ndarray:
     return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
 
 
+def storage_view(x):
+    """``x`` as the array cpattn stores, without a copy: a NumPy ``ml_dtypes.bfloat16`` array as
+    its uint16 bit patterns, a CPU torch tensor as a NumPy array (bfloat16 through int16 to
+    uint16 bits). Everything else (NumPy storage arrays, CuPy arrays, GPU tensors, garbage the
+    checks will refuse) is returned as it is."""
+    if isinstance(x, np.ndarray):
+        return x.view(np.uint16) if x.dtype.name == "bfloat16" and x.dtype.itemsize == 2 else x
+    if type(x).__module__.startswith("torch") and getattr(getattr(x, "device", None), "type", None) == "cpu":
+        import torch
+
+        x = x.detach()
+        if x.dtype == torch.bfloat16:
+            return x.view(torch.int16).numpy().view(np.uint16)
+        return x.numpy()
+    return x
+
+
 def check_dtype_name(dtype, argument: str = "dtype") -> str:
     """Normalise a storage dtype given as a name, a NumPy dtype or scalar type (``numpy.float16``,
     ``ml_dtypes.bfloat16``). Something that names no dtype (``123``, None, an object): TypeError;
@@ -66,6 +83,7 @@ def to_storage(x, dtype: str):
 def to_float32(x, dtype: str):
     """storage array -> float32 values (``dtype``: the storage dtype the array holds)."""
     dtype = check_dtype_name(dtype)
+    x = storage_view(x)
     xp = array_module(x)
     if dtype == "float16":
         return x.astype(xp.float32)
