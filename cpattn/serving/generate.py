@@ -148,6 +148,7 @@ class BatchReport:
     kv_bytes_per_token: int
     chunk_size: int
     alpha: float
+    prefill_density: float | None = None  # mean fraction of K/V blocks prefill read (alpha > 0)
 
     @property
     def generated(self) -> int:
@@ -172,7 +173,7 @@ class BatchReport:
             decode_tokens_per_s=(self.generated - len(self.requests)) / self.decode_time if self.decode_time else 0.0,
             step_ms=1e3 * self.decode_time / max(1, self.decode_steps),
             kv_mib=self.kv_tokens_stored * self.kv_bytes_per_token / 2**20,
-            kv_flat_mib=self.kv_tokens_flat * self.kv_bytes_per_token / 2**20)
+            kv_flat_mib=self.kv_tokens_flat * self.kv_bytes_per_token / 2**20, prefill_density=self.prefill_density)
 
     def __str__(self) -> str:
         s = self.summary()
@@ -181,7 +182,9 @@ class BatchReport:
             f"batch run on {s['backend']}: {s['requests']} requests sharing a {s['doc_tokens']}-token document "
             f"(chunk size {self.chunk_size}, prefill alpha {self.alpha:g})",
             f"  prefill: {s['prompt_tokens']} prompt tokens, {s['prefill_reused']} reused from the cache, "
-            f"{s['prefill_computed']} computed, in {s['prefill_s']:.2f} s",
+            f"{s['prefill_computed']} computed, in {s['prefill_s']:.2f} s"
+            + ("" if self.prefill_density is None else
+               f", reading {100 * self.prefill_density:.1f}% of the K/V blocks (CompactAttention)"),
             f"  time to first token: first request {s['ttft_first_s']:.2f} s, mean {s['ttft_mean_s']:.2f} s, "
             f"max {s['ttft_max_s']:.2f} s",
             f"  decode: {s['generated']} tokens in {s['decode_steps']} steps, {s['decode_s']:.2f} s, "
@@ -325,6 +328,7 @@ class Generator:
             gens.append(g)
             seqs.append(seq)
         prefill_time = time.perf_counter() - t0
+        density = float(np.mean([d["tables"] for d in attn.densities])) if attn.densities else None
         peak = cache.stats()
         live = [i for i, g in enumerate(gens) if not _done(g, max_new_tokens, self.tokenizer.eos_ids, stop_at_eos)]
         steps = 0
@@ -352,7 +356,7 @@ class Generator:
         return BatchReport(backend=self.backend, requests=gens, doc_tokens=doc_tokens, prefill_time=prefill_time,
                            decode_time=decode_time, decode_steps=steps, kv_tokens_stored=peak["tokens_stored"],
                            kv_tokens_flat=peak["tokens_flat"], kv_bytes_per_token=model.kv_bytes_per_token(),
-                           chunk_size=c, alpha=self.alpha)
+                           chunk_size=c, alpha=self.alpha, prefill_density=density)
 
 
 def _done(g: Generation, max_new: int, eos_ids, stop_at_eos: bool) -> bool:
