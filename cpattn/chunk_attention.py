@@ -20,6 +20,7 @@ import functools
 import itertools
 import math
 import operator
+import time
 import types
 import weakref
 
@@ -31,7 +32,7 @@ from .kernels import THREADS, UNIT_WIDTH, decode_smem_bytes, get_kernels, phase1
 from .reference import chunk_attention as reference
 from .reference.checks import INT32_MAX, check_bool, check_instance, check_int, check_scale
 from .reference.chunk_attention import SPLIT_FIELDS, DecodePlan, batch_states, check_num_q_heads, \
-    check_piece_chunks, check_plan
+    check_piece_chunks, check_plan, log_plan
 from .reference.chunk_cache import ChunkCache, check_cache
 
 _I32 = np.int32
@@ -602,6 +603,7 @@ class ChunkAttentionDecode:
         import cupy
 
         cache = self.cache
+        t0, previous = time.perf_counter(), self.decode_plan
         plan, host, offs, num_units = plan_host(cache, seqs, num_q_heads, self.piece_chunks,
                                                 self.private_piece_chunks, self.units_per_sm, self._sms)
         buf = cupy.asarray(host)  # the one upload
@@ -615,6 +617,7 @@ class ChunkAttentionDecode:
         self.num_q_heads = int(num_q_heads)
         cache.sync_lens()
         self.decode_plan = plan
+        log_plan(plan, previous, time.perf_counter() - t0)
         return plan
 
     @property

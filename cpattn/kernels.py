@@ -240,3 +240,28 @@ def get_kernels(file: str, dtype: str, head_dim: int, chunk_size: int) -> dict:
         raise ValueError(f"chunk_size: expected one of {CHUNK_SIZES} for the CUDA kernels, got {chunk_size}")
     key = variant_key(file, dtype, head_dim, chunk_size)
     return _module(key, file, dtype, head_dim, chunk_size, cupy.cuda.Device().id)
+
+
+# ---------------------------------------------------------------------- logging
+# Kernel compiles go to the standard logger "cpattn" (INFO: which variant, on which device, how
+# long; a variant is compiled once per process and device, later calls hit the cache).
+def log_compiles(compile_variant):
+    import logging
+    import time
+
+    log = logging.getLogger("cpattn")
+
+    @functools.wraps(compile_variant)
+    def call(key, file, dtype, head_dim, chunk_size, device):
+        misses = compile_variant.cache_info().misses
+        t0 = time.perf_counter()
+        out = compile_variant(key, file, dtype, head_dim, chunk_size, device)
+        if compile_variant.cache_info().misses > misses:
+            log.info("compiled kernels %s on device %d in %.2f s", key, device, time.perf_counter() - t0)
+        return out
+
+    call.cache_info, call.cache_clear = compile_variant.cache_info, compile_variant.cache_clear
+    return call
+
+
+_module = log_compiles(_module)

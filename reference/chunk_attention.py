@@ -27,6 +27,8 @@ GQA: query head ``h`` reads kv head ``h // (Hq // Hkv)``.
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -484,6 +486,19 @@ def check_output(x, name: str, dtype, shape: tuple) -> np.ndarray:
     return x
 
 
+def log_plan(plan: DecodePlan, previous: "DecodePlan | None", seconds: float) -> None:
+    """A plan (re)build on the standard logger "cpattn", at DEBUG: batch, cache version, time,
+    and why (the first plan, the tree changed, or the batch changed)."""
+    log = logging.getLogger("cpattn")
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    why = ("first plan" if previous is None else
+           f"tree changed (version {previous.version} -> {plan.version})" if previous.version != plan.version else
+           "batch changed" if previous.batch != plan.batch else "same tree and batch")
+    log.debug("decode plan rebuilt: batch %d, cache version %d, %d pieces, %d items, %.3f ms (%s)",
+              plan.batch_size, plan.version, plan.num_pieces, plan.num_items, 1e3 * seconds, why)
+
+
 class ChunkAttentionDecode:
     """Plan/run decoder over a NumPy ``ChunkCache``; the same API as the GPU's
     (``cpattn.chunk_attention.ChunkAttentionDecode``, which returns this class for a NumPy cache).
@@ -512,8 +527,11 @@ class ChunkAttentionDecode:
         """Plan a decode step for ``seqs`` (the row order of ``q`` in ``run``)."""
         num_q_heads = check_num_q_heads(self.cache, num_q_heads)
         pc, ppc = (None if x == "auto" else x for x in (self.piece_chunks, self.private_piece_chunks))
+        t0 = time.perf_counter()
+        previous = self.decode_plan
         self.decode_plan = build_decode_plan(self.cache, seqs, pc, ppc)
         self.num_q_heads = num_q_heads
+        log_plan(self.decode_plan, previous, time.perf_counter() - t0)
         return self.decode_plan
 
     def run(self, q, layer: int = 0, *, scale: float | None = None, out=None, return_lse: bool = False,
@@ -548,4 +566,4 @@ class ChunkAttentionDecode:
 
 __all__ = ["DecodePlan", "build_decode_plan", "split_plan", "merge_states", "attention_state", "decode",
            "oracle_decode", "ChunkAttentionDecode", "check_piece_chunks", "batch_states", "check_q",
-           "check_plan", "check_num_q_heads", "SPLIT_FIELDS"]
+           "check_plan", "check_num_q_heads", "SPLIT_FIELDS", "log_plan"]

@@ -49,7 +49,7 @@ def bar_chart(rows, series, labels, ylabel, title, path, log=False, annotate=Non
         return
     x = np.arange(len(rows))
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.5 + 0.15 * max(str(lb).count("\n") for lb in labels)))
     for k, (name, key) in enumerate(series):
         ax.bar(x + (k - (len(series) - 1) / 2) * width, [r.get(key, float("nan")) for r in rows], width, label=name)
     if annotate is not None:
@@ -59,7 +59,7 @@ def bar_chart(rows, series, labels, ylabel, title, path, log=False, annotate=Non
         ax.set_yscale("log")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the bars
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

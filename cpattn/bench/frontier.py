@@ -16,12 +16,15 @@ Recall of a (head, row) = the chunk's own blocks' mass + the mass of the table's
 density = past blocks read / past blocks, averaged over (head, query block), as the benchmark
 counts it. Prints a table, writes ``frontier.json`` and (with matplotlib) ``frontier.png``.
 
-    python -m cpattn.bench.frontier [--past 131072] [--chunk 4096] [--block 64]
-                                    [--kv-heads 0,1,2,3,4,5,6,7] [--out bench]
+    python -m cpattn.bench.frontier [--past 8192] [--chunk 1024] [--block 64]
+                                    [--kv-heads 0,1] [--out frontier_out]
+    python -m cpattn.bench.frontier --benchmark-size --out bench   # bench/frontier.md
 
 (``tools/selection_frontier.py`` runs the same.)
 
-CPU only; 128K x 4096 takes about 20 s per kv head on two cores.
+CPU only. The default is small (8K past, seconds); ``--benchmark-size`` builds the prefill
+benchmark's 139K-token prompt (about 200 s and 2 GB; 128K x 4096 then takes about 20 s per kv
+head on two cores). Nothing tracked is overwritten unless ``--out bench`` is given.
 """
 from __future__ import annotations
 
@@ -42,6 +45,23 @@ from .table import markdown_table, write_tables
 ALPHAS = (0.0, 0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.4)
 # (query heads per table, query rows per table); rows None = the whole chunk
 GRANULARITIES = ((4, None), (1, None), (4, 1024), (1, 1024), (1, 256), (1, 64))
+
+
+SMALL = dict(past=8192, chunk=1024, kv_heads="0,1")  # seconds on a laptop
+BENCHMARK = dict(past=131072, chunk=4096, kv_heads="0,1,2,3,4,5,6,7")  # bench/frontier.md
+
+
+def granularities(n: int) -> list:
+    """The table granularities for a chunk of ``n`` rows, each once: a row count >= n is the
+    whole chunk, so (4, 1024) and (4, None) are the same table at n <= 1024 and are not
+    computed, printed or stored twice."""
+    out, seen = [], set()
+    for heads, rows in GRANULARITIES:
+        key = (heads, min(rows or n, n))
+        if key not in seen:
+            seen.add(key)
+            out.append((heads, rows if rows is not None and rows < n else None))
+    return out
 
 
 LOG_BINS = np.linspace(-16, 0, 3201)  # log10 of a key's probability, for the token oracle
@@ -149,17 +169,34 @@ def oracle_curve(past, own, heads, rows_per_tile, c, forced):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m cpattn.bench.frontier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--past", type=int, default=131072)
-    ap.add_argument("--chunk", type=int, default=4096)
-    ap.add_argument("--block", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help="prompt length generated (the benchmark's)")
-    ap.add_argument("--kv-heads", default="0,1,2,3,4,5,6,7")
-    ap.add_argument("--sink", type=int, default=2)
-    ap.add_argument("--window", type=int, default=4)
-    ap.add_argument("--out", default="bench")
+    ap = argparse.ArgumentParser(prog="python -m cpattn.bench.frontier", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--past", type=int, default=None, help=f"past tokens (default {SMALL['past']}; "
+                    f"--benchmark-size: {BENCHMARK['past']})")
+    ap.add_argument("--chunk", type=int, default=None, help=f"rows of the chunk (default {SMALL['chunk']}; "
+                    f"--benchmark-size: {BENCHMARK['chunk']})")
+    ap.add_argument("--block", type=int, default=64, help="block = chunk size of the cache (default 64)")
+    ap.add_argument("--prompt-len", type=int, default=None,
+                    help="prompt length generated (default past + chunk; --benchmark-size: the prefill "
+                         f"benchmark's {PROMPT_LEN}, so the data are the benchmark's)")
+    ap.add_argument("--kv-heads", default=None, help=f"kv heads analysed (default {SMALL['kv_heads']}; "
+                    f"--benchmark-size: {BENCHMARK['kv_heads']})")
+    ap.add_argument("--benchmark-size", action="store_true",
+                    help="the sizes of bench/frontier.md: the 139K-token benchmark prompt, past 131072, chunk "
+                         "4096, all 8 kv heads (minutes and about 2 GB)")
+    ap.add_argument("--sink", type=int, default=2, help="sink blocks (default 2)")
+    ap.add_argument("--window", type=int, default=4, help="window blocks (default 4)")
+    ap.add_argument("--out", default="frontier_out",
+                    help="directory of frontier.md/.csv/.json/.png (default frontier_out; the tracked results "
+                         "live in bench/, pass --out bench to replace them)")
     args = ap.parse_args(argv)
-    P, n, c = args.past, args.chunk, args.block
+    size = BENCHMARK if args.benchmark_size else SMALL
+    P = size["past"] if args.past is None else args.past
+    n = size["chunk"] if args.chunk is None else args.chunk
+    c = args.block
+    prompt_len = args.prompt_len or (PROMPT_LEN if args.benchmark_size else P + n)
+    args.kv_heads = args.kv_heads or size["kv_heads"]
+    args.prompt_len = prompt_len
     Hq, Hkv, D = 32, 8, 128
     G = Hq // Hkv
     scale = 1.0 / np.sqrt(D)
@@ -171,9 +208,10 @@ def main(argv=None):
     j = np.arange(Pb)
     forced = (j < args.sink) | (j >= Pb - args.window)
     kvh = [int(x) for x in args.kv_heads.split(",")]
-    curves = {str(g): [] for g in GRANULARITIES}
+    grans = granularities(n)
+    curves = {str(g): [] for g in grans}
     hist = dict(count=np.zeros(len(LOG_BINS) + 1), mass=np.zeros(len(LOG_BINS) + 1), own=0.0, rows=0)
-    alpha_pts = {str(g): {a: [] for a in ALPHAS} for g in GRANULARITIES}
+    alpha_pts = {str(g): {a: [] for a in ALPHAS} for g in grans}
     for i, h in enumerate(kvh):
         t1 = time.time()
         q = to_float32(w.q[0, P:P + n, h * G:(h + 1) * G], "bfloat16")
@@ -181,7 +219,7 @@ def main(argv=None):
         past, own = exact_mass(q, k, P, c, scale, token_hist=hist)
         kmean = k[:P].reshape(Pb, c, D).mean(axis=1)
         s = alpha_scores(q, kmean, c, scale)
-        for gran in GRANULARITIES:
+        for gran in grans:
             heads, rows = gran
             curves[str(gran)].append(oracle_parts(past, own, heads, rows, c, forced))
             for a in ALPHAS:
@@ -198,7 +236,7 @@ def main(argv=None):
     print(f"\npast {P}, chunk {n}, block {c}, kv heads {kvh}")
     print("table = heads x rows | oracle density at mean recall " + " / ".join(map(str, targets))
           + " | alpha rule: alpha -> density, mean recall, min recall")
-    for gran in GRANULARITIES:
+    for gran in grans:
         key = str(gran)
         d_all, r_all = pooled_curve(curves[key])
         rec_grid = np.interp(grid, d_all, r_all)
@@ -230,7 +268,7 @@ def main(argv=None):
     lines.append(["token oracle (each row its own keys, no blocks)", " / ".join(f"{x:.3f}" for x in tneed),
                   f"({hist['rows']} sampled rows)", "", ""])
     md = [f"## Selection frontier: how sparse can a block selection be? (CPU, {date})", "",
-          f"The benchmark's prompt (`long_context_qkv`, seed 1, {max(args.prompt_len, P + n)} tokens), past {P}, "
+          f"The prompt (`long_context_qkv`, seed 1, the prefill benchmark's with --benchmark-size; {max(args.prompt_len, P + n)} tokens), past {P}, "
           f"chunk {n}, block {c}, kv heads {kvh} (query heads {G} each), float32 exact masses. "
           "**Oracle**: past blocks taken by exact attention mass summed over each table's heads and rows "
           "(the best any selector with those tables can do); **alpha rule**: the FlashPrefill-style threshold "
@@ -265,6 +303,8 @@ def main(argv=None):
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "frontier.png"), dpi=120)
+    plt.close(fig)
+    print(f"wrote {os.path.join(args.out, 'frontier.png')}")
     return 0
 
 

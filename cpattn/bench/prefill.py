@@ -73,23 +73,33 @@ def cudnn_peer(torch, F, sdpa_kernel, SDPBackend, qt, kt, vt, mask, timer, ours)
 
 
 def plot(rows, path, dev):
-    """Grouped bars per configuration (ms) with the recall of our selection on top."""
+    """Grouped bars per configuration (ms). Each group's label carries its configuration on two
+    lines and the recall of our selection on a third, so no text is drawn over the bars."""
     series = [("ours sparse", "ours_sparse_ms"), ("ours dense", "ours_dense_ms"), ("SDPA flash", "sdpa_flash_ms"),
               ("SDPA cuDNN", "sdpa_cudnn_ms"), ("Flex dense", "flex_dense_ms"), ("Flex, our blocks", "flex_sparse_ms")]
-    labels = [f"c{r['block']} P{r['past'] // 1024}K n{r['chunk']}\na{r['alpha']} g{r['group_size']}" for r in rows]
-
-    def recall(ax, x, rows):
-        for xi, r in zip(x, rows):
-            ax.annotate(f"recall {r['recall_mean']:.3f}", (xi, r["ours_dense_ms"]), ha="center", va="bottom",
-                        fontsize=6)
-
+    labels = [f"c{r['block']} P{r['past'] // 1024}K n{r['chunk']}\na{r['alpha']} g{r['group_size']}\n"
+              f"recall {r['recall_mean']:.3f}" for r in rows]
     bar_chart(rows, series, labels, "time per chunk and layer (ms)",
-              f"CompactAttention chunked prefill, bf16 Hq32 Hkv8 D128 ({dev})", path, annotate=recall)
+              f"CompactAttention chunked prefill, bf16 Hq32 Hkv8 D128 ({dev}); recall: mean attention mass "
+              f"our sparse selection reads", path)
+
+
+def replot(json_path: str, png_path: str | None = None) -> str:
+    """Draw the plot again from a JSON this benchmark wrote (PNG next to it unless ``png_path``)."""
+    import json
+
+    with open(json_path) as f:
+        data = json.load(f)
+    png_path = png_path or os.path.splitext(json_path)[0] + ".png"
+    plot(data["rows"], png_path, data.get("device", "?"))
+    return png_path
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="cpattn bench prefill", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--out", default="bench_out", help="directory of the table, CSV, JSON and PNG")
+    ap.add_argument("--replot", metavar="JSON", default=None,
+                    help="only draw the plot again from a JSON this benchmark wrote (PNG next to it); no GPU")
     ap.add_argument("--configs", nargs="*", default=DEFAULT,
                     help="chunk_size:past:chunk_len[:alpha[:group_size[:q_tile]]] (group_size 0: whole GQA "
                          "group; q_tile 0: whole chunk)")
@@ -100,6 +110,9 @@ def main(argv=None):
                     help="tokens of the generated prompt (fixed, so a config's data does not depend on "
                          "which other configs run; raised to the longest past + chunk if needed)")
     args = ap.parse_args(argv)
+    if args.replot:
+        replot(args.replot)
+        return 0
     import cupy
     import torch
     import torch.nn.functional as F

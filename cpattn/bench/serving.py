@@ -27,6 +27,7 @@ Writes a markdown section (BENCHMARKS.md), CSV, JSON and a PNG plot under ``--ou
 from __future__ import annotations
 
 import argparse
+import json
 import datetime
 import os
 import sys
@@ -46,7 +47,9 @@ PIPELINE_CPATTN, PIPELINE_SDPA = "cpattn", "torch SDPA"
 # ============================================================================ arguments
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="cpattn bench serving", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--out", default="bench_out", help="directory of the table, CSV, JSON and PNG")
+    ap.add_argument("--replot", metavar="JSON", default=None,
+                    help="only draw the plot again from a JSON this benchmark wrote (PNG next to it); no GPU")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--system-len", type=int, default=2048, help="tokens of the shared system prompt")
     ap.add_argument("--own-len", type=int, default=512, help="own prompt tokens of each request")
@@ -306,31 +309,55 @@ def with_summary(rows: list, meta: dict) -> list:
     return out
 
 
-def plot(rows: list, steps_ms: dict, path: str, dev: str) -> bool:
-    """Decode step time per step, prefill time per prompt token and peak K/V tokens, per pipeline."""
+def plot(rows: list, steps_ms: dict, path: str, dev: str, warmup_steps: int = 0) -> bool:
+    """Decode step times (log axis, and their distribution, so a few slow steps cannot flatten
+    the rest), prefill time per prompt token and peak K/V tokens, per pipeline."""
     plt = pyplot()
     if plt is None:
         return False
     rows = [r for r in rows if "error" not in r]
     names = [f"{r['pipeline']}" + (f" a={r['alpha']:g}" if r["pipeline"] == PIPELINE_CPATTN else "") for r in rows]
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name in names:
-        ax[0].plot(np.arange(1, len(steps_ms.get(name, [])) + 1), steps_ms.get(name, []), label=name, lw=1)
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    steps = {n: np.asarray(steps_ms.get(n, []), np.float64) for n in names}
+    positive = np.concatenate([v[v > 0] for v in steps.values()] + [np.zeros(0)])
+    positive = positive if positive.size else np.ones(1)
+    bins = np.geomspace(positive.min() * 0.9, positive.max() * 1.1, 50)
+    for i, name in enumerate(names):
+        t, col = steps[name], colors[i % len(colors)]
+        if not len(t):
+            continue
+        med = float(np.median(t[warmup_steps:] if len(t) > warmup_steps else t))
+        ax[0].plot(np.arange(1, len(t) + 1), t, lw=1, color=col, label=f"{name} (median {med:.1f} ms)")
+        ax[0].axhline(med, color=col, lw=0.8, ls="--")
+        ax[1].hist(t, bins=bins, color=col, alpha=0.55, label=name)
+    if warmup_steps:
+        ax[0].axvspan(0.5, warmup_steps + 0.5, color="0.9", zorder=0, label=f"warm-up ({warmup_steps} steps, not in the median)")
+    ax[0].set_yscale("log")
     ax[0].set_xlabel("decode step")
-    ax[0].set_ylabel("step time (ms, all layers)")
-    ax[0].set_title("decode step")
-    ax[0].legend(fontsize=8)
+    ax[0].set_ylabel("step time (ms, all layers; log scale)")
+    ax[0].set_title("decode step time")
+    ax[0].legend(fontsize=7)
+    ax[1].set_xscale("log")
+    ax[1].set_xlabel("step time (ms, log scale)")
+    ax[1].set_ylabel("decode steps")
+    ax[1].set_title("decode step time distribution")
+    ax[1].legend(fontsize=7)
     x = np.arange(len(rows))
-    ax[1].bar(x, [r["prefill_us_per_prompt_token"] for r in rows], 0.6)
-    ax[1].set_xticks(x, names, fontsize=8)
-    ax[1].set_ylabel("prefill us per prompt token")
-    ax[1].set_title("prefill (prefix reuse included)")
-    ax[2].bar(x - 0.2, [r["tokens_stored"] for r in rows], 0.4, label="stored")
-    ax[2].bar(x + 0.2, [r["tokens_flat"] for r in rows], 0.4, label="flat cache")
+    vals = [r["prefill_us_per_prompt_token"] for r in rows]
+    bars = ax[2].bar(x, vals, 0.6, color=[colors[i % len(colors)] for i in range(len(rows))])
+    ax[2].bar_label(bars, [f"{v:.2f}" for v in vals], fontsize=8)
     ax[2].set_xticks(x, names, fontsize=8)
-    ax[2].set_ylabel("K/V tokens at peak")
-    ax[2].set_title("memory")
-    ax[2].legend(fontsize=8)
+    ax[2].set_ylabel("prefill us per prompt token")
+    ax[2].set_title("prefill (prefix reuse included)")
+    stored = ax[3].bar(x - 0.2, [r["tokens_stored"] for r in rows], 0.4, label="stored")
+    ax[3].bar(x + 0.2, [r["tokens_flat"] for r in rows], 0.4, label="flat cache")
+    ax[3].bar_label(stored, [f"{r['tokens_stored'] / max(r['tokens_flat'], 1):.0%}" for r in rows], fontsize=8)
+    ax[3].set_xticks(x, names, fontsize=8)
+    ax[3].set_ylabel("K/V tokens at peak")
+    ax[3].set_title("memory (stored, as a share of flat)")
+    ax[3].set_ylim(0, 1.15 * max([r["tokens_flat"] for r in rows] + [1]))
+    ax[3].legend(fontsize=8, loc="upper center", ncol=2)
     fig.suptitle(f"Serving pipeline end to end ({dev})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -339,12 +366,24 @@ def plot(rows: list, steps_ms: dict, path: str, dev: str) -> bool:
     return True
 
 
+def replot(json_path: str, png_path: str | None = None) -> str:
+    """Draw the plot again from a benchmark's JSON (rows, decode_step_ms, device, args); the PNG
+    goes next to the JSON (same name, .png) unless ``png_path`` is given. Nothing is measured."""
+    with open(json_path) as f:
+        data = json.load(f)
+    png_path = png_path or os.path.splitext(json_path)[0] + ".png"
+    warm = int(data.get("args", {}).get("warmup_steps", 0))
+    plot(data["rows"], data.get("decode_step_ms", {}), png_path, data.get("device", "?"), warm)
+    return png_path
+
+
 def write_outputs(rows: list, meta: dict, steps_ms: dict, out: str) -> str:
     """bench_serving.md / .csv / .json / .png under ``out``; returns the markdown."""
     text = markdown(rows, meta)
     write_tables(out, "bench_serving", with_summary(rows, meta), meta, text, extra=dict(decode_step_ms=steps_ms))
     try:
-        plot(rows, steps_ms, os.path.join(out, "bench_serving.png"), meta["device"])
+        plot(rows, steps_ms, os.path.join(out, "bench_serving.png"), meta["device"],
+             int(meta["args"].get("warmup_steps", 0)))
     except Exception as e:  # noqa: BLE001  (the numbers are written; a plotting problem loses only the picture)
         print(f"plot failed: {type(e).__name__}: {e}")
     return text
@@ -364,6 +403,9 @@ def _versions(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        replot(args.replot)
+        return 0
     try:  # the peer: fail early, before anything is measured
         import torch
     except ImportError:
