@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cpattn import gpu_available
-from cpattn.testing.budgets import budget as testing_budget
+from cpattn.testing.budgets import budget as kernel_budget
 from cpattn.reference import ChunkAttentionDecode as RefDecode
 from cpattn.reference import ChunkCache, oracle_decode
 from cpattn.reference.dtypes import to_float32
@@ -34,7 +34,7 @@ def make_pair(prompts, kv, L, Hkv, D, c, dtype, share=True, order=None):
 
 def budget(dtype, v_absmax):
     """The kernels' budget from the one table (cpattn.testing.budgets)."""
-    return testing_budget("decode", dtype, v_absmax, backend="cupy")
+    return kernel_budget("decode", dtype, v_absmax, backend="cupy")
 
 
 def run_gpu(gpu, ids, q, layer, piece=None, private=None, scale=None):

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cpattn import gpu_available
-from cpattn.testing.budgets import budget as testing_budget
+from cpattn.testing.budgets import budget as kernel_budget
 from cpattn.reference import compact_attention as ca
 from cpattn.reference.chunk_attention import attention_state  # noqa: F401
 from cpattn.reference.dtypes import to_float32
@@ -84,7 +84,7 @@ def gpu_mask(r, cpu, seq, sel):
 
 def budget(dtype, v_absmax):
     """The kernels' budget from the one table (cpattn.testing.budgets)."""
-    return testing_budget("prefill", dtype, v_absmax, backend="cupy")
+    return kernel_budget("prefill", dtype, v_absmax, backend="cupy")
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))

@@ -115,7 +115,8 @@ def test_the_snapshot_sees_every_kind_of_change(backend):
     cache.release(b)  # one cached chunk
     changes = [
         lambda: cache.k_pool.__setitem__((0, 5, 0, 0, 0), 1.0),
-        lambda: cache.v_pool.reshape(-1).__setitem__(-1, -0.0),  # a sign bit only
+        # a sign bit only, written as bits (CuPy fills any value == 0 with memset, so -0.0 stays +0.0)
+        lambda: cache.v_pool.reshape(-1).view(np.uint16).__setitem__(-1, 0x8000),
         lambda: cache.evict(),
         lambda: cache.extend(a, [3], *map(backend.asarray, kv([3], start=cache.seq_len(a)))),
         lambda: cache.fork(a),

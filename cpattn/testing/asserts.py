@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 from contextlib import contextmanager
 
 import numpy as np
@@ -75,6 +76,8 @@ def _freeze(x):
     """A comparable, hashable image of a cache attribute. Nodes become (chunk, serial)
     references (the tree itself is frozen node by node); modules and functions are
     configuration, not state, and are left out."""
+    if isinstance(x, types.ModuleType) or callable(x):
+        return _SKIP  # the array module (cupy has .shape and .dtype too), hooks, kernels
     if isinstance(x, Node):
         return ("node", x.chunk, x.serial)
     if isinstance(x, float):
