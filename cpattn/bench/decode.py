@@ -117,7 +117,7 @@ def bench_config(batch, shared, own, Hq, Hkv, D=128, c=64, share=True, iters=50)
     torch.cuda.synchronize()
     res = dict(batch=batch, shared=shared if share else 0, own=own if share else shared + own, Hq=Hq, Hkv=Hkv,
                ours_us=1e3 * ours, ours_graph_us=1e3 * ours_graph, plan_ms=plan_ms, pieces=plan.num_pieces,
-               units=len(dec.units()))
+               units=len(dec.units))
     ref = None
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
         try:
