@@ -97,7 +97,7 @@ def models_main(args) -> int:
 def register(subparsers) -> None:
     """Add ``generate`` and ``models`` to cpattn's subcommands (``args.run(args)`` runs one)."""
     from .fetch import MODELS
-    from .generate import BACKENDS
+    from .backends import BACKENDS
 
     g = subparsers.add_parser("generate", help="text in, streamed text out, from a real model (SmolLM2) through cpattn",
                               description="Generate text with a pretrained GGUF model whose attention runs through "

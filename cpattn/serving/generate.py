@@ -27,23 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..reference.checks import cdiv, check_choice, check_int, check_real
+from ..reference.checks import cdiv, check_int, check_real
+from .backends import resolve_backend
 from .llama import CacheAttention, LlamaModel
-
-BACKENDS = ("auto", "numpy", "cupy")
-
-
-def resolve_backend(name: str) -> str:
-    """'numpy' or 'cupy' for a --backend choice ('auto': CuPy when a GPU is visible)."""
-    from .. import gpu_available
-
-    check_choice(name, "backend", BACKENDS)
-    if name == "auto":
-        return "cupy" if gpu_available() else "numpy"
-    if name == "cupy" and not gpu_available():
-        raise RuntimeError("backend: expected a CUDA GPU visible to CuPy for 'cupy', got none on this machine")
-    return name
-
 
 # ============================================================================ texts
 class _MainText(html.parser.HTMLParser):
@@ -258,6 +244,12 @@ class Generator:
         p = np.asarray(p.get() if xp is not np else p, np.float64)
         return np.array([rng.choice(p.shape[-1], p=row / row.sum()) for row in p])
 
+    def _text(self, tokens: list, stop_at_eos: bool) -> str:
+        """The text of generated tokens, without the end-of-turn token that stopped them."""
+        if stop_at_eos and tokens and tokens[-1] in self.tokenizer.eos_ids:
+            tokens = tokens[:-1]
+        return self.tokenizer.decode(tokens)
+
     def _prefill(self, attn: CacheAttention, tokens: list[int]) -> tuple[int, int, object]:
         """Start a sequence, reusing its cached prefix; returns (seq, reused, last logits)."""
         seq = attn.cache.add_sequence(tokens, max_match=len(tokens) - 1)
@@ -296,8 +288,7 @@ class Generator:
             logits = self.model.decode(attn, [seq], [nxt])
             nxt = int(self._pick(logits, temperature, rng)[0])
         out.decode_time = time.perf_counter() - t1
-        out.text = stream.text() if not (stop_at_eos and out.tokens[-1] in self.tokenizer.eos_ids) \
-            else self.tokenizer.decode(out.tokens[:-1])
+        out.text = self._text(out.tokens, stop_at_eos)
         attn.cache.release(seq)
         return out
 
@@ -350,8 +341,7 @@ class Generator:
             live = [i for i in live if i not in done]
         decode_time = time.perf_counter() - t1
         for g in gens:
-            body = g.tokens[:-1] if stop_at_eos and g.tokens[-1] in self.tokenizer.eos_ids else g.tokens
-            g.text = self.tokenizer.decode(body)
+            g.text = self._text(g.tokens, stop_at_eos)
         doc_tokens = len(self.tokenizer.encode(document))
         return BatchReport(backend=self.backend, requests=gens, doc_tokens=doc_tokens, prefill_time=prefill_time,
                            decode_time=decode_time, decode_steps=steps, kv_tokens_stored=peak["tokens_stored"],
@@ -374,4 +364,4 @@ def _common_prefix(prompts: list[list[int]]) -> int:
     return n
 
 
-__all__ = ["Generator", "Generation", "BatchReport", "load_text", "rust_book_dir", "resolve_backend", "BACKENDS"]
+__all__ = ["Generator", "Generation", "BatchReport", "load_text", "rust_book_dir"]

@@ -106,10 +106,9 @@ class CacheAttention:
     def prefill(self, seq: int, q, layer: int):
         """Attention of the sequence's last ``n`` tokens (K/V written): o [n, Hq, D] storage dtype."""
         r = self._prefill(self.cache, self.means, seq, q, layer, alpha=self.alpha, sink=self.sink,
-                          window=self.window)
+                          window=self.window, return_lse=False)
         if self.alpha > 0:
-            d = r.density
-            self.densities.append(d() if callable(d) else d)
+            self.densities.append(r.density())
         return r.o
 
     def committed(self, seq: int) -> None:
