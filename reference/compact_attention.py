@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .checks import INT32_MAX, cdiv, check_bool, check_choice, check_ids, check_instance, check_int, \
-    check_optional_int, check_real, check_scale, is_int
+    check_scale, is_int, is_real
 from .chunk_attention import attention_state, merge_states
 from .chunk_cache import CacheError, ChunkCache, check_cache
 from .dtypes import as_numpy, storage_numpy_dtype, storage_view, to_float32, to_storage
@@ -89,9 +89,8 @@ class BlockMeans:
         self._owner: list = [None] * cache.num_chunks  # tree Node summarised in each page
 
     def check_num_blocks(self, cache: ChunkCache, seq: int, num_blocks) -> int:
-        """``num_blocks`` as an int in [0, full pages of ``seq``]."""
-        full = cache.seq_len(seq) // self.chunk_size
-        return check_int(num_blocks, "num_blocks", 0, full + 1)
+        """``num_blocks`` as an int in [0, pages of ``seq``]."""
+        return check_int(num_blocks, "num_blocks", 0, len(cache.sequence(seq).path) + 1)
 
     def check_cache(self, cache) -> None:
         """Raise ``ValueError`` unless ``cache`` is the cache these means were made for (TypeError
@@ -186,9 +185,13 @@ def check_chunk(cache: ChunkCache, seq: int, q, layer: int):
 def check_options(c: int, n: int, G: int, alpha, sink, window, q_tile, group_size):
     """Check the selection options of a chunk of ``n`` rows, chunk size ``c``, GQA group ``G``;
     returns (q_tile in rows, group_size) with the defaults filled in."""
-    check_real(alpha, "alpha", 0.0, 1.0)  # not a number: TypeError; NaN or outside [0, 1]: ValueError
-    check_int(sink, "sink", 0, INT32_MAX)  # int32 kernel arguments
-    check_int(window, "window", 0, INT32_MAX)
+    if not is_real(alpha):
+        raise TypeError(f"alpha: expected a number in [0, 1], got {alpha!r} ({type(alpha).__name__})")
+    if not 0.0 <= float(alpha) <= 1.0:  # NaN fails the comparison too
+        raise ValueError(f"alpha: expected a number in [0, 1], got {alpha!r}")
+    for name, value in (("sink", sink), ("window", window)):
+        if check_int(value, name, 0) >= INT32_MAX:  # int32 kernel arguments
+            raise ValueError(f"{name}: expected an integer >= 0 and < 2**31, got {value}")
     if q_tile is None:
         q_tile = cdiv(n, c) * c  # the whole chunk
     elif check_int(q_tile, "q_tile", hi=INT32_MAX) < c or q_tile % c:

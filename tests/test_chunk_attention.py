@@ -392,16 +392,19 @@ def test_class_writes_out_and_lse_out_in_place():
         assert np.array_equal(out, before[0]) and np.array_equal(lse_out, before[1], equal_nan=True)
 
 
-@pytest.mark.parametrize("scale", [0, 0.0, -1.0, float("nan"), float("inf"), -float("inf"), "0.5", True,
-                                   np.float32("nan"), [0.5]])
-def test_bad_scale_is_refused(scale):
+@pytest.mark.parametrize("scale,exc", [(0, ValueError), (0.0, ValueError), (-1.0, ValueError),
+                                       (float("nan"), ValueError), (float("inf"), ValueError),
+                                       (-float("inf"), ValueError), ("0.5", TypeError), (True, TypeError),
+                                       (np.float32("nan"), ValueError), ([0.5], TypeError)])
+def test_bad_scale_is_refused(scale, exc):
+    """Not a number: TypeError; NaN, infinity, zero or negative: ValueError."""
     w, cache, ids = small()
     q = w.queries()
     dec = ChunkAttentionDecode(cache)
     plan = dec.plan(ids, w.num_q_heads)
     for call in (lambda: dec.run(q, scale=scale), lambda: decode(cache, plan, q, scale=scale),
                  lambda: oracle_decode(cache, ids, q, scale=scale)):
-        with pytest.raises(ValueError, match="^scale: "):
+        with pytest.raises(exc, match="^scale: "):
             call()
 
 

@@ -637,7 +637,7 @@ def test_stale_tables_and_selections_are_refused(chunk_setup):
     res = compact_prefill(cache, means, seq, q)
     other = cache.add_sequence([])  # any structural change bumps the version
     cache.extend(other, [1], w.k[:, :1], w.v[:, :1])
-    with pytest.raises(CacheError, match="tables: built for cache version"):
+    with pytest.raises(CacheError, match="tables: expected tables for cache version .*, got tables built for cache version"):
         sparse_prefill(cache, res.block_tables, q)
     with pytest.raises(ValueError, match="selection: expected one made for sequence"):
         build_block_tables(cache, seq, res.selection)

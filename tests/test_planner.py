@@ -264,18 +264,19 @@ def test_same_errors_as_the_reference(bad):
     assert str(new.value) == str(old.value)
 
 
-@pytest.mark.parametrize("arg,val", [("piece_chunks", 0), ("private_piece_chunks", -1), ("piece_chunks", 1.5),
-                                     ("piece_chunks", True), ("private_piece_chunks", "auto")])
-def test_same_piece_size_errors_as_the_reference(arg, val):
+@pytest.mark.parametrize("arg,val,exc", [("piece_chunks", 0, ValueError), ("private_piece_chunks", -1, ValueError),
+                                         ("piece_chunks", 2**31, ValueError), ("piece_chunks", 1.5, TypeError),
+                                         ("piece_chunks", True, TypeError), ("private_piece_chunks", "auto", TypeError)])
+def test_same_piece_size_errors_as_the_reference(arg, val, exc):
     cache = ChunkCache(1, 1, 1, 16, chunk_size=2)
     a = cache.add_sequence()
     cache.reserve(a, [1, 2, 3])
     cache.commit(a)
     plan = ref.build_decode_plan(cache, [a])
-    for module in (ref, fast):
-        with pytest.raises(ValueError, match=f"^{arg}: "):
+    for module in (ref, fast):  # a wrong type is a TypeError, a bad value a ValueError, on both
+        with pytest.raises(exc, match=f"^{arg}: "):
             module.build_decode_plan(cache, [a], **{arg: val})
-        with pytest.raises(ValueError, match=f"^{arg}: "):
+        with pytest.raises(exc, match=f"^{arg}: "):
             module.split_plan(plan, **{arg: val})
 
 
@@ -294,8 +295,8 @@ def test_plan_host_checks_its_arguments():
     a = cache.add_sequence()
     cache.reserve(a, [1, 2, 3])
     cache.commit(a)
-    for bad in (3, 0, True, 2.0):
-        with pytest.raises(ValueError, match="^num_q_heads: "):
+    for bad, exc in ((3, ValueError), (0, ValueError), (True, TypeError), (2.0, TypeError)):
+        with pytest.raises(exc, match="^num_q_heads: "):
             fast.plan_host(cache, [a], bad)
     with pytest.raises(ValueError, match="^piece_chunks: "):
         fast.plan_host(cache, [a], 2, piece_chunks="big")
