@@ -433,11 +433,12 @@ def test_class_refuses_a_stale_or_missing_plan_and_bad_arguments():
         dec.run(q, w.num_layers)
     with pytest.raises(TypeError, match="^layer: "):
         dec.run(q, True)
-    for bad in (0, 3, True, 2.0):
-        with pytest.raises(ValueError, match="^num_q_heads: "):
+    for bad, exc in ((0, ValueError), (3, ValueError), (True, TypeError), (2.0, TypeError)):
+        with pytest.raises(exc, match="^num_q_heads: "):
             dec.plan(ids, bad)
-    for kw in (dict(piece_chunks=0), dict(private_piece_chunks="x"), dict(piece_chunks=1.5)):
-        with pytest.raises(ValueError, match="^(piece_chunks|private_piece_chunks): "):
+    for kw, exc in ((dict(piece_chunks=0), ValueError), (dict(private_piece_chunks="x"), ValueError),
+                    (dict(piece_chunks=1.5), TypeError)):
+        with pytest.raises(exc, match="^(piece_chunks|private_piece_chunks): "):
             ChunkAttentionDecode(cache, **kw)
     with pytest.raises(TypeError, match="^units_per_sm: "):
         ChunkAttentionDecode(cache, units_per_sm=2.0)
