@@ -114,6 +114,8 @@ def hf(model_file, gguf_file, text):
         return ours.encode(ours.chat(messages))
 
     document = _shared_document(ours, text)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # generate() is latency-bound: one thread is faster on a shared 2-core runner
     with torch.no_grad():
         ref = dict(tokenizer=tok, logits=model(torch.tensor([ids])).logits[0].numpy(),
                    greedy={p: greedy(chat(p)) for p in PROMPTS},
@@ -121,6 +123,7 @@ def hf(model_file, gguf_file, text):
         for p in model.parameters():  # transformers with its weights rounded to fp16: the budget's base
             p.copy_(p.half().float())
         ref["logits_w16"] = model(torch.tensor([ids])).logits[0].numpy()
+    torch.set_num_threads(threads)
     del model
     return ref
 
