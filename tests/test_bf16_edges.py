@@ -114,3 +114,36 @@ def test_bf16_arrays_of_the_wrong_storage_dtype_are_refused():
     k = np.zeros((L, 1, HKV, D), np.uint16)
     with pytest.raises(TypeError, match="^k: expected dtype float16"):
         cache.add_sequence([1], ml(k), ml(k))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cpattn.gpu_available(), reason="needs CuPy and a CUDA GPU")
+def test_gpu_torch_bf16_in_and_out_without_copies():
+    """torch CUDA bf16 K/V and q into a GpuChunkCache and its decoder; as_torch(o) is a bf16
+    tensor on the same memory; ml_dtypes host K/V are copied up as the same bits."""
+    torch = pytest.importorskip("torch")
+    import cupy
+
+    from cpattn.chunk_cache import GpuChunkCache
+
+    D, C = 64, 16
+    kv = TokenKV(L, HKV, D, "bfloat16", seed=5, vocab=20)
+    toks = list(range(2 * C + 3))
+    k, v = kv(toks)
+    tb = lambda x: torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16).cuda()  # noqa: E731
+    a = GpuChunkCache(L, HKV, D, 8, chunk_size=C, dtype="bfloat16")
+    b = GpuChunkCache(L, HKV, D, 8, chunk_size=C, dtype="bfloat16")
+    sa = a.add_sequence(toks, tb(k), tb(v))
+    sb = b.add_sequence(toks, ml(k), ml(v))
+    assert cupy.asnumpy(a.k_pool).tobytes() == cupy.asnumpy(b.k_pool).tobytes()
+    dec = cpattn.ChunkAttentionDecode(a)
+    dec.plan([sa], HQ)
+    q = random_queries(0, 1, HQ, D, "bfloat16")
+    o_bits = dec.run(cupy.asarray(q))
+    out = torch.empty((1, HQ, D), dtype=torch.bfloat16, device="cuda")
+    o_t = dec.run(tb(q), out=out)
+    torch.cuda.synchronize()
+    assert cupy.asnumpy(o_bits).tobytes() == out.cpu().view(torch.int16).numpy().tobytes()
+    t = as_torch(o_bits, "bfloat16")
+    assert t.dtype == torch.bfloat16 and t.is_cuda and t.data_ptr() == o_bits.data.ptr
+    assert o_t is not None and sb == sa
