@@ -337,12 +337,13 @@ def plot(rows: list, steps_ms: dict, path: str, dev: str, warmup_steps: int = 0)
     ax[0].set_xlabel("decode step")
     ax[0].set_ylabel("step time (ms, all layers; log scale)")
     ax[0].set_title("decode step time")
-    ax[0].legend(fontsize=7)
+    for a in ax[:2]:
+        if a.get_legend_handles_labels()[0]:  # a run without step times has nothing to label
+            a.legend(fontsize=7)
     ax[1].set_xscale("log")
     ax[1].set_xlabel("step time (ms, log scale)")
     ax[1].set_ylabel("decode steps")
     ax[1].set_title("decode step time distribution")
-    ax[1].legend(fontsize=7)
     x = np.arange(len(rows))
     vals = [r["prefill_us_per_prompt_token"] for r in rows]
     bars = ax[2].bar(x, vals, 0.6, color=[colors[i % len(colors)] for i in range(len(rows))])
