@@ -80,8 +80,8 @@ def plot(rows, path, dev):
     labels = [f"c{r['block']} P{r['past'] // 1024}K n{r['chunk']}\na{r['alpha']} g{r['group_size']}\n"
               f"recall {r['recall_mean']:.3f}" for r in rows]
     bar_chart(rows, series, labels, "time per chunk and layer (ms)",
-              f"CompactAttention chunked prefill, bf16 Hq32 Hkv8 D128 ({dev}); recall: mean attention mass "
-              f"our sparse selection reads", path)
+              f"CompactAttention chunked prefill, bf16 Hq32 Hkv8 D128 ({dev})\n"
+              f"recall: mean attention mass our sparse selection reads", path)
 
 
 def replot(json_path: str, png_path: str | None = None) -> str:
