@@ -1,0 +1,391 @@
+#!/usr/bin/env python3
+"""Quality of sparse prefill on real text: the real model (SmolLM2-135M-Instruct) through cpattn.
+
+Two measurements, each with dense prefill (alpha 0) and CompactAttention's default sparse
+prefill (alpha 0.06, sink 2, window 4, the ``compact_prefill`` defaults), the prompt fed in
+chunks of ``--prefill-chunk`` tokens (selection only ever drops *past* blocks, so a prompt of one
+chunk is dense whatever alpha is; chunking is what makes prefill sparse):
+
+* **perplexity** of the model over ``--ppl-tokens`` tokens of a long real document (the Rust
+  book from rustup's offline docs), every token's next-token log-likelihood from chunked
+  prefill, and the relative change of sparse against dense; the density of each layer's
+  selection alongside (``CompactPrefill.density()``: select, q_union, group_union of the past
+  blocks, mean over the chunks that have a past).
+* **needles**, RULER style: a sentence "The secret passphrase is "<word> <word>"." planted at
+  several depths of a real text of a given length, the instruct model asked for it through its
+  chat template, its greedy answer checked for the passphrase. Sparse must retrieve exactly as
+  often as dense.
+
+Optional extra modes (``--extra-q-tile``) run the same selection with a finer Q-block union
+(``q_tile`` query rows per tile instead of the whole chunk), where the selection does drop
+blocks, to show what it costs when it acts.
+
+    python tools/bench_quality.py --out bench            (about 15 minutes on 2 CPU cores)
+
+Writes ``quality_cpu.md`` (a section for BENCHMARKS.md) and ``quality_cpu.json`` under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .table import fmt, markdown_table
+
+DENSITY_KEYS = ("select", "q_union", "group_union", "tables")
+DEFAULT_ALPHA = 0.06  # compact_prefill's default
+DEFAULT_SINK, DEFAULT_WINDOW = 2, 4
+NEEDLE_WORDS = ("amber", "falcon", "copper", "meadow", "violet", "harbor", "silent", "glacier", "crimson",
+                "lantern", "velvet", "orchid", "granite", "willow", "cobalt", "ember", "saffron", "thistle",
+                "marble", "juniper", "scarlet", "pebble", "indigo", "walnut")
+QUESTION = "What is the secret passphrase in the text above? Answer with the passphrase only."
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"[quality {time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
+
+
+# ============================================================================ attention with density per layer
+@dataclass(frozen=True)
+class Mode:
+    """One prefill configuration: alpha 0 is dense; q_tile None unions over the whole chunk."""
+
+    name: str
+    alpha: float
+    q_tile: int | None = None
+    sink: int = DEFAULT_SINK
+    window: int = DEFAULT_WINDOW
+
+    def describe(self) -> str:
+        if self.alpha == 0:
+            return "dense (alpha 0)"
+        tile = "whole chunk" if self.q_tile is None else f"{self.q_tile} rows"
+        return f"sparse (alpha {self.alpha:g}, sink {self.sink}, window {self.window}, q_tile {tile})"
+
+
+DENSE = Mode("dense", 0.0)
+SPARSE = Mode("sparse", DEFAULT_ALPHA)
+
+
+class QualityAttention:
+    """The attention a ``LlamaModel`` calls (``cache``, ``prefill``, ``committed``, ``plan``,
+    ``decode``), through cpattn's public ``compact_prefill`` and ``ChunkAttentionDecode``, which
+    keeps each prefill call's density with its layer (chunks that have a past only)."""
+
+    def __init__(self, cache, num_q_heads: int, mode: Mode):
+        import cpattn
+
+        self.cache, self.num_q_heads, self.mode = cache, num_q_heads, mode
+        self.means = cpattn.BlockMeans(cache)
+        self.decoder = cpattn.ChunkAttentionDecode(cache)
+        self._compact_prefill = cpattn.compact_prefill
+        self.densities: list[tuple[int, dict]] = []  # (layer, density) per call with a past
+
+    def prefill(self, seq: int, q, layer: int):
+        m = self.mode
+        r = self._compact_prefill(self.cache, self.means, seq, q, layer, alpha=m.alpha, sink=m.sink,
+                                  window=m.window, q_tile=m.q_tile, return_lse=False)
+        if self.cache.seq_len(seq) > q.shape[0]:
+            self.densities.append((layer, r.density()))
+        return r.o
+
+    def committed(self, seq: int) -> None:
+        self.means.update(self.cache, seq)
+
+    def plan(self, seqs) -> None:
+        self.decoder.plan(seqs, self.num_q_heads)
+
+    def decode(self, q, layer: int):
+        return self.decoder.run(q, layer)
+
+    def per_layer(self, num_layers: int) -> dict:
+        """{key: [mean density of layer 0, 1, ...]} and the overall mean, over recorded calls."""
+        out = {}
+        for key in DENSITY_KEYS:
+            by = [[d[key] for (l, d) in self.densities if l == layer] for layer in range(num_layers)]
+            out[key] = [float(np.mean(v)) if v else None for v in by]
+            allv = [d[key] for (_, d) in self.densities]
+            out[key + "_mean"] = float(np.mean(allv)) if allv else None
+        return out
+
+
+def new_attention(model, mode: Mode, num_tokens: int, chunk_size: int) -> QualityAttention:
+    cache = model.new_cache(-(-num_tokens // chunk_size) + 2, chunk_size=chunk_size, max_sequences=4)
+    return QualityAttention(cache, model.config.num_q_heads, mode)
+
+
+# ============================================================================ perplexity
+def log_likelihoods(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Natural-log probability of each target under its row of logits [n, V] (float64 sums)."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=-1))
+    return z[np.arange(len(targets)), targets] - lse
+
+
+def perplexity(model, ids: list[int], mode: Mode, *, chunk_size: int, prefill_chunk: int) -> dict:
+    """Perplexity of ``ids[1:]`` given their prefixes, the prompt prefilled in chunks of
+    ``prefill_chunk`` through the chunk cache with ``mode``; densities per layer alongside."""
+    attn = new_attention(model, mode, len(ids), chunk_size)
+    seq = attn.cache.add_sequence([])
+    ll = []
+    t0 = time.perf_counter()
+    for a in range(0, len(ids), prefill_chunk):
+        piece = ids[a:a + prefill_chunk]
+        logits = model.prefill(attn, seq, piece, chunk_tokens=prefill_chunk, logits="all")
+        logits = np.asarray(logits.get() if hasattr(logits, "get") else logits)
+        targets = np.asarray(ids[a + 1:a + len(piece) + 1])
+        ll.append(log_likelihoods(logits[:len(targets)], targets))
+        log(f"  perplexity {mode.name}: {a + len(piece)}/{len(ids)} tokens, "
+            f"running ppl {np.exp(-np.concatenate(ll).mean()):.3f}")
+    ll = np.concatenate(ll)
+    return dict(mode=mode.name, describe=mode.describe(), tokens=len(ids), scored=int(ll.size),
+                nll=float(-ll.mean()), ppl=float(np.exp(-ll.mean())), seconds=time.perf_counter() - t0,
+                density=attn.per_layer(model.config.num_layers), token_ll=ll)
+
+
+# ============================================================================ needles
+def passphrase(rng) -> str:
+    a, b = rng.choice(len(NEEDLE_WORDS), size=2, replace=False)
+    return f"{NEEDLE_WORDS[a]} {NEEDLE_WORDS[b]}"
+
+
+def haystack(tokenizer, text: str, length: int, offset_chars: int = 0) -> str:
+    """About ``length`` tokens of ``text`` from ``offset_chars``, cut at a line end."""
+    s = tokenizer.decode(tokenizer.encode(text[offset_chars:offset_chars + 8 * length])[:length])
+    return s[:s.rfind("\n")] if "\n" in s else s
+
+
+def plant(hay: str, depth: float, fact: str) -> str:
+    """``fact`` as its own paragraph at the first line break at or after ``depth`` of ``hay``."""
+    cut = hay.find("\n", int(len(hay) * depth))
+    cut = len(hay) if cut < 0 else cut
+    return hay[:cut] + "\n\n" + fact + "\n" + hay[cut:]
+
+
+def greedy(model, tokenizer, tokens: list[int], mode: Mode, *, chunk_size: int, prefill_chunk: int,
+           max_new_tokens: int, stop=None) -> tuple[list[int], QualityAttention]:
+    """Greedy continuation of ``tokens``: chunked prefill with ``mode``, then decode until
+    ``max_new_tokens``, an end-of-turn token, or ``stop(tokens so far)`` is true."""
+    attn = new_attention(model, mode, len(tokens) + max_new_tokens + chunk_size, chunk_size)
+    seq = attn.cache.add_sequence([])
+    logits = model.prefill(attn, seq, tokens, chunk_tokens=prefill_chunk)
+    xp = model.xp
+    out = [int(xp.argmax(logits))]
+    while len(out) < max_new_tokens and out[-1] not in tokenizer.eos_ids and not (stop and stop(out)):
+        logits = model.decode(attn, [seq], [out[-1]])
+        out.append(int(xp.argmax(logits[0])))
+    return out, attn
+
+
+def needle_set(model, tokenizer, text: str, length: int, depths, modes, *, chunk_size: int, prefill_chunk: int,
+               seed: int = 0, offset_chars: int = 0, max_new_tokens: int = 16) -> list[dict]:
+    """One trial per depth and mode: (length, depth, passphrase, mode, hit, answer, density)."""
+    from ..serving.generate import Generator
+
+    chat = Generator(model, tokenizer, chunk_size=chunk_size, prefill_chunk=prefill_chunk)
+    rng = np.random.default_rng(seed)
+    hay = haystack(tokenizer, text, length, offset_chars)
+    rows = []
+    for depth in depths:
+        secret = passphrase(rng)
+        doc = plant(hay, depth, f'The secret passphrase is "{secret}".')
+        tokens = chat.prompt_tokens(doc + "\n\n" + QUESTION)
+        for mode in modes:
+            t0 = time.perf_counter()
+            ids, attn = greedy(model, tokenizer, tokens, mode, chunk_size=chunk_size, prefill_chunk=prefill_chunk,
+                               max_new_tokens=max_new_tokens,
+                               stop=lambda out: secret.lower() in tokenizer.decode(out).lower())
+            answer = tokenizer.decode([t for t in ids if t not in tokenizer.eos_ids])
+            hit = secret.lower() in answer.lower()
+            d = attn.per_layer(model.config.num_layers)
+            rows.append(dict(length=length, prompt_tokens=len(tokens), depth=depth, passphrase=secret, mode=mode.name,
+                             hit=bool(hit), answer=answer, seconds=time.perf_counter() - t0,
+                             select_mean=d["select_mean"], q_union_mean=d["q_union_mean"],
+                             group_union_mean=d["group_union_mean"]))
+            log(f"  needle {length} tokens, depth {depth:.0%}, {mode.name}: {'HIT ' if hit else 'miss'} "
+                f"{answer!r} ({rows[-1]['seconds']:.1f} s)")
+    return rows
+
+
+def needle_summary(rows: list[dict], modes) -> dict:
+    """{length: {mode: hits}} and whether every mode hits exactly where dense does."""
+    out = {}
+    for length in sorted({r["length"] for r in rows}):
+        sub = [r for r in rows if r["length"] == length]
+        out[length] = {m.name: sum(r["hit"] for r in sub if r["mode"] == m.name) for m in modes}
+        out[length]["trials"] = len({r["depth"] for r in sub})
+    return out
+
+
+def same_as_dense(rows: list[dict], mode_name: str) -> bool:
+    dense = {(r["length"], r["depth"]): r["hit"] for r in rows if r["mode"] == "dense"}
+    return all(r["hit"] == dense[(r["length"], r["depth"])] for r in rows if r["mode"] == mode_name)
+
+
+# ============================================================================ report
+def markdown(result: dict) -> str:
+    c, P = result["config"], result["perplexity"]
+    lines = ["## Quality of sparse prefill on real text (CPU, NumPy backend)", "",
+             f"Generated by `tools/bench_quality.py` (`cpattn.bench.quality`) on {result['device']}, "
+             f"{result['date']}, in {result['seconds'] / 60:.1f} minutes. Model {c['model']} "
+             f"({c['dtype']} weights and K/V), chunk size {c['chunk_size']}, prompts prefilled in chunks of "
+             f"{c['prefill_chunk']} tokens (selection acts on the past only: the first chunk of every prompt "
+             f"is dense). Sparse = `compact_prefill` defaults: alpha {DEFAULT_ALPHA}, sink {DEFAULT_SINK}, "
+             f"window {DEFAULT_WINDOW}, one Q-block union over the whole chunk. "
+             "Densities are fractions of the past K/V blocks kept (select: per query block and head; "
+             "q_union: after the union over the chunk's query blocks; group_union: after the union over "
+             "the query heads of a K/V head, what the kernel reads), mean over layers and the chunks "
+             "that have a past.", ""]
+    dense = next(p for p in P if p["mode"] == "dense")
+    lines += [f"### Perplexity: {dense['tokens']} tokens of {c['ppl_text']}", ""]
+    body = []
+    for p in P:
+        d = p["density"]
+        rel = (p["ppl"] - dense["ppl"]) / dense["ppl"]
+        body.append([p["describe"], f"{p['ppl']:.4f}", "—" if p is dense else f"{100 * rel:+.3f}%",
+                     fmt(d["select_mean"], "{:.3f}"), fmt(d["q_union_mean"], "{:.3f}"),
+                     fmt(d["group_union_mean"], "{:.3f}"), f"{p['seconds']:.0f}"])
+    lines += markdown_table(["prefill", "perplexity", "vs dense", "select", "q_union", "group_union", "s"], body)
+    lines += ["", "Density per layer (select / q_union / group_union):", ""]
+    sparse_modes = [p for p in P if p["mode"] != "dense"]
+    header = ["layer"] + [p["mode"] for p in sparse_modes]
+    body = []
+    for layer in range(c["num_layers"]):
+        cells = [str(layer)]
+        for p in sparse_modes:
+            d = p["density"]
+            cells.append(" / ".join(fmt(d[k][layer], "{:.3f}") for k in ("select", "q_union", "group_union")))
+        body.append(cells)
+    lines += markdown_table(header, body)
+    N = result["needles"]
+    lines += ["", f"### Needles: a passphrase planted in {c['needle_text']}", "",
+              f"One trial per depth ({', '.join(f'{d:.0%}' for d in c['depths'])}) and length, a different "
+              "random word pair each; the question goes through the chat template, the greedy answer "
+              f"({c['max_new_tokens']} tokens at most, stopped once it holds the pair) is a hit when it contains "
+              "the pair.", ""]
+    if result.get("needle_note"):
+        lines += [result["needle_note"], ""]
+    modes = [m for m in result["modes"] if any(r["mode"] == m for r in N["rows"])]
+    body = []
+    for length, s in N["summary"].items():
+        body.append([str(length)] + [f"{s[m]}/{s['trials']}" for m in modes])
+    lines += markdown_table(["length (tokens)"] + [f"{m} hits" for m in modes], body)
+    lines += ["", "Per trial (hit marks; answers in the JSON):", ""]
+    body = []
+    keyed = {(r["length"], r["depth"], r["mode"]): r for r in N["rows"]}
+    for length in N["summary"]:
+        for depth in c["depths"]:
+            cells = [str(length), f"{depth:.0%}"]
+            for m in modes:
+                r = keyed.get((int(length), depth, m))
+                cells.append("n/a" if r is None else ("hit" if r["hit"] else "miss")
+                             + ("" if r is None or r["q_union_mean"] is None else
+                                f" ({r['group_union_mean']:.3f})"))
+            body.append(cells)
+    lines += markdown_table(["length", "depth"] + [f"{m} (group_union density)" for m in modes], body)
+    lines += ["", "Sparse retrieves exactly as often as dense: "
+              + ", ".join(f"{m}: {'yes' if N['same_as_dense'][m] else 'NO'}" for m in N["same_as_dense"]), ""]
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> dict:
+    from ..serving.fetch import model_path
+    from ..serving.generate import load_text
+    from ..serving.gguf import GGUFFile
+    from ..serving.llama import LlamaModel
+
+    t_start = time.perf_counter()
+    path = model_path(args.model, fetch_missing=False)
+    f = GGUFFile(path)
+    log(f"model {path}")
+    model = LlamaModel(f.config(), f.tensor, dtype=args.dtype)
+    tok = f.tokenizer()
+    modes = [DENSE, SPARSE] + [Mode(f"sparse_qtile{t}", DEFAULT_ALPHA, q_tile=t) for t in args.extra_q_tile]
+    needle_modes = [DENSE, SPARSE] + ([m for m in modes[2:]] if args.extra_in_needles else [])
+    text = load_text(args.ppl_text, max_chars=args.ppl_tokens * 8)
+    ids = tok.encode(text)
+    if len(ids) < args.ppl_tokens:
+        raise SystemExit(f"{args.ppl_text}: {len(ids)} tokens, fewer than --ppl-tokens {args.ppl_tokens}")
+    ids = ids[:args.ppl_tokens]
+    ppl = []
+    for m in modes:
+        log(f"perplexity, {m.describe()}: {len(ids)} tokens in chunks of {args.prefill_chunk}")
+        ppl.append(perplexity(model, ids, m, chunk_size=args.chunk_size, prefill_chunk=args.prefill_chunk))
+    dense_ll = ppl[0].pop("token_ll")
+    for p in ppl[1:]:
+        ll = p.pop("token_ll")
+        p["rel_change"] = (p["ppl"] - ppl[0]["ppl"]) / ppl[0]["ppl"]
+        p["max_abs_token_ll_diff"] = float(np.abs(ll - dense_ll).max())
+        p["mean_abs_token_ll_diff"] = float(np.abs(ll - dense_ll).mean())
+    needle_text = load_text(args.needle_text, max_chars=args.needle_offset + 10 * max(args.needle_lengths))
+    rows = []
+    for length in args.needle_lengths:
+        log(f"needles at {length} tokens, depths {args.depths}, modes {[m.name for m in needle_modes]}")
+        rows += needle_set(model, tok, needle_text, length, args.depths, needle_modes, chunk_size=args.chunk_size,
+                           prefill_chunk=args.prefill_chunk, seed=args.seed + length, offset_chars=args.needle_offset,
+                           max_new_tokens=args.max_new_tokens)
+    c = f.config()
+    result = dict(
+        device="CPU (NumPy backend)", date=datetime.date.today().isoformat(), seconds=0.0,
+        modes=[m.name for m in modes],
+        config=dict(model=f"{f.name} ({os.path.basename(str(path))})", dtype=args.dtype, chunk_size=args.chunk_size,
+                    prefill_chunk=args.prefill_chunk, num_layers=c.num_layers, ppl_text=args.ppl_text,
+                    ppl_tokens=args.ppl_tokens, needle_text=f"{args.needle_text} (from character {args.needle_offset})",
+                    needle_lengths=args.needle_lengths, depths=list(args.depths), max_new_tokens=args.max_new_tokens,
+                    alpha=DEFAULT_ALPHA, sink=DEFAULT_SINK, window=DEFAULT_WINDOW, extra_q_tile=args.extra_q_tile,
+                    threads=os.cpu_count()),
+        perplexity=ppl,
+        needles=dict(rows=rows, summary=needle_summary(rows, needle_modes),
+                     same_as_dense={m.name: same_as_dense(rows, m.name) for m in needle_modes[1:]}),
+        needle_note=args.needle_note)
+    result["seconds"] = time.perf_counter() - t_start
+    return result
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench", help="folder of quality_cpu.md and .json (default bench)")
+    p.add_argument("--name", default="quality_cpu", help="file stem (default quality_cpu)")
+    p.add_argument("--model", default="smollm2", help="model name or .gguf path (must be fetched)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill call")
+    p.add_argument("--ppl-text", default="rust-book")
+    p.add_argument("--ppl-tokens", type=int, default=6144)
+    p.add_argument("--needle-text", default="rust-book")
+    p.add_argument("--needle-offset", type=int, default=100_000, help="haystack start (characters into the text)")
+    p.add_argument("--needle-lengths", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--extra-q-tile", type=int, nargs="*", default=[], help="extra sparse modes with this q_tile")
+    p.add_argument("--extra-in-needles", action="store_true", help="run the extra modes on the needles too")
+    p.add_argument("--needle-note", default="", help="a sentence printed above the needle table")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    result = run(args)
+    os.makedirs(args.out, exist_ok=True)
+    md = markdown(result)
+    with open(os.path.join(args.out, args.name + ".md"), "w") as fh:
+        fh.write(md)
+    with open(os.path.join(args.out, args.name + ".json"), "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    print(md)
+    log(f"wrote {args.out}/{args.name}.md and .json in {result['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
