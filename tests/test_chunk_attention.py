@@ -7,8 +7,6 @@ head_dim, piece sizes); NumPy's generators, seeded from it, fill the arrays.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 from hypothesis import given
@@ -18,8 +16,8 @@ import cpattn
 from cpattn.reference.chunk_attention import (ChunkAttentionDecode, attention_state, build_decode_plan, decode,
                                               merge_states, oracle_decode)
 from cpattn.reference.dtypes import round_to_storage, storage_numpy_dtype, to_float32, to_storage
-from cpattn.reference.chunk_cache import CacheError, ChunkCache
-from cpattn.reference.workloads import TokenKV, fill_cache, prefix_tree_prompts, random_queries
+from cpattn.reference.chunk_cache import CacheError
+from cpattn.testing.strategies import Workload
 
 # Error budget of the float32 two-phase decode against the float64 oracle on the same stored
 # K/V and q. Every difference is float32 rounding (unit roundoff u = 2**-24): a score is a
@@ -34,43 +32,7 @@ SAME_BUDGET = 1e-5
 ODD_BATCHES = [1, 2, 3, 5, 7, 8, 13, 77]
 
 
-@dataclass(frozen=True)
-class Workload:
-    seed: int
-    num_requests: int
-    chunk_size: int
-    levels: int
-    fanout: int
-    num_layers: int
-    num_kv_heads: int
-    group: int  # query heads per kv head
-    head_dim: int
-    dtype: str
-
-    @property
-    def num_q_heads(self):
-        return self.num_kv_heads * self.group
-
-    def prompts(self):
-        # lengths are awkward relative to the workload's chunk size, whatever the cache uses
-        return prefix_tree_prompts(self.seed, self.num_requests, self.chunk_size, levels=self.levels,
-                                   fanout=self.fanout)
-
-    def kv(self):
-        return TokenKV(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, seed=self.seed)
-
-    def cache(self, chunk_size=None, share_prefix=True, order=None):
-        """A filled cache and the sequence ids in prompt order."""
-        c = chunk_size or self.chunk_size
-        prompts = self.prompts()
-        cache = ChunkCache(self.num_layers, self.num_kv_heads, self.head_dim,
-                           num_chunks=sum(len(p) // c + 2 for p in prompts), chunk_size=c,
-                           dtype=self.dtype, share_prefix=share_prefix)
-        return cache, fill_cache(cache, prompts, self.kv(), order=order)
-
-    def queries(self, scale=1.0):
-        return random_queries(self.seed + 1, self.num_requests, self.num_q_heads, self.head_dim,
-                              self.dtype, scale)
+# the prefix-sharing workload of the shipped strategies (cpattn.testing.strategies.Workload)
 
 
 @st.composite
