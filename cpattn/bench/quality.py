@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..serving.llama import CacheAttention
 from .table import fmt, markdown_table
 
 DENSITY_KEYS = ("select", "q_union", "group_union", "tables")
@@ -74,36 +75,9 @@ DENSE = Mode("dense", 0.0)
 SPARSE = Mode("sparse", DEFAULT_ALPHA)
 
 
-class QualityAttention:
-    """The attention a ``LlamaModel`` calls (``cache``, ``prefill``, ``committed``, ``plan``,
-    ``decode``), through cpattn's public ``compact_prefill`` and ``ChunkAttentionDecode``, which
-    keeps each prefill call's density with its layer (chunks that have a past only)."""
-
-    def __init__(self, cache, num_q_heads: int, mode: Mode):
-        import cpattn
-
-        self.cache, self.num_q_heads, self.mode = cache, num_q_heads, mode
-        self.means = cpattn.BlockMeans(cache)
-        self.decoder = cpattn.ChunkAttentionDecode(cache)
-        self._compact_prefill = cpattn.compact_prefill
-        self.densities: list[tuple[int, dict]] = []  # (layer, density) per call with a past
-
-    def prefill(self, seq: int, q, layer: int):
-        m = self.mode
-        r = self._compact_prefill(self.cache, self.means, seq, q, layer, alpha=m.alpha, sink=m.sink,
-                                  window=m.window, q_tile=m.q_tile, return_lse=False)
-        if self.cache.seq_len(seq) > q.shape[0]:
-            self.densities.append((layer, r.density()))
-        return r.o
-
-    def committed(self, seq: int) -> None:
-        self.means.update(self.cache, seq)
-
-    def plan(self, seqs) -> None:
-        self.decoder.plan(seqs, self.num_q_heads)
-
-    def decode(self, q, layer: int):
-        return self.decoder.run(q, layer)
+class QualityAttention(CacheAttention):
+    """The model's cache attention (``cpattn.serving.llama.CacheAttention``, which keeps each
+    prefill call's density with its layer), read per layer."""
 
     def per_layer(self, num_layers: int) -> dict:
         """{key: [mean density of layer 0, 1, ...]} and the overall mean, over recorded calls."""
@@ -118,7 +92,8 @@ class QualityAttention:
 
 def new_attention(model, mode: Mode, num_tokens: int, chunk_size: int) -> QualityAttention:
     cache = model.new_cache(-(-num_tokens // chunk_size) + 2, chunk_size=chunk_size, max_sequences=4)
-    return QualityAttention(cache, model.config.num_q_heads, mode)
+    return QualityAttention(cache, model.config.num_q_heads, alpha=mode.alpha, sink=mode.sink, window=mode.window,
+                            q_tile=mode.q_tile)
 
 
 # ============================================================================ perplexity

@@ -319,7 +319,8 @@ class Generator:
             gens.append(g)
             seqs.append(seq)
         prefill_time = time.perf_counter() - t0
-        density = float(np.mean([d["tables"] for d in attn.densities])) if attn.densities else None
+        density = (float(np.mean([d["tables"] for _, d in attn.densities]))
+                   if self.alpha > 0 and attn.densities else None)
         peak = cache.stats()
         live = [i for i, g in enumerate(gens) if not _done(g, max_new_tokens, self.tokenizer.eos_ids, stop_at_eos)]
         steps = 0

@@ -90,10 +90,13 @@ class CacheAttention:
     Args:
         cache: a ``cpattn.reference.ChunkCache`` (NumPy) or ``cpattn.chunk_cache.GpuChunkCache``.
         num_q_heads: query heads of the model.
-        alpha, sink, window: CompactAttention selection (alpha 0: every block, dense prefill).
+        alpha, sink, window, q_tile: CompactAttention selection (alpha 0: every block, dense prefill).
+
+    ``densities`` keeps ``(layer, CompactPrefill.density())`` of every prefill call that has a past.
     """
 
-    def __init__(self, cache, num_q_heads: int, *, alpha: float = 0.0, sink: int = 2, window: int = 4):
+    def __init__(self, cache, num_q_heads: int, *, alpha: float = 0.0, sink: int = 2, window: int = 4,
+                 q_tile: int | None = None):
         decoder_cls, means_cls, self._prefill = attention_api()
         self.cache = cache
         self.num_q_heads = check_int(num_q_heads, "num_q_heads", 1)
@@ -101,14 +104,15 @@ class CacheAttention:
         self.sink, self.window = check_int(sink, "sink", 0), check_int(window, "window", 0)
         self.means = means_cls(cache)
         self.decoder = decoder_cls(cache)
-        self.densities: list[dict] = []  # per prefill call, when sparse
+        self.q_tile = q_tile  # checked by compact_prefill against the chunk
+        self.densities: list[tuple[int, dict]] = []  # (layer, density) per prefill call with a past
 
     def prefill(self, seq: int, q, layer: int):
         """Attention of the sequence's last ``n`` tokens (K/V written): o [n, Hq, D] storage dtype."""
         r = self._prefill(self.cache, self.means, seq, q, layer, alpha=self.alpha, sink=self.sink,
-                          window=self.window, return_lse=False)
-        if self.alpha > 0:
-            self.densities.append(r.density())
+                          window=self.window, q_tile=self.q_tile, return_lse=False)
+        if self.cache.seq_len(seq) > q.shape[0]:
+            self.densities.append((layer, r.density()))
         return r.o
 
     def committed(self, seq: int) -> None:
