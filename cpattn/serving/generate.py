@@ -309,7 +309,7 @@ class Generator:
         need = (shared // c) * c + sum(len(p) - (shared // c) * c + max_new_tokens + c for p in prompts)
         attn = self.new_session(need, max_sequences=len(prompts) + 1)
         cache, model = attn.cache, self.model
-        gens, seqs, nxt = [], [], []
+        gens, seqs = [], []
         t0 = time.perf_counter()
         for p in prompts:
             seq, reused, logits = self._prefill(attn, p)
