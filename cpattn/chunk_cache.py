@@ -68,6 +68,31 @@ class GpuChunkCache(ChunkCache):
         x = cupy.ascontiguousarray(x)
         return x if x.data.ptr % 16 == 0 else x.copy()
 
+    def write_kv_device(self, layer: int, slot_chunk, slot_offset, k, v) -> None:
+        """``write_kv`` for a CUDA graph: the slots are device int32 arrays [n] (the chunk and
+        offset of ``reserve``/``reserve_batch``, uploaded by the caller), k, v device arrays
+        [n, Hkv, D] in the storage dtype, C-contiguous. One kernel launch, no host work that
+        depends on the values, so a graph captured once replays it with new slots.
+
+        What is checked: layer, types, dtypes, shapes. Not checked (the values live on the
+        device): that the slots are reserved and uncommitted; ``write_kv`` checks that.
+        """
+        self.check_layer(layer)
+        slot_chunk, slot_offset = as_cupy(slot_chunk, "slot_chunk"), as_cupy(slot_offset, "slot_offset")
+        n = slot_chunk.shape[0] if slot_chunk.ndim == 1 else -1
+        for name, a in (("slot_chunk", slot_chunk), ("slot_offset", slot_offset)):
+            if a.dtype != np.int32 or a.shape != (max(n, 0),) or n < 0:
+                raise ValueError(f"{name}: expected a device int32 array [n] (n equal for both), got {a.dtype} "
+                                 f"{a.shape}")
+        shape = (n, self.num_kv_heads, self.head_dim)
+        k, v = as_cupy(k, "k", self.dtype, shape), as_cupy(v, "v", self.dtype, shape)
+        total = n * self.num_kv_heads * (self.head_dim // 8)
+        if total:
+            self._kern["kv_append"](
+                (-(-total // APPEND_THREADS),), (APPEND_THREADS,),
+                (k, v, slot_chunk, slot_offset, self.k_pool, self.v_pool,
+                 np.int64(layer * self.num_chunks * self.num_kv_heads), np.int32(self.num_kv_heads), np.int32(n)))
+
     def _scatter(self, layer, slots: Slots, k, v) -> None:
         import cupy
 

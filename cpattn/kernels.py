@@ -141,6 +141,13 @@ KERNELS = {
     "compact_attention_sm90": (  # the paged prefill on Hopper warpgroup MMA: compute capability 9.0 only
         ("cpattn::paged_prefill_wg", lambda t, d, c: f"{t}, {d}, {c}"),
     ),
+    "model_ops": (  # the model's fused steps of the CUDA-graphed decode step (cpattn/serving/graphed.py)
+        ("cpattn::embed_rows", lambda t, d, c: t),
+        ("cpattn::add_rms_norm", lambda t, d, c: t),
+        ("cpattn::rope_split", lambda t, d, c: f"{t}, {d}"),
+        ("cpattn::silu_mul", lambda t, d, c: t),
+        ("cpattn::argmax_rows", lambda t, d, c: t),
+    ),
 }
 # kernel file -> the architecture it needs (NVRTC -arch / nvcc -arch); others: the device's own
 ARCH = {"compact_attention_sm90": "sm_90a"}

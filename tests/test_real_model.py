@@ -6,7 +6,8 @@ Needs the model file (``cpattn models fetch smollm2``; CI runs it before the tes
 tests skip and say why (the tests never download the model themselves); with
 ``CPATTN_REQUIRE_MODEL=1`` (CI) a missing model or extra fails instead.
 
-What is checked, on the NumPy backend (fp16 weights and K/V, chunk size 64):
+What is checked, on the NumPy backend (fp16 weights and K/V, chunk size 64), and on CuPy where a
+GPU is (the batched decode there is ``GraphedDecoder``, the whole step one CUDA graph):
 
 * the tokenizer built from the file's vocabulary and merges encodes real text exactly as
   transformers' GGUF tokenizer does, and the chat template renders the same prompt;
@@ -43,6 +44,7 @@ _need("gguf", "models")
 _need("tokenizers", "models")
 _need("jinja2", "models")
 
+from cpattn.arrays import to_host  # noqa: E402
 from cpattn.serving import fetch as fetch_mod  # noqa: E402
 from cpattn.serving.generate import Generator, load_text  # noqa: E402
 from cpattn.serving.gguf import GGUFFile  # noqa: E402
@@ -69,11 +71,23 @@ def gguf_file(model_file):
     return GGUFFile(model_file)
 
 
-@pytest.fixture(scope="module")
-def gen(gguf_file):
+def _gpu():
+    from cpattn import gpu_available
+
+    return gpu_available()
+
+
+@pytest.fixture(scope="module", params=["numpy", pytest.param("cupy", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not _gpu(), reason="needs CuPy and a CUDA GPU")])])
+def gen(gguf_file, request):
+    """The model on NumPy (CI) and on CuPy (the device: batched decode there is the CUDA graph)."""
     from cpattn.serving.llama import LlamaModel
 
-    model = LlamaModel(gguf_file.config(), gguf_file.tensor, dtype="float16")
+    if request.param == "cupy":
+        import cupy as xp
+    else:
+        xp = np
+    model = LlamaModel(gguf_file.config(), gguf_file.tensor, dtype="float16", xp=xp)
     return Generator(model, gguf_file.tokenizer(), chunk_size=64, prefill_chunk=256)
 
 
@@ -170,7 +184,7 @@ def test_logits_within_budget_of_transformers(gen, hf, text):
     assert len(ids) == LOGIT_TOKENS
     attn = gen.new_session(len(ids))
     seq = attn.cache.add_sequence([])
-    ours = np.asarray(gen.model.prefill(attn, seq, ids, chunk_tokens=256, logits="all"))
+    ours = to_host(gen.model.prefill(attn, seq, ids, chunk_tokens=256, logits="all"))
     ref, ref16 = hf["logits"], hf["logits_w16"]
     assert ours.shape == ref.shape == (LOGIT_TOKENS, 49152)
     err, base = np.abs(ours - ref), np.abs(ref16 - ref)
@@ -218,7 +232,8 @@ def test_shared_document_batch_matches_transformers(gen, hf, text):
     """Requests sharing a document: later ones reuse its chunks, all decode in one batch, and
     each gets transformers' greedy answer to its own prompt."""
     document = _shared_document(gen.tokenizer, text)
-    report = gen.batch_run(document, list(SHARED_QUESTIONS), max_new_tokens=NEW_TOKENS, stop_at_eos=False)
+    report = gen.batch_run(document, list(SHARED_QUESTIONS), max_new_tokens=NEW_TOKENS, stop_at_eos=False,
+                           graph=gen.backend == "cupy")
     print("\n" + str(report))
     s = report.summary()
     assert s["prefill_reused"] >= 256  # the second request took the document's complete chunks

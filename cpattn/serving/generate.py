@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..reference.checks import cdiv, check_int, check_real
+from ..reference.checks import cdiv, check_bool, check_int, check_real
 from .backends import resolve_backend
 from .llama import CacheAttention, LlamaModel
 
@@ -135,6 +135,7 @@ class BatchReport:
     chunk_size: int
     alpha: float
     prefill_density: float | None = None  # mean fraction of K/V blocks prefill read (alpha > 0)
+    step_times: dict | None = None  # GraphedDecoder's host times per step (graph=True)
 
     @property
     def generated(self) -> int:
@@ -250,12 +251,19 @@ class Generator:
             tokens = tokens[:-1]
         return self.tokenizer.decode(tokens)
 
-    def _prefill(self, attn: CacheAttention, tokens: list[int]) -> tuple[int, int, object]:
+    def admit(self, attn: CacheAttention, tokens: list[int]) -> tuple[int, int, object]:
         """Start a sequence, reusing its cached prefix; returns (seq, reused, last logits)."""
         seq = attn.cache.add_sequence(tokens, max_match=len(tokens) - 1)
         reused = attn.cache.seq_len(seq)
         logits = self.model.prefill(attn, seq, tokens[reused:], chunk_tokens=self.prefill_chunk)
         return seq, reused, logits
+
+    def batch_session(self, prompts: list[list[int]], max_new_tokens: int):
+        """A session with room for ``prompts`` (token ids) sharing their common prefix, each
+        growing by ``max_new_tokens``."""
+        shared, c = _common_prefix(prompts), self.chunk_size
+        need = (shared // c) * c + sum(len(p) - (shared // c) * c + max_new_tokens + c for p in prompts)
+        return self.new_session(need, max_sequences=len(prompts) + 1)
 
     # ------------------------------------------------------------------ one request
     def generate(self, prompt: str | list[int], *, max_new_tokens: int = 128, system: str | None = None,
@@ -271,7 +279,7 @@ class Generator:
         rng = np.random.default_rng(seed)
         stream = self.tokenizer.stream()
         t0 = time.perf_counter()
-        seq, reused, logits = self._prefill(attn, tokens)
+        seq, reused, logits = self.admit(attn, tokens)
         out = Generation(prompt_tokens=len(tokens), reused_tokens=reused)
         nxt = int(self._pick(logits[None], temperature, rng)[0])
         out.ttft = time.perf_counter() - t0
@@ -294,25 +302,26 @@ class Generator:
 
     # ------------------------------------------------------------------ N requests, one document
     def batch_run(self, document: str, questions: list[str], *, max_new_tokens: int = 32,
-                  stop_at_eos: bool = True) -> BatchReport:
+                  stop_at_eos: bool = True, graph: bool = False) -> BatchReport:
         """N requests, each the chat template around (system: ``document``, user: its question).
 
         Requests are admitted one after another (each reusing the cached document), then decoded
         as one batch until each has ``max_new_tokens`` tokens or its end-of-turn token.
+        ``graph``: decode with ``GraphedDecoder`` (CuPy, float16: the whole step one CUDA graph,
+        captured again when the plan changes); its host times go to ``BatchReport.step_times``.
         """
+        graph = check_bool(graph, "graph")
         if not questions:
             raise ValueError("questions: expected at least one question, got none")
         check_int(max_new_tokens, "max_new_tokens", 1)
         prompts = [self.prompt_tokens(q, system=document) for q in questions]
-        shared = _common_prefix(prompts)
         c = self.chunk_size
-        need = (shared // c) * c + sum(len(p) - (shared // c) * c + max_new_tokens + c for p in prompts)
-        attn = self.new_session(need, max_sequences=len(prompts) + 1)
+        attn = self.batch_session(prompts, max_new_tokens)
         cache, model = attn.cache, self.model
         gens, seqs = [], []
         t0 = time.perf_counter()
         for p in prompts:
-            seq, reused, logits = self._prefill(attn, p)
+            seq, reused, logits = self.admit(attn, p)
             g = Generation(prompt_tokens=len(p), reused_tokens=reused)
             g.tokens.append(int(self._pick(logits[None], 0.0, None)[0]))
             g.ttft = time.perf_counter() - t0
@@ -324,13 +333,21 @@ class Generator:
         peak = cache.stats()
         live = [i for i, g in enumerate(gens) if not _done(g, max_new_tokens, self.tokenizer.eos_ids, stop_at_eos)]
         steps = 0
+        graphed = None
+        if graph:
+            from .graphed import GraphedDecoder
+
+            graphed = GraphedDecoder(model, attn)
         t1 = time.perf_counter()
         while live:
             st = cache.stats()
             if st["tokens_flat"] > peak["tokens_flat"]:
                 peak = st
-            logits = model.decode(attn, [seqs[i] for i in live], [gens[i].tokens[-1] for i in live])
-            picked = self._pick(logits, 0.0, None)
+            batch, last = [seqs[i] for i in live], [gens[i].tokens[-1] for i in live]
+            if graphed is not None:
+                picked = graphed.step(batch, last)
+            else:
+                picked = self._pick(model.decode(attn, batch, last), 0.0, None)
             steps += 1
             now = time.perf_counter()
             for i, t in zip(live, picked):
@@ -347,7 +364,8 @@ class Generator:
         return BatchReport(backend=self.backend, requests=gens, doc_tokens=doc_tokens, prefill_time=prefill_time,
                            decode_time=decode_time, decode_steps=steps, kv_tokens_stored=peak["tokens_stored"],
                            kv_tokens_flat=peak["tokens_flat"], kv_bytes_per_token=model.kv_bytes_per_token(),
-                           chunk_size=c, alpha=self.alpha, prefill_density=density)
+                           chunk_size=c, alpha=self.alpha, prefill_density=density,
+                           step_times=None if graphed is None else graphed.times.summary())
 
 
 def _done(g: Generation, max_new: int, eos_ids, stop_at_eos: bool) -> bool:

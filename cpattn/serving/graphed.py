@@ -1,0 +1,253 @@
+"""The whole decode step of a ``LlamaModel`` on the GPU as one CUDA graph.
+
+Eager, a decode step of the 30-layer SmolLM2 is some 1800 small CuPy launches, each paying
+Python and launch overhead: at batch 16 it took 225 ms. ``GraphedDecoder`` records the step once
+and replays it:
+
+    dec = GraphedDecoder(model, attn)            # attn: CacheAttention over a GpuChunkCache
+    nxt = dec.step(seqs, tokens)                 # greedy next tokens, host int64 [B]
+
+What one replay does (``forward``), per layer ~10 launches: the fused RMSNorm (+ residual add),
+the q|k|v product (cuBLAS), RoPE and the split into q, k, v (``rope_split``), the K/V write
+(``GpuChunkCache.write_kv_device``), ChunkAttention's two launches, the output product, the
+fused residual add + RMSNorm, the gate|up product, SwiGLU (``silu_mul``), the down product;
+then the final norm, the logits product and the greedy pick (``argmax_rows``), all kernels of
+raw_kernels/model_ops.cu and raw_kernels/chunk_*.cu. The numbers are the eager model's
+(``LlamaModel.decode``), operation for operation; only the sums of squares of RMSNorm are added
+in another order.
+
+What stays on the host, per step: ``reserve_batch`` (the tree), one upload of the slots and
+positions (int32 [3, B]), the length table (``sync_lens``), the launch, and the download of the
+B next tokens (the tree needs them). The graph stays valid while the plan does: the decode plan
+reads sequence lengths from the device, so it changes only when some sequence starts a new
+chunk (a reserved slot at offset 0) or the batch changes; then the plan is rebuilt and the step
+captured again (about once per ``chunk_size`` steps).
+
+Memory: every buffer the step reads or writes is allocated once per batch, outside the graph;
+the capture runs on a private CuPy memory pool (a graph must own what it writes: memory freed
+during the capture must never be handed to anyone else while the graph lives).
+
+Only float16 storage is graphed (the fp16 weights are what cuBLAS multiplies; CuPy has no
+bfloat16 dtype, so a bf16 model runs eager).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..reference.checks import check_bool
+from .llama import CacheAttention, LlamaModel
+
+BLOCK = 256  # threads per block of the row kernels of model_ops.cu
+
+
+@dataclass
+class StepTimes:
+    """Host seconds per decode step, by part (``GraphedDecoder.times``)."""
+
+    reserve: list = field(default_factory=list)  # reserve_batch + uploads
+    plan: list = field(default_factory=list)  # plan rebuild + capture (0 on replay steps)
+    launch: list = field(default_factory=list)  # graph launch until the next tokens are on the host
+    commit: list = field(default_factory=list)
+    captures: int = 0
+
+    def summary(self) -> dict:
+        med = lambda a: float(np.median(a)) * 1e6 if a else 0.0  # noqa: E731
+        replay = [r + c for r, c, p in zip(self.reserve, self.commit, self.plan) if p == 0]
+        return dict(steps=len(self.launch), captures=self.captures, host_reserve_us=med(self.reserve),
+                    host_commit_us=med(self.commit), host_us_replay_steps=med(replay),
+                    launch_to_tokens_us=med(self.launch),
+                    plan_capture_ms=1e3 * float(np.mean([p for p in self.plan if p > 0])) if self.captures else 0.0)
+
+
+@dataclass
+class Captured:
+    """A CUDA graph and the private memory pool that holds what it allocated (kept together)."""
+
+    graph: object
+    pool: object
+
+    def launch(self, stream) -> None:
+        self.graph.launch(stream)
+
+
+class GraphedDecoder:
+    """Greedy decode steps of ``model`` over ``attn.cache`` (a ``GpuChunkCache``), one CUDA graph
+    per plan. ``graph=False`` runs the same launches eagerly (for comparison and profiling)."""
+
+    def __init__(self, model: LlamaModel, attn: CacheAttention, *, graph: bool = True):
+        import cupy
+
+        from ..kernels import get_kernels
+
+        cache = attn.cache
+        if model.xp is not cupy or getattr(cache, "backend", None) != "cupy":
+            raise ValueError("model, attn: expected a CuPy model over a GpuChunkCache (the graphed decoder is GPU "
+                             f"only), got a model on {model.xp.__name__} and a {cache.backend} cache")
+        if model.dtype != "float16" or cache.dtype != "float16":
+            raise ValueError(f"model.dtype: expected 'float16' for the graphed decoder (a bfloat16 model runs "
+                             f"eager), got {model.dtype!r}")
+        c = model.config
+        if (cache.num_layers, cache.num_kv_heads, cache.head_dim) != (c.num_layers, c.num_kv_heads, c.head_dim):
+            raise ValueError(f"attn.cache: expected the model's geometry (layers, kv heads, head_dim) = "
+                             f"{(c.num_layers, c.num_kv_heads, c.head_dim)}, got "
+                             f"{(cache.num_layers, cache.num_kv_heads, cache.head_dim)}")
+        self.model, self.attn, self.cache, self.cupy = model, attn, cache, cupy
+        self.graph_enabled = check_bool(graph, "graph")
+        self.kern = get_kernels("model_ops", cache.dtype, cache.head_dim, cache.chunk_size)
+        positions = cache.num_chunks * cache.chunk_size  # no sequence is longer than the pool
+        ang = np.arange(positions, dtype=np.float64)[:, None] * c.inv_freq()[None, :]  # as LlamaModel's tables
+        self.cos = cupy.asarray(np.cos(ang).astype(np.float32))
+        self.sin = cupy.asarray(np.sin(ang).astype(np.float32))
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.times = StepTimes()
+        self.seqs: tuple | None = None
+        self.graph = None
+        self._warm = False
+        self._last = None  # the tokens the last step returned (host)
+
+    # ------------------------------------------------------------------ buffers of one batch
+    def _buffers(self, B: int) -> None:
+        cp, c = self.cupy, self.model.config
+        h, D, Hq, Hkv = c.hidden_size, c.head_dim, c.num_q_heads, c.num_kv_heads
+        f16 = np.float16
+        self.tok_in = cp.zeros(B, np.int64)
+        self.tok_out = cp.zeros(B, np.int64)
+        self.meta = cp.zeros((3, B), np.int32)  # slot chunk, slot offset, position
+        self.x = cp.empty((B, h), np.float32)
+        self.h16 = cp.empty((B, h), f16)
+        self.qkv = cp.empty((B, (Hq + 2 * Hkv) * D), f16)
+        self.q = cp.empty((B, Hq, D), f16)
+        self.k = cp.empty((B, Hkv, D), f16)
+        self.v = cp.empty((B, Hkv, D), f16)
+        self.o = cp.empty((B, Hq, D), f16)
+        self.proj = cp.empty((B, h), f16)
+        self.gu = cp.empty((B, 2 * c.intermediate_size), f16)
+        self.act = cp.empty((B, c.intermediate_size), f16)
+        self.logits = cp.empty((B, c.vocab_size), f16)
+
+    # ------------------------------------------------------------------ the step's launches
+    def forward(self, parts: str = "all", copy_back: bool = True) -> None:
+        """Every launch of one step on the current stream (what the graph records).
+
+        ``parts``: "all", or "attention" (K/V writes and attention only) / "model" (everything
+        else) for the profile. ``copy_back`` feeds the picked tokens to the next step's input.
+        """
+        cp, m, c, cache = self.cupy, self.model, self.model.config, self.cache
+        kern, B = self.kern, len(self.seqs)
+        h, eps = c.hidden_size, np.float32(c.rms_eps)
+        att, mod = parts in ("all", "attention"), parts in ("all", "model")
+        none = np.uint64(0)  # a null pointer: no residual to add
+        if mod:
+            kern["embed_rows"]((B,), (BLOCK,), (m.embed, self.tok_in, self.x, np.int32(h)))
+        for layer, w in enumerate(m.layers):
+            if mod:
+                kern["add_rms_norm"]((B,), (BLOCK,), (self.x, none if layer == 0 else self.proj, w["attn_norm"],
+                                                      self.h16, np.int32(h), eps))
+                cp.matmul(self.h16, w["qkv"].T, out=self.qkv)
+                kern["rope_split"]((B,), (BLOCK,), (self.qkv, self.meta[2], self.cos, self.sin, self.q, self.k,
+                                                    self.v, np.int32(c.num_q_heads), np.int32(c.num_kv_heads)))
+            if att:
+                cache.write_kv_device(layer, self.meta[0], self.meta[1], self.k, self.v)
+                self.attn.decoder.run(self.q, layer, out=self.o)
+            if mod:
+                cp.matmul(self.o.reshape(B, -1), w["o"].T, out=self.proj)
+                kern["add_rms_norm"]((B,), (BLOCK,), (self.x, self.proj, w["ffn_norm"], self.h16, np.int32(h), eps))
+                cp.matmul(self.h16, w["gate_up"].T, out=self.gu)
+                n = B * c.intermediate_size
+                kern["silu_mul"](((n + BLOCK - 1) // BLOCK,), (BLOCK,),
+                                 (self.gu, self.act, np.int32(c.intermediate_size), np.int64(n)))
+                cp.matmul(self.act, w["down"].T, out=self.proj)
+        if mod:
+            kern["add_rms_norm"]((B,), (BLOCK,), (self.x, self.proj, m.final_norm, self.h16, np.int32(h), eps))
+            cp.matmul(self.h16, m.output.T, out=self.logits)
+            kern["argmax_rows"]((B,), (BLOCK,), (self.logits, self.tok_out, np.int32(c.vocab_size)))
+            if copy_back:
+                self.tok_in[...] = self.tok_out
+
+    def capture(self, parts: str = "all", copy_back: bool = True):
+        """A CUDA graph of ``forward(parts)`` (on a private memory pool kept with it)."""
+        cp = self.cupy
+        pool = cp.cuda.MemoryPool()
+        with cp.cuda.using_allocator(pool.malloc), self.stream:
+            if not self._warm:  # first use: kernels loaded, cuBLAS handles and heuristics made, outside a capture
+                self.forward(parts, copy_back=False)
+                self.stream.synchronize()
+                self._warm = True
+            self.stream.begin_capture()
+            try:
+                self.forward(parts, copy_back)
+            finally:
+                graph = self.stream.end_capture()
+        return Captured(graph, pool)
+
+    # ------------------------------------------------------------------ one step
+    def step(self, seqs, tokens) -> np.ndarray:
+        """Append ``tokens[b]`` to ``seqs[b]`` and return the greedy next tokens (host int64 [B]).
+
+        The sequences must be committed (prefilled); ``tokens`` are what the previous step (or
+        the prefill) picked. Like ``LlamaModel.decode``, the step commits every sequence.
+        """
+        cp, cache = self.cupy, self.cache
+        t0 = time.perf_counter()
+        seqs = tuple(cache.check_batch(seqs))
+        tokens = cache.check_tokens(tokens, "tokens")
+        self.model.check_vocab(tokens)
+        if len(tokens) != len(seqs):
+            raise ValueError(f"tokens: expected one token per sequence ({len(seqs)}), got {len(tokens)}")
+        new_batch = seqs != self.seqs
+        pos = np.array([cache.seq_len(s) for s in seqs], np.int32)
+        slots = cache.reserve_batch(seqs, tokens)  # checks room and state; raises with nothing changed
+        if new_batch:
+            self.seqs, self.graph = seqs, None
+            self._buffers(len(seqs))
+        host_tokens = self._input = np.asarray(tokens, np.int64)
+        with self.stream:
+            if new_batch or not np.array_equal(host_tokens, self._last):
+                self.tok_in.set(host_tokens, stream=self.stream)
+            self.meta.set(np.stack([slots.chunk, slots.offset, pos]).astype(np.int32), stream=self.stream)
+            t1 = time.perf_counter()
+            if self.graph is None or (slots.offset == 0).any():
+                self.attn.plan(seqs)  # uploads the plan and the lengths on this stream
+                self.graph = None
+                if self.graph_enabled:
+                    self.graph = self.capture()
+                self.times.captures += 1
+            else:
+                cache.sync_lens()
+            t2 = time.perf_counter()
+            if self.graph is not None:
+                self.graph.launch(self.stream)
+            else:
+                self.forward()
+            out = self.tok_out.get(stream=self.stream)  # waits for the step
+        t3 = time.perf_counter()
+        for s in seqs:
+            cache.commit(s)
+        self._last = out
+        t4 = time.perf_counter()
+        t = self.times
+        t.reserve.append(t1 - t0), t.plan.append(t2 - t1), t.launch.append(t3 - t2), t.commit.append(t4 - t3)
+        return out
+
+    # ------------------------------------------------------------------ where the step goes
+    def profile(self, timer) -> dict:
+        """Device time of the captured step and of its parts (median ms of ``timer``, a
+        ``cpattn.bench.timing.GpuTimer``), on the current plan. The parts replay the same step
+        (the K/V writes are idempotent) without feeding tokens back."""
+        if self.seqs is None or self.graph is None:
+            raise RuntimeError("profile: expected a captured step (call step() with graph=True first)")
+        out = {}
+        with self.stream:
+            self.tok_in.set(self._input, stream=self.stream)  # the last step's own inputs: idempotent
+            for part in ("all", "attention", "model"):
+                g = self.capture(part, copy_back=False)
+                out[f"{part}_ms"] = timer.median_ms(lambda: g.launch(self.stream))
+            self.tok_in[...] = self.tok_out  # as the step left it
+            self.stream.synchronize()
+        return out
+
+
+__all__ = ["GraphedDecoder", "StepTimes", "Captured"]
