@@ -145,8 +145,6 @@ def run_hf(args, path, prompts, pad_id: int) -> dict:
     decode_s = full_s - first_s
     c = model.config
     kv_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
-    del model
-    torch.cuda.empty_cache()
     return dict(tokens=out[:, L:].tolist(), ttft_s=first_s, decode_s=decode_s,
                 decode_tok_s=len(prompts) * steps / decode_s, step_ms=1e3 * decode_s / steps,
                 kv_mib=len(prompts) * (L + args.new_tokens) * kv_token / 2**20, peak_alloc_mib=peak_mib)

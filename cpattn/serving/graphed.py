@@ -190,7 +190,7 @@ class GraphedDecoder:
         The sequences must be committed (prefilled); ``tokens`` are what the previous step (or
         the prefill) picked. Like ``LlamaModel.decode``, the step commits every sequence.
         """
-        cp, cache = self.cupy, self.cache
+        cache = self.cache
         t0 = time.perf_counter()
         seqs = tuple(cache.check_batch(seqs))
         tokens = cache.check_tokens(tokens, "tokens")
