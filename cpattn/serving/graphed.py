@@ -209,11 +209,9 @@ class GraphedDecoder:
                 self.tok_in.set(host_tokens, stream=self.stream)
             self.meta.set(np.stack([slots.chunk, slots.offset, pos]).astype(np.int32), stream=self.stream)
             t1 = time.perf_counter()
-            if self.graph is None or (slots.offset == 0).any():
+            if new_batch or (slots.offset == 0).any():  # a new batch or a new chunk: a new plan
                 self.attn.plan(seqs)  # uploads the plan and the lengths on this stream
-                self.graph = None
-                if self.graph_enabled:
-                    self.graph = self.capture()
+                self.graph = self.capture() if self.graph_enabled else None
                 self.times.captures += 1
             else:
                 cache.sync_lens()
