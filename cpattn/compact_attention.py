@@ -30,7 +30,8 @@ from .kernels import PREFILL_ROWS, SCORE_ROWS, THREADS, UNION_THREADS, WG_THREAD
 from .reference import compact_attention as reference
 from .reference.checks import cdiv, check_bool, check_choice, check_instance, check_scale
 from .reference.chunk_cache import check_cache
-from .reference.compact_attention import KERNEL_CHOICES, check_chunk, check_events, check_options, dense_options
+from .reference.compact_attention import DEFAULT_ALPHA, DEFAULT_SAMPLE_ROWS, KERNEL_CHOICES, check_chunk, \
+    check_events, check_options, check_summary, dense_options
 from .reference.dtypes import storage_numpy_dtype
 
 
@@ -134,8 +135,9 @@ class CompactPrefill:
 
 
 def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, scale: float | None = None,
-                    alpha: float = 0.06, sink: int = 2, window: int = 4, q_tile: int | None = None,
-                    group_size: int | None = None, return_lse: bool = True, out=None, kernel: str = "auto",
+                    alpha: float | None = DEFAULT_ALPHA, sink: int = 2, window: int = 4, q_tile: int | None = None,
+                    group_size: int | None = None, recall: float | None = None, summary: str = "auto",
+                    sample_rows: int = DEFAULT_SAMPLE_ROWS, return_lse: bool = True, out=None, kernel: str = "auto",
                     events: list | None = None):
     """CompactAttention for one chunk and layer (see the module docstring): a ``CompactPrefill``.
 
@@ -151,8 +153,9 @@ def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, sc
     """
     if check_cache(cache).backend == "numpy":
         return reference.compact_prefill(cache, means, seq, q, layer, scale=scale, alpha=alpha, sink=sink,
-                                         window=window, q_tile=q_tile, group_size=group_size,
-                                         return_lse=return_lse, out=out, kernel=kernel, events=events)
+                                         window=window, q_tile=q_tile, group_size=group_size, recall=recall,
+                                         summary=summary, sample_rows=sample_rows, return_lse=return_lse,
+                                         out=out, kernel=kernel, events=events)
     import cupy
 
     check_choice(kernel, "kernel", KERNEL_CHOICES)
@@ -162,7 +165,8 @@ def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, sc
     P, n, G = check_chunk(cache, seq, q, layer)
     scale = check_scale(scale, cache.head_dim)
     c, Hkv, D = cache.chunk_size, cache.num_kv_heads, cache.head_dim
-    q_tile, s = check_options(c, n, G, alpha, sink, window, q_tile, group_size)
+    q_tile, s = check_options(c, n, G, alpha, sink, window, q_tile, group_size, recall)
+    summary = check_summary(summary, sample_rows, recall)
     check_instance(means, "means", BlockMeans, "cpattn.compact_attention.BlockMeans(cache) for a GPU cache")
     means.check_cache(cache)
     wg = use_wgmma(kernel)

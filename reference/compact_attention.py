@@ -21,6 +21,8 @@ The passes, written as the GPU runs them (each is one function below)::
                                                    normalised over j                       [Hq, Qb, Pb]
     3. select                           keep[h,i,j] = s >= alpha * max_j s
                                                       or j < sink or j >= Pb - window      [Hq, Qb, Pb]
+       (or, with recall=..., per table: blocks by estimated mass until the estimate reaches the
+        target, ``estimated_mass`` + ``recall_rule``; docs/design.md, "Selection on real attention")
     4. Q-union                          OR over the query blocks of a tile               [Hq, T, Pb]
     5. group union                      OR over the query heads of a sub-group           [T, Hkv, S, Pb]
     6. tables     build_block_tables    per table: kept past pool ids ascending in token
@@ -182,13 +184,32 @@ def check_chunk(cache: ChunkCache, seq: int, q, layer: int):
     return P, n, hq // cache.num_kv_heads
 
 
-def check_options(c: int, n: int, G: int, alpha, sink, window, q_tile, group_size):
+DEFAULT_ALPHA = 0.06  # the alpha rule's default threshold
+SUMMARIES = ("auto", "mean", "sampled")  # select_blocks(summary=...): how the past is estimated
+DEFAULT_SAMPLE_ROWS = 2  # rows per query block scored exactly by summary="sampled"
+
+
+def check_options(c: int, n: int, G: int, alpha, sink, window, q_tile, group_size, recall=None):
     """Check the selection options of a chunk of ``n`` rows, chunk size ``c``, GQA group ``G``;
-    returns (q_tile in rows, group_size) with the defaults filled in."""
-    if not is_real(alpha):
-        raise TypeError(f"alpha: expected a number in [0, 1], got {alpha!r} ({type(alpha).__name__})")
-    if not 0.0 <= float(alpha) <= 1.0:  # NaN fails the comparison too
-        raise ValueError(f"alpha: expected a number in [0, 1], got {alpha!r}")
+    returns (q_tile in rows, group_size) with the defaults filled in.
+
+    Exactly one rule is active: ``recall`` None selects by ``alpha`` (a number in [0, 1]);
+    a ``recall`` in [0, 1] selects by the recall target, and ``alpha`` must then be None or
+    left at its default."""
+    if recall is None:
+        if not is_real(alpha):
+            raise TypeError(f"alpha: expected a number in [0, 1], got {alpha!r} ({type(alpha).__name__})")
+        if not 0.0 <= float(alpha) <= 1.0:  # NaN fails the comparison too
+            raise ValueError(f"alpha: expected a number in [0, 1], got {alpha!r}")
+    else:
+        if not is_real(recall):
+            raise TypeError(f"recall: expected None or a number in [0, 1], got {recall!r} "
+                            f"({type(recall).__name__})")
+        if not 0.0 <= float(recall) <= 1.0:
+            raise ValueError(f"recall: expected None or a number in [0, 1], got {recall!r}")
+        if alpha is not None and not (is_real(alpha) and float(alpha) == DEFAULT_ALPHA):
+            raise ValueError(f"alpha: expected None (or its default {DEFAULT_ALPHA}) with recall={recall!r}: "
+                             f"one selection rule at a time, got alpha={alpha!r}")
     for name, value in (("sink", sink), ("window", window)):
         if check_int(value, name, 0) >= INT32_MAX:  # int32 kernel arguments
             raise ValueError(f"{name}: expected an integer >= 0 and < 2**31, got {value}")
@@ -203,6 +224,19 @@ def check_options(c: int, n: int, G: int, alpha, sink, window, q_tile, group_siz
         raise ValueError(f"group_size: expected None or a divisor of the GQA group size {G} "
                          f"(query heads per sub-group), got {group_size!r}")
     return int(q_tile), int(group_size)
+
+
+def check_summary(summary, sample_rows, recall) -> str:
+    """The past's summary a selection uses: 'mean' (block mean keys) or 'sampled' (exact scores
+    of ``sample_rows`` rows per query block); 'auto' is 'mean' for the alpha rule and 'sampled'
+    for the recall rule (docs/design.md, "Selection on real attention")."""
+    check_choice(summary, "summary", SUMMARIES)
+    if check_int(sample_rows, "sample_rows", hi=INT32_MAX) < 1:
+        raise ValueError(f"sample_rows: expected an integer >= 1 (rows per query block scored exactly), "
+                         f"got {sample_rows!r}")
+    if summary == "auto":
+        return "mean" if recall is None else "sampled"
+    return summary
 
 
 def check_means(means, cache) -> None:
@@ -240,13 +274,121 @@ def block_scores(q: np.ndarray, kmean: np.ndarray, chunk_size: int, scale: float
     return s / s.sum(axis=2, keepdims=True)
 
 
+def sampled_rows(n: int, chunk_size: int, rows: int) -> np.ndarray:
+    """Chunk rows scored exactly by summary="sampled": ``rows`` rows evenly spaced over each
+    query block, its first and last row included (fewer in a block that has fewer). int64, ascending."""
+    out = []
+    for a in range(0, n, chunk_size):
+        m = min(chunk_size, n - a)
+        out.append(a + np.unique(np.round(np.linspace(0, m - 1, min(rows, m))).astype(np.int64)))
+    return np.concatenate(out)
+
+
+def estimated_mass(q: np.ndarray, k: np.ndarray, kmean: np.ndarray, chunk_size: int, scale: float,
+                   summary: str = "mean", sample_rows: int = DEFAULT_SAMPLE_ROWS):
+    """Estimated attention mass of each query block on each past block and on its own chunk.
+
+    Args:
+        q: float32 [n, Hq, D] the chunk's queries; k: float32 [P + n, Hkv, D] every key of the
+            sequence up to the chunk's end; kmean: float32 [Pb, Hkv, D] the past blocks' means.
+        summary: 'mean': each row's softmax over blocks, a block standing for its ``c`` keys at
+            its mean key (log c + scale q . kmean); the chunk's own blocks before the row's
+            block likewise (their means computed here), the row's own block exactly (causal).
+            'sampled': the exact softmax of ``sample_rows`` rows per query block (``sampled_rows``)
+            over every key they see, each query block's rows taken to spread as its samples do.
+    Returns:
+        past float64 [Hq, Qb, Pb], own float64 [Hq, Qb]: summed over the query block's rows, so
+        past.sum(axis=2) + own is the number of rows of each query block.
+    """
+    n, Hq, D = q.shape
+    Pb, Hkv = kmean.shape[0], k.shape[1]
+    c, G = chunk_size, Hq // Hkv
+    P = Pb * c
+    Qb = cdiv(n, c)
+    past = np.zeros((Hq, Qb, Pb))
+    own = np.zeros((Hq, Qb))
+    rows_in = np.minimum(c, n - np.arange(Qb) * c)  # rows per query block
+    qblock = np.arange(n) // c
+    q64, k64 = q.astype(np.float64), k.astype(np.float64)
+    if summary == "sampled":
+        sel = sampled_rows(n, c, sample_rows)
+        weight = rows_in[qblock[sel]] / np.bincount(qblock[sel], minlength=Qb)[qblock[sel]]  # rows per sample
+        seen = P + sel  # row sel sees keys 0 .. P + sel
+        for h in range(Hq):
+            z = (q64[sel, h] @ k64[:, h // G].T) * scale  # [m, P + n]
+            z[np.arange(P + n)[None, :] > seen[:, None]] = -np.inf
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            bp = p[:, :P].reshape(len(sel), Pb, c).sum(axis=2) if Pb else np.zeros((len(sel), 0))
+            np.add.at(past[h], qblock[sel], bp * weight[:, None])
+            np.add.at(own[h], qblock[sel], p[:, P:].sum(axis=1) * weight)
+        return past, own
+    own_k = k64[P:]  # [n, Hkv, D]
+    own_mean = np.stack([own_k[a:a + c].mean(axis=0) for a in range(0, n, c)])  # [Qb, Hkv, D]
+    km = kmean.astype(np.float64)
+    log_c = np.log(c)
+    for h in range(Hq):
+        g = h // G
+        zp = (q64[:, h] @ km[:, g].T) * scale + log_c  # [n, Pb]
+        zo = (q64[:, h] @ own_mean[:, g].T) * scale + log_c  # [n, Qb]; blocks before the row's only
+        zo[np.arange(Qb)[None, :] >= qblock[:, None]] = -np.inf
+        zd = np.empty(n)  # the row's own block, exactly
+        for i in range(Qb):
+            r = slice(i * c, i * c + rows_in[i])
+            s = (q64[r, h] @ own_k[r, g].T) * scale  # [rows, rows]
+            s[np.arange(rows_in[i])[None, :] > np.arange(rows_in[i])[:, None]] = -np.inf
+            m = s.max(axis=1)
+            zd[r] = m + np.log(np.exp(s - m[:, None]).sum(axis=1))
+        m = np.maximum(np.max(zp, axis=1, initial=-np.inf), np.maximum(zo.max(axis=1), zd))
+        ep, eo = np.exp(zp - m[:, None]), np.exp(zo - m[:, None]).sum(axis=1) + np.exp(zd - m)
+        tot = ep.sum(axis=1) + eo
+        np.add.at(past[h], qblock, ep / tot[:, None])
+        np.add.at(own[h], qblock, eo / tot)
+    return past, own
+
+
+def recall_rule(past: np.ndarray, own: np.ndarray, rows_in: np.ndarray, forced: np.ndarray, recall: float,
+                num_kv_heads: int, group_size: int, tile_blocks: int) -> np.ndarray:
+    """The recall-target rule: per table (tile, kv head, sub-group), past blocks in decreasing
+    order of estimated mass (summed over the table's heads and rows; ties: the earlier block)
+    until the estimated kept mass, own chunk and forced blocks counted in, reaches ``recall``
+    of the table's rows. ``recall`` 1 takes every block (dense), estimated mass 0 included.
+
+    Args: past float64 [Hq, Qb, Pb], own [Hq, Qb] (``estimated_mass``), rows_in int [Qb] rows
+        per query block, forced bool [Pb].
+    Returns: bool [T, Hkv, S, Pb], the blocks chosen (forced ones not included).
+    """
+    Hq, Qb, Pb = past.shape
+    s, tb = group_size, tile_blocks
+    S, T = Hq // num_kv_heads // s, cdiv(Qb, tb)
+    pad = np.zeros((Hq, T * tb, Pb))
+    pad[:, :Qb] = past
+    E = pad.reshape(num_kv_heads, S, s, T, tb, Pb).sum(axis=(2, 4)).transpose(2, 0, 1, 3)  # [T, Hkv, S, Pb]
+    padded_own = np.zeros((Hq, T * tb))
+    padded_own[:, :Qb] = own
+    base = padded_own.reshape(num_kv_heads, S, s, T, tb).sum(axis=(2, 4)).transpose(2, 0, 1)  # [T, Hkv, S]
+    base = base + E[..., forced].sum(axis=3)
+    rows = np.add.reduceat(rows_in, np.arange(0, Qb, tb)) * s  # [T] rows of each table
+    gain = np.where(forced, 0.0, E)
+    order = np.argsort(-np.where(forced, -1.0, gain), axis=3, kind="stable")
+    g_sorted = np.take_along_axis(gain, order, axis=3)
+    before = base[..., None] + np.cumsum(g_sorted, axis=3) - g_sorted  # kept estimate before each
+    take = (before < recall * rows[:, None, None, None]) | (recall >= 1.0)  # 1: every block, even at 0
+    take &= ~forced[order]
+    chosen = np.zeros_like(take)
+    np.put_along_axis(chosen, order, take, axis=3)
+    return chosen
+
+
 @dataclass(frozen=True)
 class BlockSelection:
     """What the selector kept, stage by stage (the input of ``build_block_tables``).
 
     Arrays (bool unless said):
-        scores      float32 [Hq, Qb, Pb]  normalised block scores (pass 2)
-        selected    [Hq, Qb, Pb]   kept by the score rule alone
+        scores      float32 [Hq, Qb, Pb]  normalised block scores (pass 2); under the recall rule
+                                   the estimated mass share per row (with the own chunk's, 1)
+        selected    [Hq, Qb, Pb]   kept by the score rule alone (the recall rule decides per
+                                   table: its choice repeated over the table's heads and blocks)
         forced      [Pb]           sink and window blocks, kept for every (head, query block)
         keep        [Hq, Qb, Pb]   selected | forced: the per-(head, query block) selection
         q_union     [Hq, T, Pb]    OR over the query blocks of each tile
@@ -264,7 +406,7 @@ class BlockSelection:
     num_kv_heads: int
     group_size: int  # s
     q_tile: int  # query rows per tile
-    alpha: float
+    alpha: float | None  # None under the recall rule
     sink: int
     window: int
     scores: np.ndarray
@@ -274,6 +416,9 @@ class BlockSelection:
     q_union: np.ndarray
     group_union: np.ndarray
     density: dict = field(default_factory=dict)
+    recall: float | None = None  # the recall target (None: the alpha rule)
+    summary: str = "mean"  # 'mean' or 'sampled' (check_summary)
+    sample_rows: int = DEFAULT_SAMPLE_ROWS
 
     @property
     def num_tiles(self) -> int:
@@ -281,8 +426,9 @@ class BlockSelection:
 
 
 def select_blocks(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int = 0, *,
-                  scale: float | None = None, alpha: float = 0.06, sink: int = 2, window: int = 4,
-                  q_tile: int | None = None, group_size: int | None = None) -> BlockSelection:
+                  scale: float | None = None, alpha: float | None = DEFAULT_ALPHA, sink: int = 2, window: int = 4,
+                  q_tile: int | None = None, group_size: int | None = None, recall: float | None = None,
+                  summary: str = "auto", sample_rows: int = DEFAULT_SAMPLE_ROWS) -> BlockSelection:
     """Passes 2-5: score the past blocks for the chunk and take the two unions.
 
     Args:
@@ -291,33 +437,54 @@ def select_blocks(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int 
         sink, window: the first ``sink`` and last ``window`` past blocks are always kept.
         q_tile: query rows per tile of the Q-block union (None: the whole chunk).
         group_size: query heads per sub-group of the group union (None: the whole GQA group).
+        recall: instead of alpha, the recall-target rule (``recall_rule``): per table, blocks by
+            estimated mass until the estimate reaches ``recall``; alpha then None or its default.
+        summary: 'mean', 'sampled' or 'auto' ('mean' for alpha, 'sampled' for recall): how the
+            past is estimated (``estimated_mass``); the alpha rule with 'mean' is ``block_scores``.
+        sample_rows: rows per query block that summary='sampled' scores exactly.
     Past pages not yet summarised (e.g. a freshly matched prefix) are summarised first.
     """
     q = storage_view(q)
     P, n, G = check_chunk(cache, seq, q, layer)
     scale = check_scale(scale, cache.head_dim)
     c, Hkv = cache.chunk_size, cache.num_kv_heads
-    q_tile, s = check_options(c, n, G, alpha, sink, window, q_tile, group_size)
+    q_tile, s = check_options(c, n, G, alpha, sink, window, q_tile, group_size, recall)
+    summary = check_summary(summary, sample_rows, recall)
     check_means(means, cache)
     Pb, Qb, Hq = P // c, cdiv(n, c), q.shape[1]
     means.update(cache, seq, num_tokens=P)  # checks done: past pages are committed
+    j = np.arange(Pb)
+    forced = (j < sink) | (j >= Pb - window)  # [Pb]
+    tb = q_tile // c
+    T = cdiv(Qb, tb)
 
     # 2. scores [Hq, Qb, Pb]
     kmean = means.gather(cache, seq, layer, Pb)  # [Pb, Hkv, D] float32
-    scores = block_scores(to_float32(np.asarray(q), cache.dtype), kmean, c, scale)
+    qf = to_float32(np.asarray(q), cache.dtype)
+    if Pb and (recall is not None or summary == "sampled"):
+        k_all = to_float32(as_numpy(cache.read_kv(seq, layer)[0]), cache.dtype)  # [P + n, Hkv, D]
+        est_past, est_own = estimated_mass(qf, k_all, kmean, c, scale, summary, sample_rows)
+        rows_in = np.minimum(c, n - np.arange(Qb) * c)
+        scores = (est_past / rows_in[None, :, None]).astype(np.float32)
+    else:
+        scores = block_scores(qf, kmean, c, scale)
 
-    # 3. threshold relative to the (head, query block)'s best block, plus the forced blocks
-    if Pb:
+    # 3. the rule: threshold relative to the (head, query block)'s best block, or the recall
+    # target per table; then the forced blocks
+    if not Pb:
+        selected = np.zeros((Hq, Qb, 0), bool)
+    elif recall is None:
+        if summary == "sampled":  # normalise the estimate over the past blocks, as block_scores is
+            tot = scores.sum(axis=2, keepdims=True)
+            scores = np.where(tot > 0, scores / np.where(tot > 0, tot, 1), 0).astype(np.float32)
         selected = scores >= np.float32(alpha) * scores.max(axis=2, keepdims=True)
     else:
-        selected = np.zeros((Hq, Qb, 0), bool)
-    j = np.arange(Pb)
-    forced = (j < sink) | (j >= Pb - window)  # [Pb]
+        chosen = recall_rule(est_past, est_own, rows_in, forced, float(recall), Hkv, s, tb)  # [T, Hkv, S, Pb]
+        per_head = chosen.transpose(1, 2, 0, 3)[:, :, None].repeat(s, axis=2).reshape(Hq, T, Pb)
+        selected = per_head[:, np.arange(Qb) // tb]
     keep = selected | forced
 
     # 4. Q-block union over each tile of tb query blocks: [Hq, Qb, Pb] -> [Hq, T, Pb]
-    tb = q_tile // c
-    T = cdiv(Qb, tb)
     q_union = np.logical_or.reduceat(keep, np.arange(0, Qb, tb), axis=1) if Pb else np.zeros((Hq, T, 0), bool)
 
     # 5. group union over the s query heads of each sub-group: [Hq, T, Pb] -> [T, Hkv, S, Pb]
@@ -332,9 +499,11 @@ def select_blocks(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int 
     density = {k: float(v.mean()) if Pb else 1.0 for k, v in stages.items()}
     return BlockSelection(seq=int(seq), version=cache.version, chunk_size=c, past_len=P, chunk_len=n,
                           num_q_heads=Hq, num_kv_heads=Hkv, group_size=s, q_tile=q_tile,
-                          alpha=float(alpha), sink=int(sink), window=int(window), scores=scores,
-                          selected=selected, forced=forced, keep=keep, q_union=q_union,
-                          group_union=group_union, density=density)
+                          alpha=None if recall is not None else float(alpha), sink=int(sink),
+                          window=int(window), scores=scores, selected=selected, forced=forced, keep=keep,
+                          q_union=q_union, group_union=group_union, density=density,
+                          recall=None if recall is None else float(recall), summary=summary,
+                          sample_rows=int(sample_rows))
 
 
 # ============================================================================ 6. block tables
@@ -743,14 +912,16 @@ def _check_out(cache: ChunkCache, out, shape) -> None:
 
 
 def compact_prefill(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int = 0, *,
-                    scale: float | None = None, alpha: float = 0.06, sink: int = 2, window: int = 4,
-                    q_tile: int | None = None, group_size: int | None = None, return_lse: bool = True,
-                    out=None, kernel: str = "auto", events: list | None = None) -> CompactPrefill:
+                    scale: float | None = None, alpha: float | None = DEFAULT_ALPHA, sink: int = 2,
+                    window: int = 4, q_tile: int | None = None, group_size: int | None = None,
+                    recall: float | None = None, summary: str = "auto", sample_rows: int = DEFAULT_SAMPLE_ROWS,
+                    return_lse: bool = True, out=None, kernel: str = "auto",
+                    events: list | None = None) -> CompactPrefill:
     """CompactAttention for one chunk and layer: select_blocks, build_block_tables, sparse_prefill.
 
     The chunk is the sequence's last n = q.shape[0] tokens, its K/V already written for this
     layer; q: [n, Hq, D] storage dtype. Selection options as in ``select_blocks`` (alpha 0 keeps
-    every block: dense chunked prefill).
+    every block: dense chunked prefill; ``recall`` the recall-target rule instead of alpha).
     ``return_lse``: False leaves ``lse`` None. ``out``: a storage-dtype array [n, Hq, D] that
     receives ``o`` (and is ``o``). ``kernel``: checked against ``KERNEL_CHOICES`` and otherwise
     ignored (the GPU backend picks its attention kernel with it; the reference has one).
@@ -764,7 +935,8 @@ def compact_prefill(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: in
     q, out = storage_view(q), storage_view(out)
     P, n, G = check_chunk(cache, seq, q, layer)
     check_scale(scale, cache.head_dim)
-    check_options(cache.chunk_size, n, G, alpha, sink, window, q_tile, group_size)
+    check_options(cache.chunk_size, n, G, alpha, sink, window, q_tile, group_size, recall)
+    check_summary(summary, sample_rows, recall)
     check_means(means, cache)
     if out is not None:
         _check_out(cache, out, (n, q.shape[1], cache.head_dim))
@@ -777,7 +949,8 @@ def compact_prefill(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: in
     means.update(cache, seq, num_tokens=P)  # every check passed: now the means may change
     mark("means")
     sel = select_blocks(cache, means, seq, q, layer, scale=scale, alpha=alpha, sink=sink,
-                        window=window, q_tile=q_tile, group_size=group_size)
+                        window=window, q_tile=q_tile, group_size=group_size, recall=recall, summary=summary,
+                        sample_rows=sample_rows)
     mark("score")  # scores, threshold and unions (the GPU's "score" mark covers the scores alone)
     tables = build_block_tables(cache, seq, sel)
     mark("tables")
@@ -792,9 +965,10 @@ def compact_prefill(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: in
 
 def dense_options(options: dict) -> dict:
     """``compact_prefill`` options of ``dense_prefill``: alpha 0, sink and window 0 unless given."""
-    if "alpha" in options:
-        raise TypeError(f"alpha: expected no alpha (dense_prefill keeps every block; compact_prefill "
-                        f"takes one), got alpha={options['alpha']!r}")
+    for name in ("alpha", "recall"):
+        if name in options:
+            raise TypeError(f"{name}: expected no {name} (dense_prefill keeps every block; compact_prefill "
+                            f"takes one), got {name}={options[name]!r}")
     return {"sink": 0, "window": 0, **options, "alpha": 0.0}
 
 
@@ -843,7 +1017,8 @@ def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k
     Args:
         tokens: [m] ints; q: [L, m, Hq, D], k, v: [L, m, Hkv, D] storage dtype (L = num_layers).
         chunks: chunk length (int) or list of lengths (see ``split_chunks``).
-        options: passed to ``compact_prefill`` (alpha, sink, window, q_tile, group_size, scale).
+        options: passed to ``compact_prefill`` (alpha, sink, window, q_tile, group_size, scale,
+            recall, summary, sample_rows).
     Returns:
         o [L, m, Hq, D] storage dtype, lse float32 [L, m, Hq], results: one list of
         CompactPrefill per chunk (one per layer).
@@ -866,15 +1041,19 @@ def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k
     if q.ndim != 4 or q.shape[:2] != (L, m):
         raise ValueError(f"q: expected an array [{L}, {m}, num_q_heads, head_dim], got shape {tuple(q.shape)}")
     sizes = split_chunks(m, chunks, c)
-    unknown = sorted(set(options) - {"scale", "alpha", "sink", "window", "q_tile", "group_size"})
+    allowed = ("scale", "alpha", "sink", "window", "q_tile", "group_size", "recall", "summary", "sample_rows")
+    unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise TypeError(f"options: expected scale, alpha, sink, window, q_tile, group_size, got {unknown}")
+        raise TypeError(f"options: expected {', '.join(allowed)}, got {unknown}")
     # dry-run every check that does not need the chunk's K/V, so a bad call changes nothing
     G = _check_q_heads(cache, q)
     check_scale(options.get("scale"), cache.head_dim)
     for n in sizes:
-        check_options(c, n, G, options.get("alpha", 0.06), options.get("sink", 2),
-                       options.get("window", 4), options.get("q_tile"), options.get("group_size"))
+        check_options(c, n, G, options.get("alpha", DEFAULT_ALPHA), options.get("sink", 2),
+                      options.get("window", 4), options.get("q_tile"), options.get("group_size"),
+                      options.get("recall"))
+    check_summary(options.get("summary", "auto"), options.get("sample_rows", DEFAULT_SAMPLE_ROWS),
+                  options.get("recall"))
     check_means(means, cache)
     state = cache.sequence(seq)
     cache.check_committed(state)
