@@ -22,6 +22,11 @@ The file reads top to bottom:
 6. ``oracle_decode``: float64 attention of each query over its sequence, read through the tree.
 7. ``ChunkAttentionDecode``: the plan/run class, the same API as ``cpattn.chunk_attention``'s.
 
+Multi-token decode (docs/design.md, *Multi-token decode*): with ``queries_per_seq=k`` every
+sequence has ``k`` query tokens, its last ``k`` tokens (their K/V written first): query ``j``
+sees the past (every token before the ``k`` new ones) and the new tokens its row of the tree
+mask allows (default causal: new tokens ``0..j``). ``q`` has ``B * k`` rows, sequence-major.
+
 Shapes: ``B`` batch, ``Hq`` query heads, ``Hkv`` kv heads, ``D`` head_dim, ``c`` chunk size.
 GQA: query head ``h`` reads kv head ``h // (Hq // Hkv)``.
 """
@@ -38,6 +43,7 @@ from .chunk_cache import CacheError, ChunkCache, check_cache
 from .dtypes import as_numpy, storage_numpy_dtype, storage_view, to_float32, to_storage
 
 _I32 = np.int32
+MAX_QUERIES_PER_SEQ = 16  # query tokens per sequence of a multi-token decode step (speculative drafts)
 
 
 # ============================================================================ 1. the plan
@@ -76,6 +82,10 @@ class DecodePlan:
         item_pos            [I]     position of each private item
         item_begin/end      [I]     its chunk range inside private_chunks
         seq_item_indptr     [B+1]   CSR: the items of position pos are seq_item_indptr[pos]..[pos+1]
+
+    Multi-token decode: ``queries_per_seq`` (k) query rows per sequence; ``tree_bits`` None
+    (causal among the k new tokens) or a tuple of ``B * k`` ints in user order, bit ``i`` of
+    entry ``b * k + j`` set when query ``j`` of sequence ``b`` sees new token ``i``.
     """
 
     batch: tuple  # sequence ids in user order
@@ -101,10 +111,25 @@ class DecodePlan:
     item_end: np.ndarray
     seq_item_indptr: np.ndarray
     num_segments: int
+    queries_per_seq: int = 1
+    tree_bits: "tuple | None" = None
 
     @property
     def batch_size(self) -> int:
         return len(self.batch)
+
+    @property
+    def num_queries(self) -> int:
+        """Rows of ``q``: ``queries_per_seq`` per sequence."""
+        return len(self.batch) * self.queries_per_seq
+
+    def query_bits(self) -> np.ndarray:
+        """int64 [B, k] in user order: bit ``i`` of ``[b, j]`` set when query ``j`` of sequence
+        ``b`` sees new token ``i`` (causal when the plan has no tree mask)."""
+        k = self.queries_per_seq
+        if self.tree_bits is None:
+            return np.broadcast_to((np.int64(2) << np.arange(k, dtype=np.int64)) - 1, (len(self.batch), k)).copy()
+        return np.array(self.tree_bits, np.int64).reshape(len(self.batch), k)
 
     @property
     def num_pieces(self) -> int:
@@ -169,17 +194,80 @@ def batch_states(cache: ChunkCache, seqs) -> tuple:
     return ids, states
 
 
+def check_queries_per_seq(value) -> int:
+    """``queries_per_seq``: an integer in [1, MAX_QUERIES_PER_SEQ] (a bool, a float: TypeError)."""
+    return check_int(value, "queries_per_seq", 1, MAX_QUERIES_PER_SEQ + 1)
+
+
+def check_query_tokens(states, k: int) -> None:
+    """Every sequence holds at least its ``k`` query tokens (their K/V is written before the
+    step), else CacheError naming ``seqs``."""
+    for s in states:
+        if s.n_tokens < k:
+            raise CacheError(f"seqs: expected sequences with at least queries_per_seq={k} tokens (append the "
+                             f"query tokens' K/V first), got sequence {s.id} with {s.n_tokens}")
+
+
+def check_tree_mask(tree_mask, batch: int, k: int) -> "tuple | None":
+    """A token-tree mask as the plan's ``tree_bits`` (None stays None: causal).
+
+    ``tree_mask``: a host bool array [k, k] (one tree for every sequence) or [batch, k, k];
+    ``[b, j, i]`` says whether query ``j`` of sequence ``b`` sees new token ``i``. It must be a
+    tree (a forest) over the new tokens in topological order: every token sees itself, no later
+    token, and exactly its parent's set plus itself, where the parent is the latest earlier token
+    it sees (none: a root, which sees only the past and itself). Wrong type or dtype (integers
+    are not bools): TypeError; wrong shape or not a tree: ValueError.
+    """
+    if tree_mask is None:
+        return None
+    if not isinstance(tree_mask, (np.ndarray, list, tuple)):
+        raise TypeError(f"tree_mask: expected a host bool array [k, k] or [batch, k, k], got "
+                        f"{type(tree_mask).__name__}")
+    try:
+        m = np.asarray(tree_mask)
+    except ValueError:  # ragged nesting
+        raise ValueError("tree_mask: expected a bool array [k, k] or [batch, k, k], got a ragged nesting") from None
+    if m.dtype != np.bool_:
+        raise TypeError(f"tree_mask: expected dtype bool (integers are not bools), got {m.dtype}")
+    if m.shape == (k, k):
+        m = np.broadcast_to(m, (batch, k, k))
+    if m.shape != (batch, k, k):
+        raise ValueError(f"tree_mask: expected shape ({k}, {k}) or ({batch}, {k}, {k}) for {batch} sequences "
+                         f"of queries_per_seq={k}, got {m.shape}")
+    bits = np.zeros((batch, k), np.int64)
+    for b in range(batch):
+        for j in range(k):
+            row = m[b, j]
+            if not row[j] or row[j + 1:].any():
+                raise ValueError(f"tree_mask: expected each token to see itself and no later token, got "
+                                 f"sequence {b} query {j} seeing {np.flatnonzero(row).tolist()}")
+            earlier = np.flatnonzero(row[:j])
+            want = m[b, earlier[-1], :j] if len(earlier) else np.zeros(j, bool)
+            if not np.array_equal(row[:j], want):
+                raise ValueError(f"tree_mask: expected a token tree (each token sees its parent's tokens and "
+                                 f"itself), got sequence {b} query {j} seeing {np.flatnonzero(row).tolist()} but "
+                                 f"its parent {int(earlier[-1])} seeing {np.flatnonzero(m[b, earlier[-1]]).tolist()}")
+            bits[b, j] = int(np.dot(row.astype(np.int64), np.int64(1) << np.arange(k, dtype=np.int64)))
+    return tuple(bits.ravel().tolist())
+
+
 # ============================================================================ 2. the planner
 def build_decode_plan(cache: ChunkCache, seqs, piece_chunks: int | None = None,
-                      private_piece_chunks: int | None = None) -> DecodePlan:
+                      private_piece_chunks: int | None = None, *, queries_per_seq: int = 1,
+                      tree_mask=None) -> DecodePlan:
     """Plan a decode step for ``seqs`` (sequence ids; the row order of ``q``).
 
     ``piece_chunks`` / ``private_piece_chunks`` cap the chunks of one phase-1 piece / phase-2
     item (None: no split). Results do not depend on them; GPU occupancy does.
+    ``queries_per_seq`` / ``tree_mask``: the multi-token step (``check_tree_mask``); the
+    partition does not depend on them, only the rows of every piece and item do.
     """
     check_piece_chunks(piece_chunks, "piece_chunks")
     check_piece_chunks(private_piece_chunks, "private_piece_chunks")
+    k = check_queries_per_seq(queries_per_seq)
     ids, states = batch_states(cache, seqs)
+    check_query_tokens(states, k)
+    tree_bits = check_tree_mask(tree_mask, len(ids), k)
     B = len(ids)
 
     # Pass 1. The batch's paths: paths[b] lists the nodes of sequence b, root side first (the
@@ -239,7 +327,7 @@ def build_decode_plan(cache: ChunkCache, seqs, piece_chunks: int | None = None,
         piece_chunks=np.array([x for run in seg_chunks for x in run], _I32),
         private_indptr=_indptr([len(x) for x in private]),
         private_chunks=np.array([x for suffix in private for x in suffix], _I32),
-        num_segments=len(seg_chunks),
+        num_segments=len(seg_chunks), queries_per_seq=k, tree_bits=tree_bits,
     )
     return _split(base, piece_chunks, private_piece_chunks)
 
@@ -325,29 +413,44 @@ def merge_states(o1, lse1, o2, lse2):
     return w1[..., None] * o1 + w2[..., None] * o2, lse
 
 
-def attention_state(q, k, v, scale, dtype=np.float32):
-    """State of queries q [M, D] over keys k [N, D], values v [N, D]: (o [M, D], lse [M])."""
+def attention_state(q, k, v, scale, dtype=np.float32, mask=None):
+    """State of queries q [M, D] over keys k [N, D], values v [N, D]: (o [M, D], lse [M]).
+
+    ``mask`` [M, N] bool (None: every key): key n counts for query m only where set; a query
+    that sees no key gets the empty state (o = 0, lse = -inf)."""
     q, k, v = (np.asarray(x, dtype) for x in (q, k, v))
     if k.shape[0] == 0:
         return np.zeros((q.shape[0], v.shape[1]), dtype), np.full(q.shape[0], -np.inf, dtype)
     s = (q @ k.T) * dtype(scale)
+    if mask is None:
+        m = s.max(axis=1, keepdims=True)
+        p = np.exp(s - m)
+        l = p.sum(axis=1, keepdims=True)
+        return (p @ v) / l, (m + np.log(l))[:, 0]
+    s = np.where(mask, s, -np.inf)
     m = s.max(axis=1, keepdims=True)
-    p = np.exp(s - m)
+    seen = np.isfinite(m)
+    m = np.where(seen, m, 0)
+    p = np.exp(s - m)  # exp(-inf) = 0
     l = p.sum(axis=1, keepdims=True)
-    return (p @ v) / l, (m + np.log(l))[:, 0]
+    o = (p @ v) / np.where(seen, l, 1)
+    return o, np.where(seen, m + np.log(np.where(seen, l, 1)), -np.inf)[:, 0].astype(dtype)
 
 
-
-def check_q(cache: ChunkCache, q, batch: int) -> int:
-    """Check ``q [batch, Hq, D]`` in the cache's storage dtype; returns the GQA group Hq // Hkv."""
+def check_q(cache: ChunkCache, q, batch: int, queries_per_seq: int = 1) -> int:
+    """Check ``q [batch * queries_per_seq, Hq, D]`` in the cache's storage dtype; returns the
+    GQA group Hq // Hkv."""
     want = storage_numpy_dtype(cache.dtype)
     if not hasattr(q, "shape") or not hasattr(q, "dtype"):
         raise TypeError(f"q: expected an array [batch, num_q_heads, head_dim], got {type(q).__name__}")
     if len(q.shape) != 3:
         raise ValueError(f"q: expected an array [batch, num_q_heads, head_dim], got shape {tuple(q.shape)}")
     b, hq, d = q.shape
-    if b != batch:
-        raise ValueError(f"q: expected batch {batch} (one row per sequence), got {b}")
+    if b != batch * queries_per_seq:
+        if queries_per_seq == 1:
+            raise ValueError(f"q: expected batch {batch} (one row per sequence), got {b}")
+        raise ValueError(f"q: expected {batch * queries_per_seq} rows ({batch} sequences x queries_per_seq="
+                         f"{queries_per_seq}, sequence-major), got {b}")
     if d != cache.head_dim:
         raise ValueError(f"q: expected head_dim {cache.head_dim}, got {d}")
     if hq < 1 or hq % cache.num_kv_heads:  # 0 heads would make the GQA group size 0
@@ -370,25 +473,52 @@ def check_plan(cache: ChunkCache, plan) -> DecodePlan:
     return plan
 
 
+def key_starts(plan: DecodePlan) -> tuple:
+    """(piece_key0 [P], item_key0 [I]) int64: the position in its sequence of the first key of
+    every piece and item (tokens on the path before it). A piece is at the same depth on every
+    path through it."""
+    c = plan.chunk_size
+    piece_key0 = np.zeros(plan.num_pieces, np.int64)
+    for pos in range(plan.batch_size):
+        before = 0
+        for p in plan.seq_pieces[plan.seq_piece_indptr[pos]: plan.seq_piece_indptr[pos + 1]]:
+            piece_key0[p] = before
+            before += c * int(plan.piece_chunk_indptr[p + 1] - plan.piece_chunk_indptr[p])
+    tail = plan.private_indptr[plan.item_pos + 1] - plan.item_begin  # private chunks from the item on
+    item_key0 = c * (plan.path_len[plan.item_pos].astype(np.int64) - tail)
+    return piece_key0, item_key0
+
+
 # ============================================================================ 5. two-phase decode
 def decode(cache: ChunkCache, plan: DecodePlan, q, layer: int = 0, scale: float | None = None,
            return_lse: bool = False):
     """The two-phase partition over ``plan``, as the CUDA kernels run it.
 
-    q [B, Hq, D] storage dtype, rows in ``plan.batch`` order. Returns o [B, Hq, D] float32
-    (and lse [B, Hq] float32 with ``return_lse``), unrounded: ``ChunkAttentionDecode.run``
-    rounds o once to the storage dtype.
+    q [B * k, Hq, D] storage dtype (k = ``plan.queries_per_seq``), rows in ``plan.batch`` order,
+    the k queries of a sequence together. Returns o [B * k, Hq, D] float32 (and lse [B * k, Hq]
+    float32 with ``return_lse``), unrounded: ``ChunkAttentionDecode.run`` rounds o once to the
+    storage dtype.
+
+    With k > 1 every phase masks the keys its rows may not see: query ``j`` of a sequence of
+    length ``L`` sees positions ``< L - k`` and the new positions ``L - k + i`` of its tree bits;
+    only pieces and items that hold new tokens have keys masked.
     """
     check_plan(cache, plan)
     q = storage_view(q)  # ml_dtypes / torch bf16 as uint16 bits, no copy
-    group = check_q(cache, q, plan.batch_size)
+    kq = plan.queries_per_seq
+    group = check_q(cache, q, plan.batch_size, kq)
     cache.check_layer(layer)
     scale = check_scale(scale, cache.head_dim)
     return_lse = check_bool(return_lse, "return_lse")
     c, Hkv = cache.chunk_size, cache.num_kv_heads
-    B, Hq, D = q.shape
-    qf = to_float32(as_numpy(q), cache.dtype)[plan.order]  # [B, Hq, D] in depth-first order
+    B, Hq, D = plan.batch_size, q.shape[1], q.shape[2]
+    # [B, k, Hq, D] in depth-first order
+    qf = to_float32(as_numpy(q), cache.dtype).reshape(B, kq, Hq, D)[plan.order]
     kp, vp = as_numpy(cache.k_pool[layer]), as_numpy(cache.v_pool[layer])  # [N, Hkv, c, D]
+    lens = cache.slot_lens[plan.slots].astype(np.int64)  # [B] current lengths, depth-first order
+    new0 = lens - kq  # position of each sequence's first query token
+    bits = plan.query_bits()[plan.order]  # [B, k]
+    piece_key0, item_key0 = key_starts(plan)
 
     def keys(chunks, n_last=c):
         """K, V [n_keys, Hkv, D] float32 of a chunk list whose last chunk holds n_last tokens."""
@@ -397,37 +527,48 @@ def decode(cache: ChunkCache, plan: DecodePlan, q, layer: int = 0, scale: float 
         n = len(chunks) * c - (c - n_last)
         return k[:n], v[:n]
 
-    # phase 1: per (piece, kv head), rows = (sequence in range) x (query head in group)
+    def visible(pos0, pos1, key0, n):
+        """[(pos1-pos0) * k * group, n] bool: which of the keys at positions key0..key0+n-1
+        each row (sequence, query, head of the group) sees; None when every row sees all."""
+        if kq == 1:
+            return None  # one query: it is the last token and sees every key
+        rel = key0 + np.arange(n)[None, :] - new0[pos0:pos1, None]  # [b, n]: offset into the new tokens
+        see = (rel[:, None, :] < 0) | (((bits[pos0:pos1, :, None] >> np.clip(rel, 0, 62)[:, None, :]) & 1) == 1)
+        return np.repeat(see[:, :, None, :], group, axis=2).reshape(-1, n)  # rows (sequence, query, head)
+
+    # phase 1: per (piece, kv head), rows = (sequence in range) x (query) x (query head in group)
     S = plan.num_state_rows
-    o1 = np.zeros((S, Hq, D), np.float32)
-    lse1 = np.full((S, Hq), -np.inf, np.float32)
+    o1 = np.zeros((S, kq, Hq, D), np.float32)
+    lse1 = np.full((S, kq, Hq), -np.inf, np.float32)
     for p in range(plan.num_pieces):
         b0, b1 = plan.piece_begin[p], plan.piece_end[p]
         k, v = keys(plan.piece_chunks[plan.piece_chunk_indptr[p]: plan.piece_chunk_indptr[p + 1]])
+        mask = visible(b0, b1, piece_key0[p], len(k))
         rows = slice(plan.piece_state_offset[p], plan.piece_state_offset[p + 1])
         for h in range(Hkv):
             heads = slice(h * group, (h + 1) * group)
-            qm = qf[b0:b1, heads].reshape(-1, D)  # [(b1-b0)*group, D]
-            om, lm = attention_state(qm, k[:, h], v[:, h], scale)
-            o1[rows, heads] = om.reshape(b1 - b0, group, D)
-            lse1[rows, heads] = lm.reshape(b1 - b0, group)
+            qm = qf[b0:b1, :, heads].reshape(-1, D)  # [(b1-b0)*k*group, D]
+            om, lm = attention_state(qm, k[:, h], v[:, h], scale, mask=mask)
+            o1[rows, :, heads] = om.reshape(b1 - b0, kq, group, D)
+            lse1[rows, :, heads] = lm.reshape(b1 - b0, kq, group)
 
     # phase 2: per (private item, kv head); only the sequence's last chunk is partial
-    lens = cache.slot_lens[plan.slots]
     n_last = lens - c * (plan.path_len - 1)
-    o2 = np.zeros((plan.num_items, Hq, D), np.float32)
-    lse2 = np.full((plan.num_items, Hq), -np.inf, np.float32)
+    o2 = np.zeros((plan.num_items, kq, Hq, D), np.float32)
+    lse2 = np.full((plan.num_items, kq, Hq), -np.inf, np.float32)
     for i in range(plan.num_items):
         pos = plan.item_pos[i]
         last = plan.item_end[i] == plan.private_indptr[pos + 1]
         k, v = keys(plan.private_chunks[plan.item_begin[i]: plan.item_end[i]], n_last[pos] if last else c)
+        mask = visible(pos, pos + 1, item_key0[i], len(k))
         for h in range(Hkv):
             heads = slice(h * group, (h + 1) * group)
-            o2[i, heads], lse2[i, heads] = attention_state(qf[pos, heads], k[:, h], v[:, h], scale)
+            om, lm = attention_state(qf[pos, :, heads].reshape(-1, D), k[:, h], v[:, h], scale, mask=mask)
+            o2[i, :, heads], lse2[i, :, heads] = om.reshape(kq, group, D), lm.reshape(kq, group)
 
-    # merge: each sequence's phase-1 states (pieces on its path) and phase-2 states (its items)
-    o = np.zeros((B, Hq, D), np.float32)
-    lse = np.full((B, Hq), -np.inf, np.float32)
+    # merge: each (sequence, query)'s phase-1 states (pieces on its path) and phase-2 states (its items)
+    o = np.zeros((B, kq, Hq, D), np.float32)
+    lse = np.full((B, kq, Hq), -np.inf, np.float32)
     for pos in range(B):
         for p in plan.seq_pieces[plan.seq_piece_indptr[pos]: plan.seq_piece_indptr[pos + 1]]:
             row = plan.piece_state_offset[p] + pos - plan.piece_begin[p]
@@ -437,30 +578,44 @@ def decode(cache: ChunkCache, plan: DecodePlan, q, layer: int = 0, scale: float 
 
     out, out_lse = np.empty_like(o), np.empty_like(lse)
     out[plan.order], out_lse[plan.order] = o, lse  # back to the caller's batch order
+    out, out_lse = out.reshape(B * kq, Hq, D), out_lse.reshape(B * kq, Hq)
     return (out, out_lse) if return_lse else out
 
 
 # ============================================================================ 6. the oracle
-def oracle_decode(cache: ChunkCache, seqs, q, layer: int = 0, scale: float | None = None):
-    """float64 oracle: each query over every token of its own sequence, K/V read back through
-    the tree (no plan). q [B, Hq, D] storage dtype, rows in ``seqs`` order.
+def oracle_decode(cache: ChunkCache, seqs, q, layer: int = 0, scale: float | None = None, *,
+                  queries_per_seq: int = 1, tree_mask=None):
+    """float64 oracle: each query over the tokens of its own sequence it may see, K/V read back
+    through the tree (no plan). q [B * k, Hq, D] storage dtype, rows in ``seqs`` order, the k
+    queries of a sequence together; query ``j`` of a sequence of length ``L`` sees positions
+    ``0 .. L-k-1`` and the new tokens ``L-k+i`` of its ``tree_mask`` row (default ``i <= j``).
 
-    Returns (o [B, Hq, D] float64, lse [B, Hq] float64).
+    Returns (o [B * k, Hq, D] float64, lse [B * k, Hq] float64).
     """
     ids = check_cache(cache).check_batch(seqs)
+    kq = check_queries_per_seq(queries_per_seq)
+    check_query_tokens([cache.sequence(i, "seqs") for i in ids], kq)
+    tree_bits = check_tree_mask(tree_mask, len(ids), kq)
     q = storage_view(q)
-    group = check_q(cache, q, len(ids))
+    group = check_q(cache, q, len(ids), kq)
     cache.check_layer(layer)
     scale = check_scale(scale, cache.head_dim)
     qf = to_float32(as_numpy(q), cache.dtype).astype(np.float64)
-    B, Hq, D = q.shape
-    o = np.zeros((B, Hq, D))
-    lse = np.zeros((B, Hq))
+    R, Hq, D = q.shape
+    o = np.zeros((R, Hq, D))
+    lse = np.zeros((R, Hq))
+    if tree_bits is None:  # causal: query j sees new tokens 0..j
+        tree_bits = [(2 << j) - 1 for _ in ids for j in range(kq)]
     for b, sid in enumerate(ids):
         k, v = (to_float32(as_numpy(x), cache.dtype).astype(np.float64) for x in cache.read_kv(sid, layer))
-        for h in range(Hq):
-            ob, lb = attention_state(qf[b, h][None], k[:, h // group], v[:, h // group], scale, np.float64)
-            o[b, h], lse[b, h] = ob[0], lb[0]
+        past = len(k) - kq
+        for j in range(kq):
+            seen = [i for i in range(kq) if tree_bits[b * kq + j] >> i & 1]
+            idx = np.concatenate([np.arange(past), past + np.array(seen, np.int64)]).astype(np.int64)
+            r = b * kq + j
+            for h in range(Hq):
+                ob, lb = attention_state(qf[r, h][None], k[idx, h // group], v[idx, h // group], scale, np.float64)
+                o[r, h], lse[r, h] = ob[0], lb[0]
     return o, lse
 
 
@@ -523,13 +678,16 @@ class ChunkAttentionDecode:
         self.decode_plan: DecodePlan | None = None  # the current plan
         self.num_q_heads: int | None = None
 
-    def plan(self, seqs, num_q_heads: int) -> DecodePlan:
-        """Plan a decode step for ``seqs`` (the row order of ``q`` in ``run``)."""
+    def plan(self, seqs, num_q_heads: int, *, queries_per_seq: int = 1, tree_mask=None) -> DecodePlan:
+        """Plan a decode step for ``seqs`` (the row order of ``q`` in ``run``): one query token
+        per sequence, or ``queries_per_seq`` (causal among them, or as ``tree_mask`` says; see
+        ``check_tree_mask``), the sequence's last tokens."""
         num_q_heads = check_num_q_heads(self.cache, num_q_heads)
         pc, ppc = (None if x == "auto" else x for x in (self.piece_chunks, self.private_piece_chunks))
         t0 = time.perf_counter()
         previous = self.decode_plan
-        self.decode_plan = build_decode_plan(self.cache, seqs, pc, ppc)
+        self.decode_plan = build_decode_plan(self.cache, seqs, pc, ppc, queries_per_seq=queries_per_seq,
+                                             tree_mask=tree_mask)
         self.num_q_heads = num_q_heads
         log_plan(self.decode_plan, previous, time.perf_counter() - t0)
         return self.decode_plan
@@ -538,12 +696,13 @@ class ChunkAttentionDecode:
             lse_out=None):
         """o [B, Hq, D] in the storage dtype for q [B, Hq, D] (rows in the planned batch order):
         the float32 result rounded once. With ``return_lse`` or ``lse_out`` [B, Hq] float32,
-        returns (o, lse). ``out`` / ``lse_out`` are written in place when given."""
+        returns (o, lse). ``out`` / ``lse_out`` are written in place when given. A multi-token
+        plan takes and gives ``B * queries_per_seq`` rows, sequence-major."""
         cache = self.cache
         plan = check_plan(cache, self.decode_plan)
         q, out = storage_view(q), storage_view(out)
-        check_q(cache, q, plan.batch_size)
-        B, Hq, D = plan.batch_size, self.num_q_heads, cache.head_dim
+        check_q(cache, q, plan.batch_size, plan.queries_per_seq)
+        B, Hq, D = plan.num_queries, self.num_q_heads, cache.head_dim
         if q.shape[1] != Hq:
             raise ValueError(f"q: expected {Hq} query heads (as planned), got {q.shape[1]}")
         cache.check_layer(layer)
@@ -566,4 +725,5 @@ class ChunkAttentionDecode:
 
 __all__ = ["DecodePlan", "build_decode_plan", "split_plan", "merge_states", "attention_state", "decode",
            "oracle_decode", "ChunkAttentionDecode", "check_piece_chunks", "batch_states", "check_q",
-           "check_plan", "check_num_q_heads", "SPLIT_FIELDS", "log_plan"]
+           "check_plan", "check_num_q_heads", "SPLIT_FIELDS", "log_plan", "MAX_QUERIES_PER_SEQ",
+           "check_queries_per_seq", "check_query_tokens", "check_tree_mask", "key_starts"]

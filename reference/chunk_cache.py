@@ -387,6 +387,58 @@ class ChunkCache:
                     self._free_node(n)
         self.version += 1
 
+    def truncate(self, seq: int, num_tokens: int) -> None:
+        """Drop the last ``num_tokens`` tokens of ``seq`` (rejected draft tokens of a speculative
+        step); their K/V is simply dropped. Chunks past the new end lose this sequence's
+        reference, as in ``release``. Shared chunks are never modified: when the new last chunk
+        is partial and is shared, or is a complete chunk other prompts can match (registered),
+        it is copied on write into a private chunk holding the kept tokens (this needs a free or
+        evictable chunk, else ``CacheFullError``); a private partial tail is cut in place.
+        Every token of ``seq`` must be committed. ``num_tokens`` 0 changes nothing; anything
+        else bumps ``version`` (plans must be rebuilt).
+        """
+        s = self.sequence(seq)
+        r = check_int(num_tokens, "num_tokens", 0)
+        if r > s.n_tokens:
+            raise ValueError(f"num_tokens: expected at most the {s.n_tokens} tokens of sequence {s.id}, got {r}")
+        self.check_committed(s)
+        if r == 0:
+            return
+        c, n = self.chunk_size, s.n_tokens - r
+        keep = -(-n // c)  # chunks of the path that still hold tokens
+        tail = s.path[keep - 1] if keep else None
+        cut = n - c * (keep - 1) if keep else 0  # tokens of the new last chunk
+        copy = tail is not None and cut < len(tail.tokens) and (tail.ref > 1 or tail.registered)
+        dropped = s.path[keep:]
+        if copy:  # one chunk: free, evictable, or one the dropped chunks give back
+            self._check_room(1 - sum(1 for m in dropped if m.ref == 1))
+        # --- checks done: mutate
+        self._tick += 1
+        for m in reversed(dropped):  # leaf first, as in release
+            self._unref(m)
+        del s.path[keep:]
+        if copy:
+            m = self._new_node(tail.parent, tail.tokens[:cut])
+            self._copy_chunk(tail.chunk, m.chunk)
+            self._take(m)
+            s.path[-1] = m
+            self._unref(tail)
+        elif tail is not None:
+            del tail.tokens[cut:]
+        s.n_tokens = s.n_committed = n
+        self._reserve(s, [])  # publishes the new length (a GPU cache marks its device copy stale)
+        self.version += 1
+
+    def _unref(self, n: Node) -> None:
+        """``truncate``: drop one reference of ``n`` (as ``release`` does for each node of a path)."""
+        n.ref -= 1
+        n.last_use = self._tick
+        if n.ref == 0:
+            if n.registered:
+                self._cached[n] = None
+            else:
+                self._free_node(n)
+
     def evict(self, max_chunks: int | None = None) -> int:
         """Evict up to ``max_chunks`` cached chunks (all when None), least recently used first."""
         # a float would evict one chunk too many (count < 1.5): TypeError; a negative count ValueError

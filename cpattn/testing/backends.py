@@ -141,8 +141,8 @@ class EmulatedDecode:
     def decode_plan(self):
         return self._dec.decode_plan
 
-    def plan(self, seqs, num_q_heads):
-        plan = self._dec.plan(seqs, num_q_heads)
+    def plan(self, seqs, num_q_heads, **options):  # queries_per_seq, tree_mask
+        plan = self._dec.plan(seqs, num_q_heads, **options)
         self.cache.sync_lens()  # what the GPU plan does once it is built
         return plan
 
