@@ -8,7 +8,7 @@ and replays it:
     nxt = dec.step(seqs, tokens)                 # greedy next tokens, host int64 [B]
 
 What one replay does (``forward``), per layer ~10 launches: the fused RMSNorm (+ residual add),
-the q|k|v product (cuBLAS), RoPE and the split into q, k, v (``rope_split``), the K/V write
+the q|k|v product (cuBLAS, called directly: ``cpattn.serving.cublas``), RoPE and the split into q, k, v (``rope_split``), the K/V write
 (``GpuChunkCache.write_kv_device``), ChunkAttention's two launches, the output product, the
 fused residual add + RMSNorm, the gate|up product, SwiGLU (``silu_mul``), the down product;
 then the final norm, the logits product and the greedy pick (``argmax_rows``), all kernels of
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..reference.checks import check_bool
+from .cublas import CublasGemm
 from .llama import CacheAttention, LlamaModel
 
 BLOCK = 256  # threads per block of the row kernels of model_ops.cu
@@ -97,6 +98,7 @@ class GraphedDecoder:
         self.model, self.attn, self.cache, self.cupy = model, attn, cache, cupy
         self.graph_enabled = check_bool(graph, "graph")
         self.kern = get_kernels("model_ops", cache.dtype, cache.head_dim, cache.chunk_size)
+        self.gemm = CublasGemm()  # CuPy's own matmul refuses to run during a capture
         positions = cache.num_chunks * cache.chunk_size  # no sequence is longer than the pool
         ang = np.arange(positions, dtype=np.float64)[:, None] * c.inv_freq()[None, :]  # as LlamaModel's tables
         self.cos = cupy.asarray(np.cos(ang).astype(np.float32))
@@ -140,29 +142,30 @@ class GraphedDecoder:
         h, eps = c.hidden_size, np.float32(c.rms_eps)
         att, mod = parts in ("all", "attention"), parts in ("all", "model")
         none = np.uint64(0)  # a null pointer: no residual to add
+        mm, st = self.gemm, cp.cuda.get_current_stream()
         if mod:
             kern["embed_rows"]((B,), (BLOCK,), (m.embed, self.tok_in, self.x, np.int32(h)))
         for layer, w in enumerate(m.layers):
             if mod:
                 kern["add_rms_norm"]((B,), (BLOCK,), (self.x, none if layer == 0 else self.proj, w["attn_norm"],
                                                       self.h16, np.int32(h), eps))
-                cp.matmul(self.h16, w["qkv"].T, out=self.qkv)
+                mm(self.h16, w["qkv"], self.qkv, st)
                 kern["rope_split"]((B,), (BLOCK,), (self.qkv, self.meta[2], self.cos, self.sin, self.q, self.k,
                                                     self.v, np.int32(c.num_q_heads), np.int32(c.num_kv_heads)))
             if att:
                 cache.write_kv_device(layer, self.meta[0], self.meta[1], self.k, self.v)
                 self.attn.decoder.run(self.q, layer, out=self.o)
             if mod:
-                cp.matmul(self.o.reshape(B, -1), w["o"].T, out=self.proj)
+                mm(self.o.reshape(B, -1), w["o"], self.proj, st)
                 kern["add_rms_norm"]((B,), (BLOCK,), (self.x, self.proj, w["ffn_norm"], self.h16, np.int32(h), eps))
-                cp.matmul(self.h16, w["gate_up"].T, out=self.gu)
+                mm(self.h16, w["gate_up"], self.gu, st)
                 n = B * c.intermediate_size
                 kern["silu_mul"](((n + BLOCK - 1) // BLOCK,), (BLOCK,),
                                  (self.gu, self.act, np.int32(c.intermediate_size), np.int64(n)))
-                cp.matmul(self.act, w["down"].T, out=self.proj)
+                mm(self.act, w["down"], self.proj, st)
         if mod:
             kern["add_rms_norm"]((B,), (BLOCK,), (self.x, self.proj, m.final_norm, self.h16, np.int32(h), eps))
-            cp.matmul(self.h16, m.output.T, out=self.logits)
+            mm(self.h16, m.output, self.logits, st)
             kern["argmax_rows"]((B,), (BLOCK,), (self.logits, self.tok_out, np.int32(c.vocab_size)))
             if copy_back:
                 self.tok_in[...] = self.tok_out
