@@ -77,7 +77,11 @@ def test_graphed_tokens_equal_eager(seed, batch, shared, chunk):
             dec.logits.fill(np.nan)  # poisoned: the replay must write it
         got = dec.step(seqs_g, last_g)
         np.testing.assert_array_equal(got, want, err_msg=f"step {step}")
-        np.testing.assert_allclose(dec.logits.get().astype(np.float32), logits.get(), rtol=4e-3, atol=2e-2)
+        # the two paths round the same float32 math to fp16 at the same points; a sum of squares
+        # in another order or another cuBLAS algorithm may move one rounding by an ulp, which the
+        # later layers carry: a few ulps of fp16 at the logits' scale (~16 here), rarely more
+        d = np.abs(dec.logits.get().astype(np.float32) - logits.get())
+        assert d.max() <= 0.1 and d.mean() <= 5e-3, (step, d.max(), d.mean())
         # the replayed plan is the plan of now
         d = attn_g.decoder
         _, host, offs, n = plan_host(attn_g.cache, seqs_g, model.config.num_q_heads, d.piece_chunks,

@@ -48,19 +48,29 @@ BLOCK = 256  # threads per block of the row kernels of model_ops.cu
 class StepTimes:
     """Host seconds per decode step, by part (``GraphedDecoder.times``)."""
 
-    reserve: list = field(default_factory=list)  # reserve_batch + uploads
-    plan: list = field(default_factory=list)  # plan rebuild + capture (0 on replay steps)
+    reserve: list = field(default_factory=list)  # checks, reserve_batch, the uploads
+    plan: list = field(default_factory=list)  # plan rebuild (0 on replay steps)
+    capture: list = field(default_factory=list)  # capture + instantiation (0 on replay steps)
     launch: list = field(default_factory=list)  # graph launch until the next tokens are on the host
     commit: list = field(default_factory=list)
-    captures: int = 0
+
+    @property
+    def captures(self) -> int:
+        return sum(1 for c in self.capture if c > 0)
 
     def summary(self) -> dict:
         med = lambda a: float(np.median(a)) * 1e6 if a else 0.0  # noqa: E731
-        replay = [r + c for r, c, p in zip(self.reserve, self.commit, self.plan) if p == 0]
-        return dict(steps=len(self.launch), captures=self.captures, host_reserve_us=med(self.reserve),
-                    host_commit_us=med(self.commit), host_us_replay_steps=med(replay),
-                    launch_to_tokens_us=med(self.launch),
-                    plan_capture_ms=1e3 * float(np.mean([p for p in self.plan if p > 0])) if self.captures else 0.0)
+        replay = [i for i, c in enumerate(self.capture) if c == 0]
+        new = [i for i, c in enumerate(self.capture) if c > 0]
+        pick = lambda a, idx: [a[i] for i in idx]  # noqa: E731
+        return dict(steps=len(self.launch), captures=len(new), host_reserve_us=med(self.reserve),
+                    host_commit_us=med(self.commit),
+                    host_us_replay_steps=med([self.reserve[i] + self.commit[i] + self.plan[i] for i in replay]),
+                    launch_to_tokens_us=med(pick(self.launch, replay)),
+                    plan_ms=1e3 * float(np.mean(pick(self.plan, new))) if new else 0.0,
+                    capture_ms=1e3 * float(np.mean(pick(self.capture, new))) if new else 0.0,
+                    first_step_s=(self.reserve[0] + self.plan[0] + self.capture[0] + self.launch[0] + self.commit[0])
+                    if self.launch else 0.0)
 
 
 @dataclass
@@ -212,10 +222,12 @@ class GraphedDecoder:
                 self.tok_in.set(host_tokens, stream=self.stream)
             self.meta.set(np.stack([slots.chunk, slots.offset, pos]).astype(np.int32), stream=self.stream)
             t1 = time.perf_counter()
+            captured = 0.0
             if new_batch or (slots.offset == 0).any():  # a new batch or a new chunk: a new plan
                 self.attn.plan(seqs)  # uploads the plan and the lengths on this stream
+                tc = time.perf_counter()
                 self.graph = self.capture() if self.graph_enabled else None
-                self.times.captures += 1
+                captured = time.perf_counter() - tc
             else:
                 cache.sync_lens()
             t2 = time.perf_counter()
@@ -230,7 +242,8 @@ class GraphedDecoder:
         self._last = out
         t4 = time.perf_counter()
         t = self.times
-        t.reserve.append(t1 - t0), t.plan.append(t2 - t1), t.launch.append(t3 - t2), t.commit.append(t4 - t3)
+        t.reserve.append(t1 - t0), t.plan.append(t2 - t1 - captured), t.capture.append(captured)
+        t.launch.append(t3 - t2), t.commit.append(t4 - t3)
         return out
 
     # ------------------------------------------------------------------ where the step goes
