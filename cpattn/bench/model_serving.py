@@ -220,8 +220,8 @@ def section(meta, ours, hf, agree) -> str:
               f"{fmt(p.get('all_ms'), '{:.3f}')} ms = attention (K/V writes + ChunkAttention, 30 layers) "
               f"{fmt(p.get('attention_ms'), '{:.3f}')} ms + the rest of the model (norms, products, RoPE, MLP, "
               f"logits, pick) {fmt(p.get('model_ms'), '{:.3f}')} ms (parts timed as separate graphs). Host per "
-              f"step between replays: {h['host_us_replay_steps']:.0f} us (reserve + uploads {h['host_reserve_us']:.0f} us, "
-              f"commit {h['host_commit_us']:.0f} us); launch to tokens on the host {h['launch_to_tokens_us']:.0f} us; "
+              f"step before the launch: {h['host_us_replay_steps']:.0f} us (reserve + uploads {h['host_reserve_us']:.0f} us; "
+              f"the commits, {h['host_commit_us']:.0f} us, overlap the replay); launch to tokens on the host {h['launch_to_tokens_us']:.0f} us; "
               f"{h['captures']} of {h['steps']} steps rebuilt the plan ({h['plan_ms']:.2f} ms) and captured the "
               f"step again ({h['capture_ms']:.1f} ms), because some sequence started a chunk; first step "
               f"{h['first_step_s']:.3f} s. Decode throughput counts every step, captures included.", ""]
