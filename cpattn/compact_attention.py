@@ -32,7 +32,7 @@ from .reference.checks import cdiv, check_bool, check_choice, check_instance, ch
 from .reference.chunk_cache import check_cache
 from .reference.compact_attention import DEFAULT_ALPHA, DEFAULT_SAMPLE_ROWS, KERNEL_CHOICES, check_chunk, \
     check_events, check_options, check_summary, dense_options
-from .reference.dtypes import storage_numpy_dtype
+from .reference.dtypes import storage_numpy_dtype, to_float32
 
 
 def choose_kernel(kernel: str = "auto") -> str:
@@ -93,6 +93,121 @@ class BlockMeans(reference.BlockMeans):
             (len(chunks), cache.num_kv_heads), (cache.head_dim,),
             (cache.k_pool, pages, np.int32(len(chunks)), np.int32(cache.num_layers), np.int32(cache.num_chunks),
              np.int32(cache.num_kv_heads), self.kmean, self.kmean_lp))
+
+
+# ============================================================================ recall rule and sampled summary
+# Array code written once for any array module ``xp`` (CuPy on the device; NumPy runs the same
+# code on the host, which is how the CPU tests check it against the reference). float32 scores
+# and exponentials, float64 per-table sums: the reference computes in float64, so a block whose
+# estimate ties another's to float32 rounding at the cut may be chosen by one and not the other.
+def estimate_mass(xp, q, k, kmean, chunk_size: int, scale: float, summary: str, sample_rows: int):
+    """The reference's ``estimated_mass`` on ``xp`` arrays.
+
+    Args: q float32 [n, Hq, D]; k float32 [Hkv, P + n, D] every key up to the chunk end;
+        kmean float32 [Pb, Hkv, D]; summary 'mean' or 'sampled'.
+    Returns: past float32 [Hq, Qb, Pb], own float32 [Hq, Qb] (summed over each query block's rows).
+    """
+    n, Hq, D = q.shape
+    Hkv, L, _ = k.shape
+    Pb, c = kmean.shape[0], chunk_size
+    G, P, Qb = Hq // Hkv, L - n, cdiv(n, chunk_size)
+    f32 = np.float32
+    rows_in = np.minimum(c, n - np.arange(Qb) * c)
+    past = xp.zeros((Hq, Qb, Pb), f32)
+    own = xp.zeros((Hq, Qb), f32)
+    if summary == "sampled":
+        sel = reference.sampled_rows(n, c, sample_rows)
+        qb = sel // c
+        W = np.zeros((Qb, len(sel)), np.float32)  # query block <- sampled row, rows per sample
+        W[qb, np.arange(len(sel))] = rows_in[qb] / np.bincount(qb, minlength=Qb)[qb]
+        W = xp.asarray(W)
+        hidden = xp.asarray(np.arange(L)[None, :] > (P + sel)[:, None])  # [m, L] keys after the row
+        qs = q[xp.asarray(sel)]  # [m, Hq, D]
+        for g in range(Hkv):
+            z = xp.einsum("mhd,ld->hml", qs[:, g * G:(g + 1) * G], k[g]) * f32(scale)  # [G, m, L]
+            z = xp.where(hidden[None], f32(-np.inf), z)
+            p = xp.exp(z - z.max(axis=2, keepdims=True))
+            p /= p.sum(axis=2, keepdims=True)
+            bp = p[:, :, :P].reshape(G, len(sel), Pb, c).sum(axis=3)  # [G, m, Pb]
+            past[g * G:(g + 1) * G] = xp.einsum("qm,gmp->gqp", W, bp)
+            own[g * G:(g + 1) * G] = xp.einsum("qm,gm->gq", W, p[:, :, P:].sum(axis=2))
+        return past, own
+    # mean summary: own blocks before the row's at their means, the row's own block exactly
+    pad = Qb * c
+    own_k = xp.zeros((Hkv, pad, D), f32)
+    own_k[:, :n] = k[:, P:]
+    own_mean = own_k.reshape(Hkv, Qb, c, D).sum(axis=2) / xp.asarray(rows_in.astype(np.float32))[None, :, None]
+    qp = xp.zeros((pad, Hq, D), f32)
+    qp[:n] = q
+    r = np.arange(pad)
+    valid = xp.asarray(r < n)
+    before = xp.asarray(np.arange(Qb)[None, :] < (r // c)[:, None])  # [pad, Qb] own blocks before the row's
+    diag_ok = xp.asarray((np.arange(c)[None, :] <= np.arange(c)[:, None]))  # [c, c] causal in the block
+    key_ok = xp.asarray(np.arange(pad).reshape(Qb, c) < n)  # [Qb, c] real keys of the last block
+    log_c = f32(np.log(c))
+    for h in range(Hq):
+        g = h // G
+        zp = (qp[:, h] @ kmean[:, g].T) * f32(scale) + log_c  # [pad, Pb]
+        zo = xp.where(before, (qp[:, h] @ own_mean[g].T) * f32(scale) + log_c, f32(-np.inf))  # [pad, Qb]
+        qb_ = qp[:, h].reshape(Qb, c, D)
+        kb_ = own_k[g].reshape(Qb, c, D)
+        sd = xp.einsum("ird,itd->irt", qb_, kb_) * f32(scale)  # [Qb, c, c]
+        sd = xp.where(diag_ok[None] & key_ok[:, None, :], sd, f32(-np.inf))
+        md = sd.max(axis=2)
+        zd = (md + xp.log(xp.exp(sd - md[..., None]).sum(axis=2))).reshape(pad)  # [pad]
+        m = xp.maximum(xp.maximum(zp.max(axis=1), zo.max(axis=1)), zd)
+        ep = xp.exp(zp - m[:, None])
+        eo = xp.exp(zo - m[:, None]).sum(axis=1) + xp.exp(zd - m)
+        w = xp.where(valid, 1 / (ep.sum(axis=1) + eo), f32(0))  # padded rows count nothing
+        past[h] = (ep * w[:, None]).reshape(Qb, c, Pb).sum(axis=1)
+        own[h] = (eo * w).reshape(Qb, c).sum(axis=1)
+    return past, own
+
+
+def recall_choice(xp, past, own, rows_in, forced, recall: float, num_kv_heads: int, group_size: int,
+                  tile_blocks: int):
+    """The reference's ``recall_rule`` on ``xp`` arrays: bool [T, Hkv, S, Pb] (forced blocks not
+    included). ``rows_in`` int [Qb] and ``forced`` bool [Pb] are host arrays."""
+    Hq, Qb, Pb = past.shape
+    s, tb = group_size, tile_blocks
+    S, T = Hq // num_kv_heads // s, cdiv(Qb, tb)
+    pad = xp.zeros((Hq, T * tb, Pb), np.float64)
+    pad[:, :Qb] = past
+    E = pad.reshape(num_kv_heads, S, s, T, tb, Pb).sum(axis=(2, 4)).transpose(2, 0, 1, 3)  # [T, Hkv, S, Pb]
+    po = xp.zeros((Hq, T * tb), np.float64)
+    po[:, :Qb] = own
+    fx = xp.asarray(forced)
+    base = po.reshape(num_kv_heads, S, s, T, tb).sum(axis=(2, 4)).transpose(2, 0, 1) + (E * fx).sum(axis=3)
+    rows = np.add.reduceat(rows_in, np.arange(0, Qb, tb)) * s  # [T]
+    gain = xp.where(fx, 0.0, E)
+    order = xp.argsort(-xp.where(fx, -1.0, gain), axis=3)
+    g_sorted = xp.take_along_axis(gain, order, axis=3)
+    before = base[..., None] + xp.cumsum(g_sorted, axis=3) - g_sorted
+    take = before < xp.asarray(recall * rows.astype(np.float64))[:, None, None, None]
+    if recall >= 1.0:
+        take = xp.ones_like(take)
+    take &= ~fx[order]
+    chosen = xp.zeros(take.size, bool)  # scatter back to block order through flat indices
+    chosen[(xp.arange(take.size // Pb)[:, None] * Pb + order.reshape(-1, Pb)).ravel()] = take.ravel()
+    return chosen.reshape(take.shape)
+
+
+def choice_scores(xp, chosen, G: int, tile_blocks: int, Qb: int):
+    """A recall-rule choice [T, Hkv, S, Pb] as block_union input [Hq, Qb, Pb] float32: +1 where
+    chosen, -1 elsewhere, so alpha 1 keeps exactly the choice (the kernel's row max starts at 0:
+    a row with nothing chosen has threshold 0 and keeps only its forced blocks)."""
+    T, Hkv, S, Pb = chosen.shape
+    s = G // S
+    per_head = xp.broadcast_to(chosen.transpose(1, 2, 0, 3)[:, :, None], (Hkv, S, s, T, Pb)).reshape(Hkv * G, T, Pb)
+    sel = per_head[:, xp.asarray(np.arange(Qb) // tile_blocks)]
+    return xp.where(sel, np.float32(1), np.float32(-1)).astype(np.float32)
+
+
+def sequence_keys(xp, k_pool, ids, length: int, dtype: str):
+    """float32 [Hkv, length, D]: a layer's keys of the blocks ``ids`` (pool [chunks, Hkv, c, D])."""
+    k = to_float32(k_pool[ids], dtype)  # [nb, Hkv, c, D]
+    nb, Hkv, c, D = k.shape
+    return xp.ascontiguousarray(k.transpose(1, 0, 2, 3).reshape(Hkv, nb * c, D)[:, :length])
 
 
 @dataclass
@@ -193,9 +308,25 @@ def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, sc
     page0 = np.int64(layer * cache.num_chunks * Hkv)
     scale_log2 = np.float32(scale * 1.4426950408889634)
 
-    # 2. scores
+    # 2. scores (3. under the recall rule: its choice, as +-1 scores that alpha 1 keeps exactly)
     s_raw = cupy.zeros((Hq, Qb, max(Pb, 1)), np.float32)
-    if Pb and alpha > 0:  # alpha 0 keeps every block: all-zero scores pass a zero threshold
+    thr = alpha
+    if Pb and (recall is not None or summary == "sampled"):
+        ids = cupy.asarray(np.array(cache.seq_chunks(seq)[: Pb + Cb], np.int64))
+        kk = sequence_keys(cupy, cache.k_pool[layer], ids, P + n, cache.dtype)
+        kmean = means.kmean[layer][ids[:Pb]]  # [Pb, Hkv, D]
+        q32 = to_float32(q, cache.dtype)
+        est_p, est_o = estimate_mass(cupy, q32, kk, kmean, c, scale, summary, sample_rows)
+        if recall is None:
+            s_raw = est_p
+        else:
+            j = np.arange(Pb)
+            forced = (j < sink) | (j >= Pb - window)
+            rows_in = np.minimum(c, n - np.arange(Qb) * c)
+            chosen = recall_choice(cupy, est_p, est_o, rows_in, forced, float(recall), Hkv, s, tb)
+            s_raw, thr = choice_scores(cupy, chosen, G, tb, Qb), 1.0
+        s_raw = cupy.ascontiguousarray(s_raw)
+    elif Pb and alpha > 0:  # alpha 0 keeps every block: all-zero scores pass a zero threshold
         k["block_score"]((cdiv(n, SCORE_ROWS), Hq), (THREADS,),
                          (q, means.kmean_lp, page0, blocks, np.int32(Pb), np.int32(n), np.int32(Hq),
                           np.int32(Hkv), scale_log2, s_raw))
@@ -207,7 +338,7 @@ def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, sc
     stats = cupy.zeros(3, np.uint64)
     k["block_union"]((R,), (UNION_THREADS,),
                      (s_raw, np.int32(Pb), np.int32(Qb), np.int32(tb), np.int32(T), np.int32(Hkv), np.int32(G),
-                      np.int32(s), np.float32(alpha), np.int32(sink), np.int32(window), blocks, np.int32(Cb),
+                      np.int32(s), np.float32(thr), np.int32(sink), np.int32(window), blocks, np.int32(Cb),
                       padded, np.int32(cap), counts, stats),
                      shared_mem=4 * s * tb)
     # 6. CSR
@@ -250,4 +381,4 @@ def dense_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, **optio
 
 
 __all__ = ["BlockMeans", "CompactPrefill", "compact_prefill", "dense_prefill", "choose_kernel", "use_wgmma",
-           "KERNEL_CHOICES"]
+           "KERNEL_CHOICES", "estimate_mass", "recall_choice", "choice_scores", "sequence_keys"]

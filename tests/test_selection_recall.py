@@ -278,3 +278,135 @@ def test_alpha_rule_on_the_sampled_summary(small):
     s = ex_past / ex_past.sum(axis=2, keepdims=True)
     np.testing.assert_allclose(sel.scores, s, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(sel.keep, sel.scores >= np.float32(0.1) * sel.scores.max(axis=2, keepdims=True))
+
+
+# ============================================================================ the GPU's array code, on the host
+# cpattn.compact_attention's estimate_mass / recall_choice / choice_scores / sequence_keys are written
+# for any array module; with NumPy they run here and must agree with the reference.
+from cpattn import compact_attention as gca  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(g=geometry(), summary=st.sampled_from(["mean", "sampled"]), rows=st.integers(1, 4))
+def test_device_estimate_is_the_reference_estimate(g, summary, rows):
+    cache, means, seq, q = setup(**g)
+    qf, k, kmean, P = inputs(cache, means, seq, q)
+    ref_p, ref_o = estimated_mass(qf, k, kmean, g["c"], 1 / np.sqrt(16), summary, rows)
+    kk = gca.sequence_keys(np, cache.k_pool[0], np.array(cache.seq_chunks(seq)), P + g["n"], cache.dtype)
+    np.testing.assert_array_equal(kk, k.transpose(1, 0, 2))
+    past, own = gca.estimate_mass(np, qf, kk, kmean, g["c"], 1 / np.sqrt(16), summary, rows)
+    assert past.dtype == own.dtype == np.float32
+    np.testing.assert_allclose(past, ref_p, rtol=2e-4, atol=1e-6 * g["c"])
+    np.testing.assert_allclose(own, ref_o, rtol=2e-4, atol=1e-6 * g["c"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), Hkv=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 4]),
+       Qb=st.integers(1, 6), Pb=st.integers(1, 20), data=st.data())
+def test_device_recall_choice_is_the_reference_rule(seed, Hkv, G, Qb, Pb, data):
+    rng = np.random.default_rng(seed)
+    s = data.draw(st.sampled_from([d for d in range(1, G + 1) if G % d == 0]))
+    tb = data.draw(st.integers(1, Qb))
+    raw = rng.gamma(0.3, size=(Hkv * G, Qb, Pb + 1))  # heavy-tailed masses, no ties
+    rows_in = np.full(Qb, 8)
+    raw = raw / raw.sum(axis=2, keepdims=True) * 8
+    past, own = raw[..., :Pb], raw[..., Pb]
+    forced = rng.random(Pb) < 0.2
+    target = data.draw(st.sampled_from([0.0, 0.5, 0.9, 0.99, 1.0]))
+    want = recall_rule(past, own, rows_in, forced, target, Hkv, s, tb)
+    got = gca.recall_choice(np, past, own, rows_in, forced, target, Hkv, s, tb)
+    np.testing.assert_array_equal(got, want)
+    # choice_scores: the block_union kernel's rule (keep = forced or v >= alpha * max(0, max_j v))
+    # with alpha 1 keeps exactly the choice, per (head, query block)
+    v = gca.choice_scores(np, got, G, tb, Qb)
+    kept = forced | (v >= 1.0 * np.maximum(0, v.max(axis=2, keepdims=True)))
+    per_head = np.repeat(got.transpose(1, 2, 0, 3), s, axis=1).reshape(Hkv * G, -1, Pb)[:, np.arange(Qb) // tb]
+    np.testing.assert_array_equal(kept, per_head | forced)
+
+
+# ============================================================================ on the device (marker gpu)
+def _gpu_ok():
+    from cpattn import gpu_available
+
+    return gpu_available()
+
+
+@pytest.fixture()
+def gpu_marker():
+    if not _gpu_ok():
+        pytest.skip("needs CuPy and a CUDA GPU")
+
+
+def _pair(seed, P, n, c, Hq, Hkv, D, dtype):
+    """The same prompt in a NumPy cache and a GPU cache: (w, cpu, means, gpu, gmeans, seq)."""
+    from cpattn.chunk_cache import GpuChunkCache
+    from cpattn.compact_attention import BlockMeans as GpuMeans
+
+    w = long_context_qkv(seed, P + n, Hq, Hkv, D, dtype=dtype, num_sinks=2, locality_len=2 * c, needle_len=c,
+                         num_needles=2, needle_queries=2)
+    out = []
+    for make in (ChunkCache, GpuChunkCache):
+        cache = make(1, Hkv, D, (P + n) // c + 2, chunk_size=c, dtype=dtype)
+        seq = cache.add_sequence([])
+        cache.extend(seq, list(range(P)), w.k[:, :P], w.v[:, :P])
+        cache.extend(seq, list(range(P, P + n)), w.k[:, P:], w.v[:, P:])
+        out.append((cache, seq))
+    (cpu, seq), (gpu_cache, _) = out
+    return w, cpu, BlockMeans(cpu), gpu_cache, GpuMeans(gpu_cache), seq
+
+
+def _gpu_mask(r, cpu, seq, T, Hkv, S, Pb):
+    indptr, indices = r.tables()
+    pos = {cid: i for i, cid in enumerate(cpu.seq_chunks(seq))}
+    mask = np.zeros((T * Hkv * S, Pb), bool)
+    for t in range(T * Hkv * S):
+        for cid in indices[indptr[t]: indptr[t + 1]]:
+            if pos[int(cid)] < Pb:
+                mask[t, pos[int(cid)]] = True
+    return mask.reshape(T, Hkv, S, Pb)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("summary", ["sampled", "mean"])
+@pytest.mark.parametrize("rule", [dict(recall=0.95), dict(recall=0.99), dict(alpha=0.06)],
+                         ids=["recall0.95", "recall0.99", "alpha0.06"])
+@pytest.mark.parametrize("dtype,D,c", [("float16", 64, 64), ("bfloat16", 128, 32), ("float16", 128, 16)])
+@pytest.mark.parametrize("q_tile,group_size", [(None, None), (1, 1)])
+def test_gpu_selection_matches_the_reference(gpu_marker, summary, rule, dtype, D, c, q_tile, group_size):
+    import cupy
+
+    from cpattn.compact_attention import compact_prefill as gpu_prefill
+
+    Hkv, Hq, P, n = 2, 8, 24 * c, 3 * c - 5
+    w, cpu, means, gc, gmeans, seq = _pair(7, P, n, c, Hq, Hkv, D, dtype)
+    q = w.q[0, P:]
+    opt = dict(rule, summary=summary, q_tile=None if q_tile is None else q_tile * c, group_size=group_size)
+    ref = compact_prefill(cpu, means, seq, q, **opt)
+    r = gpu_prefill(gc, gmeans, seq, cupy.asarray(q), **opt)
+    sel = ref.selection
+    T, Hkv_, S, Pb = sel.group_union.shape
+    got = _gpu_mask(r, cpu, seq, T, Hkv_, S, Pb)
+    diff = int((got != sel.group_union).sum())
+    assert diff <= max(2, 0.02 * got.size), diff  # float32 estimates: ties at the cut only
+    # the measured recall of both against the oracle agrees
+    _, lse = oracle_prefill(cpu, seq, q)
+    rec_ref = mass_recall(ref.lse, lse).mean()
+    rec_gpu = mass_recall(cupy.asnumpy(r.lse), lse).mean()
+    assert abs(rec_ref - rec_gpu) <= 2e-3, (rec_ref, rec_gpu)
+    d = r.density()
+    for k in ("select", "q_union", "group_union"):
+        assert abs(d[k] - sel.density[k]) <= 0.03, (k, d, sel.density)
+
+
+@pytest.mark.gpu
+def test_gpu_recall_one_is_dense(gpu_marker):
+    import cupy
+
+    from cpattn.compact_attention import compact_prefill as gpu_prefill
+
+    c, P, n = 32, 10 * 32, 64
+    w, cpu, means, gc, gmeans, seq = _pair(3, P, n, c, 4, 2, 64, "float16")
+    r = gpu_prefill(gc, gmeans, seq, cupy.asarray(w.q[0, P:]), recall=1.0)
+    assert r.density() == dict(select=1.0, q_union=1.0, group_union=1.0, tables=1.0)
+    none = gpu_prefill(gc, gmeans, seq, cupy.asarray(w.q[0, P:]), recall=0.0, sink=1, window=1)
+    assert none.density()["group_union"] == pytest.approx(2 / 10)
