@@ -32,7 +32,7 @@ from .kernels import THREADS, UNIT_WIDTH, decode_smem_bytes, get_kernels, phase1
 from .reference import chunk_attention as reference
 from .reference.checks import INT32_MAX, check_bool, check_instance, check_int, check_scale
 from .reference.chunk_attention import SPLIT_FIELDS, DecodePlan, batch_states, check_num_q_heads, \
-    check_piece_chunks, check_plan, log_plan
+    check_piece_chunks, check_plan, check_queries_per_seq, check_query_tokens, check_tree_mask, log_plan
 from .reference.chunk_cache import ChunkCache, check_cache
 
 _I32 = np.int32
@@ -389,13 +389,17 @@ def _batch_states(cache: ChunkCache, seqs):
     return batch_states(cache, seqs)
 
 
-def _plan_base(cache: ChunkCache, seqs) -> dict:
+def _plan_base(cache: ChunkCache, seqs, queries_per_seq: int = 1, tree_mask=None) -> dict:
     """The unsplit fields of the plan for ``seqs`` (every field but ``SPLIT_FIELDS``).
 
     Python touches each sequence once (its slot and last node); the rest is ``_plan_core`` over
     the per-cache node table, which learns only the nodes it has not seen (new chunks).
     """
+    kq = check_queries_per_seq(queries_per_seq)
     ids, states = _batch_states(cache, seqs)
+    if kq > 1:
+        check_query_tokens(states, kq)
+    tree_bits = check_tree_mask(tree_mask, len(ids), kq)
     B = len(states)
     tails = [s.path[-1] for s in states]
     tail_chunk = np.fromiter(map(_CHUNK, tails), np.int64, B)
@@ -411,7 +415,8 @@ def _plan_base(cache: ChunkCache, seqs) -> dict:
     return dict(batch=tuple(ids), version=cache.version, chunk_size=cache.chunk_size,
                 order=order, slots=slots, path_len=path_len,
                 seg_begin=sb, seg_end=se, seg_chunk_indptr=seg_chunk_indptr, piece_chunks=seg_chunks,
-                private_indptr=private_indptr, private_chunks=private_chunks, num_segments=len(sb))
+                private_indptr=private_indptr, private_chunks=private_chunks, num_segments=len(sb),
+                queries_per_seq=kq, tree_bits=tree_bits)
 
 
 def _split(base: dict, piece_chunks, private_piece_chunks) -> DecodePlan:
@@ -421,11 +426,12 @@ def _split(base: dict, piece_chunks, private_piece_chunks) -> DecodePlan:
 
 
 def build_decode_plan(cache: ChunkCache, seqs, piece_chunks: int | None = None,
-                      private_piece_chunks: int | None = None) -> DecodePlan:
+                      private_piece_chunks: int | None = None, *, queries_per_seq: int = 1,
+                      tree_mask=None) -> DecodePlan:
     """``reference.build_decode_plan`` (same arguments, errors and arrays), fast."""
     check_piece_chunks(piece_chunks, "piece_chunks")
     check_piece_chunks(private_piece_chunks, "private_piece_chunks")
-    return _split(_plan_base(cache, seqs), piece_chunks, private_piece_chunks)
+    return _split(_plan_base(cache, seqs, queries_per_seq, tree_mask), piece_chunks, private_piece_chunks)
 
 
 def split_plan(plan: DecodePlan, piece_chunks: int | None = None,
@@ -441,23 +447,34 @@ def split_plan(plan: DecodePlan, piece_chunks: int | None = None,
 # ---------------------------------------------------------------------- work units
 @_jit
 def _units_core(piece_begin, piece_end, piece_chunk_indptr, piece_state_offset, item_pos, item_begin, item_end,
-                private_indptr, path_len, slots, H, group, c, rows_per_unit, rows1):
+                private_indptr, path_len, slots, seq_piece_indptr, seq_pieces, H, group, c, rows_per_unit, rows1,
+                kq):
     """units int32 [U, UNIT_WIDTH] of ``build_units``, in (entry, tile, kv head) order, then stably
-    sorted by chunk count, largest first (a counting sort: counts are small integers)."""
+    sorted by chunk count, largest first (a counting sort: counts are small integers). With
+    ``kq`` > 1 query rows per (sequence, head), len_minus holds every unit's first key position."""
     P, I = len(piece_begin), len(item_pos)
     off2 = piece_chunk_indptr[P]
-    tiles2 = -(-group // rows_per_unit)
+    per_seq = group * kq  # rows of one sequence: (query, head of the group)
+    tiles2 = -(-per_seq // rows_per_unit)
     U = I * tiles2 * H
     for p in range(P):
-        U += -(-(piece_end[p] - piece_begin[p]) * group // rows1) * H
+        U += -(-(piece_end[p] - piece_begin[p]) * per_seq // rows1) * H
+    key0 = np.zeros(P, np.int32)  # the first key position of each piece (the same on every path through it)
+    if kq > 1:
+        for pos in range(len(path_len)):
+            before = 0
+            for t in range(seq_piece_indptr[pos], seq_piece_indptr[pos + 1]):
+                p = seq_pieces[t]
+                key0[p] = before
+                before += c * (piece_chunk_indptr[p + 1] - piece_chunk_indptr[p])
     raw = np.empty((U, UNIT_WIDTH), np.int32)
     u = 0
-    for p in range(P):  # phase 1: (piece, rows1-row tile of range x group, kv head)
-        n_rows = (piece_end[p] - piece_begin[p]) * group
+    for p in range(P):  # phase 1: (piece, rows1-row tile of range x rows per sequence, kv head)
+        n_rows = (piece_end[p] - piece_begin[p]) * per_seq
         for r0 in range(0, n_rows, rows1):
             for h in range(H):
                 raw[u, 0], raw[u, 1] = piece_chunk_indptr[p], piece_chunk_indptr[p + 1]
-                raw[u, 2], raw[u, 3], raw[u, 4] = -1, 0, piece_begin[p]
+                raw[u, 2], raw[u, 3], raw[u, 4] = -1, key0[p], piece_begin[p]
                 raw[u, 5], raw[u, 6], raw[u, 7] = r0, min(rows1, n_rows - r0), h
                 raw[u, 8] = piece_state_offset[p]
                 u += 1
@@ -468,12 +485,12 @@ def _units_core(piece_begin, piece_end, piece_chunk_indptr, piece_state_offset, 
         # position's last item reads the length, the others are whole chunks
         last = item_end[i] == private_indptr[pos + 1]
         before = (path_len[pos] - (private_indptr[pos + 1] - item_begin[i])) * c
-        for r0 in range(0, group, rows_per_unit):
+        for r0 in range(0, per_seq, rows_per_unit):
             for h in range(H):
                 raw[u, 0], raw[u, 1] = off2 + item_begin[i], off2 + item_end[i]
                 raw[u, 2] = slots[pos] if last else -1
-                raw[u, 3] = before if last else 0
-                raw[u, 4], raw[u, 5], raw[u, 6], raw[u, 7] = pos, r0, min(rows_per_unit, group - r0), h
+                raw[u, 3] = before if last or kq > 1 else 0
+                raw[u, 4], raw[u, 5], raw[u, 6], raw[u, 7] = pos, r0, min(rows_per_unit, per_seq - r0), h
                 raw[u, 8] = num_state_rows + i
                 u += 1
     # largest first, ties in the order above
@@ -504,11 +521,17 @@ def build_units(plan: DecodePlan, num_kv_heads: int, group: int):
     2 slot whose length bounds the keys, -1: whole chunks; 3 tokens on the path before the
     range; 4 first batch position; 5, 6 first row and row count of the tile; 7 kv head; 8
     first state row).
+
+    Multi-token plans (``plan.queries_per_seq`` k > 1): a sequence has k x group rows (query,
+    head), phase-2 tiles have ``phase1_rows`` rows too, and column 3 holds every unit's first
+    key position (the kernel masks the pages that reach a row's new tokens).
     """
+    kq = int(plan.queries_per_seq)
     units = _units_core(plan.piece_begin, plan.piece_end, plan.piece_chunk_indptr, plan.piece_state_offset,
                         plan.item_pos, plan.item_begin, plan.item_end, plan.private_indptr, plan.path_len,
-                        plan.slots, int(num_kv_heads), int(group), int(plan.chunk_size), ROWS_PER_UNIT,
-                        phase1_rows(int(plan.chunk_size)))
+                        plan.slots, plan.seq_piece_indptr, plan.seq_pieces, int(num_kv_heads), int(group),
+                        int(plan.chunk_size), ROWS_PER_UNIT if kq == 1 else phase1_rows(int(plan.chunk_size)),
+                        phase1_rows(int(plan.chunk_size)), kq)
     return units, np.concatenate([plan.piece_chunks, plan.private_chunks]).astype(np.int32)
 
 
@@ -525,27 +548,30 @@ def auto_piece_chunks(plan, num_q_heads: int, num_kv_heads: int, num_sms: int, u
         check_int(value, name, 1, INT32_MAX)
     if num_q_heads % num_kv_heads:
         raise ValueError(f"num_q_heads: expected a multiple of num_kv_heads {num_kv_heads}, got {num_q_heads}")
-    group = num_q_heads // num_kv_heads
-    rows = (np.asarray(plan.seg_end) - np.asarray(plan.seg_begin)).astype(np.int64) * group
-    tiles1 = -(-rows // phase1_rows(int(plan.chunk_size)))
+    kq = int(getattr(plan, "queries_per_seq", 1))
+    per_seq = num_q_heads // num_kv_heads * kq  # rows of one sequence per kv head
+    rows1 = phase1_rows(int(plan.chunk_size))
+    rows = (np.asarray(plan.seg_end) - np.asarray(plan.seg_begin)).astype(np.int64) * per_seq
+    tiles1 = -(-rows // rows1)
     work = (int(np.dot(np.diff(plan.seg_chunk_indptr).astype(np.int64), tiles1))
-            + int(plan.private_indptr[-1]) * -(-group // ROWS_PER_UNIT)) * num_kv_heads
+            + int(plan.private_indptr[-1]) * -(-per_seq // (ROWS_PER_UNIT if kq == 1 else rows1))) * num_kv_heads
     return max(1, math.ceil(work / (units_per_sm * num_sms)))
 
 
 # The device arrays of a plan, in the order of plan_host's buffer.
 DEVICE_ARRAYS = ("units", "chunk_list", "order", "seq_piece_indptr", "seq_pieces", "piece_state_offset",
-                 "piece_begin", "seq_item_indptr")
+                 "piece_begin", "seq_item_indptr", "slots", "query_bits")
 
 
 def plan_host(cache, seqs, num_q_heads: int, piece_chunks="auto", private_piece_chunks="auto",
-              units_per_sm: int = 4, num_sms: int = 132):
+              units_per_sm: int = 4, num_sms: int = 132, *, queries_per_seq: int = 1, tree_mask=None):
     """Host part of ``ChunkAttentionDecode.plan``: everything but the upload (no GPU needed).
 
     Returns (plan, buf, offs, num_units): ``buf`` int32 concatenates the ``DEVICE_ARRAYS``:
     units [U, UNIT_WIDTH] (raveled), chunk_list, order, seq_piece_indptr, seq_pieces,
-    piece_state_offset, piece_begin and seq_item_indptr; array ``i`` is
-    ``buf[offs[i]:offs[i + 1]]`` (``offs`` has 9 entries).
+    piece_state_offset, piece_begin, seq_item_indptr, slots (per depth-first position) and
+    query_bits ([B * k] caller order: the new tokens each query sees, ``plan.query_bits()``);
+    array ``i`` is ``buf[offs[i]:offs[i + 1]]`` (``offs`` has 11 entries).
     """
     num_q_heads = check_num_q_heads(check_cache(cache), num_q_heads)
     pc = check_piece_chunks(piece_chunks, "piece_chunks", auto=True)
@@ -553,14 +579,15 @@ def plan_host(cache, seqs, num_q_heads: int, piece_chunks="auto", private_piece_
     check_int(units_per_sm, "units_per_sm", 1, INT32_MAX)
     check_int(num_sms, "num_sms", 1, INT32_MAX)
     H = cache.num_kv_heads
-    base = _plan_base(cache, seqs)
+    base = _plan_base(cache, seqs, queries_per_seq, tree_mask)
     if pc == "auto" or ppc == "auto":  # about units_per_sm units per SM
         cap = auto_piece_chunks(types.SimpleNamespace(**base), num_q_heads, H, num_sms, units_per_sm)
         pc, ppc = cap if pc == "auto" else pc, cap if ppc == "auto" else ppc
     plan = _split(base, pc, ppc)
     units, chunk_list = build_units(plan, H, num_q_heads // H)
     host = [units.ravel(), chunk_list, plan.order, plan.seq_piece_indptr, plan.seq_pieces,
-            plan.piece_state_offset, plan.piece_begin, plan.seq_item_indptr]
+            plan.piece_state_offset, plan.piece_begin, plan.seq_item_indptr, plan.slots,
+            plan.query_bits().astype(np.int32).ravel()]
     offs = [0, *itertools.accumulate(map(len, host))]
     return plan, np.concatenate(host), offs, len(units)
 
@@ -598,18 +625,20 @@ class ChunkAttentionDecode:
         self._dev = {}  # DEVICE_ARRAYS name -> view of the one uploaded buffer
 
     # ------------------------------------------------------------------ plan
-    def plan(self, seqs, num_q_heads: int) -> DecodePlan:
-        """Build and upload the plan for ``seqs`` (the row order of ``q`` in ``run``)."""
+    def plan(self, seqs, num_q_heads: int, *, queries_per_seq: int = 1, tree_mask=None) -> DecodePlan:
+        """Build and upload the plan for ``seqs`` (the row order of ``q`` in ``run``); with
+        ``queries_per_seq`` / ``tree_mask`` a multi-token step (``reference.ChunkAttentionDecode.plan``)."""
         import cupy
 
         cache = self.cache
         t0, previous = time.perf_counter(), self.decode_plan
         plan, host, offs, num_units = plan_host(cache, seqs, num_q_heads, self.piece_chunks,
-                                                self.private_piece_chunks, self.units_per_sm, self._sms)
+                                                self.private_piece_chunks, self.units_per_sm, self._sms,
+                                                queries_per_seq=queries_per_seq, tree_mask=tree_mask)
         buf = cupy.asarray(host)  # the one upload
         self._dev = {name: buf[offs[i]:offs[i + 1]] for i, name in enumerate(DEVICE_ARRAYS)}
         self._dev["units"] = self._dev["units"].reshape(num_units, UNIT_WIDTH)
-        rows = plan.num_state_rows + plan.num_items
+        rows = (plan.num_state_rows + plan.num_items) * plan.queries_per_seq
         if rows * num_q_heads > self._states_cap:  # grow only; fixed while a graph replays
             self._states_cap = rows * num_q_heads
             self._o_states = cupy.empty(self._states_cap * cache.head_dim, np.float32)
@@ -629,7 +658,7 @@ class ChunkAttentionDecode:
     # ------------------------------------------------------------------ run
     def _check_q(self, q, layer, scale):
         cache, plan = self.cache, check_plan(self.cache, self.decode_plan)
-        q = as_cupy(q, "q", cache.dtype, (plan.batch_size, self.num_q_heads, cache.head_dim))
+        q = as_cupy(q, "q", cache.dtype, (plan.num_queries, self.num_q_heads, cache.head_dim))
         cache.check_layer(layer)
         return q, check_scale(scale, cache.head_dim)
 
@@ -646,13 +675,15 @@ class ChunkAttentionDecode:
             (q, cache.k_pool, cache.v_pool, np.int64(layer * cache.num_chunks * cache.num_kv_heads),
              units, self._dev["chunk_list"], self._dev["order"], cache.d_slot_lens, self._o_states,
              self._lse_states, np.int32(self.num_q_heads), np.int32(cache.num_kv_heads),
-             np.int32(self.num_q_heads // cache.num_kv_heads), np.float32(scale * LOG2E)),
+             np.int32(self.num_q_heads // cache.num_kv_heads), np.float32(scale * LOG2E),
+             np.int32(self.decode_plan.queries_per_seq), self._dev["slots"], self._dev["query_bits"]),
             shared_mem=self._smem)
 
     def run(self, q, layer: int = 0, *, scale: float | None = None, out=None, return_lse: bool = False,
             lse_out=None):
         """o [B, Hq, D] (storage dtype) for q [B, Hq, D] (rows in the planned batch order); with
-        ``return_lse`` or ``lse_out`` [B, Hq] float32, returns (o, lse).
+        ``return_lse`` or ``lse_out`` [B, Hq] float32, returns (o, lse). A multi-token plan
+        takes and gives ``B * queries_per_seq`` rows, sequence-major.
 
         Launches two kernels on the current stream; never synchronises.
         """
@@ -660,7 +691,7 @@ class ChunkAttentionDecode:
 
         q, scale = self._check_q(q, layer, scale)
         cache, plan = self.cache, self.decode_plan
-        B, Hq, D = plan.batch_size, self.num_q_heads, cache.head_dim
+        B, Hq, D = plan.num_queries, self.num_q_heads, cache.head_dim
         return_lse = check_bool(return_lse, "return_lse")
         out = cupy.empty((B, Hq, D), q.dtype) if out is None else as_cupy(out, "out", cache.dtype, (B, Hq, D))
         if lse_out is not None:
@@ -672,11 +703,12 @@ class ChunkAttentionDecode:
         self.launch_attend(q, layer, scale=scale)
         d = self._dev
         self._kern["chunk_merge"](
-            ((B * Hq + 3) // 4,), (THREADS,),  # one warp per (sequence, query head)
+            ((B * Hq + 3) // 4,), (THREADS,),  # one warp per (sequence, query, query head)
             (self._o_states, self._lse_states, d["seq_piece_indptr"], d["seq_pieces"], d["piece_state_offset"],
              d["piece_begin"], d["seq_item_indptr"], np.int32(plan.num_state_rows), d["order"],
              out, self._lse_states if lse_out is None else lse_out,  # the states: a valid dummy
-             np.int32(lse_out is not None), np.int32(B), np.int32(Hq)))
+             np.int32(lse_out is not None), np.int32(plan.batch_size), np.int32(Hq),
+             np.int32(plan.queries_per_seq)))
         return out if lse_out is None else (out, lse_out)
 
 

@@ -17,6 +17,13 @@
 // memory at the end). K and V pages stream through a 2-stage cp.async pipeline
 // (stream_pages). Shared-memory rows are padded by 16 bytes, which makes every ldmatrix
 // conflict-free.
+//
+// Multi-token decode (queries_per_seq = k > 1; docs/design.md, "Multi-token decode"): a
+// sequence has k query rows per query head, rows (sequence, query j, head) in that order; query
+// j of a sequence of length L sees positions < L - k and the new positions L - k + i whose bit
+// i is set in its tree bits (causal: bits 0..j). U_LEN_MINUS then holds every unit's first key
+// position; each Q row's padding holds (L - k, bits) of its row, and only pages that reach a
+// row's new tokens are masked (`Masked` instantiations; k = 1 runs the unmasked ones).
 #include "attend_core.cuh"
 
 namespace cpattn {
@@ -27,7 +34,7 @@ enum {
   U_CHUNK_BEGIN,  // first entry of this unit in chunk_list
   U_CHUNK_END,
   U_LEN_SLOT,     // -1: every chunk full; else keys = slot_lens[slot] - U_LEN_MINUS
-  U_LEN_MINUS,
+  U_LEN_MINUS,    // (k > 1: every unit's first key position in its sequence)
   U_POS_BEGIN,    // batch position (DFS order) of row 0 of the unit's row space
   U_ROW0,         // first row of this unit within that row space
   U_ROW_COUNT,    // rows in this unit (<= CPATTN_DECODE_ROWS; phase-1 units <= QRows<C>)
@@ -88,11 +95,24 @@ __device__ __forceinline__ void stream_pages(const T* __restrict__ k_pool, const
   }
 }
 
-template <typename T, int D, int C, int KS>
+// Multi-token rows: (first new position, tree bits) of Q row r live in the row's padding.
+template <typename T, int D>
+__device__ __forceinline__ int* row_info(T* sQ, int r) {
+  return reinterpret_cast<int*>(sQ + r * (D + 8) + D);
+}
+// Does Q row r see the key at position p of its sequence (p < its length)?
+template <typename T, int D>
+__device__ __forceinline__ bool row_sees(const T* sQ, int r, int p) {
+  const int* info = reinterpret_cast<const int*>(sQ + r * (D + 8) + D);
+  const int d = p - info[0];
+  return d < 0 || ((info[1] >> d) & 1);
+}
+
+template <typename T, int D, int C, int KS, bool Masked>
 __device__ __forceinline__ void attend_unit(
     const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
     const int* __restrict__ chunk_list, int cb, int nk, int kvh, int num_kv_heads,
-    T* sQ, T* sK, T* sV, float scale_log2,
+    T* sQ, T* sK, T* sV, float scale_log2, int key_base, int first_new,
     float (&o)[D / 8][4], float& m0, float& m1, float& l0, float& l1) {
   constexpr int LD = D + 8;
   constexpr int RB = 4 / KS;        // row blocks
@@ -108,8 +128,18 @@ __device__ __forceinline__ void attend_unit(
                               ldmatrix_x4(qf[kk], smem_addr(sQ + (rb * 16 + (lane & 15)) * LD + kk * 16 +
                                                             (lane >> 4) * 8));
                           }
-                          attend_chunk<T, D, C, KS>(qf, ks_, vs_, valid, 0, kNoLimit, kNoLimit, scale_log2, o,
-                                                    m0, m1, l0, l1);
+                          if (!Masked) {
+                            attend_chunk<T, D, C, KS>(qf, ks_, vs_, valid, 0, kNoLimit, kNoLimit, scale_log2, o,
+                                                      m0, m1, l0, l1);
+                          } else {
+                            const int p0 = key_base + i * C;  // position of the page's first key
+                            const bool past = p0 + C <= first_new;  // no row's new tokens on this page
+                            const int r0 = rb * 16 + (lane >> 2);
+                            attend_chunk_keep<T, D, C, KS>(
+                                qf, ks_, vs_, valid,
+                                [&](int half, int key) { return past || row_sees<T, D>(sQ, r0 + half * 8, p0 + key); },
+                                scale_log2, o, m0, m1, l0, l1);
+                          }
                         });
   l0 = quad_sum(l0);
   l1 = quad_sum(l1);
@@ -161,17 +191,44 @@ __device__ __forceinline__ void attend_unit(
   }
 }
 
+// attend_unit, masked (multi-token rows) or not (one query per sequence: the unmasked code).
+template <typename T, int D, int C, int KS>
+__device__ __forceinline__ void attend_unit_k(
+    bool masked, const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
+    const int* __restrict__ chunk_list, int cb, int nk, int kvh, int num_kv_heads,
+    T* sQ, T* sK, T* sV, float scale_log2, int key_base, int first_new,
+    float (&o)[D / 8][4], float& m0, float& m1, float& l0, float& l1) {
+  if (masked)
+    attend_unit<T, D, C, KS, true>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sQ, sK, sV,
+                                   scale_log2, key_base, first_new, o, m0, m1, l0, l1);
+  else
+    attend_unit<T, D, C, KS, false>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sQ, sK, sV,
+                                    scale_log2, 0, kNoLimit, o, m0, m1, l0, l1);
+}
+
 // A phase-1 unit of up to 128 rows (4 warps x 32): the compute-heavy case (many sequences x
 // query heads on one shared piece), where feeding two mma tiles per K/V fragment pays.
-template <typename T, int D, int C>
+template <typename T, int D, int C, bool Masked>
 __device__ __forceinline__ void attend_unit_rt2(
     const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
     const int* __restrict__ chunk_list, int cb, int nk, int kvh, int num_kv_heads,
-    const T* sQ, T* sK, T* sV, float scale_log2, float (&o)[2][D / 8][4], float (&m)[2][2], float (&l)[2][2]) {
+    const T* sQ, T* sK, T* sV, float scale_log2, int key_base, int first_new,
+    float (&o)[2][D / 8][4], float (&m)[2][2], float (&l)[2][2]) {
   const int lim[2][2] = {{kNoLimit, kNoLimit}, {kNoLimit, kNoLimit}};
   stream_pages<T, D, C>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sK, sV,
-                        [&](int, const T* ks_, const T* vs_, int valid) {
-                          attend_step_rt2<T, D, C>(sQ, ks_, vs_, valid, 0, lim, valid == C, scale_log2, o, m, l);
+                        [&](int i, const T* ks_, const T* vs_, int valid) {
+                          if (!Masked) {
+                            attend_step_rt2<T, D, C>(sQ, ks_, vs_, valid, 0, lim, valid == C, scale_log2, o, m, l);
+                          } else {
+                            const int p0 = key_base + i * C;
+                            const int r0 = (threadIdx.x >> 5) * 32 + ((threadIdx.x & 31) >> 2);
+                            attend_step_rt2_keep<T, D, C>(
+                                sQ, ks_, vs_, valid,
+                                [&](int tt, int half, int key) {
+                                  return key < valid && row_sees<T, D>(sQ, r0 + tt * 16 + half * 8, p0 + key);
+                                },
+                                valid == C && p0 + C <= first_new, scale_log2, o, m, l);
+                          }
                         });
 }
 
@@ -186,9 +243,13 @@ __global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend(
     const int* __restrict__ chunk_list,
     const int* __restrict__ order,  // [batch] caller index of DFS position
     const int* __restrict__ slot_lens,
-    float* __restrict__ o_states,   // [rows, Hq, D]
-    float* __restrict__ lse_states, // [rows, Hq]
-    int num_q_heads, int num_kv_heads, int group, float scale_log2) {
+    float* __restrict__ o_states,   // [rows, k, Hq, D]
+    float* __restrict__ lse_states, // [rows, k, Hq]
+    int num_q_heads, int num_kv_heads, int group, float scale_log2,
+    int queries_per_seq,            // k: query rows per sequence and head
+    const int* __restrict__ pos_slots,   // [batch] cache slot of DFS position (k > 1)
+    const int* __restrict__ query_bits)  // [batch * k] caller order: new tokens each query sees (k > 1)
+{
   constexpr int LD = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int QR = QRows<C>::value;
@@ -201,20 +262,43 @@ __global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend(
   const int out_base = u[U_OUT_BASE];
   const int nk = len_slot < 0 ? (ce - cb) * C : slot_lens[len_slot] - u[U_LEN_MINUS];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  auto state_row = [&](int r) {  // [rows, Hq] index of the state of unit row r
-    const int gr = row0 + r;
-    return (long long)(out_base + gr / group) * num_q_heads + kvh * group + gr % group;
+  const int kq = queries_per_seq, per_seq = group * kq;  // rows of one sequence: (query, head)
+  auto state_row = [&](int r) {  // [rows, k, Hq] index of the state of unit row r
+    const int gr = row0 + r, s = gr / per_seq, jg = gr - s * per_seq;
+    return ((long long)(out_base + s) * kq + jg / group) * num_q_heads + kvh * group + jg % group;
   };
 
   for (int i = tid; i < QR * (D / 8); i += CPATTN_THREADS) {  // Q rows; zeros past row_count
     const int r = i / (D / 8), c = (i % (D / 8)) * 8;
     if (r < row_count) {
-      const int gr = row0 + r;
-      const int head = kvh * group + gr % group;
-      cp_async16(sQ + r * LD + c, q + ((long long)order[pos_begin + gr / group] * num_q_heads + head) * D + c);
+      const int gr = row0 + r, s = gr / per_seq, jg = gr - s * per_seq;
+      const int head = kvh * group + jg % group;
+      cp_async16(sQ + r * LD + c,
+                 q + (((long long)order[pos_begin + s] * kq + jg / group) * num_q_heads + head) * D + c);
     } else {
       *reinterpret_cast<uint4*>(sQ + r * LD + c) = make_uint4(0, 0, 0, 0);
     }
+  }
+  // k > 1: each row's first new position and tree bits (in its padding), and the unit's first
+  // new position over all rows (pages before it are masked by no row)
+  int key_base = 0, first_new = kNoLimit;
+  if (kq > 1) {
+    key_base = u[U_LEN_MINUS];
+    for (int r = tid; r < QR; r += CPATTN_THREADS) {
+      int* info = row_info<T, D>(sQ, r);
+      if (r < row_count) {
+        const int gr = row0 + r, s = gr / per_seq, jg = gr - s * per_seq;
+        info[0] = slot_lens[pos_slots[pos_begin + s]] - kq;
+        info[1] = query_bits[order[pos_begin + s] * kq + jg / group];
+      } else {
+        info[0] = kNoLimit;  // a zero row: sees everything, is never stored
+        info[1] = 0;
+      }
+    }
+    const int s0 = row0 / per_seq, s1 = (row0 + row_count - 1) / per_seq;
+    for (int s = s0 + lane; s <= s1; s += 32) first_new = min(first_new, slot_lens[pos_slots[pos_begin + s]] - kq);
+#pragma unroll
+    for (int sh = 16; sh; sh >>= 1) first_new = min(first_new, __shfl_xor_sync(0xffffffffu, first_new, sh));
   }
 
   if (QR > CPATTN_DECODE_ROWS && row_count > CPATTN_DECODE_ROWS) {  // 65-128 rows: the two-tile path
@@ -224,8 +308,12 @@ __global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend(
 #pragma unroll
       for (int n = 0; n < D / 8; ++n) o2[tt][n][0] = o2[tt][n][1] = o2[tt][n][2] = o2[tt][n][3] = 0.f;
     float m2[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, l2[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
-    attend_unit_rt2<T, D, C>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sQ, sK, sV,
-                             scale_log2, o2, m2, l2);
+    if (kq > 1)
+      attend_unit_rt2<T, D, C, true>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sQ, sK,
+                                     sV, scale_log2, key_base, first_new, o2, m2, l2);
+    else
+      attend_unit_rt2<T, D, C, false>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sQ, sK,
+                                      sV, scale_log2, 0, kNoLimit, o2, m2, l2);
 #pragma unroll
     for (int tt = 0; tt < 2; ++tt) {
 #pragma unroll
@@ -249,16 +337,18 @@ __global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend(
   const int ks_want = row_count <= 16 ? 4 : (row_count <= 32 ? 2 : 1);
   int rblocks;
   if (C >= 64 && ks_want == 4) {
-    attend_unit<T, D, C, (C >= 64 ? 4 : 1)>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads,
-                                           sQ, sK, sV, scale_log2, o, m0, m1, l0, l1);
+    attend_unit_k<T, D, C, (C >= 64 ? 4 : 1)>(kq > 1, k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh,
+                                             num_kv_heads, sQ, sK, sV, scale_log2, key_base, first_new, o, m0,
+                                             m1, l0, l1);
     rblocks = 1;
   } else if (C >= 32 && ks_want >= 2) {
-    attend_unit<T, D, C, (C >= 32 ? 2 : 1)>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads,
-                                           sQ, sK, sV, scale_log2, o, m0, m1, l0, l1);
+    attend_unit_k<T, D, C, (C >= 32 ? 2 : 1)>(kq > 1, k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh,
+                                             num_kv_heads, sQ, sK, sV, scale_log2, key_base, first_new, o, m0,
+                                             m1, l0, l1);
     rblocks = 2;
   } else {
-    attend_unit<T, D, C, 1>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads,
-                            sQ, sK, sV, scale_log2, o, m0, m1, l0, l1);
+    attend_unit_k<T, D, C, 1>(kq > 1, k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sQ, sK,
+                              sV, scale_log2, key_base, first_new, o, m0, m1, l0, l1);
     rblocks = 4;
   }
   if (warp >= rblocks) return;  // key-split helpers: their part is merged into warp rb
@@ -273,19 +363,22 @@ __global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend(
   }
 }
 
-// One warp per (batch position, query head): merge the states on the sequence's path and write
-// the output row in the caller's order, and its lse when write_lse is set.
+// One warp per (batch position, query, query head): merge the states on the sequence's path and
+// write the output row in the caller's order, and its lse when write_lse is set.
 template <typename T, int D>
 __global__ void __launch_bounds__(CPATTN_THREADS) chunk_merge(
     const float* __restrict__ o_states, const float* __restrict__ lse_states,
     const int* __restrict__ seq_piece_indptr, const int* __restrict__ seq_pieces,
     const int* __restrict__ piece_state_offset, const int* __restrict__ piece_begin,
     const int* __restrict__ seq_item_indptr, int item_state_base, const int* __restrict__ order,
-    T* __restrict__ out, float* __restrict__ out_lse, int write_lse, int batch, int num_q_heads) {
+    T* __restrict__ out, float* __restrict__ out_lse, int write_lse, int batch, int num_q_heads,
+    int queries_per_seq) {
   constexpr int E = D / 32;  // elements per lane
   const int gw = blockIdx.x * (CPATTN_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (gw >= batch * num_q_heads) return;
-  const int pos = gw / num_q_heads, head = gw % num_q_heads;
+  const int kq = queries_per_seq;
+  if (gw >= batch * kq * num_q_heads) return;
+  const int pos = gw / (kq * num_q_heads), jh = gw - pos * kq * num_q_heads;
+  const int j = jh / num_q_heads, head = jh % num_q_heads;
   const int p0 = seq_piece_indptr[pos], np = seq_piece_indptr[pos + 1] - p0;
   const int i0 = seq_item_indptr[pos], n = np + seq_item_indptr[pos + 1] - i0;
   auto state_row = [&](int k) -> long long {
@@ -296,14 +389,14 @@ __global__ void __launch_bounds__(CPATTN_THREADS) chunk_merge(
     return item_state_base + i0 + (k - np);
   };
   float mx = -INFINITY;
-  for (int k = 0; k < n; ++k) mx = fmaxf(mx, lse_states[state_row(k) * num_q_heads + head]);
+  for (int k = 0; k < n; ++k) mx = fmaxf(mx, lse_states[(state_row(k) * kq + j) * num_q_heads + head]);
   const float base = mx == -INFINITY ? 0.f : mx;
   float acc[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) acc[e] = 0.f;
   float wsum = 0.f;
   for (int k = 0; k < n; ++k) {
-    const long long r = state_row(k) * num_q_heads + head;
+    const long long r = (state_row(k) * kq + j) * num_q_heads + head;
     const float w = __expf(lse_states[r] - base);  // exp(-inf) = 0
     wsum += w;
     const float* src = o_states + r * D + lane * E;
@@ -311,11 +404,12 @@ __global__ void __launch_bounds__(CPATTN_THREADS) chunk_merge(
     for (int e = 0; e < E; ++e) acc[e] += w * src[e];
   }
   const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
-  T* dst = out + ((long long)order[pos] * num_q_heads + head) * D + lane * E;
+  const long long orow = ((long long)order[pos] * kq + j) * num_q_heads + head;  // output row of the caller
+  T* dst = out + orow * D + lane * E;
 #pragma unroll
   for (int e = 0; e < E; ++e) dst[e] = Pack<T>::one(acc[e] * inv);
   if (write_lse && lane == 0)
-    out_lse[(long long)order[pos] * num_q_heads + head] = wsum > 0.f ? base + logf(wsum) : -INFINITY;
+    out_lse[orow] = wsum > 0.f ? base + logf(wsum) : -INFINITY;
 }
 
 }  // namespace cpattn

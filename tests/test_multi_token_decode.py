@@ -437,3 +437,87 @@ def test_truncate_on_the_gpu_cache_marks_the_device_lengths_stale():
         cache.truncate(a, 2)
         cache.sync_lens()
         assert int(to_host(cache.d_slot_lens)[cache.seq_slot(a)]) == 5 == cache.seq_len(a)
+
+
+# ---------------------------------------------------------------------- the fast planner and its units
+@given(mw=multi_workloads(chunk_sizes=st.sampled_from([2, 4, 16])), piece=piece_sizes, private=piece_sizes)
+def test_fast_planner_and_units_carry_the_multi_token_step(mw, piece, private):
+    """The GPU planner gives the reference's plan; its units cover k x group rows per sequence
+    and name every unit's first key position; the uploaded buffer holds slots and query bits."""
+    from cpattn import chunk_attention as fast
+
+    cache, ids = mw.cache()
+    mask = mw.tree_mask()
+    new = fast.build_decode_plan(cache, ids, piece, private, queries_per_seq=mw.k, tree_mask=mask)
+    old = build_decode_plan(cache, ids, piece, private, queries_per_seq=mw.k, tree_mask=mask)
+    assert new.queries_per_seq == old.queries_per_seq == mw.k and new.tree_bits == old.tree_bits
+    for name, a in old.arrays().items():
+        assert np.array_equal(getattr(new, name), a), name
+    group, H = mw.base.group, mw.base.num_kv_heads
+    units, _ = fast.build_units(new, H, group)
+    piece_key0, item_key0 = key_starts(new)
+    rows1 = fast.phase1_rows(new.chunk_size)
+    rows2 = fast.ROWS_PER_UNIT if mw.k == 1 else rows1
+    per_seq = group * mw.k
+    covered = {}
+    for u in units.tolist():
+        cb, ce, slot, minus, pos0, r0, n, h, out = u
+        assert 1 <= n <= (rows1 if cb < len(new.piece_chunks) else rows2)
+        if cb < len(new.piece_chunks):  # a phase-1 piece
+            p = int(np.searchsorted(new.piece_chunk_indptr, cb, side="right")) - 1
+            assert minus == (piece_key0[p] if mw.k > 1 else 0) and slot == -1
+            span = (new.piece_end[p] - new.piece_begin[p]) * per_seq
+        else:
+            i = int(np.searchsorted(new.item_begin, cb - len(new.piece_chunks), side="right")) - 1
+            last = new.item_end[i] == new.private_indptr[new.item_pos[i] + 1]
+            assert minus == (item_key0[i] if mw.k > 1 or last else 0)
+            span = per_seq
+        for r in range(r0, r0 + n):
+            covered[(cb, h, r)] = covered.get((cb, h, r), 0) + 1
+        assert r0 + n <= span
+    assert all(v == 1 for v in covered.values())
+    assert len(covered) == H * per_seq * (int(((new.piece_end - new.piece_begin) * np.diff(new.piece_chunk_indptr) > 0)
+                                               .dot(new.piece_end - new.piece_begin)) + new.num_items)
+    p2, buf, offs, _ = fast.plan_host(cache, ids, mw.base.num_q_heads, piece or 1, private or 1,
+                                      queries_per_seq=mw.k, tree_mask=mask)
+    arrays = {n: buf[offs[i]:offs[i + 1]] for i, n in enumerate(fast.DEVICE_ARRAYS)}
+    assert np.array_equal(arrays["slots"], p2.slots)
+    assert np.array_equal(arrays["query_bits"], old.query_bits().ravel())
+
+
+# ---------------------------------------------------------------------- the CUDA kernels (device)
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("cpattn").gpu_available(), reason="needs CuPy and a CUDA GPU")
+@given(mw=multi_workloads(head_dims=st.sampled_from([64, 128]), chunk_sizes=st.sampled_from([16, 32, 64, 128]),
+                          batch_sizes=st.sampled_from([1, 3, 8])),
+       piece=st.sampled_from(["auto", None, 1, 3]), data=st.data())
+def test_kernels_match_the_reference_and_the_oracle(mw, piece, data):
+    """The CUDA decode of a multi-token step into poisoned buffers: within the kernel budget of
+    the oracle and of the reference rounded to storage, on a GPU cache mirrored by a NumPy one."""
+    import cupy
+
+    from cpattn.chunk_attention import ChunkAttentionDecode as GpuDecode
+    from cpattn.testing import get_backend
+
+    group = data.draw(st.sampled_from([1, 4, 8]), label="group")  # up to k x 8 = 128 rows per sequence
+    mw = MultiWorkload(Workload(**{**mw.base.__dict__, "group": group}), mw.k, mw.forks, mw.tree)
+    be = get_backend("cupy")
+    gpu, ids = mw.cache(be)
+    cpu, cids = mw.cache()
+    assert ids == cids
+    q, mask = mw.queries(), mw.tree_mask()
+    layer = mw.base.num_layers - 1
+    dec = GpuDecode(gpu, piece_chunks=piece, private_piece_chunks=piece)
+    dec.plan(ids, mw.base.num_q_heads, queries_per_seq=mw.k, tree_mask=mask)
+    out, lse_out = poisoned(q.shape, gpu.dtype, cupy), poisoned_lse(q.shape[:2], cupy)
+    dec.run(cupy.asarray(q), layer, out=out, lse_out=lse_out)
+    ref_plan = build_decode_plan(cpu, cids, queries_per_seq=mw.k, tree_mask=mask)
+    want, want_lse = decode(cpu, ref_plan, q, layer, return_lse=True)
+    oracle, oracle_lse = oracle_decode(cpu, cids, q, layer, queries_per_seq=mw.k, tree_mask=mask)
+    vmax = float(np.abs(to_float32(cpu.v_pool[layer], cpu.dtype)).max())
+    assert_close_to_oracle(out, oracle, gpu.dtype, vmax, backend="cupy")
+    assert_close_to_oracle(out, round_to_storage(want, gpu.dtype).astype(np.float64), gpu.dtype, 2 * vmax,
+                           backend="cupy", what="o vs reference")
+    assert_close_to_oracle(lse_out, oracle_lse, gpu.dtype, float(np.abs(oracle_lse).max()), backend="cupy",
+                           kind="lse", what="lse")
+    np.testing.assert_allclose(cupy.asnumpy(lse_out), want_lse, rtol=1e-3, atol=1e-3)
