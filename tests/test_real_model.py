@@ -123,6 +123,13 @@ def hf(model_file, gguf_file, text):
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
         return out[0, len(prompt_ids):].tolist()
 
+    def top2(prompt_ids):
+        """Per generated position: the reference's two best tokens and their logit gap."""
+        g = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                           output_scores=True, return_dict_in_generate=True)
+        t = torch.stack([sc[0].topk(2).values for sc in g.scores]), torch.stack([sc[0].topk(2).indices for sc in g.scores])
+        return dict(ids=t[1].numpy(), gap=(t[0][:, 0] - t[0][:, 1]).numpy())
+
     def chat(question, system=None):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
         return ours.encode(ours.chat(messages))
@@ -133,7 +140,8 @@ def hf(model_file, gguf_file, text):
     with torch.no_grad():
         ref = dict(tokenizer=tok, logits=model(torch.tensor([ids])).logits[0].numpy(),
                    greedy={p: greedy(chat(p)) for p in PROMPTS},
-                   shared={q: greedy(chat(q, document)) for q in SHARED_QUESTIONS})
+                   shared={q: greedy(chat(q, document)) for q in SHARED_QUESTIONS},
+                   shared_top2={q: top2(chat(q, document)) for q in SHARED_QUESTIONS})
         for p in model.parameters():  # transformers with its weights rounded to fp16: the budget's base
             p.copy_(p.half().float())
         ref["logits_w16"] = model(torch.tensor([ids])).logits[0].numpy()
@@ -263,6 +271,15 @@ def test_shared_document_batch_matches_transformers(gen, hf, text):
     for q, g in zip(SHARED_QUESTIONS, report.requests):
         ref = hf["shared"][q]
         n, finished = _agree(g.tokens, ref, gen.tokenizer.eos_ids)
+        if gen.backend == "cupy" and not finished:
+            # fp16 products (cuBLAS rounds their outputs, NumPy does not) may flip a near-tie of
+            # the float32 reference: allowed only where the reference itself was nearly undecided
+            # (its top-2 gap within the fp16 logit error the logits test bounds) and ours took
+            # the reference's second choice
+            t2 = hf["shared_top2"][q]
+            print(f"\n{q!r}: first difference at token {n}, reference top-2 gap there {t2['gap'][n]:.4f}")
+            assert n >= 8 and t2["gap"][n] <= 0.1 and g.tokens[n] == t2["ids"][n, 1], (q, n, g.text)
+            continue
         assert finished and n >= 16, (q, n, g.text, gen.tokenizer.decode(ref))
 
 

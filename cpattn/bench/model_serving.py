@@ -148,14 +148,17 @@ def run_hf(args, path, prompts, pad_id: int) -> dict:
     kv_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
     # the judge of agreement: the same model in float32 (no fp16 rounding anywhere), with the
     # top-2 logit gap at every step, so a difference can be told a near-tie or not
-    model32 = model.float()
+    del model  # a GGUF model cannot be cast (transformers refuses .float()): load it again in float32
+    torch.cuda.empty_cache()
+    model32 = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, attn_implementation="sdpa").cuda().eval()
     with torch.no_grad():
         g = model32.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.agree_tokens, do_sample=False,
                              output_scores=True, return_dict_in_generate=True)
     top2 = torch.stack([sc.float().topk(2, dim=-1).values for sc in g.scores], 1)  # [B, steps, 2]
     gaps = (top2[..., 0] - top2[..., 1]).cpu().numpy()
     judge = g.sequences[:, L:].tolist()
-    del model32, model
+    del model32
     torch.cuda.empty_cache()
     return dict(tokens=out[:, L:].tolist(), judge_tokens=judge, judge_gaps=gaps, ttft_s=first_s, decode_s=decode_s,
                 decode_tok_s=len(prompts) * steps / decode_s, step_ms=1e3 * decode_s / steps,
