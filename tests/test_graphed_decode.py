@@ -79,9 +79,10 @@ def test_graphed_tokens_equal_eager(seed, batch, shared, chunk):
         np.testing.assert_array_equal(got, want, err_msg=f"step {step}")
         # the two paths round the same float32 math to fp16 at the same points; a sum of squares
         # in another order or another cuBLAS algorithm may move one rounding by an ulp, which the
-        # later layers carry: about an ulp of fp16 at the logits' scale (~16 here, ulp 1/64) on average
+        # later layers carry: about an ulp of fp16 at the logits' scale (~16 here, ulp 1/64) on average,
+        # a few ulps at the largest logits (~32, ulp 1/32)
         d = np.abs(dec.logits.get().astype(np.float32) - logits.get())
-        assert d.max() <= 0.1 and d.mean() <= 0.02, (step, d.max(), d.mean())
+        assert d.max() <= 0.25 and d.mean() <= 0.02, (step, d.max(), d.mean())
         # the replayed plan is the plan of now
         d = attn_g.decoder
         _, host, offs, n = plan_host(attn_g.cache, seqs_g, model.config.num_q_heads, d.piece_chunks,

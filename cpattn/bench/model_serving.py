@@ -152,6 +152,8 @@ def run_hf(args, path, prompts, pad_id: int) -> dict:
     torch.cuda.empty_cache()
     model32 = transformers.AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=name, dtype=torch.float32, attn_implementation="sdpa").cuda().eval()
+    model32.generation_config.eos_token_id = None  # as above: no request stops (and is padded) early
+    model32.generation_config.pad_token_id = pad_id
     with torch.no_grad():
         g = model32.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.agree_tokens, do_sample=False,
                              output_scores=True, return_dict_in_generate=True)
