@@ -258,6 +258,21 @@ class Generator:
         logits = self.model.prefill(attn, seq, tokens[reused:], chunk_tokens=self.prefill_chunk)
         return seq, reused, logits
 
+    def use_graph(self, graph) -> bool:
+        """``graph`` (True, False or "auto") resolved: "auto" is True on CuPy with float16."""
+        if graph == "auto" and not isinstance(graph, bool):
+            return self.backend == "cupy" and self.model.dtype == "float16"
+        graph = check_bool(graph, "graph")
+        if graph and (self.backend != "cupy" or self.model.dtype != "float16"):
+            raise ValueError(f"graph: expected False or 'auto' on {self.backend} with {self.model.dtype} (CUDA graphs "
+                             f"need the CuPy backend and float16), got True")
+        return graph
+
+    def graphed_decoder(self, attn: CacheAttention):
+        from .graphed import GraphedDecoder
+
+        return GraphedDecoder(self.model, attn)
+
     def batch_session(self, prompts: list[list[int]], max_new_tokens: int):
         """A session with room for ``prompts`` (token ids) sharing their common prefix, each
         growing by ``max_new_tokens``."""
@@ -268,11 +283,14 @@ class Generator:
     # ------------------------------------------------------------------ one request
     def generate(self, prompt: str | list[int], *, max_new_tokens: int = 128, system: str | None = None,
                  chat: bool = True, temperature: float = 0.0, seed: int = 0, on_text=None,
-                 stop_at_eos: bool = True) -> Generation:
+                 stop_at_eos: bool = True, graph="auto") -> Generation:
         """Generate a continuation of ``prompt`` (text, or token ids used as they are).
 
         ``on_text(str)`` receives the text as it is produced (decoded incrementally).
+        ``graph``: decode steps as one CUDA graph (``GraphedDecoder``); "auto": on CuPy with
+        float16, the only place it runs.
         """
+        graph = self.use_graph(graph)
         check_int(max_new_tokens, "max_new_tokens", 1)
         tokens = list(prompt) if not isinstance(prompt, str) else self.prompt_tokens(prompt, system, chat)
         attn = self.new_session(len(tokens) + max_new_tokens, max_sequences=4)
@@ -281,6 +299,7 @@ class Generator:
         t0 = time.perf_counter()
         seq, reused, logits = self.admit(attn, tokens)
         out = Generation(prompt_tokens=len(tokens), reused_tokens=reused)
+        graphed = self.graphed_decoder(attn) if graph else None
         nxt = int(self._pick(logits[None], temperature, rng)[0])
         out.ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -293,8 +312,13 @@ class Generator:
                 on_text(piece)
             if len(out.tokens) == max_new_tokens:
                 break
-            logits = self.model.decode(attn, [seq], [nxt])
-            nxt = int(self._pick(logits, temperature, rng)[0])
+            if graphed is not None:
+                greedy = graphed.step([seq], [nxt])
+                nxt = int(greedy[0]) if temperature <= 0 else int(
+                    self._pick(graphed.logits.astype(np.float32), temperature, rng)[0])
+            else:
+                logits = self.model.decode(attn, [seq], [nxt])
+                nxt = int(self._pick(logits, temperature, rng)[0])
         out.decode_time = time.perf_counter() - t1
         out.text = self._text(out.tokens, stop_at_eos)
         attn.cache.release(seq)
@@ -302,15 +326,16 @@ class Generator:
 
     # ------------------------------------------------------------------ N requests, one document
     def batch_run(self, document: str, questions: list[str], *, max_new_tokens: int = 32,
-                  stop_at_eos: bool = True, graph: bool = False) -> BatchReport:
+                  stop_at_eos: bool = True, graph="auto") -> BatchReport:
         """N requests, each the chat template around (system: ``document``, user: its question).
 
         Requests are admitted one after another (each reusing the cached document), then decoded
         as one batch until each has ``max_new_tokens`` tokens or its end-of-turn token.
-        ``graph``: decode with ``GraphedDecoder`` (CuPy, float16: the whole step one CUDA graph,
-        captured again when the plan changes); its host times go to ``BatchReport.step_times``.
+        ``graph``: decode with ``GraphedDecoder`` (the whole step one CUDA graph, captured again
+        when the plan changes; "auto": on CuPy with float16); its host times go to
+        ``BatchReport.step_times``.
         """
-        graph = check_bool(graph, "graph")
+        graph = self.use_graph(graph)
         if not questions:
             raise ValueError("questions: expected at least one question, got none")
         check_int(max_new_tokens, "max_new_tokens", 1)
@@ -333,11 +358,7 @@ class Generator:
         peak = cache.stats()
         live = [i for i, g in enumerate(gens) if not _done(g, max_new_tokens, self.tokenizer.eos_ids, stop_at_eos)]
         steps = 0
-        graphed = None
-        if graph:
-            from .graphed import GraphedDecoder
-
-            graphed = GraphedDecoder(model, attn)
+        graphed = self.graphed_decoder(attn) if graph else None
         t1 = time.perf_counter()
         while live:
             st = cache.stats()
