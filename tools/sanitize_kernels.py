@@ -44,4 +44,30 @@ for dtype, D, c, Hkv, ratio, P, n, tile, sub in (("bfloat16", 128, 64, 2, 4, 5 *
         cupy.cuda.Device().synchronize()
         assert bool(cupy.isfinite(r.lse).all())
     print(f"sanitize prefill ({', '.join(kernels)}): {dtype} D={D} c={c} ratio={ratio} P={P} n={n}: ok")
+
+# the model's fused kernels (model_ops.cu) through GraphedDecoder, eager and replayed, on a tiny random Llama
+from cpattn.serving.graphed import GraphedDecoder  # noqa: E402
+from cpattn.serving.llama import CacheAttention, LlamaConfig, LlamaModel  # noqa: E402
+
+cfg = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=200, num_layers=2, num_q_heads=4,
+                  num_kv_heads=2, head_dim=64, context_length=512)
+rng = np.random.default_rng(5)
+shapes = {"token_embd.weight": (300, 128), "output_norm.weight": (128,)}
+for i in range(2):
+    shapes.update({f"blk.{i}.{n}.weight": s for n, s in (
+        ("attn_norm", (128,)), ("ffn_norm", (128,)), ("attn_q", (256, 128)), ("attn_k", (128, 128)),
+        ("attn_v", (128, 128)), ("attn_output", (128, 256)), ("ffn_gate", (200, 128)), ("ffn_up", (200, 128)),
+        ("ffn_down", (128, 200)))})
+model = LlamaModel(cfg, {k: (0.1 * rng.standard_normal(v)).astype(np.float32) for k, v in shapes.items()}, xp=cupy)
+for graph in (False, True):
+    cache = model.new_cache(16, chunk_size=16, max_sequences=4)
+    attn = CacheAttention(cache, 4)
+    seqs = [cache.add_sequence([]) for _ in range(3)]
+    last = [int(model.prefill(attn, s, list(range(1, 6 + 7 * k)), chunk_tokens=16).argmax().get())
+            for k, s in enumerate(seqs)]
+    dec = GraphedDecoder(model, attn, graph=graph)
+    for _ in range(20):  # crosses chunk boundaries: new plans, new captures
+        last = dec.step(seqs, last).tolist()
+    cupy.cuda.Device().synchronize()
+    print(f"sanitize model_ops ({'graph' if graph else 'eager'}): 3 sequences x 20 steps: ok")
 sys.exit(0)
