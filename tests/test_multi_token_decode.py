@@ -521,3 +521,77 @@ def test_kernels_match_the_reference_and_the_oracle(mw, piece, data):
     assert_close_to_oracle(lse_out, oracle_lse, gpu.dtype, float(np.abs(oracle_lse).max()), backend="cupy",
                            kind="lse", what="lse")
     np.testing.assert_allclose(cupy.asnumpy(lse_out), want_lse, rtol=1e-3, atol=1e-3)
+
+
+def emulate_chunk_attend_and_merge(cache, plan, buf, offs, num_units, q, layer, Hq):
+    """What raw_kernels/chunk_attention.cu computes from the uploaded arrays, in float64 NumPy:
+    each unit's rows (sequence, query, head) decoded the kernel's way, their keys masked by the
+    rows' (first new position, tree bits), the states stored at the kernel's indices, and
+    chunk_merge's merge per (position, query, head). A model of the kernel contract, for CPUs."""
+    from cpattn import chunk_attention as fast
+    from cpattn.reference.chunk_attention import attention_state, merge_states
+
+    d = {n: buf[offs[i]:offs[i + 1]] for i, n in enumerate(fast.DEVICE_ARRAYS)}
+    units = d["units"].reshape(num_units, -1)
+    kq, c, Hkv = plan.queries_per_seq, cache.chunk_size, cache.num_kv_heads
+    group, per_seq, D = Hq // Hkv, Hq // Hkv * plan.queries_per_seq, cache.head_dim
+    lens = cache.slot_lens
+    qf = to_float32(q, cache.dtype).astype(np.float64)
+    kp = to_float32(cache.k_pool[layer], cache.dtype).astype(np.float64)
+    vp = to_float32(cache.v_pool[layer], cache.dtype).astype(np.float64)
+    rows = (plan.num_state_rows + plan.num_items) * kq * Hq
+    o_st, l_st = np.full((rows, D), np.nan), np.full(rows, np.nan)
+    for cb, ce, slot, minus, pos0, row0, n, kvh, out_base in units.tolist():
+        nk = (ce - cb) * c if slot < 0 else lens[slot] - minus
+        chunks = d["chunk_list"][cb:ce]
+        keys = kp[chunks, kvh].reshape(-1, D)[:nk]
+        vals = vp[chunks, kvh].reshape(-1, D)[:nk]
+        key_base = minus if kq > 1 else 0
+        for r in range(n):
+            gr = row0 + r
+            s, jg = divmod(gr, per_seq)
+            j, g = divmod(jg, group)
+            b = int(d["order"][pos0 + s])
+            nb = lens[d["slots"][pos0 + s]] - kq
+            bits = int(d["query_bits"][b * kq + j])
+            p = key_base + np.arange(nk)
+            see = (p < nb) | (((bits >> np.clip(p - nb, 0, 31)) & 1) == 1) if kq > 1 else None
+            o, lse = attention_state(qf[b * kq + j, kvh * group + g][None], keys, vals, 1 / np.sqrt(D), np.float64,
+                                     mask=None if see is None else see[None])
+            idx = ((out_base + s) * kq + j) * Hq + kvh * group + g
+            assert np.isnan(l_st[idx]), "two units wrote one state"
+            o_st[idx], l_st[idx] = o[0], lse[0]
+    out = np.full((plan.num_queries, Hq, D), np.nan)
+    out_lse = np.full((plan.num_queries, Hq), np.nan)
+    spo, spi, pb, sii = d["piece_state_offset"], d["seq_piece_indptr"], d["piece_begin"], d["seq_item_indptr"]
+    for pos in range(plan.batch_size):
+        rows_ = [spo[p] + pos - pb[p] for p in d["seq_pieces"][spi[pos]:spi[pos + 1]]]
+        rows_ += [plan.num_state_rows + i for i in range(sii[pos], sii[pos + 1])]
+        for j in range(kq):
+            for h in range(Hq):
+                o, lse = np.zeros(D), -np.inf
+                for row in rows_:
+                    idx = (row * kq + j) * Hq + h
+                    o, lse = merge_states(o, np.float64(lse), o_st[idx], l_st[idx])
+                out[d["order"][pos] * kq + j, h], out_lse[d["order"][pos] * kq + j, h] = o, lse
+    return out, out_lse
+
+
+@given(mw=multi_workloads(head_dims=st.just(8), chunk_sizes=st.sampled_from([2, 4]), ks=st.integers(1, 9),
+                          batch_sizes=st.sampled_from([1, 2, 3])),
+       piece=st.sampled_from(["auto", None, 1]), sms=st.sampled_from([1, 132]))
+def test_the_kernel_contract_on_the_unit_table_equals_the_oracle(mw, piece, sms):
+    """The unit table and device arrays plan_host uploads, read the way chunk_attend and
+    chunk_merge read them (emulated in NumPy), give the oracle's answer: every state written
+    once, rows (sequence, query, head), masks from the rows' lengths and tree bits."""
+    from cpattn import chunk_attention as fast
+
+    cache, ids = mw.cache()
+    q, mask = mw.queries(), mw.tree_mask()
+    Hq = mw.base.num_q_heads
+    plan, buf, offs, n_units = fast.plan_host(cache, ids, Hq, piece, piece, 4, sms, queries_per_seq=mw.k,
+                                              tree_mask=mask)
+    got, got_lse = emulate_chunk_attend_and_merge(cache, plan, buf, offs, n_units, q, 0, Hq)
+    want, want_lse = oracle_decode(cache, ids, q, 0, queries_per_seq=mw.k, tree_mask=mask)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got_lse, want_lse, rtol=1e-9, atol=1e-9)
