@@ -185,6 +185,7 @@ def test_tool_writes_its_outputs_and_only_its_section(tmp_path, model_and_tokeni
     text = bm.read_text()
     assert text.startswith("# Benchmarks\n\n## Other section\n\nkeep me\n")
     assert text.count(f"## {rf.SECTION}") == 1 and "| 3 x 128 |" in text
+    assert "Second workload, synthetic" in text and "| 4 x 128 |" in text  # long_context_qkv, 4 q per kv head
     assert rf.main(args) == 0  # a second run replaces the section instead of adding one
     again = bm.read_text()
     assert again.count(f"## {rf.SECTION}") == 1 and again.startswith("# Benchmarks\n\n## Other section\n\nkeep me\n")

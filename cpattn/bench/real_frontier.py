@@ -125,6 +125,23 @@ def capture_text(model, tokenizer, text: str, num_tokens: int, layers=None, *, c
                    text=name)
 
 
+def synthetic_capture(past: int = 6144, chunk: int = 2048, block: int = 64, kv_heads=(0, 1), seed: int = 1) -> Capture:
+    """The synthetic second workload in a ``Capture``: ``long_context_qkv`` as the selection
+    frontier (``cpattn.bench.frontier``) builds it (32 q / 8 kv heads, head_dim 128, bf16),
+    the chosen kv heads with their 4 query heads each."""
+    from ..reference.workloads import long_context_qkv
+
+    Hq, Hkv, D = 32, 8, 128
+    G = Hq // Hkv
+    w = long_context_qkv(seed, past + chunk, Hq, Hkv, D, dtype="bfloat16", needle_len=64, num_needles=16,
+                         needle_queries=16, locality_len=512)
+    kv = list(kv_heads)
+    heads = [h * G + g for h in kv for g in range(G)]
+    return Capture(layers=[0], past=past, chunk=chunk, block=block, dtype="bfloat16",
+                   q=w.q[:1, past:past + chunk][:, :, heads], k=w.k[:1, :past + chunk][:, :, kv],
+                   v=w.v[:1, :past + chunk][:, :, kv], text="long_context_qkv")
+
+
 # ============================================================================ 2. estimates beside the reference's
 def variance_estimate(q, k, kmean, c, scale):
     """A second-moment block summary, measured beside the reference's: each block's log-mass
@@ -540,6 +557,17 @@ def markdown(result: dict, meta: dict) -> str:
                      cell(find(L["points"], "recall", CHOSEN, t, g_default))])
     lines += [f"**Per layer, tables {g_default}** (the default: whole GQA group, whole chunk).", ""] + \
         markdown_table(head, rows) + [""]
+    syn = result.get("synthetic")
+    if syn:
+        pts = syn["pooled"]["points"]
+        head = ["table (heads x rows)", f"oracle @ {t} (token oracle)", "alpha 0.06", "alpha 0.2",
+                f"recall {t}: mean", f"recall {t}: {CHOSEN}", f"recall {t}: exact"]
+        rows = [[g, f"{syn['pooled']['oracle_need'][g][str(t)]:.3f} ({syn['pooled']['token_need'][str(t)]:.3f})",
+                 cell(find(pts, "alpha", "mean", 0.06, g)), cell(find(pts, "alpha", "mean", 0.2, g)),
+                 cell(find(pts, "recall", "mean", t, g)), cell(find(pts, "recall", CHOSEN, t, g)),
+                 cell(find(pts, "recall", "exact", t, g))] for g in syn["granularities"]]
+        lines += [f"**Second workload, synthetic** (`long_context_qkv`, seed 1, as *Selection frontier* builds it: "
+                  f"{syn['meta']}).", ""] + markdown_table(head, rows) + [""]
     lines += [f"Run: capture {meta['capture_s']:.0f} s, analysis {meta['analysis_s']:.0f} s on {meta['cpus']} CPU "
               "cores. Plot: `bench/frontier_real_cpu.png`.", ""]
     return "\n".join(lines)
@@ -640,6 +668,8 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--out", default="frontier_real_out", help="directory of frontier_real_cpu.{md,csv,json,png}")
     ap.add_argument("--benchmarks", default=None, help="a BENCHMARKS.md whose section this run replaces")
+    ap.add_argument("--synthetic-kv-heads", default="0,1",
+                    help="kv heads of the synthetic second workload ('' skips it; default 0,1)")
     args = ap.parse_args(argv)
     from ..serving import fetch as fetch_mod
     from ..serving.generate import load_text
@@ -656,6 +686,14 @@ def main(argv=None) -> int:
     t1 = time.perf_counter()
     log(f"captured in {t1 - t0:.0f} s; analysing")
     result = run_analysis(cap, ranges=args.ranges, sink=args.sink, window=args.window)
+    if args.synthetic_kv_heads:
+        kv = [int(x) for x in args.synthetic_kv_heads.split(",")]
+        syn = synthetic_capture(cap.past, args.chunk, args.block, kv)
+        log(f"synthetic workload: kv heads {kv}")
+        sr = run_analysis(syn, ranges="0-0", sink=args.sink, window=args.window, log_fn=lambda m: None)
+        result["synthetic"] = dict(pooled=sr["pooled"], granularities=sr["granularities"],
+                                   meta=f"past {syn.past}, chunk {syn.chunk}, block {syn.block}, kv heads {kv} "
+                                        f"of 8 (4 q heads each), head_dim 128, bf16")
     t2 = time.perf_counter()
     date = datetime.date.today().isoformat()
     c = model.config
