@@ -1,12 +1,13 @@
 """Request workloads for the server: prompts that share system prompts, and their pool footprint.
 
-Each workload is a list of ``(prompt, max_new_tokens)``, prompts as lists of token ids.
+Each workload is a list of ``(prompt, max_new_tokens)`` (``arrival_workload``: with the arrival step
+third), prompts as lists of token ids.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..reference.checks import cdiv
+from ..reference.checks import cdiv, check_int, check_real
 
 
 def system_prompt_workload(seed: int, num_requests: int, num_systems: int = 2, system_len: int = 200,
@@ -41,3 +42,42 @@ def shared_prompt_workload(seed: int, requests: int, system_len: int, own_len: i
     rng = np.random.default_rng(seed)
     system = rng.integers(0, vocab, system_len).tolist()
     return [(system + rng.integers(0, vocab, own_len).tolist(), decode_steps + 1) for _ in range(requests)]
+
+
+def poisson_arrivals(seed: int, num_requests: int, rate: float) -> list:
+    """Arrival steps of ``num_requests`` requests of a Poisson process of ``rate`` requests per
+    server step (exponential gaps, floored to steps), the first at step 0; non-decreasing."""
+    check_int(num_requests, "num_requests", 0)
+    rate = check_real(rate, "rate", lo=0.0, lo_open=True)
+    t = np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, num_requests))
+    return np.floor(t - t[0]).astype(int).tolist() if num_requests else []
+
+
+def arrival_workload(seed: int, num_requests: int, rate: float = 0.5, num_systems: int = 3,
+                     system_len: tuple = (16, 120), branches: int = 2, branch_len: tuple = (0, 40),
+                     own_len: tuple = (1, 40), max_new_tokens: tuple = (1, 16), vocab: int = 256) -> list:
+    """Requests arriving as a Poisson process (``poisson_arrivals``) whose prompts share
+    prefixes at two depths: one of ``num_systems`` system prompts, then one of ``branches``
+    continuations of that system (few-shot examples, a document), then the request's own
+    tokens. Every length is drawn uniformly from its (lo, hi) range, inclusive, so shared
+    prefixes end anywhere in a chunk. Returns [(prompt, max_new_tokens, arrival)] in arrival
+    order; prompts have at least one token."""
+    check_int(num_requests, "num_requests", 0)
+    check_int(num_systems, "num_systems", 1)
+    check_int(branches, "branches", 1)
+    rng = np.random.default_rng(seed)
+
+    def draw(lo_hi):
+        return int(rng.integers(lo_hi[0], lo_hi[1] + 1))
+
+    systems = [rng.integers(0, vocab, draw(system_len)).tolist() for _ in range(num_systems)]
+    tails = [[rng.integers(0, vocab, draw(branch_len)).tolist() for _ in range(branches)] for _ in systems]
+    arrivals = poisson_arrivals(int(rng.integers(2**31)), num_requests, rate)
+    out = []
+    for t in arrivals:
+        s = int(rng.integers(num_systems))
+        prompt = systems[s] + tails[s][int(rng.integers(branches))] + rng.integers(0, vocab, draw(own_len)).tolist()
+        if not prompt:
+            prompt = [int(rng.integers(vocab))]
+        out.append((prompt, max(1, draw(max_new_tokens)), t))
+    return out
