@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from . import bar_chart, progress
+from . import progress
 from .table import fmt, markdown_table, summary, write_tables
 
 
@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--skip-hf", action="store_true", help="cpattn only (no transformers run)")
+    ap.add_argument("--replot", metavar="JSON", default=None,
+                    help="only draw the plot again from a JSON this benchmark wrote (PNG next to it); no GPU")
     return ap.parse_args(argv)
 
 
@@ -233,8 +235,46 @@ def section(meta, ours, hf, agree) -> str:
     return "\n".join(lines)
 
 
+def plot(d: dict, path: str) -> None:
+    """Two panels from the benchmark's JSON: decode throughput of both, and where cpattn's step
+    goes (device parts and host) next to transformers' step."""
+    from . import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return
+    r, p, h = d["rows"][0], d.get("profile") or {}, d["host"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a.bar(["cpattn\n(CUDA graph)", "transformers\ngenerate"], [r["ours"], r["peer"] or 0], color=["C0", "C1"])
+    a.set_ylabel("decode tokens/s")
+    a.set_title(f"decode throughput: {r['ratio']:.1f}x")
+    for x, v in enumerate([r["ours"], r["peer"] or 0]):
+        a.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=9)
+    parts = [("attention (30 layers)", p.get("attention_ms", 0.0)), ("rest of the model", p.get("model_ms", 0.0)),
+             ("host before launch", h["host_us_replay_steps"] / 1e3)]
+    left = 0.0
+    for k, (name, v) in enumerate(parts):
+        b.barh(0, v, left=left, color=f"C{k + 2}", label=f"{name}: {v:.2f} ms")
+        left += v
+    b.set_yticks([])
+    b.set_xlabel("ms per decode step")
+    b.set_title(f"where cpattn's step goes (transformers' step: {r.get('hf_step_ms') or 0:.1f} ms)")
+    b.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
+    fig.suptitle(f"SmolLM2-135M served ({d['device']}, {d['date']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        import json
+
+        with open(args.replot) as fh:
+            plot(json.load(fh), os.path.splitext(args.replot)[0] + ".png")
+        return 0
     import cupy
 
     from ..serving.fetch import model_path
@@ -280,9 +320,8 @@ def main(argv=None) -> int:
                          extra=dict(profile=ours["profile"], host=ours["host"], agreement=agree,
                                     ours_tokens=ours["tokens"][:4], hf_tokens=hf.get("tokens", [])[:4]))
     if hf:
-        bar_chart([dict(ours=ours["decode_tok_s"], hf=hf["decode_tok_s"])], [("cpattn (graph)", "ours"),
-                  ("transformers generate", "hf")], [config], "decode tokens/s",
-                  "SmolLM2-135M decode throughput, shared document", os.path.join(args.out, f"{name}.png"))
+        with open(paths["json"]) as fh:
+            plot(__import__("json").load(fh), os.path.join(args.out, f"{name}.png"))
     print(md)
     print("wrote", ", ".join(paths.values()), file=sys.stderr)
     return 0
