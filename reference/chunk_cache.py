@@ -631,9 +631,14 @@ class ChunkCache:
         s.n_committed = s.n_tokens
         if not self.share_prefix:
             return
-        # register complete chunks root-first; a registered node's ancestors are registered
-        parent = self.root
-        for n in s.path:
+        # register complete chunks root-first; a registered node's ancestors are registered, so
+        # the registered nodes are a prefix of the path: find its end by bisection, go on from there
+        lo, hi = 0, len(s.path)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if s.path[mid].registered else (lo, mid)
+        parent = s.path[lo - 1] if lo else self.root
+        for n in s.path[lo:]:
             if not n.registered:
                 key = tuple(n.tokens)
                 if len(n.tokens) < self.chunk_size or not parent.registered or key in parent.index:
