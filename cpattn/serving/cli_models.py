@@ -33,12 +33,20 @@ def _generator(args):
     from .generate import Generator
 
     return Generator.load(args.model, backend=args.backend, dtype=args.dtype, log=_log, chunk_size=args.chunk_size,
-                          prefill_chunk=args.prefill_chunk, alpha=args.alpha)
+                          prefill_chunk=args.prefill_chunk, alpha=args.alpha, recall=args.recall,
+                          summary=args.summary, sample_rows=args.sample_rows)
 
 
 def generate_main(args) -> int:
     from .fetch import FetchError
 
+    from .llama import recall_options
+
+    try:  # the selection options, before the model is fetched or loaded
+        recall_options(args.alpha, args.recall, args.summary, args.sample_rows)
+    except (TypeError, ValueError) as e:
+        _log(f"cpattn generate: {e}")
+        return 2
     try:
         gen = _generator(args)
     except (FetchError, ImportError, RuntimeError) as e:
@@ -96,8 +104,9 @@ def models_main(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``generate`` and ``models`` to cpattn's subcommands (``args.run(args)`` runs one)."""
-    from .fetch import MODELS
+    from ..reference.compact_attention import DEFAULT_SAMPLE_ROWS, SUMMARIES
     from .backends import BACKENDS
+    from .fetch import MODELS
 
     g = subparsers.add_parser("generate", help="text in, streamed text out, from a real model (SmolLM2) through cpattn",
                               description="Generate text with a pretrained GGUF model whose attention runs through "
@@ -114,6 +123,13 @@ def register(subparsers) -> None:
     g.add_argument("--chunk-size", type=int, default=64)
     g.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call")
     g.add_argument("--alpha", type=float, default=0.0, help="CompactAttention selection threshold (0: dense)")
+    g.add_argument("--recall", type=float, default=None,
+                   help="CompactAttention's recall-target rule instead of --alpha: per table, past blocks by "
+                        "estimated attention mass until the estimate reaches this fraction (e.g. 0.99)")
+    g.add_argument("--summary", choices=SUMMARIES, default="auto",
+                   help="the recall rule's estimate of the past (auto: sampled; needs --recall)")
+    g.add_argument("--sample-rows", type=int, default=DEFAULT_SAMPLE_ROWS,
+                   help="rows per query block scored exactly by --summary sampled (needs --recall)")
     g.add_argument("--batch", type=int, default=0,
                    help="run N requests sharing --document as system prompt, and report the serving numbers")
     g.add_argument("--document", default="python-docs", help="rust-book, python-docs or a text file (--batch)")

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..reference.checks import cdiv, check_bool, check_int, check_real
+from ..reference.compact_attention import DEFAULT_SAMPLE_ROWS
 from .backends import resolve_backend
-from .llama import CacheAttention, LlamaModel
+from .llama import CacheAttention, LlamaModel, recall_options
 
 # ============================================================================ texts
 class _MainText(html.parser.HTMLParser):
@@ -190,17 +191,22 @@ class Generator:
         chunk_size: cache chunk size (16 to 128 for the GPU kernels).
         prefill_chunk: prompt tokens per prefill call (a multiple of chunk_size).
         alpha, sink, window: CompactAttention selection for prefill (alpha 0: dense).
+        recall, summary, sample_rows: the recall-target rule instead of alpha (``CacheAttention``;
+            recall None: the alpha rule, alpha then 0 or None with a recall).
     """
 
     def __init__(self, model: LlamaModel, tokenizer, *, chunk_size: int = 64, prefill_chunk: int = 256,
-                 alpha: float = 0.0, sink: int = 2, window: int = 4):
+                 alpha: float = 0.0, sink: int = 2, window: int = 4, recall: float | None = None,
+                 summary: str = "auto", sample_rows: int = DEFAULT_SAMPLE_ROWS):
         self.model, self.tokenizer = model, tokenizer
         self.backend = "numpy" if model.xp is np else "cupy"
         self.chunk_size = check_int(chunk_size, "chunk_size", 1)
         self.prefill_chunk = check_int(prefill_chunk, "prefill_chunk", chunk_size)
         if prefill_chunk % chunk_size:
             raise ValueError(f"prefill_chunk: expected a multiple of chunk_size {chunk_size}, got {prefill_chunk}")
-        self.alpha = check_real(alpha, "alpha", 0.0, 1.0)
+        rule = recall_options(alpha, recall, summary, sample_rows)  # CacheAttention's checks, up front
+        self.alpha = check_real(alpha, "alpha", 0.0, 1.0) if recall is None else 0.0
+        self.recall, self.summary, self.sample_rows = rule.get("recall"), summary, sample_rows
         self.sink, self.window = sink, window
 
     @classmethod
@@ -231,7 +237,8 @@ class Generator:
         cache = self.model.new_cache(cdiv(num_tokens, self.chunk_size) + 2, chunk_size=self.chunk_size,
                                      max_sequences=max_sequences)
         return CacheAttention(cache, self.model.config.num_q_heads, alpha=self.alpha, sink=self.sink,
-                              window=self.window)
+                              window=self.window, recall=self.recall, summary=self.summary,
+                              sample_rows=self.sample_rows)
 
     def _pick(self, logits, temperature: float, rng) -> np.ndarray:
         """Next token per row of logits [B, V]: greedy at temperature 0, else sampled."""

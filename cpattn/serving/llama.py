@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..reference.checks import check_choice, check_int, check_real
+from ..reference.checks import check_choice, check_int, check_real, is_real
+from ..reference.compact_attention import DEFAULT_SAMPLE_ROWS, check_summary
 from ..reference.dtypes import STORAGE_DTYPES, to_float32, to_storage
 
 
@@ -76,6 +77,34 @@ class LlamaConfig:
 
 
 # ============================================================================ attention through cpattn
+def recall_options(alpha, recall, summary, sample_rows) -> dict:
+    """The selection rule of ``CacheAttention`` as ``compact_prefill`` keyword arguments:
+    ``{"alpha": alpha}`` (the alpha rule, alpha 0 dense) when ``recall`` is None, else
+    ``{"alpha": None, "recall": r, "summary": ..., "sample_rows": ...}``. One rule at a time:
+    with a recall target alpha must be 0 or None; without one, summary and sample_rows must
+    stay at their defaults (they are options of the recall rule here)."""
+    if recall is None:
+        alpha = check_real(alpha, "alpha", 0.0, 1.0)
+        check_summary(summary, sample_rows, None)  # types and ranges first
+        if summary != "auto":
+            raise ValueError(f"summary: expected 'auto' with recall=None (an option of the recall rule), "
+                             f"got {summary!r}")
+        if sample_rows != DEFAULT_SAMPLE_ROWS:
+            raise ValueError(f"sample_rows: expected {DEFAULT_SAMPLE_ROWS} (its default) with recall=None "
+                             f"(an option of the recall rule), got {sample_rows!r}")
+        return dict(alpha=alpha)
+    if not is_real(recall):
+        raise TypeError(f"recall: expected None or a number in [0, 1], got {recall!r} ({type(recall).__name__})")
+    r = float(recall)
+    if not 0.0 <= r <= 1.0:  # NaN fails too
+        raise ValueError(f"recall: expected None or a number in [0, 1], got {recall!r}")
+    if alpha is not None and not (is_real(alpha) and float(alpha) == 0.0):
+        raise ValueError(f"alpha: expected 0 or None with recall={recall!r} (one selection rule at a time), "
+                         f"got {alpha!r}")
+    summary = check_summary(summary, sample_rows, r)
+    return dict(alpha=None, recall=r, summary=summary, sample_rows=int(sample_rows))
+
+
 def attention_api():
     """``(ChunkAttentionDecode, BlockMeans, compact_prefill)`` of cpattn: the names at the top of
     the package, which dispatch on the cache's backend."""
@@ -91,17 +120,31 @@ class CacheAttention:
         cache: a ``cpattn.reference.ChunkCache`` (NumPy) or ``cpattn.chunk_cache.GpuChunkCache``.
         num_q_heads: query heads of the model.
         alpha, sink, window, q_tile: CompactAttention selection (alpha 0: every block, dense prefill).
+        recall: None (the alpha rule) or a number in [0, 1]: the recall-target rule of
+            ``compact_prefill`` (per table, past blocks by estimated mass until the estimate
+            reaches ``recall``); alpha must then be 0 (its default here) or None.
+        summary, sample_rows: the recall rule's estimate of the past ('auto' is 'sampled' there,
+            ``sample_rows`` exact rows per query block); options of the recall rule only, so with
+            recall None they must stay at their defaults.
 
     ``densities`` keeps ``(layer, CompactPrefill.density())`` of every prefill call that has a past.
     """
 
-    def __init__(self, cache, num_q_heads: int, *, alpha: float = 0.0, sink: int = 2, window: int = 4,
-                 q_tile: int | None = None):
+    def __init__(self, cache, num_q_heads: int, *, alpha: float | None = 0.0, sink: int = 2, window: int = 4,
+                 q_tile: int | None = None, recall: float | None = None, summary: str = "auto",
+                 sample_rows: int = DEFAULT_SAMPLE_ROWS):
+        options = recall_options(alpha, recall, summary, sample_rows)  # checked before anything is built
+        sink, window = check_int(sink, "sink", 0), check_int(window, "window", 0)
+        num_q_heads = check_int(num_q_heads, "num_q_heads", 1)
         decoder_cls, means_cls, self._prefill = attention_api()
         self.cache = cache
-        self.num_q_heads = check_int(num_q_heads, "num_q_heads", 1)
-        self.alpha = check_real(alpha, "alpha", 0.0, 1.0)
-        self.sink, self.window = check_int(sink, "sink", 0), check_int(window, "window", 0)
+        self.num_q_heads = num_q_heads
+        self.alpha = options["alpha"]  # None under the recall rule
+        self.recall = options.get("recall")
+        self.summary = options.get("summary", "mean")  # what the rule uses ('auto' resolved)
+        self.sample_rows = int(sample_rows)
+        self._rule = options  # the rule's keyword arguments of compact_prefill
+        self.sink, self.window = sink, window
         self.means = means_cls(cache)
         self.decoder = decoder_cls(cache)
         self.q_tile = q_tile  # checked by compact_prefill against the chunk
@@ -109,8 +152,8 @@ class CacheAttention:
 
     def prefill(self, seq: int, q, layer: int):
         """Attention of the sequence's last ``n`` tokens (K/V written): o [n, Hq, D] storage dtype."""
-        r = self._prefill(self.cache, self.means, seq, q, layer, alpha=self.alpha, sink=self.sink,
-                          window=self.window, q_tile=self.q_tile, return_lse=False)
+        r = self._prefill(self.cache, self.means, seq, q, layer, sink=self.sink, window=self.window,
+                          q_tile=self.q_tile, return_lse=False, **self._rule)
         if self.cache.seq_len(seq) > q.shape[0]:
             self.densities.append((layer, r.density()))
         return r.o
