@@ -1,6 +1,8 @@
-"""cpattn.bench.quality: perplexity and needle retrieval of the real model, dense vs sparse prefill.
+"""cpattn.bench.quality: perplexity and needle retrieval of the real model, dense vs sparse prefill;
+the model's attention options (``CacheAttention``: the alpha rule or the recall-target rule).
 
-The pieces without the model (log-likelihoods, planting a needle, the summary) run everywhere;
+The pieces without the model (log-likelihoods, planting a needle, the summary, the attention
+options, a small random-weight Llama through the recall rule) run everywhere;
 the rest needs the fetched SmolLM2 file (``cpattn models fetch smollm2``) and the ``models``
 extra, and skips saying so unless ``CPATTN_REQUIRE_MODEL=1`` (then it fails). Short texts only:
 the whole file runs in well under a minute on 2 CPU cores.
@@ -12,6 +14,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cpattn.bench import quality as Q
 
@@ -71,6 +75,129 @@ def test_modes_describe_the_defaults():
     assert Q.DENSE.describe().startswith("dense") and "whole chunk" in Q.SPARSE.describe()
 
 
+def test_recall_mode_describes_and_passes_the_rule():
+    assert Q.RECALL.recall == Q.DEFAULT_RECALL and Q.RECALL.summary == "sampled"
+    assert "recall rule (target 0.99" in Q.RECALL.describe() and "2 rows" in Q.RECALL.describe()
+    assert Q.RECALL.attention_options() == dict(sink=2, window=4, q_tile=None, recall=0.99, summary="sampled",
+                                                sample_rows=2)
+    assert "alpha" not in Q.RECALL.attention_options() and "recall" not in Q.SPARSE.attention_options()
+    assert Q.recall_mode(0.95, q_tile=128).name == "recall0.95_qtile128"
+
+
+# ============================================================================ CacheAttention's options
+def small_cache(chunk=16, layers=2, hkv=2, d=16):
+    from cpattn.reference.chunk_cache import ChunkCache
+
+    return ChunkCache(layers, hkv, d, 32, chunk_size=chunk, dtype="float16", max_sequences=4)
+
+
+def test_cache_attention_rule_options():
+    from cpattn.serving.llama import CacheAttention
+
+    cache = small_cache()
+    a = CacheAttention(cache, 4)
+    assert (a.alpha, a.recall, a.summary) == (0.0, None, "mean")  # dense by default, as before
+    r = CacheAttention(cache, 4, recall=0.99)
+    assert (r.alpha, r.recall, r.summary, r.sample_rows) == (None, 0.99, "sampled", 2)  # 'auto' resolved
+    r = CacheAttention(cache, 4, alpha=None, recall=np.float32(0.5), summary="mean", sample_rows=3)
+    assert (r.alpha, r.recall, r.summary, r.sample_rows) == (None, 0.5, "mean", 3)
+    assert CacheAttention(cache, 4, recall=1).recall == 1.0
+    bad = [  # (options, error type, the argument the message must name)
+        (dict(recall=0.99, alpha=0.06), ValueError, "alpha"),  # one rule at a time
+        (dict(recall=True), TypeError, "recall"), (dict(recall="0.9"), TypeError, "recall"),
+        (dict(recall=1.5), ValueError, "recall"), (dict(recall=float("nan")), ValueError, "recall"),
+        (dict(recall=-0.1), ValueError, "recall"),
+        (dict(summary="sampled"), ValueError, "summary"), (dict(summary="mean"), ValueError, "summary"),
+        (dict(sample_rows=4), ValueError, "sample_rows"),  # recall-rule options without the rule
+        (dict(recall=0.9, summary="max"), ValueError, "summary"), (dict(recall=0.9, summary=1), TypeError, "summary"),
+        (dict(recall=0.9, sample_rows=0), ValueError, "sample_rows"),
+        (dict(recall=0.9, sample_rows=True), TypeError, "sample_rows"),
+        (dict(recall=0.9, sample_rows=2.0), TypeError, "sample_rows"),
+        (dict(alpha=None), TypeError, "alpha"), (dict(alpha=1.5), ValueError, "alpha"),
+        (dict(sink=-1), ValueError, "sink"), (dict(window=True), TypeError, "window"),
+    ]
+    for options, err, name in bad:
+        with pytest.raises(err, match=name):
+            CacheAttention(cache, 4, **options)
+
+
+def test_generator_takes_the_recall_rule():
+    from types import SimpleNamespace
+
+    from cpattn.serving.generate import Generator
+
+    model = SimpleNamespace(xp=np, config=SimpleNamespace(num_q_heads=4), new_cache=lambda n, **kw: small_cache())
+    g = Generator(model, None, chunk_size=16, prefill_chunk=32, recall=0.95, sample_rows=3)
+    attn = g.new_session(64)
+    assert (attn.recall, attn.summary, attn.sample_rows, attn.alpha) == (0.95, "sampled", 3, None)
+    attn = Generator(model, None, chunk_size=16, prefill_chunk=32, alpha=0.1).new_session(64)
+    assert (attn.recall, attn.alpha) == (None, 0.1)
+    for options, err, name in ((dict(recall=0.9, alpha=0.1), ValueError, "alpha"),
+                               (dict(summary="sampled"), ValueError, "summary"),
+                               (dict(recall=2.0), ValueError, "recall")):
+        with pytest.raises(err, match=name):  # at construction, not at the first prefill
+            Generator(model, None, chunk_size=16, prefill_chunk=32, **options)
+
+
+def random_llama(seed, vocab=97, hidden=64, inter=96, layers=2, hq=4, hkv=2, d=16):
+    """A small Llama with random weights (float64 draws, rounded by the model)."""
+    from cpattn.serving.llama import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                      num_q_heads=hq, num_kv_heads=hkv, head_dim=d, context_length=1024)
+    rng = np.random.default_rng(seed)
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
+    for i in range(layers):
+        shapes.update({f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.ffn_norm.weight": (hidden,),
+                       f"blk.{i}.attn_q.weight": (hq * d, hidden), f"blk.{i}.attn_k.weight": (hkv * d, hidden),
+                       f"blk.{i}.attn_v.weight": (hkv * d, hidden), f"blk.{i}.attn_output.weight": (hidden, hq * d),
+                       f"blk.{i}.ffn_gate.weight": (inter, hidden), f"blk.{i}.ffn_up.weight": (inter, hidden),
+                       f"blk.{i}.ffn_down.weight": (hidden, inter)})
+    t = {}
+    for name, shape in shapes.items():
+        w = rng.standard_normal(shape)
+        t[name] = (1 + 0.1 * w if len(shape) == 1 else 3 * w / np.sqrt(shape[-1])).astype(np.float32)
+    return LlamaModel(cfg, t, dtype="float16")
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), blocks=st.integers(5, 9), target=st.floats(0.3, 0.97))
+def test_recall_rule_runs_through_the_model(seed, blocks, target):
+    """The model's prefill under the recall rule, chunk by chunk: recall 1 reads every block
+    (logits equal dense's exactly); recall 0 reads only the forced sink and window blocks (the
+    recorded density says so, which alpha would not); a target between records one density per
+    layer and chunk, equal over the three stages (one choice per table), and stays close to dense."""
+    from cpattn.serving.llama import CacheAttention
+
+    c = 16
+    model = random_llama(seed % 1000)
+    tokens = np.random.default_rng(seed).integers(0, model.config.vocab_size, size=blocks * c).tolist()
+
+    def run(**options):
+        attn = CacheAttention(model.new_cache(blocks + 2, chunk_size=c, max_sequences=2), 4, sink=1, window=1,
+                              **options)
+        seq = attn.cache.add_sequence([])
+        logits = np.concatenate([model.prefill(attn, seq, tokens[a:a + c], chunk_tokens=c, logits="all")
+                                 for a in range(0, len(tokens), c)])
+        return logits, attn.densities
+
+    dense, dd = run()
+    full, fd = run(recall=1.0)
+    np.testing.assert_array_equal(full, dense)
+    assert [d["select"] for _, d in fd] == [1.0] * len(fd) == [d["select"] for _, d in dd]
+    _, zd = run(recall=0.0)
+    assert len(zd) == model.config.num_layers * (blocks - 1)  # every chunk after the first, every layer
+    want = [min(pb, 2) / pb for pb in range(1, blocks) for _ in range(model.config.num_layers)]
+    np.testing.assert_allclose([d["select"] for _, d in zd], want, rtol=0, atol=1e-12)
+    mid, md = run(recall=target)
+    for _, d in md:
+        assert d["select"] == d["q_union"] == d["group_union"]
+        assert 0.0 < d["select"] <= 1.0
+    assert np.isfinite(mid).all()
+    # the first chunk has no past: identical to dense whatever the rule
+    np.testing.assert_array_equal(mid[:c], dense[:c])
+
+
 # ============================================================================ with the real model
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
@@ -124,15 +251,33 @@ def test_chunked_dense_perplexity_equals_one_chunk_and_sparse_acts(model_and_tok
     np.testing.assert_allclose(sparse["token_ll"][:63], dense["token_ll"][:63], atol=0.05)
 
 
+def test_recall_rule_through_the_real_model(model_and_tokenizer, ids):
+    """The recall-target rule through the real model's attention (``CacheAttention(recall=...)``),
+    chunks of 64 with one sink and one window block so that the rule has blocks to drop:
+    recall 1 scores every token exactly as dense; recall 0.9 drops blocks in some layer, with one
+    choice per table (the three stage densities equal) and a perplexity near dense's."""
+    model, _ = model_and_tokenizer
+    dense = Q.perplexity(model, ids, Q.DENSE, chunk_size=64, prefill_chunk=64)
+    full = Q.perplexity(model, ids, Q.Mode("r1", 0.0, sink=1, window=1, recall=1.0), chunk_size=64, prefill_chunk=64)
+    np.testing.assert_array_equal(full["token_ll"], dense["token_ll"])
+    assert full["density"]["select_mean"] == 1.0
+    r = Q.perplexity(model, ids, Q.Mode("r09", 0.0, sink=1, window=1, recall=0.9), chunk_size=64, prefill_chunk=64)
+    d = r["density"]
+    assert d["select"] == d["q_union"] == d["group_union"]
+    assert all(0.0 < v <= 1.0 for v in d["select"]) and min(d["select"]) < 1.0
+    assert math.isfinite(r["ppl"]) and abs(r["nll"] - dense["nll"]) < 0.1
+    np.testing.assert_array_equal(r["token_ll"][:64], dense["token_ll"][:64])
+
+
 def test_needle_found_by_dense_and_default_sparse(model_and_tokenizer):
     from cpattn.serving.generate import load_text
 
     model, tok = model_and_tokenizer
     text = load_text("python-docs", max_chars=20_000)
-    rows = Q.needle_set(model, tok, text, 200, [0.5], [Q.DENSE, Q.SPARSE], chunk_size=64, prefill_chunk=128,
-                        seed=1, offset_chars=5000, max_new_tokens=12)
-    assert [r["mode"] for r in rows] == ["dense", "sparse"]
-    assert rows[0]["passphrase"] == rows[1]["passphrase"]
+    rows = Q.needle_set(model, tok, text, 200, [0.5], [Q.DENSE, Q.SPARSE, Q.RECALL], chunk_size=64,
+                        prefill_chunk=128, seed=1, offset_chars=5000, max_new_tokens=12)
+    assert [r["mode"] for r in rows] == ["dense", "sparse", "recall0.99"]
+    assert rows[0]["passphrase"] == rows[1]["passphrase"] == rows[2]["passphrase"]
     assert all(r["hit"] for r in rows), [r["answer"] for r in rows]
-    assert rows[0]["answer"] == rows[1]["answer"]
-    assert rows[1]["group_union_mean"] is not None and 0 < rows[1]["group_union_mean"] <= 1
+    assert rows[0]["answer"] == rows[1]["answer"] == rows[2]["answer"]
+    assert all(r["group_union_mean"] is not None and 0 < r["group_union_mean"] <= 1 for r in rows[1:])
