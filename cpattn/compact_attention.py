@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .arrays import as_cupy, import_cupy
-from .kernels import PREFILL_ROWS, SCORE_ROWS, THREADS, UNION_THREADS, WG_THREADS, get_kernels, \
+from .kernels import PREFILL_ROWS, PREFILL_SEQ_FIELDS, SCORE_ROWS, THREADS, UNION_THREADS, WG_THREADS, get_kernels, \
     prefill_smem_bytes, prefill_wg_smem_bytes
 from .reference import compact_attention as reference
 from .reference.checks import cdiv, check_bool, check_choice, check_instance, check_scale
@@ -380,5 +380,255 @@ def dense_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, **optio
     return compact_prefill(cache, means, seq, q, layer, **dense_options(options))
 
 
-__all__ = ["BlockMeans", "CompactPrefill", "compact_prefill", "dense_prefill", "choose_kernel", "use_wgmma",
+# ============================================================================ batched varlen prefill
+@dataclass(frozen=True)
+class BatchedLayout:
+    """The device-side layout of a ``PrefillPlan`` (host arrays, uploaded once per plan), what the
+    ``*_varlen`` kernels read (docs/design.md, "Batched varlen prefill").
+
+    Arrays (int32):
+        seq_info    [len(PREFILL_SEQ_FIELDS), B]  the per-sequence record (field-major)
+        blocks      [sum(Pb + Cb)]  each sequence's pool ids up to its chunk end, packed
+        table_seq   [R]   the sequence of every table (tables of the batch, sequence-major)
+        units       [U, 2] (table, row0): paged-prefill units, PREFILL_ROWS rows of a table each
+        row_blocks  [Ur, 2] (sequence, row0): block-score blocks of the chunks with a past
+    cap: the longest table any chunk could have (max Pb + Cb; padded lists use it);
+    max_tile_blocks: the largest tb (block_union's shared thresholds); score_size: floats of
+    the packed block scores ([Hq, Qb, max(Pb, 1)] per sequence).
+    """
+
+    seq_info: np.ndarray
+    blocks: np.ndarray
+    table_seq: np.ndarray
+    units: np.ndarray
+    row_blocks: np.ndarray
+    cap: int
+    max_tile_blocks: int
+    score_size: int
+
+
+def batched_layout(plan, block_ids: list, num_kv_heads: int) -> BatchedLayout:
+    """The ``BatchedLayout`` of ``plan`` (a ``PrefillPlan``); ``block_ids[b]``: the pool ids of
+    sequence b's pages (``cache.seq_chunks``), at least its Pb + Cb first."""
+    c, Hq, s = plan.chunk_size, plan.num_q_heads, plan.group_size
+    S = Hq // num_kv_heads // s
+    n = plan.chunk_lens
+    Pb = plan.past_lens // c
+    Qb = -(-n // c)
+    tb = plan.q_tiles // c
+    T = -(-Qb // tb)
+    score = Hq * Qb * np.maximum(Pb, 1)
+    rec = dict(chunk_len=n, past_blocks=Pb, query_blocks=Qb, tile_blocks=tb, row0=plan.qo_indptr[:-1],
+               table0=plan.table_indptr[:-1], block0=np.concatenate([[0], np.cumsum(Pb + Qb)[:-1]]),
+               score0=np.concatenate([[0], np.cumsum(score)[:-1]]))
+    total_blocks = int((Pb + Qb).sum())
+    R = plan.num_tables
+    cap = int((Pb + Qb).max())
+    for name, size in (("score", int(score.sum())), ("tables", R * cap), ("rows", plan.num_tokens * Hq)):
+        if size >= 2**31:
+            raise ValueError(f"seqs: expected a batch whose {name} fit int32 indices, got {size} entries; "
+                             f"split the batch")
+    seq_info = np.stack([np.asarray(rec[f], np.int64) for f in PREFILL_SEQ_FIELDS]).astype(np.int32)
+    blocks = np.concatenate([np.asarray(ids[: int(p + q)], np.int64) for ids, p, q in zip(block_ids, Pb, Qb)])
+    assert len(blocks) == total_blocks
+    table_seq = np.repeat(np.arange(plan.batch_size), T * num_kv_heads * S).astype(np.int32)
+    # units: per table, its rows (tile tokens x sub-group heads) in PREFILL_ROWS pieces
+    local = np.arange(R) - plan.table_indptr[table_seq]
+    t = local // (num_kv_heads * S)
+    qt = plan.q_tiles[table_seq]
+    rows = np.minimum(qt, n[table_seq] - t * qt) * s
+    per = -(-rows // PREFILL_ROWS)
+    table_of = np.repeat(np.arange(R), per)
+    row0 = (np.arange(len(table_of)) - np.repeat(np.cumsum(per) - per, per)) * PREFILL_ROWS
+    units = np.stack([table_of, row0], axis=1).astype(np.int32)
+    # block-score blocks: SCORE_ROWS rows of each chunk that has a past
+    nblk = np.where(Pb > 0, -(-n // SCORE_ROWS), 0)
+    seq_of = np.repeat(np.arange(plan.batch_size), nblk)
+    r0 = (np.arange(len(seq_of)) - np.repeat(np.cumsum(nblk) - nblk, nblk)) * SCORE_ROWS
+    row_blocks = np.stack([seq_of, r0], axis=1).astype(np.int32)
+    return BatchedLayout(seq_info=seq_info, blocks=blocks.astype(np.int32), table_seq=table_seq, units=units,
+                         row_blocks=row_blocks, cap=cap, max_tile_blocks=int(tb.max()), score_size=int(score.sum()))
+
+
+class BatchedPrefill(reference.BatchedPrefill):
+    """Batched varlen CompactAttention prefill on the GPU: the reference ``BatchedPrefill``'s API
+    (``plan``, ``run``, ``density``, ``tables``), one launch per stage over every chunk of the
+    batch: block_score_varlen, block_union_varlen, tables_csr, paged_prefill_varlen (or its
+    warpgroup-MMA twin). For a NumPy cache, ``BatchedPrefill(cache, means)`` is the reference one.
+
+    ``plan`` summarises the past pages, uploads the layout (``batched_layout``) and allocates
+    the stage buffers; ``run`` only launches (plus zero fills), so with ``out`` and ``lse_out``
+    given it can be captured in a CUDA graph and replayed while the plan holds (same cache
+    version, every sequence still P + n tokens). The recall rule and summary='sampled' score
+    each sequence with array code first (``estimate_mass``): correct, not capturable.
+    """
+
+    def __new__(cls, cache, means):
+        if check_cache(cache).backend == "numpy":
+            return reference.BatchedPrefill(cache, means)
+        return super().__new__(cls)
+
+    def __init__(self, cache, means):
+        import_cupy("BatchedPrefill on a GpuChunkCache")
+        check_instance(means, "means", BlockMeans, "cpattn.compact_attention.BlockMeans(cache) for a GPU cache")
+        means.check_cache(cache)
+        self.cache, self.means = cache, means
+        self.prefill_plan = None
+        self.results = []
+        self._k = get_kernels("compact_attention", cache.dtype, cache.head_dim, cache.chunk_size)
+        self._d = None
+
+    def plan(self, seqs, chunk_lens, num_q_heads: int, **options):
+        import cupy
+
+        unknown = sorted(set(options) - set(reference.PLAN_OPTIONS))
+        if unknown:
+            raise TypeError(f"options: expected some of {', '.join(reference.PLAN_OPTIONS)}, got {unknown}")
+        cache = self.cache
+        plan = reference.build_prefill_plan(cache, seqs, chunk_lens, num_q_heads, **options)
+        wg = use_wgmma(plan.options["kernel"])
+        ids = [cache.seq_chunks(int(seq)) for seq in plan.seqs]
+        lay = batched_layout(plan, ids, cache.num_kv_heads)  # checks done: the state may change now
+        for seq, P in zip(plan.seqs, plan.past_lens):
+            self.means.update(cache, int(seq), num_tokens=int(P))
+        c, D, Hq = cache.chunk_size, cache.head_dim, plan.num_q_heads
+        B, R = plan.batch_size, plan.num_tables
+        if wg:
+            smem = prefill_wg_smem_bytes(D, c)
+            pk = get_kernels("compact_attention_sm90", cache.dtype, D, c)["paged_prefill_wg_varlen"]
+        else:
+            smem = prefill_smem_bytes(D, c)
+            pk = self._k["paged_prefill_varlen"]
+        pk.max_dynamic_shared_size_bytes = smem
+        self._d = dict(
+            lay=lay, wg=wg, smem=smem, pk=pk,
+            seq_info=cupy.asarray(lay.seq_info), blocks=cupy.asarray(lay.blocks),
+            table_seq=cupy.asarray(lay.table_seq), units=cupy.asarray(lay.units.ravel()),
+            row_blocks=cupy.asarray(lay.row_blocks.ravel()),
+            s_raw=cupy.zeros(lay.score_size, np.float32), padded=cupy.empty(R * lay.cap, np.int32),
+            counts=cupy.empty(R, np.int32), stats=cupy.zeros(3 * B, np.uint64),
+            indptr=cupy.empty(R + 1, np.int32), indices=cupy.empty(R * lay.cap, np.int32),
+            block_lists=ids)
+        self.prefill_plan, self.results = plan, []
+        self._ran = False
+        return plan
+
+    def _scores(self, plan, q, layer: int, scale: float) -> float:
+        """Fill the packed block scores for this layer; returns the union threshold."""
+        import cupy
+
+        cache, d, opt = self.cache, self._d, plan.options
+        lay = d["lay"]
+        c, Hkv, Hq = cache.chunk_size, cache.num_kv_heads, plan.num_q_heads
+        G, s = Hq // Hkv, plan.group_size
+        recall = opt["recall"]
+        summary = check_summary(opt["summary"], opt["sample_rows"], recall)
+        if recall is not None or summary == "sampled":
+            for b in range(plan.batch_size):
+                n, Pb = int(plan.chunk_lens[b]), int(plan.past_lens[b]) // c
+                if not Pb:
+                    continue
+                Qb, tb = cdiv(n, c), int(plan.q_tiles[b]) // c
+                a0, a = int(lay.seq_info[PREFILL_SEQ_FIELDS.index("score0"), b]), int(plan.qo_indptr[b])
+                ids = cupy.asarray(np.array(d["block_lists"][b][: Pb + Qb], np.int64))
+                kk = sequence_keys(cupy, cache.k_pool[layer], ids, Pb * c + n, cache.dtype)
+                kmean = self.means.kmean[layer][ids[:Pb]]
+                est_p, est_o = estimate_mass(cupy, to_float32(q[a:a + n], cache.dtype), kk, kmean, c, scale, summary,
+                                             opt["sample_rows"])
+                if recall is None:
+                    sc = est_p
+                else:
+                    j = np.arange(Pb)
+                    forced = (j < opt["sink"]) | (j >= Pb - opt["window"])
+                    rows_in = np.minimum(c, n - np.arange(Qb) * c)
+                    chosen = recall_choice(cupy, est_p, est_o, rows_in, forced, float(recall), Hkv, s, tb)
+                    sc = choice_scores(cupy, chosen, G, tb, Qb)
+                d["s_raw"][a0:a0 + Hq * Qb * Pb] = sc.astype(np.float32).ravel()
+            return 1.0 if recall is not None else float(opt["alpha"])
+        alpha = float(opt["alpha"])
+        if alpha > 0 and len(lay.row_blocks):  # alpha 0: the zero scores of the plan pass a zero threshold
+            d["s_raw"].fill(0)
+            page0 = np.int64(layer * cache.num_chunks * Hkv)
+            self._k["block_score_varlen"](
+                (len(lay.row_blocks), Hq), (THREADS,),
+                (q, self.means.kmean_lp, page0, d["blocks"], d["seq_info"], np.int32(plan.batch_size),
+                 d["row_blocks"], np.int32(Hq), np.int32(Hkv), np.float32(scale * 1.4426950408889634), d["s_raw"]))
+        return alpha
+
+    def run(self, q, layer: int = 0, *, scale: float | None = None, out=None, lse_out=None):
+        import cupy
+
+        cache = self.cache
+        plan = reference.check_prefill_plan(cache, self.prefill_plan)
+        q = as_cupy(q, "q", cache.dtype)
+        reference.check_packed_q(cache, plan, q)
+        layer = cache.check_layer(layer)
+        scale = check_scale(scale, cache.head_dim)
+        N, Hq, D = q.shape
+        out = cupy.empty((N, Hq, D), q.dtype) if out is None else as_cupy(out, "out", cache.dtype, (N, Hq, D))
+        if lse_out is None:
+            lse_out = cupy.empty((N, Hq), np.float32)
+        else:
+            lse_out = as_cupy(lse_out, "lse_out", None, (N, Hq))
+            if lse_out.dtype != np.float32:
+                raise TypeError(f"lse_out: expected dtype float32, got {lse_out.dtype}")
+        d, lay = self._d, self._d["lay"]
+        c, Hkv, B, R = cache.chunk_size, cache.num_kv_heads, plan.batch_size, plan.num_tables
+        G, s = Hq // Hkv, plan.group_size
+        opt = plan.options
+        page0 = np.int64(layer * cache.num_chunks * Hkv)
+        scale_log2 = np.float32(scale * 1.4426950408889634)
+        thr = self._scores(plan, q, layer, scale)
+        d["stats"].fill(0)
+        self._k["block_union_varlen"](
+            (R,), (UNION_THREADS,),
+            (d["s_raw"], d["seq_info"], np.int32(B), d["table_seq"], np.int32(Hkv), np.int32(G), np.int32(s),
+             np.float32(thr), np.int32(opt["sink"]), np.int32(opt["window"]), d["blocks"], d["padded"],
+             np.int32(lay.cap), d["counts"], d["stats"]),
+            shared_mem=4 * s * lay.max_tile_blocks)
+        self._k["tables_csr"]((R,), (THREADS,), (d["padded"], np.int32(lay.cap), d["counts"], np.int32(R), d["indptr"],
+                                                d["indices"]))
+        d["pk"]((len(lay.units),), (WG_THREADS if d["wg"] else THREADS,),
+                (q, cache.k_pool, cache.v_pool, page0, d["units"], d["indptr"], d["indices"], d["seq_info"],
+                 np.int32(B), d["table_seq"], np.int32(Hq), np.int32(Hkv), np.int32(G), np.int32(s), scale_log2,
+                 out, lse_out, np.int32(1)),
+                shared_mem=d["smem"])
+        self._ran = True
+        return out, lse_out
+
+    def density(self) -> list:
+        """Per sequence of the last run: select, q_union, group_union, tables (as
+        ``CompactPrefill.density``). Synchronises."""
+        plan = self._last_plan()
+        c, Hkv, Hq = self.cache.chunk_size, self.cache.num_kv_heads, plan.num_q_heads
+        S = Hq // Hkv // plan.group_size
+        indptr = self._d["indptr"].get().astype(np.int64)
+        stats = self._d["stats"].get().astype(np.float64).reshape(-1, 3)
+        out = []
+        for b in range(plan.batch_size):
+            n, Pb, qt = int(plan.chunk_lens[b]), int(plan.past_lens[b]) // c, int(plan.q_tiles[b])
+            t0, t1 = int(plan.table_indptr[b]), int(plan.table_indptr[b + 1])
+            T, Qb = cdiv(n, qt), cdiv(n, c)
+            own = sum(cdiv(min(n, (t + 1) * qt), c) for t in range(T))
+            tables = float(indptr[t1] - indptr[t0]) / (Pb * (t1 - t0) + own * Hkv * S)
+            if Pb == 0:
+                out.append(dict(select=1.0, q_union=1.0, group_union=1.0, tables=tables))
+                continue
+            v = stats[b] / (Hq * Qb * Pb)
+            out.append(dict(select=float(v[0]), q_union=float(v[1]), group_union=float(v[2]), tables=tables))
+        return out
+
+    def tables(self) -> tuple:
+        """(indptr int32 [R + 1], indices int32 [nnz]) of the last run on the host (syncs)."""
+        self._last_plan()
+        indptr = self._d["indptr"].get()
+        return indptr, self._d["indices"][: int(indptr[-1])].get()
+
+    def _last_plan(self):
+        if self.prefill_plan is None or not self._ran:
+            raise ValueError("run: expected a run of the current plan before reading its tables or density, got none")
+        return self.prefill_plan
+
+
+__all__ = ["BlockMeans", "BatchedPrefill", "BatchedLayout", "batched_layout", "CompactPrefill", "compact_prefill", "dense_prefill", "choose_kernel", "use_wgmma",
            "KERNEL_CHOICES", "estimate_mass", "recall_choice", "choice_scores", "sequence_keys"]

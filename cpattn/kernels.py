@@ -42,6 +42,20 @@ UNIT_FIELDS = (
     "out_base",     # state row of the row space's first sequence
 )
 
+# The per-sequence record of a batched varlen prefill, int32 [len(PREFILL_SEQ_FIELDS), B] (field
+# f of sequence b at f * B + b), built by cpattn/compact_attention.py; raw_kernels/
+# compact_attention.cuh names the same fields in the same order (enum SQ_CHUNK_LEN, ...).
+PREFILL_SEQ_FIELDS = (
+    "chunk_len",     # n
+    "past_blocks",   # Pb
+    "query_blocks",  # Qb = Cb, the chunk's own pages
+    "tile_blocks",   # q_tile / chunk_size
+    "row0",          # first row of the chunk in the packed q, o, lse
+    "table0",        # first table of the sequence in the batch
+    "block0",        # first entry of the sequence in the packed block list
+    "score0",        # first float of the sequence in the packed block scores
+)
+
 CONSTANTS = {
     # every mma.sync kernel: 4 warps (chunk_attend, chunk_merge, block_score, tables_csr, paged_prefill)
     "CPATTN_THREADS": 128,
@@ -137,9 +151,14 @@ KERNELS = {
         ("cpattn::paged_prefill", lambda t, d, c: f"{t}, {d}, {c}"),
         ("cpattn::block_union", None),
         ("cpattn::tables_csr", None),
+        # batched varlen prefill (cpattn.compact_attention.BatchedPrefill): one launch per stage
+        ("cpattn::block_score_varlen", lambda t, d, c: f"{t}, {d}, {c}"),
+        ("cpattn::block_union_varlen", None),
+        ("cpattn::paged_prefill_varlen", lambda t, d, c: f"{t}, {d}, {c}"),
     ),
     "compact_attention_sm90": (  # the paged prefill on Hopper warpgroup MMA: compute capability 9.0 only
         ("cpattn::paged_prefill_wg", lambda t, d, c: f"{t}, {d}, {c}"),
+        ("cpattn::paged_prefill_wg_varlen", lambda t, d, c: f"{t}, {d}, {c}"),
     ),
     "model_ops": (  # the model's fused steps of the CUDA-graphed decode step (cpattn/serving/graphed.py)
         ("cpattn::embed_rows", lambda t, d, c: t),

@@ -50,20 +50,21 @@ __global__ void block_mean(const T* __restrict__ k_pool, const int* __restrict__
 // row max, sweep 1 the column sums of exp(z - row max). The sums of each 16-row tile are
 // reduced in shared memory and added to s_raw[h, i, j] (zeroed by the caller) with one atomic
 // per (query block, column, CTA).
+// The body, for head h and the CPATTN_SCORE_ROWS rows from block_row0 of one chunk.
 template <typename T, int D, int C>
-__global__ void __launch_bounds__(CPATTN_THREADS) block_score(
+__device__ __forceinline__ void block_score_rows(
     const T* __restrict__ q,          // [n, Hq, D]
     const T* __restrict__ kmean_lp,   // [L, N, Hkv, D] storage dtype
     long long layer_page0,            // layer * N * Hkv
     const int* __restrict__ blocks,   // [Pb] pool ids of the past blocks, in token order
     int Pb, int n, int num_q_heads, int num_kv_heads, float scale_log2,
-    float* __restrict__ s_raw) {      // [Hq, Qb, Pb]
+    float* __restrict__ s_raw,        // [Hq, Qb, Pb]
+    int h, int block_row0) {
   constexpr int LD = D + 8, TJ = 64, NT = CPATTN_SCORE_ROWS / 16;  // TJ past blocks per tile; NT 16-row tiles
   __shared__ __align__(16) T tile[2][TJ * LD];
   __shared__ float colsum[NT][TJ];  // per 16-row tile of the block
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int h = blockIdx.y, kvh = h / (num_q_heads / num_kv_heads);
-  const int block_row0 = blockIdx.x * CPATTN_SCORE_ROWS;
+  const int kvh = h / (num_q_heads / num_kv_heads);
   const int Qb = (n + C - 1) / C;
 
   u32 qf[2][D / 16][4];
@@ -178,6 +179,31 @@ __global__ void __launch_bounds__(CPATTN_THREADS) block_score(
   }
 }
 
+template <typename T, int D, int C>
+__global__ void __launch_bounds__(CPATTN_THREADS) block_score(
+    const T* __restrict__ q, const T* __restrict__ kmean_lp, long long layer_page0, const int* __restrict__ blocks,
+    int Pb, int n, int num_q_heads, int num_kv_heads, float scale_log2, float* __restrict__ s_raw) {
+  block_score_rows<T, D, C>(q, kmean_lp, layer_page0, blocks, Pb, n, num_q_heads, num_kv_heads, scale_log2, s_raw,
+                            blockIdx.y, blockIdx.x * CPATTN_SCORE_ROWS);
+}
+
+// Batched: grid (num_row_blocks, Hq); row_blocks[x] = (sequence b, first row) over the chunks
+// with past blocks; each chunk's q rows, blocks and s_raw from the per-sequence record.
+template <typename T, int D, int C>
+__global__ void __launch_bounds__(CPATTN_THREADS) block_score_varlen(
+    const T* __restrict__ q,          // [sum n, Hq, D] packed
+    const T* __restrict__ kmean_lp, long long layer_page0,
+    const int* __restrict__ blocks,   // packed block lists
+    const int* __restrict__ seqs, int num_seqs, const int* __restrict__ row_blocks,
+    int num_q_heads, int num_kv_heads, float scale_log2, float* __restrict__ s_raw) {
+  const int b = row_blocks[2 * blockIdx.x];
+  const long long row0 = seq_field(seqs, num_seqs, SQ_ROW0, b);
+  block_score_rows<T, D, C>(q + row0 * num_q_heads * D, kmean_lp, layer_page0,
+                            blocks + seq_field(seqs, num_seqs, SQ_BLOCK0, b), seq_field(seqs, num_seqs, SQ_PAST_BLOCKS, b),
+                            seq_field(seqs, num_seqs, SQ_CHUNK_LEN, b), num_q_heads, num_kv_heads, scale_log2,
+                            s_raw + seq_field(seqs, num_seqs, SQ_SCORE0, b), blockIdx.y, row_blocks[2 * blockIdx.x + 1]);
+}
+
 // ------------------------------------------------------------------------------- passes 3-5
 // grid (num_tables) = T x Hkv x S, CPATTN_UNION_THREADS threads, s * tb floats of dynamic
 // shared memory. Table (t, kvh, g) ORs the keep masks of the s heads kvh*G + g*s + [0, s)
@@ -186,14 +212,15 @@ __global__ void __launch_bounds__(CPATTN_THREADS) block_score(
 // counts[table] = length. stats[0..2] += kept (head, query block,
 // past block) triples at the select / q-union / group-union stage (same weighting as the
 // reference's densities).
-__global__ void __launch_bounds__(CPATTN_UNION_THREADS) block_union(
-    const float* __restrict__ s_raw, int Pb, int Qb, int tb, int T, int num_kv_heads, int G, int s,
+// The body, for table `table` of one chunk: its list goes to `list`, its length to *count.
+__device__ __forceinline__ void block_union_table(
+    const float* __restrict__ s_raw, int Pb, int Qb, int tb, int num_kv_heads, int G, int s,
     float alpha, int sink, int window, const int* __restrict__ blocks, int own_total,
-    int* __restrict__ padded, int cap, int* __restrict__ counts, unsigned long long* __restrict__ stats) {
+    int* __restrict__ list, int* __restrict__ count, unsigned long long* __restrict__ stats, int table) {
   extern __shared__ float thr[];  // [s * tb] thresholds (dynamic shared memory)
   __shared__ int scan[CPATTN_UNION_THREADS];
   __shared__ int base_s;
-  const int table = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const TableCoords tc = table_coords(table, num_kv_heads, G / s);
   const int t = tc.t, kvh = tc.kvh, g = tc.g;
   const int i0 = t * tb, nb = min(tb, Qb - i0);  // query blocks of this tile
@@ -237,15 +264,15 @@ __global__ void __launch_bounds__(CPATTN_UNION_THREADS) block_union(
       scan[tid] += v;
       __syncthreads();
     }
-    if (keep_g) padded[(long long)table * cap + base_s + scan[tid] - 1] = blocks[j];
+    if (keep_g) list[base_s + scan[tid] - 1] = blocks[j];
     __syncthreads();
     if (tid == CPATTN_UNION_THREADS - 1) base_s += scan[CPATTN_UNION_THREADS - 1];
     __syncthreads();
   }
   // the tile's own blocks: chunk blocks [0, min(tile end, chunk) / C rounded up)
   const int own = min((t + 1) * tb, own_total);
-  for (int b = tid; b < own; b += CPATTN_UNION_THREADS) padded[(long long)table * cap + base_s + b] = blocks[Pb + b];
-  if (tid == 0) counts[table] = base_s + own;
+  for (int b = tid; b < own; b += CPATTN_UNION_THREADS) list[base_s + b] = blocks[Pb + b];
+  if (tid == 0) *count = base_s + own;
   // stats: warp sums, then one atomic per warp
 #pragma unroll
   for (int o = 16; o; o >>= 1) {
@@ -258,6 +285,29 @@ __global__ void __launch_bounds__(CPATTN_UNION_THREADS) block_union(
     atomicAdd(stats + 1, n_qu);
     atomicAdd(stats + 2, n_gu);
   }
+}
+
+__global__ void __launch_bounds__(CPATTN_UNION_THREADS) block_union(
+    const float* __restrict__ s_raw, int Pb, int Qb, int tb, int T, int num_kv_heads, int G, int s,
+    float alpha, int sink, int window, const int* __restrict__ blocks, int own_total,
+    int* __restrict__ padded, int cap, int* __restrict__ counts, unsigned long long* __restrict__ stats) {
+  block_union_table(s_raw, Pb, Qb, tb, num_kv_heads, G, s, alpha, sink, window, blocks, own_total,
+                    padded + (long long)blockIdx.x * cap, counts + blockIdx.x, stats, blockIdx.x);
+}
+
+// Batched: grid (tables of the batch); table x of sequence table_seq[x], its scores and blocks
+// from the record; stats[3 b ..] per sequence; lists padded to cap (the batch's largest).
+// Dynamic shared memory: s * (the batch's largest tb) floats.
+__global__ void __launch_bounds__(CPATTN_UNION_THREADS) block_union_varlen(
+    const float* __restrict__ s_raw, const int* __restrict__ seqs, int num_seqs, const int* __restrict__ table_seq,
+    int num_kv_heads, int G, int s, float alpha, int sink, int window, const int* __restrict__ blocks,
+    int* __restrict__ padded, int cap, int* __restrict__ counts, unsigned long long* __restrict__ stats) {
+  const int table = blockIdx.x, b = table_seq[table];
+  block_union_table(s_raw + seq_field(seqs, num_seqs, SQ_SCORE0, b), seq_field(seqs, num_seqs, SQ_PAST_BLOCKS, b),
+                    seq_field(seqs, num_seqs, SQ_QUERY_BLOCKS, b), seq_field(seqs, num_seqs, SQ_TILE_BLOCKS, b),
+                    num_kv_heads, G, s, alpha, sink, window, blocks + seq_field(seqs, num_seqs, SQ_BLOCK0, b),
+                    seq_field(seqs, num_seqs, SQ_QUERY_BLOCKS, b), padded + (long long)table * cap, counts + table,
+                    stats + 3 * b, table - seq_field(seqs, num_seqs, SQ_TABLE0, b));
 }
 
 // -------------------------------------------------------------------------------- pass 6
@@ -297,14 +347,12 @@ struct PrefillSmem {
   static constexpr int bytes = (CPATTN_PREFILL_ROWS + 4 * TK) * LD * 2;  // prefill_smem_bytes in cpattn/kernels.py
 };
 
+// The body, for unit u of a chunk of n tokens (q, out, lse_out: the chunk's rows).
 template <typename T, int D, int C>
-__global__ void __launch_bounds__(CPATTN_THREADS, 2) paged_prefill(
-    const T* __restrict__ q,          // [n, Hq, D]
-    const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
-    const int* __restrict__ units,    // [U, 2]: table, row0
-    const int* __restrict__ indptr, const int* __restrict__ indices,
-    int n, int q_tile, int num_q_heads, int num_kv_heads, int G, int s, int own_total,
-    float scale_log2, T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
+__device__ __forceinline__ void paged_prefill_unit(
+    const PagedUnit& u, int n, const T* __restrict__ q, const T* __restrict__ k_pool, const T* __restrict__ v_pool,
+    long long layer_page0, const int* __restrict__ indices, int num_q_heads, int num_kv_heads, float scale_log2,
+    T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
   constexpr int LD = D + 8;
   constexpr int TK = PrefillSmem<D, C>::TK;  // keys per pipeline step
   constexpr int SUB = C / TK;                 // steps per page
@@ -313,7 +361,6 @@ __global__ void __launch_bounds__(CPATTN_THREADS, 2) paged_prefill(
   T* sK = sQ + CPATTN_PREFILL_ROWS * LD;   // [2][TK][LD]
   T* sV = sK + 2 * TK * LD;                // [2][TK][LD]
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const PagedUnit u = paged_unit<C>(units, indptr, n, q_tile, num_kv_heads, G, s, own_total);
   const int row_count = u.row_count, npast = u.npast, lim_unit = u.lim_unit;
   const int nsteps = (lim_unit + TK - 1) / TK;
 
@@ -385,6 +432,36 @@ __global__ void __launch_bounds__(CPATTN_THREADS, 2) paged_prefill(
                          [&](int nn) { return make_float2(o[tt][nn][2 * hh], o[tt][nn][2 * hh + 1]); });
     }
   }
+}
+
+template <typename T, int D, int C>
+__global__ void __launch_bounds__(CPATTN_THREADS, 2) paged_prefill(
+    const T* __restrict__ q,          // [n, Hq, D]
+    const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
+    const int* __restrict__ units,    // [U, 2]: table, row0
+    const int* __restrict__ indptr, const int* __restrict__ indices,
+    int n, int q_tile, int num_q_heads, int num_kv_heads, int G, int s, int own_total,
+    float scale_log2, T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
+  const PagedUnit u = paged_unit<C>(units, indptr, n, q_tile, num_kv_heads, G, s, own_total);
+  paged_prefill_unit<T, D, C>(u, n, q, k_pool, v_pool, layer_page0, indices, num_q_heads, num_kv_heads, scale_log2,
+                              out, lse_out, write_lse);
+}
+
+// Batched: units over the tables of the batch (paged_unit_varlen); q, o and lse packed
+// [sum n, Hq, ...], each unit's chunk at its record's SQ_ROW0.
+template <typename T, int D, int C>
+__global__ void __launch_bounds__(CPATTN_THREADS, 2) paged_prefill_varlen(
+    const T* __restrict__ q, const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
+    const int* __restrict__ units, const int* __restrict__ indptr, const int* __restrict__ indices,
+    const int* __restrict__ seqs, int num_seqs, const int* __restrict__ table_seq,
+    int num_q_heads, int num_kv_heads, int G, int s, float scale_log2,
+    T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
+  int n, row_base;
+  const PagedUnit u = paged_unit_varlen<C>(units, indptr, table_seq, seqs, num_seqs, num_kv_heads, G, s, n, row_base);
+  const long long r0 = row_base;
+  paged_prefill_unit<T, D, C>(u, n, q + r0 * num_q_heads * D, k_pool, v_pool, layer_page0, indices, num_q_heads,
+                              num_kv_heads, scale_log2, out + r0 * num_q_heads * D,
+                              write_lse ? lse_out + r0 * num_q_heads : lse_out, write_lse);
 }
 
 }  // namespace cpattn

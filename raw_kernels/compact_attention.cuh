@@ -39,14 +39,14 @@ struct PagedUnit {
   }
 };
 
-// The unit of this block (blockIdx.x). n: chunk tokens; own_total: the chunk's pages.
+// The unit of table `table` (its index in indptr), numbered `local` within its chunk's tables,
+// from row0. n: chunk tokens; own_total: the chunk's pages.
 template <int C>
-__device__ __forceinline__ PagedUnit paged_unit(const int* __restrict__ units, const int* __restrict__ indptr, int n,
-                                                int q_tile, int num_kv_heads, int G, int s, int own_total) {
+__device__ __forceinline__ PagedUnit paged_unit_at(int table, int local, int row0, const int* __restrict__ indptr,
+                                                   int n, int q_tile, int num_kv_heads, int G, int s, int own_total) {
   PagedUnit u;
-  const int table = units[2 * blockIdx.x];
-  u.row0 = units[2 * blockIdx.x + 1];
-  const TableCoords tc = table_coords(table, num_kv_heads, G / s);
+  u.row0 = row0;
+  const TableCoords tc = table_coords(local, num_kv_heads, G / s);
   const int t = tc.t;
   u.s = s;
   u.kvh = tc.kvh;
@@ -63,6 +63,50 @@ __device__ __forceinline__ PagedUnit paged_unit(const int* __restrict__ units, c
   u.lim_unit = u.past_keys + tok_max + 1;
   u.lim_min = u.past_keys + u.tile_start + u.row0 / s + 1;
   return u;
+}
+
+// The unit of this block (blockIdx.x) of one chunk's launch: units[u] = (table, row0).
+template <int C>
+__device__ __forceinline__ PagedUnit paged_unit(const int* __restrict__ units, const int* __restrict__ indptr, int n,
+                                                int q_tile, int num_kv_heads, int G, int s, int own_total) {
+  const int table = units[2 * blockIdx.x];
+  return paged_unit_at<C>(table, table, units[2 * blockIdx.x + 1], indptr, n, q_tile, num_kv_heads, G, s, own_total);
+}
+
+// ------------------------------------------------------------------ batched varlen prefill
+// One launch per stage over the chunks of B sequences (reference BatchedPrefill). Tables of
+// all chunks are numbered sequence-major (sequence b's from its SQ_TABLE0), table_seq[table]
+// is the sequence of a table, and the per-sequence record is a struct of arrays,
+// seqs[field * B + b], fields in the order of PREFILL_SEQ_FIELDS in cpattn/kernels.py:
+enum {
+  SQ_CHUNK_LEN,     // n: the chunk's tokens
+  SQ_PAST_BLOCKS,   // Pb
+  SQ_QUERY_BLOCKS,  // Qb = Cb: the chunk's query blocks and own pages
+  SQ_TILE_BLOCKS,   // tb = q_tile / C
+  SQ_ROW0,          // the chunk's first row in the packed q, o and lse
+  SQ_TABLE0,        // its first table
+  SQ_BLOCK0,        // its first entry in the packed block list (Pb + Cb pool ids each)
+  SQ_SCORE0,        // its first float in the packed scores ([Hq, Qb, max(Pb, 1)] each)
+  kSeqFields
+};
+__device__ __forceinline__ int seq_field(const int* __restrict__ seqs, int num_seqs, int field, int b) {
+  return seqs[field * num_seqs + b];
+}
+
+// The unit of this block of a batched launch: units[u] = (table, row0), table over the batch.
+// Sets n and row_base (the chunk's first packed row).
+template <int C>
+__device__ __forceinline__ PagedUnit paged_unit_varlen(const int* __restrict__ units, const int* __restrict__ indptr,
+                                                       const int* __restrict__ table_seq, const int* __restrict__ seqs,
+                                                       int num_seqs, int num_kv_heads, int G, int s, int& n,
+                                                       int& row_base) {
+  const int table = units[2 * blockIdx.x];
+  const int b = table_seq[table];
+  n = seq_field(seqs, num_seqs, SQ_CHUNK_LEN, b);
+  row_base = seq_field(seqs, num_seqs, SQ_ROW0, b);
+  return paged_unit_at<C>(table, table - seq_field(seqs, num_seqs, SQ_TABLE0, b), units[2 * blockIdx.x + 1], indptr,
+                          n, seq_field(seqs, num_seqs, SQ_TILE_BLOCKS, b) * C, num_kv_heads, G, s,
+                          seq_field(seqs, num_seqs, SQ_QUERY_BLOCKS, b));
 }
 
 }  // namespace cpattn

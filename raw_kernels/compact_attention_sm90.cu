@@ -70,14 +70,12 @@ __device__ __forceinline__ int swz(int r, int j) {
 // treats as an error), so no register fences are needed; empty asm "+f" fences here made
 // NVVM emit copies that ptxas counted as such reads.
 
+// The body, for unit u (q, out, lse_out: its chunk's rows).
 template <typename T, int D, int C>
-__global__ void __launch_bounds__(CPATTN_WG_THREADS, 1) paged_prefill_wg(
-    const T* __restrict__ q,          // [n, Hq, D]
-    const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
-    const int* __restrict__ units,    // [U, 2]: table, row0
-    const int* __restrict__ indptr, const int* __restrict__ indices,
-    int n, int q_tile, int num_q_heads, int num_kv_heads, int G, int s, int own_total,
-    float scale_log2, T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
+__device__ __forceinline__ void paged_prefill_wg_unit(
+    const PagedUnit& u, const T* __restrict__ q, const T* __restrict__ k_pool, const T* __restrict__ v_pool,
+    long long layer_page0, const int* __restrict__ indices, int num_q_heads, int num_kv_heads, float scale_log2,
+    T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
   constexpr int TK = WgSmem<D, C>::TK;  // keys per pipeline step
   constexpr int NST = WgSmem<D, C>::NST;
   constexpr int TILE = WgSmem<D, C>::tile_bytes;
@@ -89,7 +87,6 @@ __global__ void __launch_bounds__(CPATTN_WG_THREADS, 1) paged_prefill_wg(
   u64* full = reinterpret_cast<u64*>(sV + NST * TILE);  // [NST]: stage loaded (every thread's copies landed)
   u64* empty = full + NST;                              // [NST]: stage consumed by both warpgroups
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-  const PagedUnit u = paged_unit<C>(units, indptr, n, q_tile, num_kv_heads, G, s, own_total);
   const int row_count = u.row_count, lim_unit = u.lim_unit, lim_min = u.lim_min;
   const int nsteps = (lim_unit + TK - 1) / TK;
 
@@ -287,6 +284,36 @@ __global__ void __launch_bounds__(CPATTN_WG_THREADS, 1) paged_prefill_wg(
     store_state_row<D>(out + row * D, lse_out + row, write_lse, m[hh], lsum,
                        [&](int j) { return make_float2(o[4 * j + 2 * hh], o[4 * j + 2 * hh + 1]); });
   }
+}
+
+template <typename T, int D, int C>
+__global__ void __launch_bounds__(CPATTN_WG_THREADS, 1) paged_prefill_wg(
+    const T* __restrict__ q,          // [n, Hq, D]
+    const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
+    const int* __restrict__ units,    // [U, 2]: table, row0
+    const int* __restrict__ indptr, const int* __restrict__ indices,
+    int n, int q_tile, int num_q_heads, int num_kv_heads, int G, int s, int own_total,
+    float scale_log2, T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
+  const PagedUnit u = paged_unit<C>(units, indptr, n, q_tile, num_kv_heads, G, s, own_total);
+  paged_prefill_wg_unit<T, D, C>(u, q, k_pool, v_pool, layer_page0, indices, num_q_heads, num_kv_heads, scale_log2,
+                                 out, lse_out, write_lse);
+}
+
+// Batched (paged_prefill_varlen's contract in compact_attention.cu): units over the batch's
+// tables, q, o and lse packed, each unit's chunk at its record's SQ_ROW0.
+template <typename T, int D, int C>
+__global__ void __launch_bounds__(CPATTN_WG_THREADS, 1) paged_prefill_wg_varlen(
+    const T* __restrict__ q, const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
+    const int* __restrict__ units, const int* __restrict__ indptr, const int* __restrict__ indices,
+    const int* __restrict__ seqs, int num_seqs, const int* __restrict__ table_seq,
+    int num_q_heads, int num_kv_heads, int G, int s, float scale_log2,
+    T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
+  int n, row_base;
+  const PagedUnit u = paged_unit_varlen<C>(units, indptr, table_seq, seqs, num_seqs, num_kv_heads, G, s, n, row_base);
+  const long long r0 = row_base;
+  paged_prefill_wg_unit<T, D, C>(u, q + r0 * num_q_heads * D, k_pool, v_pool, layer_page0, indices, num_q_heads,
+                                 num_kv_heads, scale_log2, out + r0 * num_q_heads * D,
+                                 write_lse ? lse_out + r0 * num_q_heads : lse_out, write_lse);
 }
 
 }  // namespace cpattn

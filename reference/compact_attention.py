@@ -1076,3 +1076,228 @@ def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k
         a += n
     return o, lse, results
 
+
+
+# ============================================================================ batched varlen prefill
+# One plan/run over the prompt chunks of many sequences (docs/design.md, "Batched varlen
+# prefill"): sequence b's chunk is its last chunk_lens[b] tokens (K/V written), its queries are
+# rows qo_indptr[b]:qo_indptr[b+1] of one packed q [sum(chunk_lens), Hq, D]. The result is, row
+# for row, ``compact_prefill`` of each sequence on its rows: selection, tables (per sequence,
+# tile, kv head, sub-group) and attention are per sequence; only the launches are shared.
+PLAN_OPTIONS = ("alpha", "sink", "window", "q_tile", "group_size", "recall", "summary", "sample_rows", "kernel")
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """A batched prefill step (host arrays; the same on both backends).
+
+    Arrays (int64):
+        seqs        [B]      sequence ids, the order of the packed rows
+        chunk_lens  [B]      n of each sequence's chunk
+        qo_indptr   [B + 1]  packed rows of each sequence (CSR over sequences)
+        past_lens   [B]      P of each sequence (cached tokens before its chunk, a multiple of c)
+        q_tiles     [B]      query rows per tile of each sequence (``q_tile``, or the whole chunk)
+        table_indptr [B + 1] tables of each sequence in the batch's table order (T_b * Hkv * S each)
+    ``options``: the selection options every sequence uses (``PLAN_OPTIONS``, defaults filled in
+    as given; ``q_tile`` None means each sequence's whole chunk). ``version``: the cache version
+    it was built at; ``run`` also checks every sequence still has P + n tokens.
+    """
+
+    seqs: np.ndarray
+    chunk_lens: np.ndarray
+    qo_indptr: np.ndarray
+    past_lens: np.ndarray
+    q_tiles: np.ndarray
+    table_indptr: np.ndarray
+    num_q_heads: int
+    group_size: int
+    chunk_size: int
+    version: int
+    options: dict
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.qo_indptr[-1])
+
+    @property
+    def num_tables(self) -> int:
+        return int(self.table_indptr[-1])
+
+
+def check_chunk_lens(cache: ChunkCache, seqs, chunk_lens) -> tuple:
+    """Check a batch of chunks: distinct live ``seqs`` and ``chunk_lens`` (one integer >= 1 per
+    sequence, each the sequence's last tokens, starting on a chunk boundary after committed
+    tokens). Returns (seqs int64 [B], chunk_lens int64 [B], past_lens int64 [B])."""
+    check_cache(cache)
+    ids = check_ids(seqs, "seqs")
+    lens = check_ids(chunk_lens, "chunk_lens")
+    if not ids:
+        raise ValueError("seqs: expected at least one sequence, got none")
+    if len(set(ids)) != len(ids):
+        dup = sorted({s for s in ids if ids.count(s) > 1})
+        raise ValueError(f"seqs: expected distinct sequence ids (one chunk per sequence), got {dup} more than once")
+    if len(lens) != len(ids):
+        raise ValueError(f"chunk_lens: expected one length per sequence ({len(ids)}), got {len(lens)}")
+    c = cache.chunk_size
+    past = []
+    for seq, n in zip(ids, lens):
+        length = cache.seq_len(seq)  # unknown or released sequence -> CacheError
+        if not 1 <= n <= length:
+            raise ValueError(f"chunk_lens: expected a length in [1, {length}] for sequence {seq} (its chunk is "
+                             f"its last tokens), got {n}")
+        P = length - n
+        if P % c:
+            raise ValueError(f"chunk_lens: expected sequence {seq}'s chunk to start at a multiple of chunk_size "
+                             f"{c}, got P = {P} (seq_len {length}, chunk length {n})")
+        committed = cache.sequence(seq).n_committed
+        if P > committed:
+            raise ValueError(f"chunk_lens: expected sequence {seq}'s chunk to cover every uncommitted token "
+                             f"(P = {P} past tokens, {committed} committed), got chunk length {n}")
+        past.append(P)
+    return np.array(ids, np.int64), np.array(lens, np.int64), np.array(past, np.int64)
+
+
+def build_prefill_plan(cache: ChunkCache, seqs, chunk_lens, num_q_heads: int, *, alpha: float | None = DEFAULT_ALPHA,
+                       sink: int = 2, window: int = 4, q_tile: int | None = None, group_size: int | None = None,
+                       recall: float | None = None, summary: str = "auto", sample_rows: int = DEFAULT_SAMPLE_ROWS,
+                       kernel: str = "auto") -> PrefillPlan:
+    """Check a batched prefill step and lay it out (``PrefillPlan``); changes nothing."""
+    ids, lens, past = check_chunk_lens(cache, seqs, chunk_lens)
+    check_int(num_q_heads, "num_q_heads", 1, INT32_MAX)
+    if num_q_heads % cache.num_kv_heads:
+        raise ValueError(f"num_q_heads: expected a positive multiple of num_kv_heads {cache.num_kv_heads}, "
+                         f"got {num_q_heads!r}")
+    check_choice(kernel, "kernel", KERNEL_CHOICES)
+    c, Hkv = cache.chunk_size, cache.num_kv_heads
+    G = num_q_heads // Hkv
+    tiles, s = [], None
+    for n in lens:
+        qt, s = check_options(c, int(n), G, alpha, sink, window, q_tile, group_size, recall)
+        tiles.append(qt)
+    check_summary(summary, sample_rows, recall)
+    q_tiles = np.array(tiles, np.int64)
+    S = G // s
+    num_tiles = -(-lens // q_tiles)
+    options = dict(alpha=alpha, sink=int(sink), window=int(window), q_tile=q_tile, group_size=group_size,
+                   recall=recall, summary=summary, sample_rows=int(sample_rows), kernel=kernel)
+    return PrefillPlan(seqs=ids, chunk_lens=lens, qo_indptr=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+                       past_lens=past, q_tiles=q_tiles,
+                       table_indptr=np.concatenate([[0], np.cumsum(num_tiles * Hkv * S)]).astype(np.int64),
+                       num_q_heads=int(num_q_heads), group_size=int(s), chunk_size=c, version=cache.version,
+                       options=options)
+
+
+def check_prefill_plan(cache: ChunkCache, plan) -> PrefillPlan:
+    """``plan`` made for the cache as it is: same version, every sequence still P + n tokens long
+    (CacheError otherwise)."""
+    check_cache(cache)
+    if plan is None:
+        raise CacheError("plan: expected a plan (call plan(seqs, chunk_lens, num_q_heads) before run), got none")
+    check_instance(plan, "plan", PrefillPlan, "a PrefillPlan (from build_prefill_plan)")
+    if plan.version != cache.version:
+        raise CacheError(f"plan: expected a plan for cache version {cache.version}, got one built for version "
+                         f"{plan.version} (the tree changed); plan again")
+    for seq, P, n in zip(plan.seqs, plan.past_lens, plan.chunk_lens):
+        if cache.seq_len(int(seq)) != P + n:
+            raise CacheError(f"plan: expected sequence {seq} to have {P + n} tokens as planned, got "
+                             f"{cache.seq_len(int(seq))}; plan again")
+    return plan
+
+
+def check_packed_q(cache: ChunkCache, plan: PrefillPlan, q) -> None:
+    """q [plan.num_tokens, Hq, D] in the storage dtype (NumPy or CuPy)."""
+    want = storage_numpy_dtype(cache.dtype)
+    shape = (plan.num_tokens, plan.num_q_heads, cache.head_dim)
+    if not hasattr(q, "shape") or not hasattr(q, "dtype"):
+        raise TypeError(f"q: expected an array {list(shape)} (packed chunks), got {type(q).__name__}")
+    if np.dtype(q.dtype) != np.dtype(want):
+        raise TypeError(f"q: expected dtype {np.dtype(want).name} for {cache.dtype} storage, got {q.dtype}")
+    if tuple(q.shape) != shape:
+        raise ValueError(f"q: expected shape {shape} (sum(chunk_lens), num_q_heads, head_dim as planned), "
+                         f"got {tuple(q.shape)}")
+
+
+class BatchedPrefill:
+    """Batched varlen CompactAttention prefill: ``plan`` once per step, ``run`` per layer.
+
+        bp = BatchedPrefill(cache, means)
+        bp.plan(seqs, chunk_lens, num_q_heads, alpha=..., q_tile=..., ...)   # a PrefillPlan
+        o, lse = bp.run(q, layer)          # q, o [sum(chunk_lens), Hq, D], lse [sum, Hq] float32
+        bp.density(), bp.tables()          # of the last run: per sequence, and the batch's CSR
+
+    Row for row the result is ``compact_prefill(cache, means, seqs[b], q[rows of b], layer,
+    **options)``; the reference runs exactly that, one sequence after another.
+    ``cpattn.compact_attention.BatchedPrefill`` is the GPU one (one launch per stage).
+    """
+
+    def __init__(self, cache: ChunkCache, means: BlockMeans):
+        check_cache(cache)
+        check_means(means, cache)
+        self.cache, self.means = cache, means
+        self.prefill_plan: PrefillPlan | None = None
+        self.results: list = []  # the last run's CompactPrefill per sequence
+
+    def plan(self, seqs, chunk_lens, num_q_heads: int, **options) -> PrefillPlan:
+        """Plan a step over the chunks of ``seqs`` (see ``build_prefill_plan`` for the options).
+        Summarises the sequences' past pages (``BlockMeans.update``) once everything is checked."""
+        unknown = sorted(set(options) - set(PLAN_OPTIONS))
+        if unknown:
+            raise TypeError(f"options: expected some of {', '.join(PLAN_OPTIONS)}, got {unknown}")
+        plan = build_prefill_plan(self.cache, seqs, chunk_lens, num_q_heads, **options)
+        for seq, P in zip(plan.seqs, plan.past_lens):
+            self.means.update(self.cache, int(seq), num_tokens=int(P))
+        self.prefill_plan, self.results = plan, []
+        return plan
+
+    def run(self, q, layer: int = 0, *, scale: float | None = None, out=None, lse_out=None):
+        """(o [N, Hq, D] storage dtype, lse [N, Hq] float32) for the packed q [N, Hq, D], N =
+        sum(chunk_lens). ``out`` / ``lse_out`` receive them when given."""
+        cache = self.cache
+        plan = check_prefill_plan(cache, self.prefill_plan)
+        q, out = storage_view(q), storage_view(out)
+        check_packed_q(cache, plan, q)
+        cache.check_layer(layer)
+        check_scale(scale, cache.head_dim)
+        N, Hq, D = q.shape
+        if out is not None:
+            _check_out(cache, out, (N, Hq, D))
+        if lse_out is not None:
+            if not isinstance(lse_out, np.ndarray) or lse_out.dtype != np.float32:
+                raise TypeError(f"lse_out: expected None or a float32 NumPy array {(N, Hq)}, got "
+                                f"{type(lse_out).__name__} of dtype {getattr(lse_out, 'dtype', None)}")
+            if lse_out.shape != (N, Hq) or not lse_out.flags.writeable:
+                raise ValueError(f"lse_out: expected a writeable array of shape {(N, Hq)}, got shape "
+                                 f"{lse_out.shape}{'' if lse_out.flags.writeable else ' (read-only)'}")
+        o = np.empty((N, Hq, D), storage_numpy_dtype(cache.dtype)) if out is None else out
+        lse = np.empty((N, Hq), np.float32) if lse_out is None else lse_out
+        results = []
+        for b, seq in enumerate(plan.seqs):
+            a, e = int(plan.qo_indptr[b]), int(plan.qo_indptr[b + 1])
+            r = compact_prefill(cache, self.means, int(seq), q[a:e], layer, scale=scale, **plan.options)
+            o[a:e], lse[a:e] = r.o, r.lse
+            results.append(r)
+        self.results = results
+        return o, lse
+
+    def density(self) -> list:
+        """Per sequence of the last run: ``CompactPrefill.density()`` (select, q_union,
+        group_union, tables)."""
+        return [r.density() for r in self._last()]
+
+    def tables(self) -> tuple:
+        """The last run's tables as one CSR over the batch (indptr int32 [R + 1], indices int32):
+        sequence b's tables are rows ``plan.table_indptr[b]:plan.table_indptr[b+1]``, each in
+        ``BlockTables`` order."""
+        parts = [r.tables() for r in self._last()]
+        sizes = np.array([0] + [len(ind) for _, ind in parts], np.int64)
+        indptr = np.concatenate([[0]] + [ip[1:].astype(np.int64) + off for (ip, _), off in zip(parts, np.cumsum(sizes)[:-1])])
+        return indptr.astype(_I32), np.concatenate([ind for _, ind in parts]).astype(_I32)
+
+    def _last(self):
+        if not self.results:
+            raise ValueError("run: expected a run of the current plan before reading its tables or density, got none")
+        return self.results

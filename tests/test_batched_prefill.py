@@ -1,0 +1,504 @@
+"""Batched varlen CompactAttention prefill (docs/design.md, "Batched varlen prefill").
+
+Workloads: B sequences whose pasts are prefixes of a few shared prompts (so pages are shared
+through the tree), each with a chunk of awkward length (1 token, one off a block boundary,
+several blocks) whose K/V is written. Oracles: ``compact_prefill`` of each sequence on its
+rows (the result must be the same, row for row) and the float64 ``oracle_prefill`` (alpha 0).
+The GPU layout (``cpattn.compact_attention.batched_layout``) is checked on the CPU by a NumPy
+emulation of the varlen kernels' contract; the kernels themselves in the ``gpu`` tests.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cpattn import gpu_available
+from cpattn.reference import compact_attention as ca
+from cpattn.reference.chunk_cache import CacheError, ChunkCache
+from cpattn.reference.dtypes import to_float32, to_storage
+from cpattn.reference.workloads import TokenKV
+from cpattn.testing.budgets import budget
+
+POISON = {"float16": 0x7E00, "bfloat16": 0x7FC0}
+
+
+# ---------------------------------------------------------------------------- workloads
+@st.composite
+def batches(draw, kernels=False):
+    """Structure of a batched step: geometry, per-sequence (prefix group, past blocks, chunk length)."""
+    c = draw(st.sampled_from([16, 32, 64] if kernels else [2, 4, 8, 16]))
+    Hkv = draw(st.sampled_from([1, 2]))
+    B = draw(st.integers(1, 6))
+    seqs = []
+    for _ in range(B):
+        kind = draw(st.sampled_from(["one", "off-", "off+", "blocks", "any"]))
+        k = draw(st.integers(1, 3))
+        n = {"one": 1, "off-": k * c - 1, "off+": k * c + 1, "blocks": k * c,
+             "any": draw(st.integers(1, 3 * c))}[kind]
+        seqs.append((draw(st.integers(0, 1)), draw(st.integers(0, 5)), max(1, n)))
+    return dict(c=c, Hkv=Hkv, Hq=Hkv * draw(st.sampled_from([1, 2, 4])),
+                D=draw(st.sampled_from([64, 128] if kernels else [8, 16])),
+                dtype=draw(st.sampled_from(["float16", "bfloat16"])), layers=draw(st.sampled_from([1, 2])),
+                seed=draw(st.integers(0, 2**32 - 1)), seqs=seqs)
+
+
+def selection_options(draw, g):
+    G = g["Hq"] // g["Hkv"]
+    rule = draw(st.sampled_from(["dense", "alpha", "recall"]))
+    opt = dict(sink=draw(st.integers(0, 2)), window=draw(st.integers(0, 2)),
+               q_tile=draw(st.sampled_from([None, g["c"], 2 * g["c"]])),
+               group_size=draw(st.sampled_from([None] + [s for s in (1, 2) if G % s == 0])))
+    if rule == "dense":
+        opt.update(alpha=0.0)
+    elif rule == "alpha":
+        opt.update(alpha=draw(st.sampled_from([0.02, 0.1, 0.5])))
+    else:
+        opt.update(recall=draw(st.sampled_from([0.5, 0.9])), summary=draw(st.sampled_from(["auto", "mean"])))
+    return opt
+
+
+def build(g, make_cache=ChunkCache):
+    """(cache, seqs, chunk_lens, q [layers, N, Hq, D] host storage): the batch of ``g``."""
+    c, rng = g["c"], np.random.default_rng(g["seed"])
+    kv = TokenKV(g["layers"], g["Hkv"], g["D"], g["dtype"], seed=g["seed"] % 2**31, vocab=997)
+    longest = max(pb for _, pb, _ in g["seqs"]) * c
+    prefixes = [rng.integers(0, 997, longest).tolist() for _ in range(2)]
+    chunks = sum(pb + n // c + 2 for _, pb, n in g["seqs"])
+    cache = make_cache(g["layers"], g["Hkv"], g["D"], chunks, chunk_size=c, dtype=g["dtype"],
+                       max_sequences=len(g["seqs"]) + 1)
+    ids, lens = [], []
+    for grp, pb, n in g["seqs"]:
+        past = prefixes[grp][: pb * c]
+        k, v = kv(past)
+        seq = cache.add_sequence(past, k, v) if past else cache.add_sequence([])
+        assert cache.seq_len(seq) == pb * c
+        toks = rng.integers(0, 997, n).tolist()
+        k, v = kv(toks, start=pb * c)
+        cache.extend(seq, toks, k, v)
+        ids.append(seq)
+        lens.append(n)
+    N = sum(lens)
+    q = to_storage(rng.standard_normal((g["layers"], N, g["Hq"], g["D"])).astype(np.float32) * 1.5, g["dtype"])
+    return cache, ids, lens, q
+
+
+def vmax(cache):
+    return float(np.abs(to_float32(np.asarray(cache.v_pool), cache.dtype)).max())
+
+
+def packed_rows(lens):
+    ptr = np.concatenate([[0], np.cumsum(lens)])
+    return [slice(int(a), int(b)) for a, b in zip(ptr[:-1], ptr[1:])]
+
+
+# ---------------------------------------------------------------------------- reference
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(g=batches(), data=st.data())
+def test_batched_equals_per_sequence_compact_prefill_and_dense_equals_oracle(g, data):
+    opt = selection_options(data.draw, g)
+    cache, seqs, lens, q = build(g)
+    means = ca.BlockMeans(cache)
+    bp = ca.BatchedPrefill(cache, means)
+    plan = bp.plan(seqs, lens, g["Hq"], **opt)
+    assert plan.num_tokens == sum(lens) and list(plan.seqs) == seqs
+    assert np.array_equal(np.diff(plan.qo_indptr), lens)
+    for layer in range(g["layers"]):
+        o, lse = bp.run(q[layer], layer)
+        assert o.dtype == q.dtype and o.shape == q[layer].shape and lse.dtype == np.float32
+        indptr, indices = bp.tables()
+        assert len(indptr) == plan.num_tables + 1 and indptr[-1] == len(indices)
+        dens = bp.density()
+        for b, (seq, rows) in enumerate(zip(seqs, packed_rows(lens))):
+            one = ca.compact_prefill(cache, means, seq, q[layer, rows], layer, **opt)
+            assert o[rows].tobytes() == one.o.tobytes() and lse[rows].tobytes() == one.lse.tobytes()
+            assert dens[b] == one.density()
+            t0, t1 = int(plan.table_indptr[b]), int(plan.table_indptr[b + 1])
+            ip, ind = one.tables()
+            assert np.array_equal(indptr[t0:t1 + 1] - indptr[t0], ip)
+            assert np.array_equal(indices[indptr[t0]:indptr[t1]], ind)
+            if opt.get("alpha") == 0.0:
+                ref_o, ref_lse = ca.oracle_prefill(cache, seq, q[layer, rows], layer)
+                err = np.abs(to_float32(o[rows], g["dtype"]) - ref_o).max()
+                assert err <= budget("prefill", g["dtype"], vmax(cache)), err
+                np.testing.assert_allclose(lse[rows], ref_lse, rtol=2e-5, atol=2e-5)
+                assert dens[b]["tables"] == 1.0
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(g=batches())
+def test_sparse_tables_keep_the_sequence_own_pages_and_recall_is_bounded(g):
+    """Each table lists past pages of its own sequence, then exactly its own pages up to the
+    tile end; recall of the dense attention mass is in (0, 1]."""
+    cache, seqs, lens, q = build(g)
+    means = ca.BlockMeans(cache)
+    bp = ca.BatchedPrefill(cache, means)
+    plan = bp.plan(seqs, lens, g["Hq"], alpha=0.3, sink=1, window=1, q_tile=g["c"])
+    o, lse = bp.run(q[0])
+    indptr, indices = bp.tables()
+    c, S = g["c"], g["Hq"] // g["Hkv"] // plan.group_size
+    for b, (seq, rows) in enumerate(zip(seqs, packed_rows(lens))):
+        ids = cache.seq_chunks(seq)
+        Pb, n = int(plan.past_lens[b]) // c, lens[b]
+        for r in range(int(plan.table_indptr[b]), int(plan.table_indptr[b + 1])):
+            t = (r - int(plan.table_indptr[b])) // (g["Hkv"] * S)
+            lst = list(indices[indptr[r]:indptr[r + 1]])
+            own = ids[Pb: Pb + -(-min(n, (t + 1) * c) // c)]
+            assert lst[len(lst) - len(own):] == own
+            past = lst[: len(lst) - len(own)]
+            assert set(past) <= set(ids[:Pb]) and past == sorted(past, key=ids.index)
+        _, dense_lse = ca.oracle_prefill(cache, seq, q[0, rows], 0)
+        rec = ca.mass_recall(lse[rows], dense_lse)
+        assert np.all(rec > 0) and np.all(rec <= 1 + 1e-4)
+
+
+def test_one_token_chunks_and_a_prefix_shared_by_every_sequence():
+    g = dict(c=4, Hkv=2, Hq=4, D=8, dtype="bfloat16", layers=1, seed=7,
+             seqs=[(0, 3, 1), (0, 3, 1), (0, 2, 5), (1, 0, 1), (0, 3, 3)])
+    cache, seqs, lens, q = build(g)
+    assert cache.seq_chunks(seqs[0])[:3] == cache.seq_chunks(seqs[1])[:3] == cache.seq_chunks(seqs[4])[:3]
+    means = ca.BlockMeans(cache)
+    bp = ca.BatchedPrefill(cache, means)
+    bp.plan(seqs, lens, 4, alpha=0.0)
+    o, lse = bp.run(q[0])
+    for seq, rows in zip(seqs, packed_rows(lens)):
+        ref_o, ref_lse = ca.oracle_prefill(cache, seq, q[0, rows], 0)
+        assert np.abs(to_float32(o[rows], "bfloat16") - ref_o).max() <= budget("prefill", "bfloat16", vmax(cache))
+        np.testing.assert_allclose(lse[rows], ref_lse, rtol=2e-5, atol=2e-5)
+
+
+def test_out_and_lse_out_are_written_in_place():
+    g = dict(c=4, Hkv=1, Hq=2, D=8, dtype="float16", layers=1, seed=3, seqs=[(0, 2, 3), (1, 1, 4)])
+    cache, seqs, lens, q = build(g)
+    bp = ca.BatchedPrefill(cache, ca.BlockMeans(cache))
+    bp.plan(seqs, lens, 2)
+    o0, l0 = bp.run(q[0])
+    out = np.full(q[0].shape, POISON["float16"], np.uint16).view(np.float16)
+    lse_out = np.full(l0.shape, np.nan, np.float32)
+    o, lse = bp.run(q[0], out=out, lse_out=lse_out)
+    assert o is out and lse is lse_out and o.tobytes() == o0.tobytes() and lse.tobytes() == l0.tobytes()
+
+
+# ---------------------------------------------------------------------------- bad input
+def small():
+    g = dict(c=4, Hkv=1, Hq=2, D=8, dtype="float16", layers=1, seed=1, seqs=[(0, 2, 3), (0, 1, 4)])
+    cache, seqs, lens, q = build(g)
+    return cache, seqs, lens, q, ca.BatchedPrefill(cache, ca.BlockMeans(cache))
+
+
+@pytest.mark.parametrize("args,kw,exc,msg", [
+    (("SEQS", [3], 2), {}, ValueError, "chunk_lens: expected one length per sequence"),
+    (("DUP", [3, 3], 2), {}, ValueError, "seqs: expected distinct"),
+    (([], [], 2), {}, ValueError, "seqs: expected at least one"),
+    (("SEQS", [3, 0], 2), {}, ValueError, r"chunk_lens: expected a length in \[1"),
+    (("SEQS", [2, 4], 2), {}, ValueError, "chunk_lens: expected sequence .* multiple of chunk_size"),
+    (("SEQS", [3, 4.0], 2), {}, TypeError, "chunk_lens"),
+    (("SEQS", [3, True], 2), {}, TypeError, "chunk_lens"),
+    (("SEQS", [3, 4], 3.0), {}, TypeError, "num_q_heads"),
+    (("SEQS", [3, 4], True), {}, TypeError, "num_q_heads"),
+    (("SEQS", [3, 4], 2), {"alpha": 2.0}, ValueError, "alpha"),
+    (("SEQS", [3, 4], 2), {"q_tile": 3}, ValueError, "q_tile"),
+    (("SEQS", [3, 4], 2), {"group_size": 3}, ValueError, "group_size"),
+    (("SEQS", [3, 4], 2), {"kernel": "fast"}, ValueError, "kernel"),
+    (("SEQS", [3, 4], 2), {"scale": 1.0}, TypeError, "options: expected some of"),
+    (("SEQS", [3, 4], 2), {"recall": 0.9, "alpha": 0.3}, ValueError, "one selection rule"),
+])
+def test_bad_plans_are_refused_and_change_nothing(args, kw, exc, msg):
+    cache, seqs, lens, q, bp = small()
+    bp.plan(seqs, lens, 2)
+    before, kmean = bp.prefill_plan, bp.means.kmean.copy()
+    seq_arg = {"SEQS": seqs, "DUP": [seqs[0], seqs[0]]}.get(args[0], args[0]) if isinstance(args[0], str) else args[0]
+    with pytest.raises(exc, match=msg):
+        bp.plan(seq_arg, *args[1:], **kw)
+    assert bp.prefill_plan is before and np.array_equal(bp.means.kmean, kmean)
+
+
+def test_bad_runs_are_refused():
+    cache, seqs, lens, q, bp = small()
+    with pytest.raises(CacheError, match="plan: expected a plan"):
+        bp.run(q[0])
+    bp.plan(seqs, lens, 2)
+    with pytest.raises(ValueError, match=r"q: expected shape \(7, 2, 8\)"):
+        bp.run(q[0, :5])
+    with pytest.raises(TypeError, match="q: expected dtype float16"):
+        bp.run(q[0].astype(np.float32))
+    with pytest.raises(TypeError, match="layer"):
+        bp.run(q[0], True)
+    with pytest.raises(ValueError, match="out: expected shape"):
+        bp.run(q[0], out=np.zeros((7, 2, 4), np.float16))
+    with pytest.raises(TypeError, match="lse_out"):
+        bp.run(q[0], lse_out=np.zeros((7, 2), np.float64))
+    with pytest.raises(ValueError, match="run: expected a run"):
+        bp.tables()
+    # the sequence grew after the plan: its chunk is no longer its last tokens
+    kv = TokenKV(1, 1, 8, "float16")
+    k, v = kv([5])
+    cache.extend(seqs[1], [5], k, v)
+    with pytest.raises(CacheError, match="plan: expected"):
+        bp.run(q[0])
+
+
+# ---------------------------------------------------------------------------- emulated GPU cache
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(g=batches(), data=st.data())
+def test_emulated_gpu_cache_gives_the_numpy_results(g, data):
+    """The reference batched prefill on the GPU cache as the kernels see it (the emulated
+    backend's device length view) equals the NumPy cache's, bitwise."""
+    from cpattn.testing import get_backend
+
+    opt = selection_options(data.draw, g)
+    cache, seqs, lens, q = build(g)
+    bp = ca.BatchedPrefill(cache, ca.BlockMeans(cache))
+    bp.plan(seqs, lens, g["Hq"], **opt)
+    o_ref, lse_ref = bp.run(q[0])
+    with get_backend("emulated") as be:
+        gcache, gseqs, _, _ = build(g, be.make_cache)
+        assert gseqs == seqs
+        view = be.api.view(gcache)
+        gbp = ca.BatchedPrefill(view, be.api.BlockMeans(gcache))
+        gbp.plan(seqs, lens, g["Hq"], **opt)
+        o, lse = gbp.run(q[0])
+    assert o.tobytes() == o_ref.tobytes() and lse.tobytes() == lse_ref.tobytes()
+
+
+# ---------------------------------------------------------------------------- the GPU layout, emulated
+def emulate_varlen_kernels(cache, plan, lay, q, scores, layer, alpha, sink, window):
+    """The varlen kernels' contract in NumPy on the uploaded layout: block_union_varlen (thresholds
+    on ``scores``, packed [Hq, Qb, max(Pb, 1)] per sequence), tables_csr, paged_prefill_varlen
+    (float64). Returns (indptr, indices, o float64 [N, Hq, D], lse)."""
+    from cpattn.kernels import PREFILL_ROWS, PREFILL_SEQ_FIELDS
+
+    F = {f: lay.seq_info[i] for i, f in enumerate(PREFILL_SEQ_FIELDS)}
+    c, Hkv, D = cache.chunk_size, cache.num_kv_heads, cache.head_dim
+    Hq, s = plan.num_q_heads, plan.group_size
+    G = Hq // Hkv
+    S = G // s
+    R = len(lay.table_seq)
+    lists = []
+    for table in range(R):
+        b = lay.table_seq[table]
+        Pb, Qb, tb = F["past_blocks"][b], F["query_blocks"][b], F["tile_blocks"][b]
+        local = table - F["table0"][b]
+        t, kvh, g = local // (Hkv * S), (local // S) % Hkv, local % S
+        sr = scores[F["score0"][b]: F["score0"][b] + Hq * Qb * max(Pb, 1)].reshape(Hq, Qb, max(Pb, 1))
+        blocks = lay.blocks[F["block0"][b]: F["block0"][b] + Pb + Qb]
+        i0, nb = t * tb, min(tb, Qb - t * tb)
+        keep = np.zeros(Pb, bool)
+        for hh in range(kvh * G + g * s, kvh * G + (g + 1) * s):
+            for i in range(i0, i0 + nb):
+                row = sr[hh, i, :Pb]
+                thr = np.float32(alpha) * max(np.float32(0), row.max(initial=0))
+                keep |= row >= thr
+        j = np.arange(Pb)
+        keep |= (j < sink) | (j >= Pb - window)
+        own = min((t + 1) * tb, Qb)
+        lists.append(np.concatenate([blocks[:Pb][keep], blocks[Pb:Pb + own]]))
+        assert len(lists[-1]) <= lay.cap
+    indptr = np.concatenate([[0], np.cumsum([len(x) for x in lists])])
+    indices = np.concatenate(lists)
+    qf = to_float32(q, cache.dtype).astype(np.float64)
+    kp = to_float32(np.asarray(cache.k_pool[layer]), cache.dtype).astype(np.float64)
+    vp = to_float32(np.asarray(cache.v_pool[layer]), cache.dtype).astype(np.float64)
+    N = plan.num_tokens
+    o, lse = np.full((N, Hq, D), np.nan), np.full((N, Hq), np.nan)
+    written = np.zeros((N, Hq), int)
+    for table, row0 in lay.units:
+        b = lay.table_seq[table]
+        n, tb, Qb = F["chunk_len"][b], F["tile_blocks"][b], F["query_blocks"][b]
+        local = table - F["table0"][b]
+        t, kvh, g = local // (Hkv * S), (local // S) % Hkv, local % S
+        tile_start = t * tb * c
+        row_count = min(PREFILL_ROWS, min(tb * c, n - tile_start) * s - row0)
+        assert row_count > 0
+        pages = indices[indptr[table]: indptr[table + 1]]
+        npast = len(pages) - min((t + 1) * tb, Qb)
+        k = kp[pages, kvh].reshape(-1, D)
+        v = vp[pages, kvh].reshape(-1, D)
+        for r in range(row_count):
+            gr = row0 + r
+            tok, head = tile_start + gr // s, kvh * G + g * s + gr % s
+            lim = npast * c + tok + 1  # the bottom-right causal limit
+            z = k[:lim] @ qf[F["row0"][b] + tok, head] / np.sqrt(D)
+            m = z.max()
+            p = np.exp(z - m)
+            o[F["row0"][b] + tok, head] = p @ v[:lim] / p.sum()
+            lse[F["row0"][b] + tok, head] = m + np.log(p.sum())
+            written[F["row0"][b] + tok, head] += 1
+    assert (written == 1).all()  # every (row, head) by exactly one unit row
+    return indptr, indices, o, lse
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(g=batches(), data=st.data())
+def test_gpu_layout_emulated_gives_the_reference_tables_and_output(g, data):
+    from cpattn.compact_attention import batched_layout
+
+    alpha = data.draw(st.sampled_from([0.0, 0.05, 0.3]))
+    opt = dict(alpha=alpha, sink=data.draw(st.integers(0, 2)), window=data.draw(st.integers(0, 2)),
+               q_tile=data.draw(st.sampled_from([None, g["c"], 2 * g["c"]])),
+               group_size=data.draw(st.sampled_from([None, 1])))
+    cache, seqs, lens, q = build(g)
+    means = ca.BlockMeans(cache)
+    bp = ca.BatchedPrefill(cache, means)
+    plan = bp.plan(seqs, lens, g["Hq"], **opt)
+    lay = batched_layout(plan, [cache.seq_chunks(s) for s in seqs], cache.num_kv_heads)
+    assert lay.seq_info.dtype == np.int32 and lay.units.dtype == np.int32
+    # the scores the kernel thresholds: the reference's, packed per sequence
+    parts = []
+    for b, (seq, rows) in enumerate(zip(seqs, packed_rows(lens))):
+        sel = ca.select_blocks(cache, means, seq, q[0, rows], 0, **opt)
+        sc = sel.scores if sel.scores.shape[2] else np.zeros(sel.scores.shape[:2] + (1,), np.float32)
+        parts.append(sc.ravel())
+    scores = np.concatenate(parts)
+    assert len(scores) == lay.score_size
+    indptr, indices, o, lse = emulate_varlen_kernels(cache, plan, lay, q[0], scores, 0, alpha, opt["sink"],
+                                                     opt["window"])
+    o_ref, lse_ref = bp.run(q[0])
+    ref_indptr, ref_indices = bp.tables()
+    assert np.array_equal(indptr, ref_indptr) and np.array_equal(indices, ref_indices)
+    assert np.abs(o - to_float32(o_ref, g["dtype"])).max() <= budget("prefill", g["dtype"], vmax(cache))
+    np.testing.assert_allclose(lse, lse_ref, rtol=2e-5, atol=2e-5)
+
+
+def test_the_record_fields_match_the_kernel_enum():
+    import re
+
+    from cpattn.kernels import PREFILL_SEQ_FIELDS, read_source
+
+    src = read_source("compact_attention.cuh")
+    body = re.search(r"enum\s*\{([^}]*SQ_CHUNK_LEN[^}]*)\}", src).group(1)
+    names = [re.sub(r"//.*", "", n).strip() for n in re.sub(r"//[^\n]*", "", body).split(",")]
+    names = [n for n in names if n]
+    assert names[-1] == "kSeqFields"
+    assert [n[len("SQ_"):].lower() for n in names[:-1]] == list(PREFILL_SEQ_FIELDS)
+
+
+# ---------------------------------------------------------------------------- GPU (marker gpu)
+def _kernels():
+    if not gpu_available():
+        return ["mma"]
+    import cupy
+
+    return ["mma", "wgmma"] if cupy.cuda.Device().compute_capability == "90" else ["mma"]
+
+
+KERNELS = _kernels()
+needs_gpu = pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")
+
+
+def gpu_build(g):
+    import cupy
+
+    from cpattn.chunk_cache import GpuChunkCache
+    from cpattn.compact_attention import BlockMeans
+
+    cache, seqs, lens, q = build(g, GpuChunkCache)
+    return cache, BlockMeans(cache), seqs, lens, q
+
+
+def poisoned(shape, dtype):
+    import cupy
+
+    return cupy.full(shape, POISON[dtype], dtype=np.float16 if dtype == "float16" else np.uint16)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(g=batches(kernels=True), data=st.data())
+def test_gpu_batched_equals_per_sequence_gpu_calls_bitwise(g, data):
+    """One launch per stage over the batch gives, row for row, the single-sequence kernels'
+    result (same arithmetic per unit), poisoned outputs fully written; alpha 0 within the
+    kernel budget of the float64 oracle; tables equal the reference's at alpha 0."""
+    import cupy
+
+    from cpattn.compact_attention import BatchedPrefill, compact_prefill
+
+    opt = selection_options(data.draw, g)
+    opt["kernel"] = data.draw(st.sampled_from(KERNELS))
+    cache, means, seqs, lens, q = gpu_build(g)
+    bp = BatchedPrefill(cache, means)
+    plan = bp.plan(seqs, lens, g["Hq"], **opt)
+    layer = g["layers"] - 1
+    qd = cupy.asarray(q[layer])
+    out = poisoned(qd.shape, g["dtype"])
+    lse_out = cupy.full(qd.shape[:2], np.nan, np.float32)
+    o, lse = bp.run(qd, layer, out=out, lse_out=lse_out)
+    o, lse = cupy.asnumpy(o), cupy.asnumpy(lse)
+    assert np.isfinite(to_float32(o, g["dtype"])).all() and np.isfinite(lse).all()
+    indptr, indices = bp.tables()
+    dens = bp.density()
+    ref_cache, ref_seqs, _, _ = build(g)
+    ref = ca.BatchedPrefill(ref_cache, ca.BlockMeans(ref_cache))
+    ref.plan(ref_seqs, lens, g["Hq"], **opt)
+    ref_o, ref_lse = ref.run(q[layer], layer)
+    for b, (seq, rows) in enumerate(zip(seqs, packed_rows(lens))):
+        one = compact_prefill(cache, means, seq, cupy.asarray(q[layer, rows]), layer, **opt)
+        assert o[rows].tobytes() == cupy.asnumpy(one.o).tobytes(), b
+        assert lse[rows].tobytes() == cupy.asnumpy(one.lse).tobytes(), b
+        ip, ind = one.tables()
+        t0, t1 = int(plan.table_indptr[b]), int(plan.table_indptr[b + 1])
+        assert np.array_equal(indptr[t0:t1 + 1] - indptr[t0], ip)
+        assert np.array_equal(indices[indptr[t0]:indptr[t1]], ind)
+        assert dens[b] == pytest.approx(one.density(), abs=1e-12)
+    if opt.get("alpha") == 0.0:
+        ref_ip, ref_ind = ref.tables()
+        assert np.array_equal(indptr, ref_ip)
+        for b, (seq, rows) in enumerate(zip(ref_seqs, packed_rows(lens))):
+            oracle, oracle_lse = ca.oracle_prefill(ref_cache, seq, q[layer, rows], layer)
+            err = np.abs(to_float32(o[rows], g["dtype"]) - oracle).max()
+            assert err <= budget("prefill", g["dtype"], vmax(ref_cache), backend="cupy"), err
+            np.testing.assert_allclose(lse[rows], oracle_lse, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gpu_batched_run_replays_in_a_cuda_graph(kernel):
+    import cupy
+
+    from cpattn.compact_attention import BatchedPrefill
+
+    g = dict(c=64, Hkv=2, Hq=8, D=128, dtype="bfloat16", layers=2, seed=5,
+             seqs=[(0, 4, 1), (0, 4, 130), (1, 2, 63), (1, 0, 64), (0, 5, 200)])
+    for opt in (dict(alpha=0.0), dict(alpha=0.1, q_tile=128)):
+        cache, means, seqs, lens, q = gpu_build(g)
+        bp = BatchedPrefill(cache, means)
+        bp.plan(seqs, lens, g["Hq"], kernel=kernel, **opt)
+        qd = cupy.asarray(q[1])
+        eager_o, eager_lse = (cupy.asnumpy(x) for x in bp.run(qd, 1))
+        out = poisoned(qd.shape, "bfloat16")
+        lse_out = cupy.full(qd.shape[:2], np.nan, np.float32)
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            bp.run(qd, 1, out=out, lse_out=lse_out)
+            graph = stream.end_capture()
+        out.fill(POISON["bfloat16"])
+        graph.launch(stream)
+        stream.synchronize()
+        assert cupy.asnumpy(out).tobytes() == eager_o.tobytes()
+        assert cupy.asnumpy(lse_out).tobytes() == eager_lse.tobytes()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gpu_batched_dispatch_and_numpy_cache(kernel):
+    """``BatchedPrefill`` on a NumPy cache is the reference one; on a GPU cache with NumPy q it refuses."""
+    import cupy
+
+    from cpattn.compact_attention import BatchedPrefill
+
+    g = dict(c=16, Hkv=1, Hq=2, D=64, dtype="float16", layers=1, seed=2, seqs=[(0, 2, 5), (0, 1, 16)])
+    cache, seqs, lens, q = build(g)
+    assert type(BatchedPrefill(cache, ca.BlockMeans(cache))) is ca.BatchedPrefill
+    gcache, gmeans, seqs, lens, q = gpu_build(g)
+    bp = BatchedPrefill(gcache, gmeans)
+    bp.plan(seqs, lens, 2, kernel=kernel)
+    with pytest.raises(TypeError, match="q: expected a GPU array"):
+        bp.run(q[0])
+    o, lse = bp.run(cupy.asarray(q[0]))
+    assert o.dtype == np.float16 and lse.dtype == np.float32 and o.shape == q[0].shape
+
