@@ -53,7 +53,7 @@ def selection_options(draw, g):
     if rule == "dense":
         opt.update(alpha=0.0)
     elif rule == "alpha":
-        opt.update(alpha=draw(st.sampled_from([0.02, 0.1, 0.5])))
+        opt.update(alpha=draw(st.sampled_from([0.02, 0.1, 0.5, 1.0])))
     else:
         opt.update(recall=draw(st.sampled_from([0.5, 0.9])), summary=draw(st.sampled_from(["auto", "mean"])))
     return opt
@@ -334,7 +334,7 @@ def emulate_varlen_kernels(cache, plan, lay, q, scores, layer, alpha, sink, wind
 def test_gpu_layout_emulated_gives_the_reference_tables_and_output(g, data):
     from cpattn.compact_attention import batched_layout
 
-    alpha = data.draw(st.sampled_from([0.0, 0.05, 0.3]))
+    alpha = data.draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
     opt = dict(alpha=alpha, sink=data.draw(st.integers(0, 2)), window=data.draw(st.integers(0, 2)),
                q_tile=data.draw(st.sampled_from([None, g["c"], 2 * g["c"]])),
                group_size=data.draw(st.sampled_from([None, 1])))
@@ -502,3 +502,247 @@ def test_gpu_batched_dispatch_and_numpy_cache(kernel):
     o, lse = bp.run(cupy.asarray(q[0]))
     assert o.dtype == np.float16 and lse.dtype == np.float32 and o.shape == q[0].shape
 
+
+
+# ---------------------------------------------------------------------------- GPU host code, emulated kernels
+class EmulatedKernels:
+    """The compact_attention kernels as NumPy functions called with the launch tuples the GPU host
+    code builds (argument order as in raw_kernels/compact_attention.cu), so the host code of both
+    GPU paths (``compact_prefill`` and ``BatchedPrefill``) runs on the CPU with the emulated cache.
+    The varlen kernels call the single-sequence bodies with the record's offsets, as the CUDA does."""
+
+    def __init__(self, dtype, D, C):
+        self.dtype, self.D, self.C = dtype, D, C
+        self.launches = []
+
+    def table(self):
+        names = ("block_mean", "block_score", "block_union", "tables_csr", "paged_prefill", "block_score_varlen",
+                 "block_union_varlen", "paged_prefill_varlen")
+        out = {}
+        for name in names:
+            def launch(grid, block, args, shared_mem=0, _name=name):
+                import cupy
+
+                for a in args:  # device arrays or NumPy scalars of the kernel's types, nothing else
+                    assert isinstance(a, (cupy.ndarray, np.int32, np.int64, np.float32)), (_name, type(a))
+                self.launches.append(_name)
+                getattr(self, _name)(grid, args)
+            out[name] = launch
+        return out
+
+    # ---- values as the kernels read them
+    def f32(self, x):
+        return to_float32(np.asarray(x).view(np.ndarray), self.dtype)
+
+    def block_mean(self, grid, args):
+        k_pool, pages, num_pages, L, N, Hkv, kmean, kmean_lp = args
+        for p in range(int(num_pages)):
+            for layer in range(int(L)):
+                m = self.f32(k_pool[layer, int(pages[p])]).sum(axis=1, dtype=np.float32) / np.float32(self.C)
+                kmean[layer, int(pages[p])] = m
+                kmean_lp[layer, int(pages[p])] = to_storage(m, self.dtype)
+
+    def score_rows(self, q, kmean_lp, page0, blocks, Pb, n, Hq, Hkv, scale_log2, s_raw, h, row0):
+        C, D = self.C, self.D
+        rows = np.arange(row0, min(row0 + 128, n))
+        if Pb == 0 or not len(rows):
+            return
+        km = self.f32(kmean_lp.reshape(-1, D)[int(page0) + blocks[:Pb].astype(np.int64) * Hkv + h // (Hq // Hkv)])
+        z = (self.f32(q.reshape(-1, Hq, D)[rows, h]) @ km.T).astype(np.float32) * np.float32(scale_log2)
+        e = np.exp2(z - z.max(axis=1, keepdims=True))
+        Qb = -(-n // C)
+        for i in np.unique(rows // C):
+            s_raw[(h * Qb + i) * Pb: (h * Qb + i + 1) * Pb] += e[rows // C == i].sum(axis=0)
+
+    def block_score(self, grid, args):
+        q, kmean_lp, page0, blocks, Pb, n, Hq, Hkv, scale_log2, s_raw = args
+        for x in range(grid[0]):
+            for h in range(grid[1]):
+                self.score_rows(q, kmean_lp, page0, blocks, int(Pb), int(n), int(Hq), int(Hkv), scale_log2,
+                                s_raw.reshape(-1), h, x * 128)
+
+    def field(self, seqs, B, name, b):
+        from cpattn.kernels import PREFILL_SEQ_FIELDS
+
+        return int(seqs.reshape(-1)[PREFILL_SEQ_FIELDS.index(name) * int(B) + b])
+
+    def block_score_varlen(self, grid, args):
+        q, kmean_lp, page0, blocks, seqs, B, row_blocks, Hq, Hkv, scale_log2, s_raw = args
+        Hq, D = int(Hq), self.D
+        for x in range(grid[0]):
+            b, row0 = int(row_blocks[2 * x]), int(row_blocks[2 * x + 1])
+            f = lambda name: self.field(seqs, B, name, b)  # noqa: E731
+            for h in range(grid[1]):
+                self.score_rows(q.reshape(-1)[f("row0") * Hq * D:], kmean_lp, page0, blocks[f("block0"):],
+                                f("past_blocks"), f("chunk_len"), Hq, int(Hkv), scale_log2,
+                                s_raw.reshape(-1)[f("score0"):], h, row0)
+
+    def union_table(self, s_raw, Pb, Qb, tb, Hkv, G, s, alpha, sink, window, blocks, own_total, lst, counts, ci,
+                    stats, table):
+        S = G // s
+        t, kvh, g = table // (Hkv * S), (table // S) % Hkv, table % S
+        i0, nb, h0 = t * tb, min(tb, Qb - t * tb), kvh * G + g * s
+        sr = s_raw[: (h0 + s) * Qb * Pb].reshape(-1, Qb, Pb) if Pb else np.zeros((h0 + s, Qb, 0), np.float32)
+        keep_g = np.zeros(Pb, bool)
+        j = np.arange(Pb)
+        forced = (j < sink) | (j >= Pb - window)
+        n_sel = n_qu = 0
+        for hh in range(h0, h0 + s):
+            keep_h = np.zeros(Pb, bool)
+            for i in range(i0, i0 + nb):
+                thr = np.float32(alpha) * max(np.float32(0), sr[hh, i].max(initial=0))
+                k = forced | (sr[hh, i] >= thr)
+                n_sel += int(k.sum())
+                keep_h |= k
+            n_qu += int(keep_h.sum()) * nb
+            keep_g |= keep_h
+        own = min((t + 1) * tb, own_total)
+        chosen = np.concatenate([blocks[:Pb][keep_g], blocks[Pb:Pb + own]])
+        lst[: len(chosen)] = chosen
+        counts[ci] = len(chosen)
+        stats[:3] += np.array([n_sel, n_qu, int(keep_g.sum()) * s * nb], np.uint64)
+
+    def block_union(self, grid, args):
+        s_raw, Pb, Qb, tb, T, Hkv, G, s, alpha, sink, window, blocks, own_total, padded, cap, counts, stats = args
+        for table in range(grid[0]):
+            self.union_table(s_raw.reshape(-1), int(Pb), int(Qb), int(tb), int(Hkv), int(G), int(s), alpha, int(sink),
+                             int(window), blocks, int(own_total), padded[table * int(cap):], counts, table, stats,
+                             table)
+
+    def block_union_varlen(self, grid, args):
+        s_raw, seqs, B, table_seq, Hkv, G, s, alpha, sink, window, blocks, padded, cap, counts, stats = args
+        for table in range(grid[0]):
+            b = int(table_seq[table])
+            f = lambda name: self.field(seqs, B, name, b)  # noqa: E731
+            self.union_table(s_raw.reshape(-1)[f("score0"):], f("past_blocks"), f("query_blocks"), f("tile_blocks"),
+                             int(Hkv), int(G), int(s), alpha, int(sink), int(window), blocks[f("block0"):],
+                             f("query_blocks"), padded[table * int(cap):], counts, table, stats[3 * b:],
+                             table - f("table0"))
+
+    def tables_csr(self, grid, args):
+        padded, cap, counts, R, indptr, indices = args
+        off = 0
+        for t in range(int(R)):
+            indptr[t] = off
+            indices[off: off + counts[t]] = padded[t * int(cap): t * int(cap) + counts[t]]
+            off += int(counts[t])
+        indptr[int(R)] = off
+
+    def prefill_unit(self, table, local, row0, indptr, indices, n, q_tile, Hq, Hkv, G, s, own_total, q, kp, vp,
+                     page0, scale_log2, out, lse, write_lse):
+        C, D = self.C, self.D
+        S = G // s
+        t, kvh, g = local // (Hkv * S), (local // S) % Hkv, local % S
+        tile_start = t * q_tile
+        row_count = min(128, min(q_tile, n - tile_start) * s - row0)
+        own = min((t + 1) * (q_tile // C), own_total)
+        pages = indices[int(indptr[table]): int(indptr[table + 1])].astype(np.int64)
+        npast = len(pages) - own
+        k = self.f32(kp.reshape(-1, C, D)[int(page0) + pages * Hkv + kvh]).reshape(-1, D)
+        v = self.f32(vp.reshape(-1, C, D)[int(page0) + pages * Hkv + kvh]).reshape(-1, D)
+        q2, o2 = q.reshape(-1, D), out.reshape(-1, D)
+        for r in range(row_count):
+            gr = row0 + r
+            idx = (tile_start + gr // s) * Hq + kvh * G + g * s + gr % s
+            lim = npast * C + tile_start + gr // s + 1
+            z = (k[:lim] @ self.f32(q2[idx])).astype(np.float32) * np.float32(scale_log2)
+            p = np.exp2(z - z.max())
+            o2[idx] = to_storage((p @ v[:lim]) / p.sum(dtype=np.float32), self.dtype)
+            if write_lse:
+                lse.reshape(-1)[idx] = (z.max() + np.log2(p.sum())) * np.float32(np.log(2))
+
+    def paged_prefill(self, grid, args):
+        (q, kp, vp, page0, units, indptr, indices, n, q_tile, Hq, Hkv, G, s, own_total, scale_log2, out, lse,
+         write_lse) = args
+        for x in range(grid[0]):
+            table = int(units[2 * x])
+            self.prefill_unit(table, table, int(units[2 * x + 1]), indptr, indices, int(n), int(q_tile), int(Hq),
+                              int(Hkv), int(G), int(s), int(own_total), q, kp, vp, page0, scale_log2, out, lse,
+                              int(write_lse))
+
+    def paged_prefill_varlen(self, grid, args):
+        q, kp, vp, page0, units, indptr, indices, seqs, B, table_seq, Hq, Hkv, G, s, scale_log2, out, lse, write_lse = args
+        Hq, D = int(Hq), self.D
+        for x in range(grid[0]):
+            table = int(units[2 * x])
+            b = int(table_seq[table])
+            f = lambda name: self.field(seqs, B, name, b)  # noqa: E731
+            r0 = f("row0")
+            self.prefill_unit(table, table - f("table0"), int(units[2 * x + 1]), indptr, indices, f("chunk_len"),
+                              f("tile_blocks") * self.C, Hq, int(Hkv), int(G), int(s), f("query_blocks"),
+                              q.reshape(-1)[r0 * Hq * D:], kp, vp, page0, scale_log2, out.reshape(-1)[r0 * Hq * D:],
+                              lse.reshape(-1)[r0 * Hq:], int(write_lse))
+
+
+def single_density(one):
+    """``CompactPrefill.density()`` of the GPU result read on the stand-in (whose scalars have no .get)."""
+    tables = float(np.asarray(one.indptr)[-1]) / one.causal_blocks
+    if one.num_past_blocks == 0:
+        return dict(select=1.0, q_union=1.0, group_union=1.0, tables=tables)
+    v = np.asarray(one.stats).astype(np.float64) / one.denominator
+    return dict(select=float(v[0]), q_union=float(v[1]), group_union=float(v[2]), tables=tables)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(g=batches(), data=st.data())
+def test_gpu_host_code_on_emulated_kernels_batched_equals_per_sequence(g, data):
+    """The GPU ``BatchedPrefill`` and ``compact_prefill`` host code on the emulated cache, with the
+    kernels emulated from their launch tuples: the batched launches give, bitwise, the per-sequence
+    launches' o, lse, tables and density; at alpha 0, the float64 oracle within budget."""
+    import cpattn.compact_attention as gca
+    from cpattn.testing import get_backend
+
+    alpha = data.draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
+    opt = dict(alpha=alpha, sink=data.draw(st.integers(0, 2)), window=data.draw(st.integers(0, 2)),
+               q_tile=data.draw(st.sampled_from([None, g["c"], 2 * g["c"]])),
+               group_size=data.draw(st.sampled_from([None, 1])), kernel="mma")
+    emu = EmulatedKernels(g["dtype"], g["D"], g["c"])
+    saved = gca.get_kernels, gca.as_cupy
+
+    def as_device(x, name, dtype=None, shape=None, contiguous=True):  # as_cupy refuses the stand-in's arrays
+        import cupy
+
+        assert isinstance(x, cupy.ndarray), (name, type(x))
+        if dtype is not None and x.dtype != np.dtype(np.float16 if dtype == "float16" else np.uint16):
+            raise TypeError(f"{name}: dtype {x.dtype}")
+        if shape is not None and tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name}: shape {x.shape}")
+        return x
+
+    gca.get_kernels, gca.as_cupy = (lambda file, dtype, D, c: emu.table()), as_device
+    try:
+        with get_backend("emulated") as be:
+            cache, seqs, lens, q = build(g, be.make_cache)
+            means = gca.BlockMeans(cache)
+            bp = gca.BatchedPrefill(cache, means)
+            plan = bp.plan(seqs, lens, g["Hq"], **opt)
+            qd = be.asarray(q[0])
+            out = be.xp.full(qd.shape, POISON[g["dtype"]], dtype=qd.dtype)
+            o, lse = bp.run(qd, 0, out=out)
+            assert o is out
+            assert [x for x in emu.launches if x.endswith("varlen")][-2:] == ["block_union_varlen",
+                                                                              "paged_prefill_varlen"]
+            assert ("block_score_varlen" in emu.launches) == (alpha > 0 and any(plan.past_lens > 0))
+            o, lse = np.asarray(o).view(np.ndarray), np.asarray(lse).view(np.ndarray)
+            indptr, indices = bp.tables()
+            dens = bp.density()
+            per_seq = []
+            for seq, rows in zip(seqs, packed_rows(lens)):
+                one = gca.compact_prefill(cache, means, seq, be.asarray(q[0, rows]), 0, **opt)
+                per_seq.append((np.asarray(one.o).view(np.ndarray), np.asarray(one.lse).view(np.ndarray),
+                                one.tables(), single_density(one)))
+    finally:
+        gca.get_kernels, gca.as_cupy = saved
+    for b, (rows, (o1, l1, (ip, ind), d1)) in enumerate(zip(packed_rows(lens), per_seq)):
+        assert o[rows].tobytes() == o1.tobytes() and lse[rows].tobytes() == l1.tobytes(), b
+        t0, t1 = int(plan.table_indptr[b]), int(plan.table_indptr[b + 1])
+        assert np.array_equal(indptr[t0:t1 + 1] - indptr[t0], ip) and np.array_equal(indices[indptr[t0]:indptr[t1]], ind)
+        assert dens[b] == pytest.approx(d1, abs=1e-12)
+    if alpha == 0.0:
+        host, hseqs, _, _ = build(g)
+        for b, (seq, rows) in enumerate(zip(hseqs, packed_rows(lens))):
+            oracle, oracle_lse = ca.oracle_prefill(host, seq, q[0, rows], 0)
+            err = np.abs(to_float32(o[rows], g["dtype"]) - oracle).max()
+            assert err <= budget("prefill", g["dtype"], vmax(host)), err
+            np.testing.assert_allclose(lse[rows], oracle_lse, rtol=1e-4, atol=1e-4)
+            assert dens[b]["tables"] == 1.0
