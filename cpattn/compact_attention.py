@@ -390,8 +390,10 @@ class BatchedLayout:
         seq_info    [len(PREFILL_SEQ_FIELDS), B]  the per-sequence record (field-major)
         blocks      [sum(Pb + Cb)]  each sequence's pool ids up to its chunk end, packed
         table_seq   [R]   the sequence of every table (tables of the batch, sequence-major)
-        units       [U, 2] (table, row0): paged-prefill units, PREFILL_ROWS rows of a table each
-        row_blocks  [Ur, 2] (sequence, row0): block-score blocks of the chunks with a past
+        units       [U, 2] (table, row0): paged-prefill units, PREFILL_ROWS rows of a table
+                    each, longest tables first (a dense table's keys)
+        row_blocks  [Ur, 2] (sequence, row0): block-score blocks of the chunks with a past,
+                    longest past first
     cap: the longest table any chunk could have (max Pb + Cb; padded lists use it);
     max_tile_blocks: the largest tb (block_union's shared thresholds); score_size: floats of
     the packed block scores ([Hq, Qb, max(Pb, 1)] per sequence).
@@ -440,12 +442,16 @@ def batched_layout(plan, block_ids: list, num_kv_heads: int) -> BatchedLayout:
     per = -(-rows // PREFILL_ROWS)
     table_of = np.repeat(np.arange(R), per)
     row0 = (np.arange(len(table_of)) - np.repeat(np.cumsum(per) - per, per)) * PREFILL_ROWS
-    units = np.stack([table_of, row0], axis=1).astype(np.int32)
-    # block-score blocks: SCORE_ROWS rows of each chunk that has a past
+    # longest first (keys a dense table reads: every past page and the own pages to the tile end),
+    # so a ragged batch's long units do not start last; results do not depend on the order
+    keys = (Pb[table_seq] + np.minimum((t + 1) * (qt // c), Qb[table_seq]))[table_of]
+    order = np.argsort(-keys, kind="stable")
+    units = np.stack([table_of, row0], axis=1)[order].astype(np.int32)
+    # block-score blocks: SCORE_ROWS rows of each chunk that has a past, longest past first
     nblk = np.where(Pb > 0, -(-n // SCORE_ROWS), 0)
     seq_of = np.repeat(np.arange(plan.batch_size), nblk)
     r0 = (np.arange(len(seq_of)) - np.repeat(np.cumsum(nblk) - nblk, nblk)) * SCORE_ROWS
-    row_blocks = np.stack([seq_of, r0], axis=1).astype(np.int32)
+    row_blocks = np.stack([seq_of, r0], axis=1)[np.argsort(-Pb[seq_of], kind="stable")].astype(np.int32)
     return BatchedLayout(seq_info=seq_info, blocks=blocks.astype(np.int32), table_seq=table_seq, units=units,
                          row_blocks=row_blocks, cap=cap, max_tile_blocks=int(tb.max()), score_size=int(score.sum()))
 
