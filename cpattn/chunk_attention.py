@@ -32,7 +32,7 @@ from .kernels import THREADS, UNIT_WIDTH, decode_smem_bytes, get_kernels, phase1
 from .reference import chunk_attention as reference
 from .reference.checks import INT32_MAX, check_bool, check_instance, check_int, check_scale
 from .reference.chunk_attention import SPLIT_FIELDS, DecodePlan, batch_states, check_num_q_heads, \
-    check_piece_chunks, check_plan, check_queries_per_seq, check_query_tokens, check_tree_mask, log_plan
+    check_piece_chunks, check_plan, check_q, check_queries_per_seq, check_query_tokens, check_tree_mask, log_plan
 from .reference.chunk_cache import ChunkCache, check_cache
 
 _I32 = np.int32
@@ -593,6 +593,16 @@ def plan_host(cache, seqs, num_q_heads: int, piece_chunks="auto", private_piece_
 
 
 # ---------------------------------------------------------------------- plan / run
+def decode_kernels(plan: DecodePlan) -> tuple:
+    """(attend, merge): the kernels of raw_kernels/chunk_attention.cu that run ``plan``. One
+    query per sequence and no tree mask: chunk_attend / chunk_merge, which hold none of the
+    multi-token code; otherwise chunk_attend_multi / chunk_merge_multi (docs/design.md,
+    "Multi-token decode")."""
+    if plan.queries_per_seq == 1 and plan.tree_bits is None:
+        return "chunk_attend", "chunk_merge"
+    return "chunk_attend_multi", "chunk_merge_multi"
+
+
 class ChunkAttentionDecode:
     """Plan/run decoder of the two-phase partition over a ``GpuChunkCache``.
 
@@ -617,7 +627,8 @@ class ChunkAttentionDecode:
         self.cache = cache
         self._kern = get_kernels("chunk_attention", cache.dtype, cache.head_dim, cache.chunk_size)
         self._smem = decode_smem_bytes(cache.head_dim, cache.chunk_size)
-        self._kern["chunk_attend"].max_dynamic_shared_size_bytes = self._smem
+        for name in ("chunk_attend", "chunk_attend_multi"):  # decode_kernels picks one per plan
+            self._kern[name].max_dynamic_shared_size_bytes = self._smem
         self._sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self._states_cap = 0
         self.decode_plan: DecodePlan | None = None  # the current plan (host arrays)
@@ -658,19 +669,24 @@ class ChunkAttentionDecode:
     # ------------------------------------------------------------------ run
     def _check_q(self, q, layer, scale):
         cache, plan = self.cache, check_plan(self.cache, self.decode_plan)
-        q = as_cupy(q, "q", cache.dtype, (plan.num_queries, self.num_q_heads, cache.head_dim))
+        q = as_cupy(q, "q", contiguous=False)  # a GPU array (torch bfloat16 as its uint16 bits)
+        check_q(cache, q, plan.batch_size, plan.queries_per_seq)  # the reference's checks and messages
+        if q.shape[1] != self.num_q_heads:
+            raise ValueError(f"q: expected {self.num_q_heads} query heads (as planned), got {q.shape[1]}")
+        q = as_cupy(q, "q")  # C-contiguous
         cache.check_layer(layer)
         return q, check_scale(scale, cache.head_dim)
 
     def launch_attend(self, q, layer: int = 0, *, scale: float | None = None, units=None):
-        """Launch ``chunk_attend`` alone over ``units`` (a device int32 [n, UNIT_WIDTH] subset of
-        ``self.units``; default all): the partial states, no merge. For profiling."""
+        """Launch ``chunk_attend`` (``chunk_attend_multi`` for a multi-token plan) alone over
+        ``units`` (a device int32 [n, UNIT_WIDTH] subset of ``self.units``; default all): the
+        partial states, no merge. For profiling."""
         q, scale = self._check_q(q, layer, scale)
         units = self._dev["units"] if units is None else as_cupy(units, "units", None, None)
         if units.dtype != np.int32 or units.ndim != 2 or units.shape[1] != UNIT_WIDTH:
             raise ValueError(f"units: expected a device int32 array [n, {UNIT_WIDTH}], got {units.dtype} {units.shape}")
         cache = self.cache
-        self._kern["chunk_attend"](
+        self._kern[decode_kernels(self.decode_plan)[0]](
             (len(units),), (THREADS,),
             (q, cache.k_pool, cache.v_pool, np.int64(layer * cache.num_chunks * cache.num_kv_heads),
              units, self._dev["chunk_list"], self._dev["order"], cache.d_slot_lens, self._o_states,
@@ -702,7 +718,7 @@ class ChunkAttentionDecode:
             lse_out = cupy.empty((B, Hq), np.float32)
         self.launch_attend(q, layer, scale=scale)
         d = self._dev
-        self._kern["chunk_merge"](
+        self._kern[decode_kernels(plan)[1]](
             ((B * Hq + 3) // 4,), (THREADS,),  # one warp per (sequence, query, query head)
             (self._o_states, self._lse_states, d["seq_piece_indptr"], d["seq_pieces"], d["piece_state_offset"],
              d["piece_begin"], d["seq_item_indptr"], np.int32(plan.num_state_rows), d["order"],
@@ -713,4 +729,4 @@ class ChunkAttentionDecode:
 
 
 __all__ = ["ChunkAttentionDecode", "DecodePlan", "build_decode_plan", "split_plan", "plan_host", "build_units",
-           "auto_piece_chunks", "DEVICE_ARRAYS", "ROWS_PER_UNIT", "THREADS", "phase1_rows"]
+           "auto_piece_chunks", "decode_kernels", "DEVICE_ARRAYS", "ROWS_PER_UNIT", "THREADS", "phase1_rows"]

@@ -138,9 +138,11 @@ def prefill_wg_smem_bytes(head_dim: int, chunk_size: int) -> int:
 
 # kernel file -> (template name, template-args builder) of every kernel instantiated per variant
 KERNELS = {
-    "chunk_attention": (
+    "chunk_attention": (  # one query per sequence; and the multi-token decode (queries_per_seq, tree masks)
         ("cpattn::chunk_attend", lambda t, d, c: f"{t}, {d}, {c}"),
         ("cpattn::chunk_merge", lambda t, d, c: f"{t}, {d}"),
+        ("cpattn::chunk_attend_multi", lambda t, d, c: f"{t}, {d}, {c}"),
+        ("cpattn::chunk_merge_multi", lambda t, d, c: f"{t}, {d}"),
     ),
     "chunk_cache": (
         ("cpattn::kv_append", lambda t, d, c: f"{t}, {d}, {c}"),

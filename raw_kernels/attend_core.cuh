@@ -26,14 +26,23 @@ __device__ __forceinline__ void load_page(const T* __restrict__ gk, const T* __r
   }
 }
 
+// The default `keep` of attend_chunk / attend_step_rt2: no mask beyond the row limits (the
+// call folds away, so their code is what it was before `keep` existed).
+struct KeepAll {
+  __device__ __forceinline__ bool operator()(int, int) const { return true; }
+  __device__ __forceinline__ bool operator()(int, int, int) const { return true; }
+};
+
 // Fold one page of keys into this warp's state. The warp owns 16 query rows (qf: A fragments)
 // and keys [ks*C/KS, (ks+1)*C/KS) of the page (KS warps split the page's keys). Key k of the page
-// is masked when k >= valid or !keep(half, k) (half 0: rows lane/4, 1: rows lane/4 + 8); scores
-// are in log2 units (scale_log2 = scale * log2(e)).
-template <typename T, int D, int C, int KS, typename Keep>
-__device__ __forceinline__ void attend_chunk_keep(const u32 (&qf)[D / 16][4], const T* ks_, const T* vs_,
-                                                  int valid, Keep keep, float scale_log2, float (&o)[D / 8][4],
-                                                  float& m0, float& m1, float& l0, float& l1) {
+// is masked when k >= valid or key_base + k >= the row's limit (lim0: rows lane/4, lim1: rows
+// lane/4 + 8) or !keep(half, k) (half 0: rows lane/4, 1: rows lane/4 + 8); scores are in log2
+// units (scale_log2 = scale * log2(e)).
+template <typename T, int D, int C, int KS, typename Keep = KeepAll>
+__device__ __forceinline__ void attend_chunk(const u32 (&qf)[D / 16][4], const T* ks_, const T* vs_, int valid,
+                                             int key_base, int lim0, int lim1, float scale_log2,
+                                             float (&o)[D / 8][4], float& m0, float& m1, float& l0, float& l1,
+                                             Keep keep = Keep{}) {
   constexpr int LD = D + 8;
   constexpr int RB = 4 / KS;
   constexpr int KW = C / KS;             // keys per warp per page
@@ -63,7 +72,9 @@ __device__ __forceinline__ void attend_chunk_keep(const u32 (&qf)[D / 16][4], co
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key0 + j * 8 + (lane & 3) * 2 + (e & 1);
-          s[j][e] = (key < valid && keep(e >> 1, key)) ? s[j][e] * scale_log2 : -INFINITY;
+          s[j][e] = (key < valid && key_base + key < (e < 2 ? lim0 : lim1) && keep(e >> 1, key))
+                        ? s[j][e] * scale_log2
+                        : -INFINITY;
         }
         mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
         mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
@@ -108,26 +119,17 @@ __device__ __forceinline__ void attend_chunk_keep(const u32 (&qf)[D / 16][4], co
   }
 }
 
-// attend_chunk_keep with a limit per row: key k of the page is masked when k >= valid or
-// key_base + k >= the row's limit (lim0: rows lane/4, lim1: rows lane/4 + 8).
-template <typename T, int D, int C, int KS>
-__device__ __forceinline__ void attend_chunk(const u32 (&qf)[D / 16][4], const T* ks_, const T* vs_, int valid,
-                                             int key_base, int lim0, int lim1, float scale_log2,
-                                             float (&o)[D / 8][4], float& m0, float& m1, float& l0, float& l1) {
-  attend_chunk_keep<T, D, C, KS>(qf, ks_, vs_, valid,
-                                 [&](int half, int key) { return key_base + key < (half ? lim1 : lim0); },
-                                 scale_log2, o, m0, m1, l0, l1);
-}
-
 // Fold one step of TK keys (K, V in shared memory, rows padded to D + 8) into the state of this
 // warp's 32 query rows: two 16-row mma tiles (rows warp*32 + [0, 16) and + [16, 32) of sQ), so
 // every K/V fragment read from shared memory feeds two mma. Compute-bound users (prefill, and
-// decode's phase-1 units) use it. Key k of the step is masked unless keep(tile, half, k);
-// `full` promises every key is kept (mask skipped).
-template <typename T, int D, int TK, typename Keep>
-__device__ __forceinline__ void attend_step_rt2_keep(const T* sQ, const T* ks_, const T* vs_, int valid, Keep keep,
-                                                     bool full, float scale_log2, float (&o)[2][D / 8][4],
-                                                     float (&m)[2][2], float (&l)[2][2]) {
+// decode's phase-1 units) use it. Key k of the step is masked when k >= valid or key_base + k
+// >= the row's limit (lim[tile][half]) or !keep(tile, half, k); `full` promises none of these
+// happens (mask skipped).
+template <typename T, int D, int TK, typename Keep = KeepAll>
+__device__ __forceinline__ void attend_step_rt2(const T* sQ, const T* ks_, const T* vs_, int valid, int key_base,
+                                                const int (&lim)[2][2], bool full, float scale_log2,
+                                                float (&o)[2][D / 8][4], float (&m)[2][2], float (&l)[2][2],
+                                                Keep keep = Keep{}) {
   constexpr int LD = D + 8;
   constexpr int NB = TK;  // keys per sub-block
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -164,7 +166,8 @@ __device__ __forceinline__ void attend_step_rt2_keep(const T* sQ, const T* ks_, 
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int key = key0 + j * 8 + (lane & 3) * 2 + (e & 1);
-            if (!keep(tt, e >> 1, key)) sc[tt][j][e] = -INFINITY;
+            if (!(key < valid && key_base + key < lim[tt][e >> 1] && keep(tt, e >> 1, key)))
+              sc[tt][j][e] = -INFINITY;
           }
         }
         mx0 = fmaxf(mx0, fmaxf(sc[tt][j][0], sc[tt][j][1]));
@@ -218,17 +221,6 @@ __device__ __forceinline__ void attend_step_rt2_keep(const T* sQ, const T* ks_, 
       }
     }
   }
-}
-
-// attend_step_rt2_keep with a limit per row: key k of the step is masked when k >= valid or
-// key_base + k >= the row's limit (lim[tile][half]); `full` promises neither happens.
-template <typename T, int D, int TK>
-__device__ __forceinline__ void attend_step_rt2(const T* sQ, const T* ks_, const T* vs_, int valid, int key_base,
-                                                const int (&lim)[2][2], bool full, float scale_log2,
-                                                float (&o)[2][D / 8][4], float (&m)[2][2], float (&l)[2][2]) {
-  attend_step_rt2_keep<T, D, TK>(
-      sQ, ks_, vs_, valid, [&](int tt, int half, int key) { return key < valid && key_base + key < lim[tt][half]; },
-      full, scale_log2, o, m, l);
 }
 
 }  // namespace cpattn

@@ -23,7 +23,10 @@
 // j of a sequence of length L sees positions < L - k and the new positions L - k + i whose bit
 // i is set in its tree bits (causal: bits 0..j). U_LEN_MINUS then holds every unit's first key
 // position; each Q row's padding holds (L - k, bits) of its row, and only pages that reach a
-// row's new tokens are masked (`Masked` instantiations; k = 1 runs the unmasked ones).
+// row's new tokens are masked (`Masked` instantiations). The multi-token code is compiled only
+// into chunk_attend_multi / chunk_merge_multi (Multi = true); chunk_attend / chunk_merge
+// (Multi = false) are the one-query kernels with none of it, and the launcher picks them for
+// plans of one query per sequence and no tree mask.
 #include "attend_core.cuh"
 
 namespace cpattn {
@@ -128,17 +131,16 @@ __device__ __forceinline__ void attend_unit(
                               ldmatrix_x4(qf[kk], smem_addr(sQ + (rb * 16 + (lane & 15)) * LD + kk * 16 +
                                                             (lane >> 4) * 8));
                           }
-                          if (!Masked) {
+                          if constexpr (!Masked) {
                             attend_chunk<T, D, C, KS>(qf, ks_, vs_, valid, 0, kNoLimit, kNoLimit, scale_log2, o,
                                                       m0, m1, l0, l1);
                           } else {
                             const int p0 = key_base + i * C;  // position of the page's first key
                             const bool past = p0 + C <= first_new;  // no row's new tokens on this page
                             const int r0 = rb * 16 + (lane >> 2);
-                            attend_chunk_keep<T, D, C, KS>(
-                                qf, ks_, vs_, valid,
-                                [&](int half, int key) { return past || row_sees<T, D>(sQ, r0 + half * 8, p0 + key); },
-                                scale_log2, o, m0, m1, l0, l1);
+                            attend_chunk<T, D, C, KS>(
+                                qf, ks_, vs_, valid, 0, kNoLimit, kNoLimit, scale_log2, o, m0, m1, l0, l1,
+                                [&](int half, int key) { return past || row_sees<T, D>(sQ, r0 + half * 8, p0 + key); });
                           }
                         });
   l0 = quad_sum(l0);
@@ -191,21 +193,6 @@ __device__ __forceinline__ void attend_unit(
   }
 }
 
-// attend_unit, masked (multi-token rows) or not (one query per sequence: the unmasked code).
-template <typename T, int D, int C, int KS>
-__device__ __forceinline__ void attend_unit_k(
-    bool masked, const T* __restrict__ k_pool, const T* __restrict__ v_pool, long long layer_page0,
-    const int* __restrict__ chunk_list, int cb, int nk, int kvh, int num_kv_heads,
-    T* sQ, T* sK, T* sV, float scale_log2, int key_base, int first_new,
-    float (&o)[D / 8][4], float& m0, float& m1, float& l0, float& l1) {
-  if (masked)
-    attend_unit<T, D, C, KS, true>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sQ, sK, sV,
-                                   scale_log2, key_base, first_new, o, m0, m1, l0, l1);
-  else
-    attend_unit<T, D, C, KS, false>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sQ, sK, sV,
-                                    scale_log2, 0, kNoLimit, o, m0, m1, l0, l1);
-}
-
 // A phase-1 unit of up to 128 rows (4 warps x 32): the compute-heavy case (many sequences x
 // query heads on one shared piece), where feeding two mma tiles per K/V fragment pays.
 template <typename T, int D, int C, bool Masked>
@@ -217,39 +204,45 @@ __device__ __forceinline__ void attend_unit_rt2(
   const int lim[2][2] = {{kNoLimit, kNoLimit}, {kNoLimit, kNoLimit}};
   stream_pages<T, D, C>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sK, sV,
                         [&](int i, const T* ks_, const T* vs_, int valid) {
-                          if (!Masked) {
+                          if constexpr (!Masked) {
                             attend_step_rt2<T, D, C>(sQ, ks_, vs_, valid, 0, lim, valid == C, scale_log2, o, m, l);
                           } else {
                             const int p0 = key_base + i * C;
                             const int r0 = (threadIdx.x >> 5) * 32 + ((threadIdx.x & 31) >> 2);
-                            attend_step_rt2_keep<T, D, C>(
-                                sQ, ks_, vs_, valid,
+                            attend_step_rt2<T, D, C>(
+                                sQ, ks_, vs_, valid, 0, lim, valid == C && p0 + C <= first_new, scale_log2, o, m, l,
                                 [&](int tt, int half, int key) {
-                                  return key < valid && row_sees<T, D>(sQ, r0 + tt * 16 + half * 8, p0 + key);
-                                },
-                                valid == C && p0 + C <= first_new, scale_log2, o, m, l);
+                                  return row_sees<T, D>(sQ, r0 + tt * 16 + half * 8, p0 + key);
+                                });
                           }
                         });
 }
 
-// One block per unit. Dynamic shared memory: DecodeSmem<D, C>::bytes.
-template <typename T, int D, int C>
-__global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend(
-    const T* __restrict__ q,        // [batch, Hq, D] caller order
-    const T* __restrict__ k_pool,   // [layers, chunks, Hkv, C, D]
-    const T* __restrict__ v_pool,
-    long long layer_page0,          // layer * chunks * Hkv
-    const int* __restrict__ units,  // [num_units, kUnitFields]
-    const int* __restrict__ chunk_list,
-    const int* __restrict__ order,  // [batch] caller index of DFS position
-    const int* __restrict__ slot_lens,
-    float* __restrict__ o_states,   // [rows, k, Hq, D]
-    float* __restrict__ lse_states, // [rows, k, Hq]
-    int num_q_heads, int num_kv_heads, int group, float scale_log2,
-    int queries_per_seq,            // k: query rows per sequence and head
-    const int* __restrict__ pos_slots,   // [batch] cache slot of DFS position (k > 1)
-    const int* __restrict__ query_bits)  // [batch * k] caller order: new tokens each query sees (k > 1)
-{
+// The parameters of chunk_attend and chunk_attend_multi (one launch serves both).
+#define CHUNK_ATTEND_PARAMS                                                                            \
+  const T* __restrict__ q,        /* [batch * k, Hq, D] caller order */                                 \
+  const T* __restrict__ k_pool,   /* [layers, chunks, Hkv, C, D] */                                     \
+  const T* __restrict__ v_pool,                                                                         \
+  long long layer_page0,          /* layer * chunks * Hkv */                                            \
+  const int* __restrict__ units,  /* [num_units, kUnitFields] */                                        \
+  const int* __restrict__ chunk_list,                                                                   \
+  const int* __restrict__ order,  /* [batch] caller index of DFS position */                            \
+  const int* __restrict__ slot_lens,                                                                    \
+  float* __restrict__ o_states,   /* [rows, k, Hq, D] */                                                \
+  float* __restrict__ lse_states, /* [rows, k, Hq] */                                                   \
+  int num_q_heads, int num_kv_heads, int group, float scale_log2,                                       \
+  int queries_per_seq,                 /* k: query rows per sequence and head (Multi only) */           \
+  const int* __restrict__ pos_slots,   /* [batch] cache slot of DFS position (Multi only) */            \
+  const int* __restrict__ query_bits   /* [batch * k] caller order: new tokens each query sees (Multi) */
+#define CHUNK_ATTEND_ARGS                                                                              \
+  q, k_pool, v_pool, layer_page0, units, chunk_list, order, slot_lens, o_states, lse_states, num_q_heads, \
+      num_kv_heads, group, scale_log2, queries_per_seq, pos_slots, query_bits
+
+// One block per unit. Dynamic shared memory: DecodeSmem<D, C>::bytes. Multi = false is the
+// one-query kernel (k = 1, rows (sequence, head)); Multi = true reads queries_per_seq, rows
+// (sequence, query, head), and masks the pages that reach new tokens.
+template <typename T, int D, int C, bool Multi>
+__device__ __forceinline__ void attend_units(CHUNK_ATTEND_PARAMS) {
   constexpr int LD = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int QR = QRows<C>::value;
@@ -262,27 +255,38 @@ __global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend(
   const int out_base = u[U_OUT_BASE];
   const int nk = len_slot < 0 ? (ce - cb) * C : slot_lens[len_slot] - u[U_LEN_MINUS];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int kq = queries_per_seq, per_seq = group * kq;  // rows of one sequence: (query, head)
+  const int kq = Multi ? queries_per_seq : 1, per_seq = group * kq;  // rows of one sequence: (query, head)
   auto state_row = [&](int r) {  // [rows, k, Hq] index of the state of unit row r
-    const int gr = row0 + r, s = gr / per_seq, jg = gr - s * per_seq;
-    return ((long long)(out_base + s) * kq + jg / group) * num_q_heads + kvh * group + jg % group;
+    const int gr = row0 + r;
+    if constexpr (!Multi) {
+      return (long long)(out_base + gr / group) * num_q_heads + kvh * group + gr % group;
+    } else {
+      const int s = gr / per_seq, jg = gr - s * per_seq;
+      return ((long long)(out_base + s) * kq + jg / group) * num_q_heads + kvh * group + jg % group;
+    }
   };
 
   for (int i = tid; i < QR * (D / 8); i += CPATTN_THREADS) {  // Q rows; zeros past row_count
     const int r = i / (D / 8), c = (i % (D / 8)) * 8;
     if (r < row_count) {
-      const int gr = row0 + r, s = gr / per_seq, jg = gr - s * per_seq;
-      const int head = kvh * group + jg % group;
-      cp_async16(sQ + r * LD + c,
-                 q + (((long long)order[pos_begin + s] * kq + jg / group) * num_q_heads + head) * D + c);
+      const int gr = row0 + r;
+      if constexpr (!Multi) {
+        const int head = kvh * group + gr % group;
+        cp_async16(sQ + r * LD + c, q + ((long long)order[pos_begin + gr / group] * num_q_heads + head) * D + c);
+      } else {
+        const int s = gr / per_seq, jg = gr - s * per_seq;
+        const int head = kvh * group + jg % group;
+        cp_async16(sQ + r * LD + c,
+                   q + (((long long)order[pos_begin + s] * kq + jg / group) * num_q_heads + head) * D + c);
+      }
     } else {
       *reinterpret_cast<uint4*>(sQ + r * LD + c) = make_uint4(0, 0, 0, 0);
     }
   }
-  // k > 1: each row's first new position and tree bits (in its padding), and the unit's first
+  // Multi: each row's first new position and tree bits (in its padding), and the unit's first
   // new position over all rows (pages before it are masked by no row)
   int key_base = 0, first_new = kNoLimit;
-  if (kq > 1) {
+  if constexpr (Multi) {
     key_base = u[U_LEN_MINUS];
     for (int r = tid; r < QR; r += CPATTN_THREADS) {
       int* info = row_info<T, D>(sQ, r);
@@ -308,12 +312,8 @@ __global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend(
 #pragma unroll
       for (int n = 0; n < D / 8; ++n) o2[tt][n][0] = o2[tt][n][1] = o2[tt][n][2] = o2[tt][n][3] = 0.f;
     float m2[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, l2[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
-    if (kq > 1)
-      attend_unit_rt2<T, D, C, true>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sQ, sK,
-                                     sV, scale_log2, key_base, first_new, o2, m2, l2);
-    else
-      attend_unit_rt2<T, D, C, false>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sQ, sK,
-                                      sV, scale_log2, 0, kNoLimit, o2, m2, l2);
+    attend_unit_rt2<T, D, C, Multi>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sQ, sK, sV,
+                                    scale_log2, key_base, first_new, o2, m2, l2);
 #pragma unroll
     for (int tt = 0; tt < 2; ++tt) {
 #pragma unroll
@@ -337,18 +337,18 @@ __global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend(
   const int ks_want = row_count <= 16 ? 4 : (row_count <= 32 ? 2 : 1);
   int rblocks;
   if (C >= 64 && ks_want == 4) {
-    attend_unit_k<T, D, C, (C >= 64 ? 4 : 1)>(kq > 1, k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh,
-                                             num_kv_heads, sQ, sK, sV, scale_log2, key_base, first_new, o, m0,
-                                             m1, l0, l1);
+    attend_unit<T, D, C, (C >= 64 ? 4 : 1), Multi>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh,
+                                                  num_kv_heads, sQ, sK, sV, scale_log2, key_base, first_new, o,
+                                                  m0, m1, l0, l1);
     rblocks = 1;
   } else if (C >= 32 && ks_want >= 2) {
-    attend_unit_k<T, D, C, (C >= 32 ? 2 : 1)>(kq > 1, k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh,
-                                             num_kv_heads, sQ, sK, sV, scale_log2, key_base, first_new, o, m0,
-                                             m1, l0, l1);
+    attend_unit<T, D, C, (C >= 32 ? 2 : 1), Multi>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh,
+                                                  num_kv_heads, sQ, sK, sV, scale_log2, key_base, first_new, o,
+                                                  m0, m1, l0, l1);
     rblocks = 2;
   } else {
-    attend_unit_k<T, D, C, 1>(kq > 1, k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sQ, sK,
-                              sV, scale_log2, key_base, first_new, o, m0, m1, l0, l1);
+    attend_unit<T, D, C, 1, Multi>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh, num_kv_heads, sQ, sK,
+                                   sV, scale_log2, key_base, first_new, o, m0, m1, l0, l1);
     rblocks = 4;
   }
   if (warp >= rblocks) return;  // key-split helpers: their part is merged into warp rb
@@ -363,22 +363,48 @@ __global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend(
   }
 }
 
+// One query per sequence (queries_per_seq, pos_slots, query_bits unread).
+template <typename T, int D, int C>
+__global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend(CHUNK_ATTEND_PARAMS) {
+  attend_units<T, D, C, false>(CHUNK_ATTEND_ARGS);
+}
+// queries_per_seq query rows per sequence (any k >= 1, causal or a tree).
+template <typename T, int D, int C>
+__global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend_multi(CHUNK_ATTEND_PARAMS) {
+  attend_units<T, D, C, true>(CHUNK_ATTEND_ARGS);
+}
+#undef CHUNK_ATTEND_PARAMS
+#undef CHUNK_ATTEND_ARGS
+
+// The parameters of chunk_merge and chunk_merge_multi.
+#define CHUNK_MERGE_PARAMS                                                                         \
+  const float* __restrict__ o_states, const float* __restrict__ lse_states,                           \
+      const int* __restrict__ seq_piece_indptr, const int* __restrict__ seq_pieces,                   \
+      const int* __restrict__ piece_state_offset, const int* __restrict__ piece_begin,                \
+      const int* __restrict__ seq_item_indptr, int item_state_base, const int* __restrict__ order,    \
+      T* __restrict__ out, float* __restrict__ out_lse, int write_lse, int batch, int num_q_heads,    \
+      int queries_per_seq
+#define CHUNK_MERGE_ARGS                                                                                 \
+  o_states, lse_states, seq_piece_indptr, seq_pieces, piece_state_offset, piece_begin, seq_item_indptr,   \
+      item_state_base, order, out, out_lse, write_lse, batch, num_q_heads, queries_per_seq
+
 // One warp per (batch position, query, query head): merge the states on the sequence's path and
-// write the output row in the caller's order, and its lse when write_lse is set.
-template <typename T, int D>
-__global__ void __launch_bounds__(CPATTN_THREADS) chunk_merge(
-    const float* __restrict__ o_states, const float* __restrict__ lse_states,
-    const int* __restrict__ seq_piece_indptr, const int* __restrict__ seq_pieces,
-    const int* __restrict__ piece_state_offset, const int* __restrict__ piece_begin,
-    const int* __restrict__ seq_item_indptr, int item_state_base, const int* __restrict__ order,
-    T* __restrict__ out, float* __restrict__ out_lse, int write_lse, int batch, int num_q_heads,
-    int queries_per_seq) {
+// write the output row in the caller's order, and its lse when write_lse is set (Multi = false:
+// one query per sequence, queries_per_seq unread).
+template <typename T, int D, bool Multi>
+__device__ __forceinline__ void merge_states(CHUNK_MERGE_PARAMS) {
   constexpr int E = D / 32;  // elements per lane
   const int gw = blockIdx.x * (CPATTN_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  const int kq = queries_per_seq;
+  const int kq = Multi ? queries_per_seq : 1;
   if (gw >= batch * kq * num_q_heads) return;
-  const int pos = gw / (kq * num_q_heads), jh = gw - pos * kq * num_q_heads;
-  const int j = jh / num_q_heads, head = jh % num_q_heads;
+  int pos, j, head;
+  if constexpr (!Multi) {
+    pos = gw / num_q_heads, j = 0, head = gw % num_q_heads;
+  } else {
+    pos = gw / (kq * num_q_heads);
+    const int jh = gw - pos * kq * num_q_heads;
+    j = jh / num_q_heads, head = jh % num_q_heads;
+  }
   const int p0 = seq_piece_indptr[pos], np = seq_piece_indptr[pos + 1] - p0;
   const int i0 = seq_item_indptr[pos], n = np + seq_item_indptr[pos + 1] - i0;
   auto state_row = [&](int k) -> long long {
@@ -411,5 +437,16 @@ __global__ void __launch_bounds__(CPATTN_THREADS) chunk_merge(
   if (write_lse && lane == 0)
     out_lse[orow] = wsum > 0.f ? base + logf(wsum) : -INFINITY;
 }
+
+template <typename T, int D>
+__global__ void __launch_bounds__(CPATTN_THREADS) chunk_merge(CHUNK_MERGE_PARAMS) {
+  merge_states<T, D, false>(CHUNK_MERGE_ARGS);
+}
+template <typename T, int D>
+__global__ void __launch_bounds__(CPATTN_THREADS) chunk_merge_multi(CHUNK_MERGE_PARAMS) {
+  merge_states<T, D, true>(CHUNK_MERGE_ARGS);
+}
+#undef CHUNK_MERGE_PARAMS
+#undef CHUNK_MERGE_ARGS
 
 }  // namespace cpattn

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from cpattn import kernels
@@ -180,3 +181,56 @@ def test_state_epilogue_and_unit_geometry_are_written_once():
         assert ("past_keys +" in text) == (name == "compact_attention.cuh"), name
     for name in ("compact_attention.cu", "compact_attention_sm90.cu"):
         assert "paged_unit<C>(units, indptr" in code[name], name
+
+
+# ------------------------------------------------------------------------- decode: one query, or many
+def test_decode_has_one_query_kernels_and_multi_token_kernels():
+    """chunk_attention instantiates the one-query kernels (chunk_attend, chunk_merge: none of the
+    multi-token code, Multi = false) and the multi-token ones (Multi = true) from one body each,
+    with one parameter list, so one launch serves both."""
+    names = kernels.name_expressions("chunk_attention", "float16", 128, 64)
+    assert names == {"chunk_attend": "cpattn::chunk_attend<__half, 128, 64>",
+                     "chunk_merge": "cpattn::chunk_merge<__half, 128>",
+                     "chunk_attend_multi": "cpattn::chunk_attend_multi<__half, 128, 64>",
+                     "chunk_merge_multi": "cpattn::chunk_merge_multi<__half, 128>"}
+    src = without_comments(raw("chunk_attention.cu"))
+    for kernel, body, params in (("chunk_attend", "attend_units", "CHUNK_ATTEND"),
+                                 ("chunk_merge", "merge_states", "CHUNK_MERGE")):
+        for multi, name in (("false", kernel), ("true", kernel + "_multi")):
+            assert re.search(rf"{name}\({params}_PARAMS\) \{{\s*{body}<T, D(, C)?, {multi}>\({params}_ARGS\);", src), name
+    # in the body, the multi-token arguments are read only as `Multi ? x` or inside the blocks of
+    # `if constexpr (Multi) { ... }`
+    attend = src[src.index("void attend_units("):src.index("__global__")]
+    blocks = []
+    for m in re.finditer(r"if constexpr \(Multi\) \{", attend):
+        depth, at = 1, m.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(attend[at], 0)
+            at += 1
+        blocks.append((m.end(), at))
+    assert blocks
+    for read in ("queries_per_seq", "pos_slots", "query_bits", "row_info"):
+        uses = [m.start() for m in re.finditer(rf"\b{read}\b", attend)]
+        assert uses, read
+        for at in uses:
+            guarded = attend[:at].rstrip().endswith("Multi ?") or any(b0 <= at < b1 for b0, b1 in blocks)
+            assert guarded, (read, attend[at - 80:at + 20])
+
+
+def test_one_query_plans_launch_the_one_query_kernels():
+    from cpattn.chunk_attention import decode_kernels
+    from cpattn.reference.chunk_attention import build_decode_plan
+    from cpattn.testing.strategies import Workload
+
+    w = Workload(seed=3, num_requests=5, chunk_size=4, levels=2, fanout=2, num_layers=1, num_kv_heads=2,
+                 group=2, head_dim=8, dtype="float16")
+    cache, ids = w.cache()
+    assert min(cache.seq_len(s) for s in ids) >= 2  # room for queries_per_seq=2
+    assert decode_kernels(build_decode_plan(cache, ids)) == ("chunk_attend", "chunk_merge")
+    assert decode_kernels(build_decode_plan(cache, ids, queries_per_seq=1)) == ("chunk_attend", "chunk_merge")
+    # a tree of one token is the one-query step, but a tree plan: the multi-token kernels (k = 1 there too)
+    for mask in (np.ones((1, 1), bool), np.ones((len(ids), 1, 1), bool)):
+        assert decode_kernels(build_decode_plan(cache, ids, tree_mask=mask)) == ("chunk_attend_multi",
+                                                                                 "chunk_merge_multi")
+    assert decode_kernels(build_decode_plan(cache, ids, queries_per_seq=2)) == ("chunk_attend_multi",
+                                                                                "chunk_merge_multi")

@@ -523,6 +523,45 @@ def test_kernels_match_the_reference_and_the_oracle(mw, piece, data):
     np.testing.assert_allclose(cupy.asnumpy(lse_out), want_lse, rtol=1e-3, atol=1e-3)
 
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("cpattn").gpu_available(), reason="needs CuPy and a CUDA GPU")
+@pytest.mark.parametrize("dtype,head_dim,c,group", [("float16", 128, 64, 4), ("bfloat16", 64, 16, 8),
+                                                    ("float16", 64, 128, 1), ("bfloat16", 128, 32, 2)])
+@pytest.mark.parametrize("piece", ["auto", None, 1])
+def test_one_query_kernels_equal_the_multi_token_kernels_at_one_query(dtype, head_dim, c, group, piece):
+    """A step of one query per sequence runs chunk_attend / chunk_merge (none of the multi-token
+    code); the same step planned with a tree of one token runs chunk_attend_multi /
+    chunk_merge_multi at k = 1. The same keys fold in the same order with the same float
+    operations, so the two agree bit for bit, and both are within budget of the oracle."""
+    import cupy
+
+    from cpattn.chunk_attention import ChunkAttentionDecode as GpuDecode
+    from cpattn.chunk_attention import decode_kernels
+    from cpattn.testing import get_backend
+
+    w = Workload(seed=17 + group, num_requests=9, chunk_size=c, levels=3, fanout=2, num_layers=2,
+                 num_kv_heads=2, group=group, head_dim=head_dim, dtype=dtype)
+    gpu, ids = w.cache(get_backend("cupy"))
+    cpu, cids = w.cache()
+    q = cupy.asarray(w.queries())
+    dec = GpuDecode(gpu, piece_chunks=piece, private_piece_chunks=piece)
+    got = {}
+    for mask in (None, np.ones((1, 1), bool)):
+        plan = dec.plan(ids, w.num_q_heads, tree_mask=mask)
+        out, lse_out = poisoned(q.shape, gpu.dtype, cupy), poisoned_lse(q.shape[:2], cupy)
+        dec.run(q, 1, out=out, lse_out=lse_out)
+        got[decode_kernels(plan)] = (cupy.asnumpy(out), cupy.asnumpy(lse_out))
+    assert set(got) == {("chunk_attend", "chunk_merge"), ("chunk_attend_multi", "chunk_merge_multi")}
+    (o1, l1), (ok, lk) = got[("chunk_attend", "chunk_merge")], got[("chunk_attend_multi", "chunk_merge_multi")]
+    assert np.array_equal(o1.view(np.uint16), ok.view(np.uint16))  # bit for bit
+    assert np.array_equal(l1.view(np.uint32), lk.view(np.uint32))
+    oracle, oracle_lse = oracle_decode(cpu, cids, w.queries(), 1)
+    vmax = float(np.abs(to_float32(cpu.v_pool[1], cpu.dtype)).max())
+    assert_close_to_oracle(o1, oracle, gpu.dtype, vmax, backend="cupy")
+    assert_close_to_oracle(l1, oracle_lse, gpu.dtype, float(np.abs(oracle_lse).max()), backend="cupy", kind="lse",
+                           what="lse")
+
 def emulate_chunk_attend_and_merge(cache, plan, buf, offs, num_units, q, layer, Hq):
     """What raw_kernels/chunk_attention.cu computes from the uploaded arrays, in float64 NumPy:
     each unit's rows (sequence, query, head) decoded the kernel's way, their keys masked by the
