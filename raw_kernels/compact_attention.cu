@@ -50,21 +50,35 @@ __global__ void block_mean(const T* __restrict__ k_pool, const int* __restrict__
 // row max, sweep 1 the column sums of exp(z - row max). The sums of each 16-row tile are
 // reduced in shared memory and added to s_raw[h, i, j] (zeroed by the caller) with one atomic
 // per (query block, column, CTA).
-// The body, for head h and the CPATTN_SCORE_ROWS rows from block_row0 of one chunk.
-template <typename T, int D, int C>
+// What one block_score block works on: head h, the CPATTN_SCORE_ROWS rows from row0 of a chunk
+// of n rows (q), its Pb past blocks and its scores s_raw [Hq, Qb, Pb].
+template <typename T>
+struct ScoreRows {
+  const T* q;
+  const int* blocks;
+  float* s_raw;
+  int Pb, n, h, row0;
+};
+
+// The body; rows_of() gives the ScoreRows, called where the single-sequence kernel read them
+// (so it compiles to the machine code it had before the batched kernel).
+template <typename T, int D, int C, typename RowsOf>
 __device__ __forceinline__ void block_score_rows(
-    const T* __restrict__ q,          // [n, Hq, D]
+    RowsOf rows_of,
     const T* __restrict__ kmean_lp,   // [L, N, Hkv, D] storage dtype
     long long layer_page0,            // layer * N * Hkv
-    const int* __restrict__ blocks,   // [Pb] pool ids of the past blocks, in token order
-    int Pb, int n, int num_q_heads, int num_kv_heads, float scale_log2,
-    float* __restrict__ s_raw,        // [Hq, Qb, Pb]
-    int h, int block_row0) {
+    int num_q_heads, int num_kv_heads, float scale_log2) {
   constexpr int LD = D + 8, TJ = 64, NT = CPATTN_SCORE_ROWS / 16;  // TJ past blocks per tile; NT 16-row tiles
   __shared__ __align__(16) T tile[2][TJ * LD];
   __shared__ float colsum[NT][TJ];  // per 16-row tile of the block
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int kvh = h / (num_q_heads / num_kv_heads);
+  const ScoreRows<T> at = rows_of();
+  const T* __restrict__ q = at.q;            // [n, Hq, D]
+  const int* __restrict__ blocks = at.blocks;  // [Pb] pool ids of the past blocks, in token order
+  float* __restrict__ s_raw = at.s_raw;      // [Hq, Qb, Pb]
+  const int Pb = at.Pb, n = at.n;
+  const int h = at.h, kvh = h / (num_q_heads / num_kv_heads);
+  const int block_row0 = at.row0;
   const int Qb = (n + C - 1) / C;
 
   u32 qf[2][D / 16][4];
@@ -183,8 +197,9 @@ template <typename T, int D, int C>
 __global__ void __launch_bounds__(CPATTN_THREADS) block_score(
     const T* __restrict__ q, const T* __restrict__ kmean_lp, long long layer_page0, const int* __restrict__ blocks,
     int Pb, int n, int num_q_heads, int num_kv_heads, float scale_log2, float* __restrict__ s_raw) {
-  block_score_rows<T, D, C>(q, kmean_lp, layer_page0, blocks, Pb, n, num_q_heads, num_kv_heads, scale_log2, s_raw,
-                            blockIdx.y, blockIdx.x * CPATTN_SCORE_ROWS);
+  block_score_rows<T, D, C>(
+      [&] { return ScoreRows<T>{q, blocks, s_raw, Pb, n, (int)blockIdx.y, (int)blockIdx.x * CPATTN_SCORE_ROWS}; },
+      kmean_lp, layer_page0, num_q_heads, num_kv_heads, scale_log2);
 }
 
 // Batched: grid (num_row_blocks, Hq); row_blocks[x] = (sequence b, first row) over the chunks
@@ -196,12 +211,15 @@ __global__ void __launch_bounds__(CPATTN_THREADS) block_score_varlen(
     const int* __restrict__ blocks,   // packed block lists
     const int* __restrict__ seqs, int num_seqs, const int* __restrict__ row_blocks,
     int num_q_heads, int num_kv_heads, float scale_log2, float* __restrict__ s_raw) {
-  const int b = row_blocks[2 * blockIdx.x];
-  const long long row0 = seq_field(seqs, num_seqs, SQ_ROW0, b);
-  block_score_rows<T, D, C>(q + row0 * num_q_heads * D, kmean_lp, layer_page0,
-                            blocks + seq_field(seqs, num_seqs, SQ_BLOCK0, b), seq_field(seqs, num_seqs, SQ_PAST_BLOCKS, b),
-                            seq_field(seqs, num_seqs, SQ_CHUNK_LEN, b), num_q_heads, num_kv_heads, scale_log2,
-                            s_raw + seq_field(seqs, num_seqs, SQ_SCORE0, b), blockIdx.y, row_blocks[2 * blockIdx.x + 1]);
+  block_score_rows<T, D, C>(
+      [&] {
+        const int b = row_blocks[2 * blockIdx.x];
+        const long long row0 = seq_field(seqs, num_seqs, SQ_ROW0, b);
+        return ScoreRows<T>{q + row0 * num_q_heads * D, blocks + seq_field(seqs, num_seqs, SQ_BLOCK0, b),
+                            s_raw + seq_field(seqs, num_seqs, SQ_SCORE0, b), seq_field(seqs, num_seqs, SQ_PAST_BLOCKS, b),
+                            seq_field(seqs, num_seqs, SQ_CHUNK_LEN, b), (int)blockIdx.y, row_blocks[2 * blockIdx.x + 1]};
+      },
+      kmean_lp, layer_page0, num_q_heads, num_kv_heads, scale_log2);
 }
 
 // ------------------------------------------------------------------------------- passes 3-5
@@ -212,15 +230,33 @@ __global__ void __launch_bounds__(CPATTN_THREADS) block_score_varlen(
 // counts[table] = length. stats[0..2] += kept (head, query block,
 // past block) triples at the select / q-union / group-union stage (same weighting as the
 // reference's densities).
-// The body, for table `table` of one chunk: its list goes to `list`, its length to *count.
+//
+// What one block_union block works on: table `table` of a chunk (the chunk's scores s_raw, Pb
+// past and Qb query blocks, tb per tile, own_total own pages, blocks: its Pb + Qb pool ids,
+// stats: its stage counts [3]); the list goes to padded[list_table * cap ...] and its length
+// to counts[list_table], list_table being the table's number in the launch.
+struct UnionTable {
+  const float* s_raw;
+  const int* blocks;
+  int Pb, Qb, tb, own_total, table, list_table;
+  unsigned long long* stats;
+};
+
+// The body; table_of() gives the UnionTable, called where the single-sequence kernel read its
+// table (so it compiles to the machine code it had before the batched kernel).
+template <typename TableOf>
 __device__ __forceinline__ void block_union_table(
-    const float* __restrict__ s_raw, int Pb, int Qb, int tb, int num_kv_heads, int G, int s,
-    float alpha, int sink, int window, const int* __restrict__ blocks, int own_total,
-    int* __restrict__ list, int* __restrict__ count, unsigned long long* __restrict__ stats, int table) {
+    TableOf table_of, int num_kv_heads, int G, int s, float alpha, int sink, int window,
+    int* __restrict__ padded, int cap, int* __restrict__ counts) {
   extern __shared__ float thr[];  // [s * tb] thresholds (dynamic shared memory)
   __shared__ int scan[CPATTN_UNION_THREADS];
   __shared__ int base_s;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const UnionTable at = table_of();
+  const float* __restrict__ s_raw = at.s_raw;
+  const int* __restrict__ blocks = at.blocks;
+  unsigned long long* __restrict__ stats = at.stats;
+  const int Pb = at.Pb, Qb = at.Qb, tb = at.tb, own_total = at.own_total;
+  const int table = at.table, list_table = at.list_table, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const TableCoords tc = table_coords(table, num_kv_heads, G / s);
   const int t = tc.t, kvh = tc.kvh, g = tc.g;
   const int i0 = t * tb, nb = min(tb, Qb - i0);  // query blocks of this tile
@@ -264,15 +300,15 @@ __device__ __forceinline__ void block_union_table(
       scan[tid] += v;
       __syncthreads();
     }
-    if (keep_g) list[base_s + scan[tid] - 1] = blocks[j];
+    if (keep_g) padded[(long long)list_table * cap + base_s + scan[tid] - 1] = blocks[j];
     __syncthreads();
     if (tid == CPATTN_UNION_THREADS - 1) base_s += scan[CPATTN_UNION_THREADS - 1];
     __syncthreads();
   }
   // the tile's own blocks: chunk blocks [0, min(tile end, chunk) / C rounded up)
   const int own = min((t + 1) * tb, own_total);
-  for (int b = tid; b < own; b += CPATTN_UNION_THREADS) list[base_s + b] = blocks[Pb + b];
-  if (tid == 0) *count = base_s + own;
+  for (int b = tid; b < own; b += CPATTN_UNION_THREADS) padded[(long long)list_table * cap + base_s + b] = blocks[Pb + b];
+  if (tid == 0) counts[list_table] = base_s + own;
   // stats: warp sums, then one atomic per warp
 #pragma unroll
   for (int o = 16; o; o >>= 1) {
@@ -291,8 +327,8 @@ __global__ void __launch_bounds__(CPATTN_UNION_THREADS) block_union(
     const float* __restrict__ s_raw, int Pb, int Qb, int tb, int T, int num_kv_heads, int G, int s,
     float alpha, int sink, int window, const int* __restrict__ blocks, int own_total,
     int* __restrict__ padded, int cap, int* __restrict__ counts, unsigned long long* __restrict__ stats) {
-  block_union_table(s_raw, Pb, Qb, tb, num_kv_heads, G, s, alpha, sink, window, blocks, own_total,
-                    padded + (long long)blockIdx.x * cap, counts + blockIdx.x, stats, blockIdx.x);
+  block_union_table([&] { return UnionTable{s_raw, blocks, Pb, Qb, tb, own_total, (int)blockIdx.x, (int)blockIdx.x, stats}; },
+                    num_kv_heads, G, s, alpha, sink, window, padded, cap, counts);
 }
 
 // Batched: grid (tables of the batch); table x of sequence table_seq[x], its scores and blocks
@@ -302,12 +338,16 @@ __global__ void __launch_bounds__(CPATTN_UNION_THREADS) block_union_varlen(
     const float* __restrict__ s_raw, const int* __restrict__ seqs, int num_seqs, const int* __restrict__ table_seq,
     int num_kv_heads, int G, int s, float alpha, int sink, int window, const int* __restrict__ blocks,
     int* __restrict__ padded, int cap, int* __restrict__ counts, unsigned long long* __restrict__ stats) {
-  const int table = blockIdx.x, b = table_seq[table];
-  block_union_table(s_raw + seq_field(seqs, num_seqs, SQ_SCORE0, b), seq_field(seqs, num_seqs, SQ_PAST_BLOCKS, b),
-                    seq_field(seqs, num_seqs, SQ_QUERY_BLOCKS, b), seq_field(seqs, num_seqs, SQ_TILE_BLOCKS, b),
-                    num_kv_heads, G, s, alpha, sink, window, blocks + seq_field(seqs, num_seqs, SQ_BLOCK0, b),
-                    seq_field(seqs, num_seqs, SQ_QUERY_BLOCKS, b), padded + (long long)table * cap, counts + table,
-                    stats + 3 * b, table - seq_field(seqs, num_seqs, SQ_TABLE0, b));
+  block_union_table(
+      [&] {
+        const int table = blockIdx.x, b = table_seq[table];
+        return UnionTable{s_raw + seq_field(seqs, num_seqs, SQ_SCORE0, b), blocks + seq_field(seqs, num_seqs, SQ_BLOCK0, b),
+                          seq_field(seqs, num_seqs, SQ_PAST_BLOCKS, b), seq_field(seqs, num_seqs, SQ_QUERY_BLOCKS, b),
+                          seq_field(seqs, num_seqs, SQ_TILE_BLOCKS, b), seq_field(seqs, num_seqs, SQ_QUERY_BLOCKS, b),
+                          table - seq_field(seqs, num_seqs, SQ_TABLE0, b),
+                          table, stats + 3 * b};
+      },
+      num_kv_heads, G, s, alpha, sink, window, padded, cap, counts);
 }
 
 // -------------------------------------------------------------------------------- pass 6
@@ -347,10 +387,12 @@ struct PrefillSmem {
   static constexpr int bytes = (CPATTN_PREFILL_ROWS + 4 * TK) * LD * 2;  // prefill_smem_bytes in cpattn/kernels.py
 };
 
-// The body, for unit u of a chunk of n tokens (q, out, lse_out: the chunk's rows).
-template <typename T, int D, int C>
+// The body. unit_of() gives this block's unit (a UnitAt: the unit, its chunk's n, and the
+// chunk's first row in q, out and lse_out), called where the single-sequence kernel always
+// read its unit, so that kernel compiles to the machine code it had before the batched one.
+template <typename T, int D, int C, typename UnitOf>
 __device__ __forceinline__ void paged_prefill_unit(
-    const PagedUnit& u, int n, const T* __restrict__ q, const T* __restrict__ k_pool, const T* __restrict__ v_pool,
+    UnitOf unit_of, const T* __restrict__ q, const T* __restrict__ k_pool, const T* __restrict__ v_pool,
     long long layer_page0, const int* __restrict__ indices, int num_q_heads, int num_kv_heads, float scale_log2,
     T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
   constexpr int LD = D + 8;
@@ -361,6 +403,12 @@ __device__ __forceinline__ void paged_prefill_unit(
   T* sK = sQ + CPATTN_PREFILL_ROWS * LD;   // [2][TK][LD]
   T* sV = sK + 2 * TK * LD;                // [2][TK][LD]
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const UnitAt at = unit_of();
+  const PagedUnit u = at.u;
+  const int n = at.n;
+  q += at.row0 * num_q_heads * D;
+  out += at.row0 * num_q_heads * D;
+  lse_out += write_lse ? at.row0 * num_q_heads : 0;
   const int row_count = u.row_count, npast = u.npast, lim_unit = u.lim_unit;
   const int nsteps = (lim_unit + TK - 1) / TK;
 
@@ -442,9 +490,9 @@ __global__ void __launch_bounds__(CPATTN_THREADS, 2) paged_prefill(
     const int* __restrict__ indptr, const int* __restrict__ indices,
     int n, int q_tile, int num_q_heads, int num_kv_heads, int G, int s, int own_total,
     float scale_log2, T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
-  const PagedUnit u = paged_unit<C>(units, indptr, n, q_tile, num_kv_heads, G, s, own_total);
-  paged_prefill_unit<T, D, C>(u, n, q, k_pool, v_pool, layer_page0, indices, num_q_heads, num_kv_heads, scale_log2,
-                              out, lse_out, write_lse);
+  paged_prefill_unit<T, D, C>(
+      [&] { return UnitAt{paged_unit<C>(units, indptr, n, q_tile, num_kv_heads, G, s, own_total), n, 0}; }, q, k_pool,
+      v_pool, layer_page0, indices, num_q_heads, num_kv_heads, scale_log2, out, lse_out, write_lse);
 }
 
 // Batched: units over the tables of the batch (paged_unit_varlen); q, o and lse packed
@@ -456,12 +504,10 @@ __global__ void __launch_bounds__(CPATTN_THREADS, 2) paged_prefill_varlen(
     const int* __restrict__ seqs, int num_seqs, const int* __restrict__ table_seq,
     int num_q_heads, int num_kv_heads, int G, int s, float scale_log2,
     T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
-  int n, row_base;
-  const PagedUnit u = paged_unit_varlen<C>(units, indptr, table_seq, seqs, num_seqs, num_kv_heads, G, s, n, row_base);
-  const long long r0 = row_base;
-  paged_prefill_unit<T, D, C>(u, n, q + r0 * num_q_heads * D, k_pool, v_pool, layer_page0, indices, num_q_heads,
-                              num_kv_heads, scale_log2, out + r0 * num_q_heads * D,
-                              write_lse ? lse_out + r0 * num_q_heads : lse_out, write_lse);
+  paged_prefill_unit<T, D, C>([&] { return paged_unit_varlen<C>(units, indptr, table_seq, seqs, num_seqs, num_kv_heads,
+                                                                G, s); },
+                              q, k_pool, v_pool, layer_page0, indices, num_q_heads, num_kv_heads, scale_log2, out,
+                              lse_out, write_lse);
 }
 
 }  // namespace cpattn

@@ -93,20 +93,25 @@ __device__ __forceinline__ int seq_field(const int* __restrict__ seqs, int num_s
   return seqs[field * num_seqs + b];
 }
 
+// A unit with its chunk: n tokens whose first row in the packed q, o and lse is row0.
+struct UnitAt {
+  PagedUnit u;
+  int n;
+  long long row0;
+};
+
 // The unit of this block of a batched launch: units[u] = (table, row0), table over the batch.
-// Sets n and row_base (the chunk's first packed row).
 template <int C>
-__device__ __forceinline__ PagedUnit paged_unit_varlen(const int* __restrict__ units, const int* __restrict__ indptr,
-                                                       const int* __restrict__ table_seq, const int* __restrict__ seqs,
-                                                       int num_seqs, int num_kv_heads, int G, int s, int& n,
-                                                       int& row_base) {
+__device__ __forceinline__ UnitAt paged_unit_varlen(const int* __restrict__ units, const int* __restrict__ indptr,
+                                                    const int* __restrict__ table_seq, const int* __restrict__ seqs,
+                                                    int num_seqs, int num_kv_heads, int G, int s) {
   const int table = units[2 * blockIdx.x];
   const int b = table_seq[table];
-  n = seq_field(seqs, num_seqs, SQ_CHUNK_LEN, b);
-  row_base = seq_field(seqs, num_seqs, SQ_ROW0, b);
-  return paged_unit_at<C>(table, table - seq_field(seqs, num_seqs, SQ_TABLE0, b), units[2 * blockIdx.x + 1], indptr,
-                          n, seq_field(seqs, num_seqs, SQ_TILE_BLOCKS, b) * C, num_kv_heads, G, s,
-                          seq_field(seqs, num_seqs, SQ_QUERY_BLOCKS, b));
+  const int n = seq_field(seqs, num_seqs, SQ_CHUNK_LEN, b);
+  return UnitAt{paged_unit_at<C>(table, table - seq_field(seqs, num_seqs, SQ_TABLE0, b), units[2 * blockIdx.x + 1],
+                                 indptr, n, seq_field(seqs, num_seqs, SQ_TILE_BLOCKS, b) * C, num_kv_heads, G, s,
+                                 seq_field(seqs, num_seqs, SQ_QUERY_BLOCKS, b)),
+                n, seq_field(seqs, num_seqs, SQ_ROW0, b)};
 }
 
 }  // namespace cpattn

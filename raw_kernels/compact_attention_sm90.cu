@@ -308,10 +308,9 @@ __global__ void __launch_bounds__(CPATTN_WG_THREADS, 1) paged_prefill_wg_varlen(
     const int* __restrict__ seqs, int num_seqs, const int* __restrict__ table_seq,
     int num_q_heads, int num_kv_heads, int G, int s, float scale_log2,
     T* __restrict__ out, float* __restrict__ lse_out, int write_lse) {
-  int n, row_base;
-  const PagedUnit u = paged_unit_varlen<C>(units, indptr, table_seq, seqs, num_seqs, num_kv_heads, G, s, n, row_base);
-  const long long r0 = row_base;
-  paged_prefill_wg_unit<T, D, C>(u, q + r0 * num_q_heads * D, k_pool, v_pool, layer_page0, indices, num_q_heads,
+  const UnitAt at = paged_unit_varlen<C>(units, indptr, table_seq, seqs, num_seqs, num_kv_heads, G, s);
+  const long long r0 = at.row0;
+  paged_prefill_wg_unit<T, D, C>(at.u, q + r0 * num_q_heads * D, k_pool, v_pool, layer_page0, indices, num_q_heads,
                                  num_kv_heads, scale_log2, out + r0 * num_q_heads * D,
                                  write_lse ? lse_out + r0 * num_q_heads : lse_out, write_lse);
 }
