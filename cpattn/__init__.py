@@ -6,7 +6,7 @@ always there; the CUDA backend loads on first use.
 from . import reference
 from .reference import CacheError, CacheFullError, ChunkCache, build_decode_plan
 from .chunk_attention import ChunkAttentionDecode  # dispatches on the cache: NumPy -> the reference
-from .compact_attention import BlockMeans, compact_prefill, dense_prefill  # the same dispatch
+from .compact_attention import BatchedPrefill, BlockMeans, compact_prefill, dense_prefill  # the same dispatch
 
 __version__ = "0.1.0"
 
@@ -25,4 +25,4 @@ def gpu_available() -> bool:
 
 __all__ = ["reference", "ChunkCache", "CacheError", "CacheFullError", "build_decode_plan", "ChunkAttentionDecode",
            "gpu_available"]
-__all__ += ["BlockMeans", "compact_prefill", "dense_prefill"]
+__all__ += ["BlockMeans", "BatchedPrefill", "compact_prefill", "dense_prefill"]
