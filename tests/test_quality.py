@@ -228,10 +228,16 @@ def ids(model_and_tokenizer):
     return model_and_tokenizer[1].encode(load_text("python-docs", max_chars=4000))[:256]
 
 
-def test_chunked_dense_perplexity_equals_one_chunk_and_sparse_acts(model_and_tokenizer, ids):
+@pytest.fixture(scope="module")
+def dense64(model_and_tokenizer, ids):
+    """Dense perplexity of ``ids`` prefilled in chunks of 64 (shared by the tests below)."""
+    return Q.perplexity(model_and_tokenizer[0], ids, Q.DENSE, chunk_size=64, prefill_chunk=64)
+
+
+def test_chunked_dense_perplexity_equals_one_chunk_and_sparse_acts(model_and_tokenizer, ids, dense64):
     model, _ = model_and_tokenizer
     one = Q.perplexity(model, ids, Q.DENSE, chunk_size=64, prefill_chunk=256)
-    dense = Q.perplexity(model, ids, Q.DENSE, chunk_size=64, prefill_chunk=64)
+    dense = dense64
     assert one["scored"] == dense["scored"] == len(ids) - 1
     assert 1.0 < dense["ppl"] < 100.0  # a real model on real text, not noise (vocab 49152)
     # chunking the dense prefill changes nothing but the rounding order
@@ -251,13 +257,12 @@ def test_chunked_dense_perplexity_equals_one_chunk_and_sparse_acts(model_and_tok
     np.testing.assert_allclose(sparse["token_ll"][:63], dense["token_ll"][:63], atol=0.05)
 
 
-def test_recall_rule_through_the_real_model(model_and_tokenizer, ids):
+def test_recall_rule_through_the_real_model(model_and_tokenizer, ids, dense64):
     """The recall-target rule through the real model's attention (``CacheAttention(recall=...)``),
     chunks of 64 with one sink and one window block so that the rule has blocks to drop:
     recall 1 scores every token exactly as dense; recall 0.9 drops blocks in some layer, with one
     choice per table (the three stage densities equal) and a perplexity near dense's."""
-    model, _ = model_and_tokenizer
-    dense = Q.perplexity(model, ids, Q.DENSE, chunk_size=64, prefill_chunk=64)
+    model, dense = model_and_tokenizer[0], dense64
     full = Q.perplexity(model, ids, Q.Mode("r1", 0.0, sink=1, window=1, recall=1.0), chunk_size=64, prefill_chunk=64)
     np.testing.assert_array_equal(full["token_ll"], dense["token_ll"])
     assert full["density"]["select_mean"] == 1.0
