@@ -286,3 +286,17 @@ def test_needle_found_by_dense_and_default_sparse(model_and_tokenizer):
     assert all(r["hit"] for r in rows), [r["answer"] for r in rows]
     assert rows[0]["answer"] == rows[1]["answer"] == rows[2]["answer"]
     assert all(r["group_union_mean"] is not None and 0 < r["group_union_mean"] <= 1 for r in rows[1:])
+
+
+def test_published_section_is_the_tools_output(tmp_path):
+    """bench/quality_cpu.md is what ``--replot`` writes from bench/quality_cpu.json, and the
+    BENCHMARKS.md section is that file."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    src = os.path.join(root, "bench", "quality_cpu.json")
+    assert Q.main(["--replot", src, "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "quality_cpu.md").read_text()
+    with open(os.path.join(root, "bench", "quality_cpu.md")) as fh:
+        assert fh.read() == md
+    with open(os.path.join(root, "BENCHMARKS.md")) as fh:
+        assert md.rstrip("\n") + "\n" in fh.read()
+    assert "recall0.99" in md and "Within 0.5% of dense perplexity" in md

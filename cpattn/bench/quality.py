@@ -251,6 +251,8 @@ def markdown(result: dict) -> str:
              "q_union: after the union over the chunk's query blocks; group_union: after the union over "
              "the query heads of a K/V head, what the kernel reads; the recall rule chooses per table, "
              "so its three are equal), mean over layers and the chunks that have a past.", ""]
+    if result.get("note"):
+        lines += [result["note"], ""]
     dense = next(p for p in P if p["mode"] == "dense")
     lines += [f"### Perplexity: {dense['tokens']} tokens of {c['ppl_text']}", ""]
     body = []
@@ -391,13 +393,24 @@ def parse(argv=None):
     p.add_argument("--extra-q-tile", type=int, nargs="*", default=[], help="extra sparse modes with this q_tile")
     p.add_argument("--extra-in-needles", action="store_true", help="run the extra modes on the needles too")
     p.add_argument("--needle-note", default="", help="a sentence printed above the needle table")
+    p.add_argument("--note", default="", help="a sentence printed under the section's first paragraph")
+    p.add_argument("--replot", default=None, metavar="JSON",
+                   help="write the section again from a saved result (its --note / --needle-note replaced "
+                        "when given), running nothing")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    result = run(args)
+    if args.replot:
+        with open(args.replot) as fh:
+            result = json.load(fh)
+        result["note"] = args.note or result.get("note", "")
+        result["needle_note"] = args.needle_note or result.get("needle_note", "")
+    else:
+        result = run(args)
+        result["note"] = args.note
     os.makedirs(args.out, exist_ok=True)
     md = markdown(result)
     with open(os.path.join(args.out, args.name + ".md"), "w") as fh:
