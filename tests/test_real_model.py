@@ -283,13 +283,16 @@ def test_shared_document_batch_matches_transformers(gen, hf, text):
         assert finished and n >= 16, (q, n, g.text, gen.tokenizer.decode(ref))
 
 
-def test_sparse_prefill_reads_fewer_blocks(gen, text):
-    """CompactAttention at alpha 0.06 on a 768-token document reads fewer blocks than dense."""
+@pytest.mark.parametrize("rule", [dict(alpha=0.06), dict(recall=0.9)])
+def test_sparse_prefill_reads_fewer_blocks(gen, text, rule):
+    """CompactAttention (alpha 0.06, or the recall rule at 0.9) on a 768-token document reads
+    fewer blocks than dense, and the report says which rule ran."""
     document = gen.tokenizer.decode(gen.tokenizer.encode(text)[:768])
-    sparse = Generator(gen.model, gen.tokenizer, chunk_size=64, prefill_chunk=256, alpha=0.06)
+    sparse = Generator(gen.model, gen.tokenizer, chunk_size=64, prefill_chunk=256, **rule)
     rs = sparse.batch_run(document, ["What is the text above about?"], max_new_tokens=2, stop_at_eos=False)
     print(f"\nsparse prefill density {rs.prefill_density:.3f}")
     assert 0 < rs.prefill_density < 1 and "of the K/V blocks" in str(rs)
+    assert ("recall target 0.9" if "recall" in rule else "prefill alpha 0.06") in str(rs)
     assert len(rs.requests[0].tokens) == 2
 
 

@@ -135,8 +135,9 @@ class BatchReport:
     kv_bytes_per_token: int
     chunk_size: int
     alpha: float
-    prefill_density: float | None = None  # mean fraction of K/V blocks prefill read (alpha > 0)
+    prefill_density: float | None = None  # mean fraction of K/V blocks prefill read (alpha > 0 or a recall)
     step_times: dict | None = None  # GraphedDecoder's host times per step (graph=True)
+    recall: float | None = None  # the recall-target rule's target, when prefill used it
 
     @property
     def generated(self) -> int:
@@ -168,7 +169,8 @@ class BatchReport:
         saved = 1 - s["kv_mib"] / s["kv_flat_mib"] if s["kv_flat_mib"] else 0.0
         return "\n".join([
             f"batch run on {s['backend']}: {s['requests']} requests sharing a {s['doc_tokens']}-token document "
-            f"(chunk size {self.chunk_size}, prefill alpha {self.alpha:g})",
+            f"(chunk size {self.chunk_size}, prefill "
+            + (f"alpha {self.alpha:g})" if self.recall is None else f"recall target {self.recall:g})"),
             f"  prefill: {s['prompt_tokens']} prompt tokens, {s['prefill_reused']} reused from the cache, "
             f"{s['prefill_computed']} computed, in {s['prefill_s']:.2f} s"
             + ("" if self.prefill_density is None else
@@ -361,7 +363,7 @@ class Generator:
             seqs.append(seq)
         prefill_time = time.perf_counter() - t0
         density = (float(np.mean([d["tables"] for _, d in attn.densities]))
-                   if self.alpha > 0 and attn.densities else None)
+                   if (self.alpha > 0 or self.recall is not None) and attn.densities else None)
         peak = cache.stats()
         live = [i for i, g in enumerate(gens) if not _done(g, max_new_tokens, self.tokenizer.eos_ids, stop_at_eos)]
         steps = 0
@@ -392,7 +394,7 @@ class Generator:
         return BatchReport(backend=self.backend, requests=gens, doc_tokens=doc_tokens, prefill_time=prefill_time,
                            decode_time=decode_time, decode_steps=steps, kv_tokens_stored=peak["tokens_stored"],
                            kv_tokens_flat=peak["tokens_flat"], kv_bytes_per_token=model.kv_bytes_per_token(),
-                           chunk_size=c, alpha=self.alpha, prefill_density=density,
+                           chunk_size=c, alpha=self.alpha, prefill_density=density, recall=self.recall,
                            step_times=None if graphed is None else graphed.times.summary())
 
 
