@@ -378,13 +378,7 @@ class ChunkCache:
         self.slot_lens[s.slot] = 0
         self._tick += 1
         for n in reversed(s.path):  # leaf first, so leaves are older in the LRU order
-            n.ref -= 1
-            n.last_use = self._tick
-            if n.ref == 0:
-                if n.registered:
-                    self._cached[n] = None
-                else:
-                    self._free_node(n)
+            self._unref(n)
         self.version += 1
 
     def truncate(self, seq: int, num_tokens: int) -> None:
@@ -430,7 +424,8 @@ class ChunkCache:
         self.version += 1
 
     def _unref(self, n: Node) -> None:
-        """``truncate``: drop one reference of ``n`` (as ``release`` does for each node of a path)."""
+        """Drop one reference of ``n`` (``release``, ``truncate``): unreferenced, it is cached if
+        registered (matchable, evictable) and freed otherwise."""
         n.ref -= 1
         n.last_use = self._tick
         if n.ref == 0:

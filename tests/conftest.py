@@ -60,3 +60,18 @@ def unchanged():
     """``with unchanged(cache): ...`` asserts the block leaves the cache exactly as it was
     (``cpattn.testing.assert_cache_unchanged``)."""
     return assert_cache_unchanged
+
+
+@pytest.fixture(scope="module")
+def model_file():
+    """The fetched SmolLM2 file (a str path); tests never download it (CI runs ``cpattn models
+    fetch smollm2`` first). Missing: the test skips, or fails under ``CPATTN_REQUIRE_MODEL=1``."""
+    from cpattn.serving import fetch
+
+    path = fetch.cached_path("smollm2")
+    if not fetch.is_fetched("smollm2"):
+        why = f"model file not fetched ({path}); run `cpattn models fetch smollm2` first"
+        if os.environ.get("CPATTN_REQUIRE_MODEL") == "1":
+            pytest.fail(f"CPATTN_REQUIRE_MODEL=1: {why}")
+        pytest.skip(why)
+    return str(path)

@@ -200,7 +200,7 @@ def test_recall_rule_runs_through_the_model(seed, blocks, target):
 
 # ============================================================================ with the real model
 @pytest.fixture(scope="module")
-def model_and_tokenizer():
+def model_and_tokenizer(request):
     for module, extra in (("gguf", "models"), ("tokenizers", "models"), ("jinja2", "models")):
         try:
             __import__(module)
@@ -208,16 +208,10 @@ def model_and_tokenizer():
             if REQUIRED:
                 raise
             pytest.skip(f"needs the {extra} extra: pip install 'cpattn[{extra}]'")
-    from cpattn.serving import fetch
     from cpattn.serving.gguf import GGUFFile
     from cpattn.serving.llama import LlamaModel
 
-    if not fetch.is_fetched("smollm2"):
-        why = f"model file not fetched ({fetch.cached_path('smollm2')}); run `cpattn models fetch smollm2` first"
-        if REQUIRED:
-            pytest.fail(f"CPATTN_REQUIRE_MODEL=1: {why}")
-        pytest.skip(why)
-    f = GGUFFile(str(fetch.cached_path("smollm2")))
+    f = GGUFFile(request.getfixturevalue("model_file"))  # after the extras: their skip message comes first
     return LlamaModel(f.config(), f.tensor, dtype="float16"), f.tokenizer()
 
 

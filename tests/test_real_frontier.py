@@ -29,7 +29,6 @@ for _mod in ("gguf", "tokenizers"):
 
 from cpattn.bench import real_frontier as rf  # noqa: E402
 from cpattn.reference.dtypes import to_float32  # noqa: E402
-from cpattn.serving import fetch as fetch_mod  # noqa: E402
 from cpattn.serving.generate import load_text  # noqa: E402
 
 TOKENS, CHUNK, BLOCK = 448, 128, 32
@@ -37,17 +36,11 @@ LAYERS = (0, 7, 29)
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer():
-    path = fetch_mod.cached_path("smollm2")
-    if not fetch_mod.is_fetched("smollm2"):
-        why = f"model file not fetched ({path}); run `cpattn models fetch smollm2` first"
-        if REQUIRED:
-            pytest.fail(f"CPATTN_REQUIRE_MODEL=1: {why}")
-        pytest.skip(why)
+def model_and_tokenizer(model_file):
     from cpattn.serving.gguf import GGUFFile
     from cpattn.serving.llama import LlamaModel
 
-    f = GGUFFile(str(path))
+    f = GGUFFile(model_file)
     return LlamaModel(f.config(), f.tensor, dtype="float16"), f.tokenizer()
 
 

@@ -55,18 +55,6 @@ PROMPTS = ("Explain what a hash table is.", "How do plants make food?", "Tell me
 
 
 @pytest.fixture(scope="module")
-def model_file():
-    """The fetched model; tests never download it (CI runs ``cpattn models fetch smollm2`` first)."""
-    path = fetch_mod.cached_path("smollm2")
-    if not fetch_mod.is_fetched("smollm2"):
-        why = f"model file not fetched ({path}); run `cpattn models fetch smollm2` first"
-        if REQUIRED:
-            pytest.fail(f"CPATTN_REQUIRE_MODEL=1: {why}")
-        pytest.skip(why)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def gguf_file(model_file):
     return GGUFFile(model_file)
 

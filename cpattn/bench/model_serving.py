@@ -316,12 +316,11 @@ def main(argv=None) -> int:
         rows[0][f"hf_{k}"] = hf.get(k)
     md = section(meta, ours, hf, agree)
     name = f"model_serving_{short}"
-    paths = write_tables(args.out, name, rows, meta, md,
-                         extra=dict(profile=ours["profile"], host=ours["host"], agreement=agree,
-                                    ours_tokens=ours["tokens"][:4], hf_tokens=hf.get("tokens", [])[:4]))
+    extra = dict(profile=ours["profile"], host=ours["host"], agreement=agree,
+                 ours_tokens=ours["tokens"][:4], hf_tokens=hf.get("tokens", [])[:4])
+    paths = write_tables(args.out, name, rows, meta, md, extra=extra)
     if hf:
-        with open(paths["json"]) as fh:
-            plot(__import__("json").load(fh), os.path.join(args.out, f"{name}.png"))
+        plot(dict(meta, rows=rows, **extra), os.path.join(args.out, f"{name}.png"))
     print(md)
     print("wrote", ", ".join(paths.values()), file=sys.stderr)
     return 0

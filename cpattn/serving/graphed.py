@@ -205,14 +205,11 @@ class GraphedDecoder:
         """
         cache = self.cache
         t0 = time.perf_counter()
-        seqs = tuple(cache.check_batch(seqs))
-        tokens = cache.check_tokens(tokens, "tokens")
-        self.model.check_vocab(tokens)
-        if len(tokens) != len(seqs):
-            raise ValueError(f"tokens: expected one token per sequence ({len(seqs)}), got {len(tokens)}")
+        self.model.check_vocab(cache.check_tokens(tokens, "tokens"))  # the vocabulary: the cache cannot know it
+        slots = cache.reserve_batch(seqs, tokens)  # checks batch, tokens, room, state; raises with nothing changed
+        seqs, tokens = tuple(cache.check_batch(seqs)), cache.check_tokens(tokens, "tokens")
         new_batch = seqs != self.seqs
-        pos = np.array([cache.seq_len(s) for s in seqs], np.int32)
-        slots = cache.reserve_batch(seqs, tokens)  # checks room and state; raises with nothing changed
+        pos = np.array([cache.seq_len(s) - 1 for s in seqs], np.int32)  # of the token just reserved
         if new_batch:
             self.seqs, self.graph = seqs, None
             self._buffers(len(seqs))
