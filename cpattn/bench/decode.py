@@ -70,9 +70,10 @@ def build(batch, shared, own, Hkv, D, c, share=True, seed=0, k=1):
         cache.reserve(sid, p[cache.seq_len(sid):])
         cache.commit(sid)
         ids.append(sid)
-    cache.reserve_batch(ids, [k] * batch)
-    for sid in ids:
-        cache.commit(sid)
+    for _ in range(k):  # the decode tokens, one batch step at a time
+        cache.reserve_batch(ids, [1] * batch)
+        for sid in ids:
+            cache.commit(sid)
     cache.sync_lens()
     return cache, ids
 
@@ -277,7 +278,7 @@ def main(argv=None):
             r["invariant_over_default"] = r["invariant_graph_us"] / r["ours_graph_us"]
         rows.append(r)
         progress(i + 1, len(jobs), label)
-        print("   " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+        print("   " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
     plan_build_ms, plan_full_ms = plan_timing()
     date = datetime.date.today().isoformat()
     for r in rows:
