@@ -31,8 +31,9 @@ from .kernels import DECODE_ROWS as ROWS_PER_UNIT  # rows of a phase-2 unit (and
 from .kernels import THREADS, UNIT_WIDTH, decode_smem_bytes, get_kernels, phase1_rows
 from .reference import chunk_attention as reference
 from .reference.checks import INT32_MAX, check_bool, check_instance, check_int, check_scale
-from .reference.chunk_attention import SPLIT_FIELDS, DecodePlan, batch_states, check_num_q_heads, \
-    check_piece_chunks, check_plan, check_q, check_queries_per_seq, check_query_tokens, check_tree_mask, log_plan
+from .reference.chunk_attention import INVARIANT_BLOCK_CHUNKS, SPLIT_FIELDS, DecodePlan, batch_states, \
+    check_num_q_heads, check_piece_chunks, check_plan, check_q, check_queries_per_seq, check_query_tokens, \
+    check_tree_mask, log_plan
 from .reference.chunk_cache import ChunkCache, check_cache
 
 _I32 = np.int32
@@ -137,12 +138,14 @@ def _node_table(cache: ChunkCache) -> _NodeTable:
     return t
 
 @_jit
-def _plan_core(tails, node_serial, node_parent, node_depth, seen, stamp):
+def _plan_core(tails, node_serial, node_parent, node_depth, seen, stamp, block):
     """Depth-first order, shared segments and private suffixes of the paths ending at ``tails``.
 
     tails [B] pool chunk of each sequence's last node (batch order); node_* [num_chunks] the
     node table; seen [num_chunks] scratch: seen[c] = stamp + v when chunk c is local node v of
     this call. Work is linear in the distinct nodes of the batch's paths, not in B x depth.
+    ``block`` > 0: the batch-invariant partition of fixed blocks of ``block`` chunks (the
+    reference's pass 3b; its work is linear in the batch's path cells).
     """
     B = len(tails)
 
@@ -262,6 +265,50 @@ def _plan_core(tails, node_serial, node_parent, node_depth, seen, stamp):
     seg_chunks = np.empty(n, np.int32)
     S = 0
     t = 0
+    path_len_pos = np.empty(B, np.int32)
+    for q in range(B):
+        path_len_pos[q] = path_len[order[q]]
+    if block > 0:
+        # 4b. fixed blocks (batch-invariant plans): block m of a path is its chunks [m*block,
+        #     (m+1)*block); a full block whose last node has a range of 2 or more is a segment,
+        #     made at its range's first position; the blocks from a path's first private one on
+        #     are its private chunks
+        longest = 0
+        for q in range(B):
+            longest = max(longest, path_len_pos[q])
+        path = np.empty(longest, np.int64)  # local ids of one path, root side first
+        private_indptr = np.zeros(B + 1, np.int32)
+        for q in range(B):
+            L = path_len_pos[q]
+            v = tail_of[order[q]]
+            for d in range(L - 1, -1, -1):
+                path[d] = v
+                v = up[v]
+            m0 = 0
+            while m0 + block <= L:
+                last = path[m0 + block - 1]
+                if end[last] - begin[last] < 2:
+                    break
+                if begin[last] == q:
+                    seg_begin[S], seg_end[S] = begin[last], end[last]
+                    for d in range(m0, m0 + block):
+                        seg_chunks[t] = chunk[path[d]]
+                        t += 1
+                    S += 1
+                    seg_chunk_indptr[S] = t
+                m0 += block
+            private_indptr[q + 1] = private_indptr[q] + L - m0
+        # 5b. each position's private chunks: the last nodes of its path, root side first
+        private_chunks = np.empty(private_indptr[B], np.int32)
+        for q in range(B):
+            v = tail_of[order[q]]
+            j = private_indptr[q + 1]
+            while j > private_indptr[q]:
+                j -= 1
+                private_chunks[j] = chunk[v]
+                v = up[v]
+        return (order, path_len_pos, seg_begin[:S], seg_end[:S], seg_chunk_indptr[:S + 1], seg_chunks[:t],
+                private_indptr, private_chunks)
     for j in range(n):
         v = pre[j]
         if end[v] - begin[v] < 2:
@@ -300,9 +347,6 @@ def _plan_core(tails, node_serial, node_parent, node_depth, seen, stamp):
             j -= 1
             private_chunks[j] = chunk[v]
             v = up[v]
-    path_len_pos = np.empty(B, np.int32)
-    for q in range(B):
-        path_len_pos[q] = path_len[order[q]]
     # (plain loops and views: numba compiles fancy indexing, astype and copies slowly)
     return (order, path_len_pos, seg_begin[:S], seg_end[:S], seg_chunk_indptr[:S + 1], seg_chunks[:t],
             private_indptr, private_chunks)
@@ -389,12 +433,15 @@ def _batch_states(cache: ChunkCache, seqs):
     return batch_states(cache, seqs)
 
 
-def _plan_base(cache: ChunkCache, seqs, queries_per_seq: int = 1, tree_mask=None) -> dict:
-    """The unsplit fields of the plan for ``seqs`` (every field but ``SPLIT_FIELDS``).
+def _plan_base(cache: ChunkCache, seqs, queries_per_seq: int = 1, tree_mask=None,
+               batch_invariant: bool = False) -> dict:
+    """The unsplit fields of the plan for ``seqs`` (every field but ``SPLIT_FIELDS``); with
+    ``batch_invariant`` those of the fixed blocks.
 
     Python touches each sequence once (its slot and last node); the rest is ``_plan_core`` over
     the per-cache node table, which learns only the nodes it has not seen (new chunks).
     """
+    batch_invariant = check_bool(batch_invariant, "batch_invariant")
     kq = check_queries_per_seq(queries_per_seq)
     ids, states = _batch_states(cache, seqs)
     if kq > 1:
@@ -410,16 +457,18 @@ def _plan_base(cache: ChunkCache, seqs, queries_per_seq: int = 1, tree_mask=None
         k = np.flatnonzero(miss)
         t.learn([states[i] for i in k.tolist()], [tails[i] for i in k.tolist()], tail_chunk[k], tail_serial[k])
     order, path_len, sb, se, seg_chunk_indptr, seg_chunks, private_indptr, private_chunks = _plan_core(
-        tail_chunk, t.serial, t.parent, t.depth, t.seen, t.stamp())
+        tail_chunk, t.serial, t.parent, t.depth, t.seen, t.stamp(), INVARIANT_BLOCK_CHUNKS if batch_invariant else 0)
     slots = np.fromiter(map(_SLOT, states), _I32, B)[order]
     return dict(batch=tuple(ids), version=cache.version, chunk_size=cache.chunk_size,
                 order=order, slots=slots, path_len=path_len,
                 seg_begin=sb, seg_end=se, seg_chunk_indptr=seg_chunk_indptr, piece_chunks=seg_chunks,
                 private_indptr=private_indptr, private_chunks=private_chunks, num_segments=len(sb),
-                queries_per_seq=kq, tree_bits=tree_bits)
+                queries_per_seq=kq, tree_bits=tree_bits, batch_invariant=batch_invariant)
 
 
 def _split(base: dict, piece_chunks, private_piece_chunks) -> DecodePlan:
+    if base["batch_invariant"]:  # one block per piece and per item, whatever was asked
+        piece_chunks = private_piece_chunks = INVARIANT_BLOCK_CHUNKS
     split = _split_core(base["seg_begin"], base["seg_end"], base["seg_chunk_indptr"], base["private_indptr"],
                         int(piece_chunks or 0), int(private_piece_chunks or 0))
     return DecodePlan(**dict(zip(SPLIT_FIELDS, split)), **base)
@@ -427,11 +476,13 @@ def _split(base: dict, piece_chunks, private_piece_chunks) -> DecodePlan:
 
 def build_decode_plan(cache: ChunkCache, seqs, piece_chunks: int | None = None,
                       private_piece_chunks: int | None = None, *, queries_per_seq: int = 1,
-                      tree_mask=None) -> DecodePlan:
-    """``reference.build_decode_plan`` (same arguments, errors and arrays), fast."""
+                      tree_mask=None, batch_invariant: bool = False) -> DecodePlan:
+    """``reference.build_decode_plan`` (same arguments, errors and arrays), fast. With
+    ``batch_invariant`` the piece sizes are checked and ignored (fixed blocks)."""
     check_piece_chunks(piece_chunks, "piece_chunks")
     check_piece_chunks(private_piece_chunks, "private_piece_chunks")
-    return _split(_plan_base(cache, seqs, queries_per_seq, tree_mask), piece_chunks, private_piece_chunks)
+    return _split(_plan_base(cache, seqs, queries_per_seq, tree_mask, batch_invariant), piece_chunks,
+                  private_piece_chunks)
 
 
 def split_plan(plan: DecodePlan, piece_chunks: int | None = None,
@@ -525,13 +576,17 @@ def build_units(plan: DecodePlan, num_kv_heads: int, group: int):
     Multi-token plans (``plan.queries_per_seq`` k > 1): a sequence has k x group rows (query,
     head), phase-2 tiles have ``phase1_rows`` rows too, and column 3 holds every unit's first
     key position (the kernel masks the pages that reach a row's new tokens).
+
+    Batch-invariant plans: every tile has at most ``ROWS_PER_UNIT`` rows (chunk_attend_invariant
+    runs one 16-row tile per warp over all of a unit's keys, never the two-tile path).
     """
     kq = int(plan.queries_per_seq)
+    rows1 = ROWS_PER_UNIT if plan.batch_invariant else phase1_rows(int(plan.chunk_size))
+    rows2 = ROWS_PER_UNIT if kq == 1 else rows1
     units = _units_core(plan.piece_begin, plan.piece_end, plan.piece_chunk_indptr, plan.piece_state_offset,
                         plan.item_pos, plan.item_begin, plan.item_end, plan.private_indptr, plan.path_len,
                         plan.slots, plan.seq_piece_indptr, plan.seq_pieces, int(num_kv_heads), int(group),
-                        int(plan.chunk_size), ROWS_PER_UNIT if kq == 1 else phase1_rows(int(plan.chunk_size)),
-                        phase1_rows(int(plan.chunk_size)), kq)
+                        int(plan.chunk_size), rows2, rows1, kq)
     return units, np.concatenate([plan.piece_chunks, plan.private_chunks]).astype(np.int32)
 
 
@@ -564,8 +619,10 @@ DEVICE_ARRAYS = ("units", "chunk_list", "order", "seq_piece_indptr", "seq_pieces
 
 
 def plan_host(cache, seqs, num_q_heads: int, piece_chunks="auto", private_piece_chunks="auto",
-              units_per_sm: int = 4, num_sms: int = 132, *, queries_per_seq: int = 1, tree_mask=None):
+              units_per_sm: int = 4, num_sms: int = 132, *, queries_per_seq: int = 1, tree_mask=None,
+              batch_invariant: bool = False):
     """Host part of ``ChunkAttentionDecode.plan``: everything but the upload (no GPU needed).
+    With ``batch_invariant`` the plan of fixed blocks (piece sizes checked and ignored).
 
     Returns (plan, buf, offs, num_units): ``buf`` int32 concatenates the ``DEVICE_ARRAYS``:
     units [U, UNIT_WIDTH] (raveled), chunk_list, order, seq_piece_indptr, seq_pieces,
@@ -579,7 +636,9 @@ def plan_host(cache, seqs, num_q_heads: int, piece_chunks="auto", private_piece_
     check_int(units_per_sm, "units_per_sm", 1, INT32_MAX)
     check_int(num_sms, "num_sms", 1, INT32_MAX)
     H = cache.num_kv_heads
-    base = _plan_base(cache, seqs, queries_per_seq, tree_mask)
+    base = _plan_base(cache, seqs, queries_per_seq, tree_mask, batch_invariant)
+    if base["batch_invariant"]:
+        pc = ppc = None  # (_split uses the fixed blocks)
     if pc == "auto" or ppc == "auto":  # about units_per_sm units per SM
         cap = auto_piece_chunks(types.SimpleNamespace(**base), num_q_heads, H, num_sms, units_per_sm)
         pc, ppc = cap if pc == "auto" else pc, cap if ppc == "auto" else ppc
@@ -597,7 +656,11 @@ def decode_kernels(plan: DecodePlan) -> tuple:
     """(attend, merge): the kernels of raw_kernels/chunk_attention.cu that run ``plan``. One
     query per sequence and no tree mask: chunk_attend / chunk_merge, which hold none of the
     multi-token code; otherwise chunk_attend_multi / chunk_merge_multi (docs/design.md,
-    "Multi-token decode")."""
+    "Multi-token decode"). A batch-invariant plan, any k: chunk_attend_invariant (the multi-token
+    body with one fixed per-row arithmetic) / chunk_merge_multi (docs/design.md, "Batch-invariant
+    decode")."""
+    if plan.batch_invariant:
+        return "chunk_attend_invariant", "chunk_merge_multi"
     if plan.queries_per_seq == 1 and plan.tree_bits is None:
         return "chunk_attend", "chunk_merge"
     return "chunk_attend_multi", "chunk_merge_multi"
@@ -612,6 +675,10 @@ class ChunkAttentionDecode:
     ``piece_chunks`` / ``private_piece_chunks``: chunks per phase-1 piece / phase-2 item, None
     for no split, or "auto" (``auto_piece_chunks``) to size them so about ``units_per_sm``
     units per multiprocessor exist. Results never depend on them.
+
+    ``batch_invariant=True``: batch-invariant plans (fixed key blocks, piece sizes ignored) run
+    on ``chunk_attend_invariant``; a sequence's output is then bitwise the same whatever the
+    rest of the batch, the sharing and the piece sizes (docs/design.md, "Batch-invariant decode").
     """
 
     def __new__(cls, cache, *args, **kwargs):
@@ -619,15 +686,17 @@ class ChunkAttentionDecode:
             return reference.ChunkAttentionDecode(cache, *args, **kwargs)
         return super().__new__(cls)
 
-    def __init__(self, cache, piece_chunks="auto", private_piece_chunks="auto", units_per_sm: int = 4):
+    def __init__(self, cache, piece_chunks="auto", private_piece_chunks="auto", units_per_sm: int = 4, *,
+                 batch_invariant: bool = False):
         self.piece_chunks = check_piece_chunks(piece_chunks, "piece_chunks", auto=True)
         self.private_piece_chunks = check_piece_chunks(private_piece_chunks, "private_piece_chunks", auto=True)
         self.units_per_sm = check_int(units_per_sm, "units_per_sm", 1, INT32_MAX)
+        self.batch_invariant = check_bool(batch_invariant, "batch_invariant")
         cupy = import_cupy("ChunkAttentionDecode on a GpuChunkCache")
         self.cache = cache
         self._kern = get_kernels("chunk_attention", cache.dtype, cache.head_dim, cache.chunk_size)
         self._smem = decode_smem_bytes(cache.head_dim, cache.chunk_size)
-        for name in ("chunk_attend", "chunk_attend_multi"):  # decode_kernels picks one per plan
+        for name in ("chunk_attend", "chunk_attend_multi", "chunk_attend_invariant"):  # decode_kernels picks one
             self._kern[name].max_dynamic_shared_size_bytes = self._smem
         self._sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self._states_cap = 0
@@ -645,7 +714,8 @@ class ChunkAttentionDecode:
         t0, previous = time.perf_counter(), self.decode_plan
         plan, host, offs, num_units = plan_host(cache, seqs, num_q_heads, self.piece_chunks,
                                                 self.private_piece_chunks, self.units_per_sm, self._sms,
-                                                queries_per_seq=queries_per_seq, tree_mask=tree_mask)
+                                                queries_per_seq=queries_per_seq, tree_mask=tree_mask,
+                                                batch_invariant=self.batch_invariant)
         buf = cupy.asarray(host)  # the one upload
         self._dev = {name: buf[offs[i]:offs[i + 1]] for i, name in enumerate(DEVICE_ARRAYS)}
         self._dev["units"] = self._dev["units"].reshape(num_units, UNIT_WIDTH)
@@ -678,7 +748,8 @@ class ChunkAttentionDecode:
         return q, check_scale(scale, cache.head_dim)
 
     def launch_attend(self, q, layer: int = 0, *, scale: float | None = None, units=None):
-        """Launch ``chunk_attend`` (``chunk_attend_multi`` for a multi-token plan) alone over
+        """Launch ``chunk_attend`` (``chunk_attend_multi`` for a multi-token plan,
+        ``chunk_attend_invariant`` for a batch-invariant one) alone over
         ``units`` (a device int32 [n, UNIT_WIDTH] subset of ``self.units``; default all): the
         partial states, no merge. For profiling."""
         q, scale = self._check_q(q, layer, scale)

@@ -143,6 +143,8 @@ KERNELS = {
         ("cpattn::chunk_merge", lambda t, d, c: f"{t}, {d}"),
         ("cpattn::chunk_attend_multi", lambda t, d, c: f"{t}, {d}, {c}"),
         ("cpattn::chunk_merge_multi", lambda t, d, c: f"{t}, {d}"),
+        # batch-invariant plans (any k): fixed per-row arithmetic; merged by chunk_merge_multi
+        ("cpattn::chunk_attend_invariant", lambda t, d, c: f"{t}, {d}, {c}"),
     ),
     "chunk_cache": (
         ("cpattn::kv_append", lambda t, d, c: f"{t}, {d}, {c}"),

@@ -27,6 +27,13 @@
 // into chunk_attend_multi / chunk_merge_multi (Multi = true); chunk_attend / chunk_merge
 // (Multi = false) are the one-query kernels with none of it, and the launcher picks them for
 // plans of one query per sequence and no tree mask.
+//
+// Batch-invariant decode (docs/design.md, "Batch-invariant decode"): chunk_attend_invariant is
+// the multi-token body (Invariant = true) with one fixed arithmetic per row: every unit (at most
+// CPATTN_DECODE_ROWS rows, the planner's fixed key blocks) gives each warp its 16 rows over all
+// of the unit's keys (KS = 1, never the two-tile path). An mma.sync output row depends only on
+// its own A row, so a row's state is the same bits whatever other rows share its tile: a block
+// read as a shared piece or as one sequence's item gives each sequence the same state.
 #include "attend_core.cuh"
 
 namespace cpattn {
@@ -240,12 +247,14 @@ __device__ __forceinline__ void attend_unit_rt2(
 
 // One block per unit. Dynamic shared memory: DecodeSmem<D, C>::bytes. Multi = false is the
 // one-query kernel (k = 1, rows (sequence, head)); Multi = true reads queries_per_seq, rows
-// (sequence, query, head), and masks the pages that reach new tokens.
-template <typename T, int D, int C, bool Multi>
+// (sequence, query, head), and masks the pages that reach new tokens. Invariant = true (with
+// Multi): units of at most CPATTN_DECODE_ROWS rows, each warp 16 rows over every key (KS = 1).
+template <typename T, int D, int C, bool Multi, bool Invariant = false>
 __device__ __forceinline__ void attend_units(CHUNK_ATTEND_PARAMS) {
+  static_assert(Multi || !Invariant, "the batch-invariant kernel is the multi-token body");
   constexpr int LD = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  constexpr int QR = QRows<C>::value;
+  constexpr int QR = Invariant ? CPATTN_DECODE_ROWS : QRows<C>::value;  // Q tile rows (the invariant units' cap)
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + QR * LD;
   T* sV = sK + 2 * C * LD;
@@ -305,7 +314,7 @@ __device__ __forceinline__ void attend_units(CHUNK_ATTEND_PARAMS) {
     for (int sh = 16; sh; sh >>= 1) first_new = min(first_new, __shfl_xor_sync(0xffffffffu, first_new, sh));
   }
 
-  if (QR > CPATTN_DECODE_ROWS && row_count > CPATTN_DECODE_ROWS) {  // 65-128 rows: the two-tile path
+  if (!Invariant && QR > CPATTN_DECODE_ROWS && row_count > CPATTN_DECODE_ROWS) {  // 65-128 rows: the two-tile path
     float o2[2][D / 8][4];
 #pragma unroll
     for (int tt = 0; tt < 2; ++tt)
@@ -333,8 +342,9 @@ __device__ __forceinline__ void attend_units(CHUNK_ATTEND_PARAMS) {
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-  // few rows: split the keys across warps instead of the rows (needs >= 16 keys per warp)
-  const int ks_want = row_count <= 16 ? 4 : (row_count <= 32 ? 2 : 1);
+  // few rows: split the keys across warps instead of the rows (needs >= 16 keys per warp);
+  // never in the batch-invariant kernel, whose rows fold their keys the same way in every unit
+  const int ks_want = Invariant ? 1 : (row_count <= 16 ? 4 : (row_count <= 32 ? 2 : 1));
   int rblocks;
   if (C >= 64 && ks_want == 4) {
     attend_unit<T, D, C, (C >= 64 ? 4 : 1), Multi>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh,
@@ -372,6 +382,11 @@ __global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend(CHUNK_ATTEND_P
 template <typename T, int D, int C>
 __global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend_multi(CHUNK_ATTEND_PARAMS) {
   attend_units<T, D, C, true>(CHUNK_ATTEND_ARGS);
+}
+// Batch-invariant plans, any k: the multi-token body with one fixed arithmetic per row.
+template <typename T, int D, int C>
+__global__ void __launch_bounds__(CPATTN_THREADS, 1) chunk_attend_invariant(CHUNK_ATTEND_PARAMS) {
+  attend_units<T, D, C, true, true>(CHUNK_ATTEND_ARGS);
 }
 #undef CHUNK_ATTEND_PARAMS
 #undef CHUNK_ATTEND_ARGS

@@ -22,6 +22,13 @@ The file reads top to bottom:
 6. ``oracle_decode``: float64 attention of each query over its sequence, read through the tree.
 7. ``ChunkAttentionDecode``: the plan/run class, the same API as ``cpattn.chunk_attention``'s.
 
+Batch-invariant decode (docs/design.md, *Batch-invariant decode*): with ``batch_invariant=True``
+each sequence's output is bitwise the same whatever else is in the batch, whether its prefix is
+shared or stored on its own, and whatever the piece sizes. The plan cuts every path into fixed
+key blocks of ``INVARIANT_BLOCK_CHUNKS`` chunks (``build_decode_plan``), ``decode`` computes
+each block's state from one sequence's rows only, and the merge takes a sequence's states in
+path order.
+
 Multi-token decode (docs/design.md, *Multi-token decode*): with ``queries_per_seq=k`` every
 sequence has ``k`` query tokens, its last ``k`` tokens (their K/V written first): query ``j``
 sees the past (every token before the ``k`` new ones) and the new tokens its row of the tree
@@ -44,6 +51,8 @@ from .dtypes import as_numpy, storage_numpy_dtype, storage_view, to_float32, to_
 
 _I32 = np.int32
 MAX_QUERIES_PER_SEQ = 16  # query tokens per sequence of a multi-token decode step (speculative drafts)
+# Batch-invariant decode: chunks per fixed key block of a path (block m: chunks [8m, 8m + 8)).
+INVARIANT_BLOCK_CHUNKS = 8
 
 
 # ============================================================================ 1. the plan
@@ -86,6 +95,15 @@ class DecodePlan:
     Multi-token decode: ``queries_per_seq`` (k) query rows per sequence; ``tree_bits`` None
     (causal among the k new tokens) or a tuple of ``B * k`` ints in user order, bit ``i`` of
     entry ``b * k + j`` set when query ``j`` of sequence ``b`` sees new token ``i``.
+
+    Batch-invariant plans (``batch_invariant`` True; ``build_decode_plan``): the same arrays over
+    fixed key blocks. Block ``m`` of a path is its chunks ``[8m, 8m + 8)``
+    (``INVARIANT_BLOCK_CHUNKS``); a full block whose last node two or more sequences of the batch
+    pass through is one segment of one piece (the sequences through that node, a contiguous
+    range), every other block (and always a partial last block) an item of its sequence, and
+    ``private_chunks`` holds each position's chunks from its first private block on (they may be
+    nodes other sequences share). A position's shared blocks come before its private ones, so
+    pieces then items is path order.
     """
 
     batch: tuple  # sequence ids in user order
@@ -113,6 +131,7 @@ class DecodePlan:
     num_segments: int
     queries_per_seq: int = 1
     tree_bits: "tuple | None" = None
+    batch_invariant: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -157,9 +176,11 @@ class DecodePlan:
         private = int(self.private_indptr[-1])
         flat = shared and int(((self.piece_end - self.piece_begin) *
                                np.diff(self.piece_chunk_indptr)).sum())
+        mode = (f", batch-invariant (fixed blocks of {INVARIANT_BLOCK_CHUNKS} chunks)" if self.batch_invariant
+                else "")
         return (f"batch {self.batch_size}: {self.num_segments} shared segments in {self.num_pieces} pieces "
                 f"({shared} shared chunks read once instead of {flat} times), "
-                f"{private} private chunks in {self.num_items} items")
+                f"{private} private chunks in {self.num_items} items{mode}")
 
 
 # The fields a split leaves alone (the unsplit plan) and the ones it rebuilds.
@@ -254,16 +275,19 @@ def check_tree_mask(tree_mask, batch: int, k: int) -> "tuple | None":
 # ============================================================================ 2. the planner
 def build_decode_plan(cache: ChunkCache, seqs, piece_chunks: int | None = None,
                       private_piece_chunks: int | None = None, *, queries_per_seq: int = 1,
-                      tree_mask=None) -> DecodePlan:
+                      tree_mask=None, batch_invariant: bool = False) -> DecodePlan:
     """Plan a decode step for ``seqs`` (sequence ids; the row order of ``q``).
 
     ``piece_chunks`` / ``private_piece_chunks`` cap the chunks of one phase-1 piece / phase-2
     item (None: no split). Results do not depend on them; GPU occupancy does.
     ``queries_per_seq`` / ``tree_mask``: the multi-token step (``check_tree_mask``); the
     partition does not depend on them, only the rows of every piece and item do.
+    ``batch_invariant``: the partition of fixed key blocks (``DecodePlan``; passes 3 and 4
+    below become 3b); ``piece_chunks`` / ``private_piece_chunks`` are checked and ignored.
     """
     check_piece_chunks(piece_chunks, "piece_chunks")
     check_piece_chunks(private_piece_chunks, "private_piece_chunks")
+    batch_invariant = check_bool(batch_invariant, "batch_invariant")
     k = check_queries_per_seq(queries_per_seq)
     ids, states = batch_states(cache, seqs)
     check_query_tokens(states, k)
@@ -296,9 +320,9 @@ def build_decode_plan(cache: ChunkCache, seqs, piece_chunks: int | None = None,
     #         meets nodes in depth-first pre-order; a shared node starts a segment when it is a
     #         root child or its range differs from its parent's. The segment runs down the path
     #         while the range stays the same (a child with its parent's whole range is its only
-    #         child in this batch).
+    #         child in this batch). (Batch-invariant plans: pass 3b instead of 3 and 4.)
     seg_begin, seg_end, seg_chunks = [], [], []  # [S], [S], [S] lists of pool chunk ids
-    for pos, b in enumerate(order):
+    for pos, b in enumerate([] if batch_invariant else order):
         path = paths[b]
         for d, n in enumerate(path):
             if begin[n] != pos or not shared(n):
@@ -316,6 +340,29 @@ def build_decode_plan(cache: ChunkCache, seqs, piece_chunks: int | None = None,
     #         going down a path, so the private nodes are a suffix), root side first.
     private = [[n.chunk for n in paths[b] if not shared(n)] for b in order]  # [B] lists
 
+    # Pass 3b (batch-invariant plans). Fixed key blocks: block m of a path is its chunks
+    #         [8m, 8m + 8). A full block is named by its last node, and the sequences through
+    #         that node (a contiguous range) all hold the same block. With two or more of them
+    #         it is a segment, found at its range's first position; else it is private, and so
+    #         are the blocks after it (ranges only narrow going down a path) and a partial last
+    #         block. Segments come out by first position, then depth: on every path they follow
+    #         each other root side first. The private chunks of a position are its path from its
+    #         first private block on.
+    if batch_invariant:
+        n_block = INVARIANT_BLOCK_CHUNKS
+        private = []
+        for pos, b in enumerate(order):
+            path = paths[b]
+            m0 = 0  # first chunk of the block looked at
+            while m0 + n_block <= len(path) and shared(path[m0 + n_block - 1]):
+                last = path[m0 + n_block - 1]
+                if begin[last] == pos:
+                    seg_begin.append(begin[last])
+                    seg_end.append(end[last])
+                    seg_chunks.append([n.chunk for n in path[m0:m0 + n_block]])
+                m0 += n_block
+            private.append([n.chunk for n in path[m0:]])
+
     # Pass 5. The flat arrays of the unsplit plan; passes 6 to 8 (``_split``) cut it up.
     base = dict(
         batch=tuple(ids), version=cache.version, chunk_size=cache.chunk_size,
@@ -327,7 +374,7 @@ def build_decode_plan(cache: ChunkCache, seqs, piece_chunks: int | None = None,
         piece_chunks=np.array([x for run in seg_chunks for x in run], _I32),
         private_indptr=_indptr([len(x) for x in private]),
         private_chunks=np.array([x for suffix in private for x in suffix], _I32),
-        num_segments=len(seg_chunks), queries_per_seq=k, tree_bits=tree_bits,
+        num_segments=len(seg_chunks), queries_per_seq=k, tree_bits=tree_bits, batch_invariant=batch_invariant,
     )
     return _split(base, piece_chunks, private_piece_chunks)
 
@@ -343,7 +390,8 @@ def _indptr(counts) -> np.ndarray:
 def split_plan(plan: DecodePlan, piece_chunks: int | None = None,
                private_piece_chunks: int | None = None) -> DecodePlan:
     """The same plan with pieces / items of at most the given number of chunks (None: whole
-    segments / whole private suffixes). Only the small per-piece arrays change."""
+    segments / whole private suffixes). Only the small per-piece arrays change. A
+    batch-invariant plan keeps its fixed blocks (the sizes are checked and ignored)."""
     check_instance(plan, "plan", DecodePlan, "a DecodePlan (from build_decode_plan)")
     check_piece_chunks(piece_chunks, "piece_chunks")
     check_piece_chunks(private_piece_chunks, "private_piece_chunks")
@@ -352,6 +400,8 @@ def split_plan(plan: DecodePlan, piece_chunks: int | None = None,
 
 
 def _split(base: dict, piece_chunks, private_piece_chunks) -> DecodePlan:
+    if base["batch_invariant"]:  # every segment one block; private suffixes start at a block
+        piece_chunks = private_piece_chunks = INVARIANT_BLOCK_CHUNKS
     B = len(base["order"])
     seg_ptr = base["seg_chunk_indptr"].tolist()
     seg_len = [b - a for a, b in zip(seg_ptr, seg_ptr[1:])]  # [S]
@@ -502,6 +552,10 @@ def decode(cache: ChunkCache, plan: DecodePlan, q, layer: int = 0, scale: float 
     With k > 1 every phase masks the keys its rows may not see: query ``j`` of a sequence of
     length ``L`` sees positions ``< L - k`` and the new positions ``L - k + i`` of its tree bits;
     only pieces and items that hold new tokens have keys masked.
+
+    A batch-invariant plan: the state of every (sequence, block) is computed from that
+    sequence's rows alone (the same arrays of the same shapes whether the block is a piece or an
+    item, so the same bits), and each sequence merges its states in path order.
     """
     check_plan(cache, plan)
     q = storage_view(q)  # ml_dtypes / torch bf16 as uint16 bits, no copy
@@ -547,6 +601,13 @@ def decode(cache: ChunkCache, plan: DecodePlan, q, layer: int = 0, scale: float 
         rows = slice(plan.piece_state_offset[p], plan.piece_state_offset[p + 1])
         for h in range(Hkv):
             heads = slice(h * group, (h + 1) * group)
+            if plan.batch_invariant:  # one sequence's rows at a time, as its item would be
+                for pos in range(b0, b1):
+                    row = plan.piece_state_offset[p] + pos - b0
+                    om, lm = attention_state(qf[pos, :, heads].reshape(-1, D), k[:, h], v[:, h], scale,
+                                             mask=visible(pos, pos + 1, piece_key0[p], len(k)))
+                    o1[row, :, heads], lse1[row, :, heads] = om.reshape(kq, group, D), lm.reshape(kq, group)
+                continue
             qm = qf[b0:b1, :, heads].reshape(-1, D)  # [(b1-b0)*k*group, D]
             om, lm = attention_state(qm, k[:, h], v[:, h], scale, mask=mask)
             o1[rows, :, heads] = om.reshape(b1 - b0, kq, group, D)
@@ -650,8 +711,9 @@ def log_plan(plan: DecodePlan, previous: "DecodePlan | None", seconds: float) ->
     why = ("first plan" if previous is None else
            f"tree changed (version {previous.version} -> {plan.version})" if previous.version != plan.version else
            "batch changed" if previous.batch != plan.batch else "same tree and batch")
-    log.debug("decode plan rebuilt: batch %d, cache version %d, %d pieces, %d items, %.3f ms (%s)",
-              plan.batch_size, plan.version, plan.num_pieces, plan.num_items, 1e3 * seconds, why)
+    log.debug("decode plan rebuilt: batch %d, cache version %d, %d pieces, %d items%s, %.3f ms (%s)",
+              plan.batch_size, plan.version, plan.num_pieces, plan.num_items,
+              ", batch-invariant" if plan.batch_invariant else "", 1e3 * seconds, why)
 
 
 class ChunkAttentionDecode:
@@ -667,13 +729,18 @@ class ChunkAttentionDecode:
     for no split. "auto" sizes pieces for GPU occupancy; here it means no split (whole
     segments, whole private suffixes), since results never depend on piece sizes.
     ``units_per_sm`` is checked and kept, and only matters to the GPU.
+
+    ``batch_invariant=True``: every plan is batch-invariant (``build_decode_plan``): a
+    sequence's output is bitwise the same whatever the rest of the batch, the sharing and the
+    piece sizes (which are then checked and ignored).
     """
 
     def __init__(self, cache: ChunkCache, piece_chunks="auto", private_piece_chunks="auto",
-                 units_per_sm: int = 4):
+                 units_per_sm: int = 4, *, batch_invariant: bool = False):
         self.piece_chunks = check_piece_chunks(piece_chunks, "piece_chunks", auto=True)
         self.private_piece_chunks = check_piece_chunks(private_piece_chunks, "private_piece_chunks", auto=True)
         self.units_per_sm = check_int(units_per_sm, "units_per_sm", 1, INT32_MAX)
+        self.batch_invariant = check_bool(batch_invariant, "batch_invariant")
         self.cache = check_cache(cache)
         self.decode_plan: DecodePlan | None = None  # the current plan
         self.num_q_heads: int | None = None
@@ -687,7 +754,7 @@ class ChunkAttentionDecode:
         t0 = time.perf_counter()
         previous = self.decode_plan
         self.decode_plan = build_decode_plan(self.cache, seqs, pc, ppc, queries_per_seq=queries_per_seq,
-                                             tree_mask=tree_mask)
+                                             tree_mask=tree_mask, batch_invariant=self.batch_invariant)
         self.num_q_heads = num_q_heads
         log_plan(self.decode_plan, previous, time.perf_counter() - t0)
         return self.decode_plan
@@ -726,4 +793,4 @@ class ChunkAttentionDecode:
 __all__ = ["DecodePlan", "build_decode_plan", "split_plan", "merge_states", "attention_state", "decode",
            "oracle_decode", "ChunkAttentionDecode", "check_piece_chunks", "batch_states", "check_q",
            "check_plan", "check_num_q_heads", "SPLIT_FIELDS", "log_plan", "MAX_QUERIES_PER_SEQ",
-           "check_queries_per_seq", "check_query_tokens", "check_tree_mask", "key_starts"]
+           "check_queries_per_seq", "check_query_tokens", "check_tree_mask", "key_starts", "INVARIANT_BLOCK_CHUNKS"]

@@ -192,12 +192,16 @@ def test_decode_has_one_query_kernels_and_multi_token_kernels():
     assert names == {"chunk_attend": "cpattn::chunk_attend<__half, 128, 64>",
                      "chunk_merge": "cpattn::chunk_merge<__half, 128>",
                      "chunk_attend_multi": "cpattn::chunk_attend_multi<__half, 128, 64>",
-                     "chunk_merge_multi": "cpattn::chunk_merge_multi<__half, 128>"}
+                     "chunk_merge_multi": "cpattn::chunk_merge_multi<__half, 128>",
+                     "chunk_attend_invariant": "cpattn::chunk_attend_invariant<__half, 128, 64>"}
     src = without_comments(raw("chunk_attention.cu"))
     for kernel, body, params in (("chunk_attend", "attend_units", "CHUNK_ATTEND"),
                                  ("chunk_merge", "merge_states", "CHUNK_MERGE")):
         for multi, name in (("false", kernel), ("true", kernel + "_multi")):
             assert re.search(rf"{name}\({params}_PARAMS\) \{{\s*{body}<T, D(, C)?, {multi}>\({params}_ARGS\);", src), name
+    # batch-invariant plans: the multi-token body with its Invariant flag set (merged by chunk_merge_multi)
+    assert re.search(r"chunk_attend_invariant\(CHUNK_ATTEND_PARAMS\) \{\s*attend_units<T, D, C, true, true>"
+                     r"\(CHUNK_ATTEND_ARGS\);", src)
     # in the body, the multi-token arguments are read only as `Multi ? x` or inside the blocks of
     # `if constexpr (Multi) { ... }`
     attend = src[src.index("void attend_units("):src.index("__global__")]
@@ -234,3 +238,7 @@ def test_one_query_plans_launch_the_one_query_kernels():
                                                                                  "chunk_merge_multi")
     assert decode_kernels(build_decode_plan(cache, ids, queries_per_seq=2)) == ("chunk_attend_multi",
                                                                                 "chunk_merge_multi")
+    # batch-invariant plans, any k and mask: the invariant attend kernel and the multi-token merge
+    for kw in (dict(), dict(queries_per_seq=2), dict(tree_mask=np.ones((1, 1), bool))):
+        assert decode_kernels(build_decode_plan(cache, ids, batch_invariant=True, **kw)) == ("chunk_attend_invariant",
+                                                                                           "chunk_merge_multi")

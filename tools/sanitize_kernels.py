@@ -25,6 +25,36 @@ for dtype, D, c, Hkv, ratio, n in (("float16", 128, 64, 2, 1, 5), ("bfloat16", 6
     cupy.cuda.Device().synchronize()
     assert bool(cupy.isfinite(lse).all())
     print(f"sanitize: {dtype} D={D} c={c} ratio={ratio} batch={n}: ok")
+    # the batch-invariant kernel (chunk_attend_invariant + chunk_merge_multi): one query, then 3 in a tree
+    inv = ChunkAttentionDecode(cache, batch_invariant=True)
+    for k, mask in ((1, None), (3, np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1]], bool))):
+        if min(cache.seq_len(s) for s in ids) < k:
+            continue
+        inv.plan(ids, Hkv * ratio, queries_per_seq=k, tree_mask=mask)
+        q = cupy.asarray(random_queries(2, n * k, Hkv * ratio, D, dtype))
+        lse = cupy.empty((n * k, Hkv * ratio), cupy.float32)
+        inv.run(q, 0, lse_out=lse)
+        cupy.cuda.Device().synchronize()
+        assert bool(cupy.isfinite(lse).all())
+    print(f"sanitize batch-invariant: {dtype} D={D} c={c} ratio={ratio} batch={n}: ok")
+# batch-invariant decode with shared fixed blocks (9 shared chunks: one shared block, a partial
+# one per sequence), pieces of several 64-row tiles (6 sequences x 4 heads x 3 queries)
+from cpattn.reference.workloads import shared_prefix_prompts  # noqa: E402
+
+for dtype, D, c in (("bfloat16", 64, 16), ("float16", 128, 64)):
+    prompts = shared_prefix_prompts(6, 9 * c + 3, c + 1, seed=c, vocab=6)
+    kv = TokenKV(1, 2, D, dtype=dtype, seed=c, vocab=6, max_len=max(map(len, prompts)) + 4)
+    cache = GpuChunkCache(1, 2, D, sum(-(-(len(p) + 1) // c) for p in prompts) + 2, chunk_size=c, dtype=dtype)
+    ids = fill_cache(cache, prompts, kv)
+    inv = ChunkAttentionDecode(cache, batch_invariant=True)
+    plan = inv.plan(ids, 8, queries_per_seq=3)
+    assert plan.num_pieces >= 1, plan.summary()
+    lse = cupy.empty((6 * 3, 8), cupy.float32)
+    inv.run(cupy.asarray(random_queries(3, 6 * 3, 8, D, dtype)), 0, lse_out=lse)
+    cupy.cuda.Device().synchronize()
+    assert bool(cupy.isfinite(lse).all())
+    print(f"sanitize batch-invariant shared blocks: {dtype} D={D} c={c}: {plan.summary()}: ok")
+
 from cpattn.compact_attention import BlockMeans, compact_prefill
 from cpattn.reference.workloads import long_context_qkv
 
