@@ -28,7 +28,7 @@ import numpy as np
 
 from .arrays import as_cupy, import_cupy
 from .kernels import DECODE_ROWS as ROWS_PER_UNIT  # rows of a phase-2 unit (and of phase-1 units at chunk 128)
-from .kernels import THREADS, UNIT_WIDTH, decode_smem_bytes, get_kernels, phase1_rows
+from .kernels import THREADS, UNIT_WIDTH, decode_smem_bytes, get_kernels, invariant_rows, phase1_rows
 from .reference import chunk_attention as reference
 from .reference.checks import INT32_MAX, check_bool, check_instance, check_int, check_scale
 from .reference.chunk_attention import INVARIANT_BLOCK_CHUNKS, SPLIT_FIELDS, DecodePlan, batch_states, \
@@ -577,12 +577,16 @@ def build_units(plan: DecodePlan, num_kv_heads: int, group: int):
     head), phase-2 tiles have ``phase1_rows`` rows too, and column 3 holds every unit's first
     key position (the kernel masks the pages that reach a row's new tokens).
 
-    Batch-invariant plans: every tile has at most ``ROWS_PER_UNIT`` rows (chunk_attend_invariant
-    runs one 16-row tile per warp over all of a unit's keys, never the two-tile path).
+    Batch-invariant plans: every tile, piece or item, has at most ``invariant_rows(chunk_size)``
+    rows (chunk_attend_invariant splits each unit's keys over its warps by a fixed rule of the
+    chunk size, never by the row count, and never takes the two-tile path).
     """
     kq = int(plan.queries_per_seq)
-    rows1 = ROWS_PER_UNIT if plan.batch_invariant else phase1_rows(int(plan.chunk_size))
-    rows2 = ROWS_PER_UNIT if kq == 1 else rows1
+    if plan.batch_invariant:
+        rows1 = rows2 = invariant_rows(int(plan.chunk_size))
+    else:
+        rows1 = phase1_rows(int(plan.chunk_size))
+        rows2 = ROWS_PER_UNIT if kq == 1 else rows1
     units = _units_core(plan.piece_begin, plan.piece_end, plan.piece_chunk_indptr, plan.piece_state_offset,
                         plan.item_pos, plan.item_begin, plan.item_end, plan.private_indptr, plan.path_len,
                         plan.slots, plan.seq_piece_indptr, plan.seq_pieces, int(num_kv_heads), int(group),

@@ -109,6 +109,14 @@ def phase1_rows(chunk_size: int) -> int:
     return DECODE_WIDE_ROWS if chunk_size <= DECODE_WIDE_MAX_CHUNK else DECODE_ROWS
 
 
+def invariant_rows(chunk_size: int) -> int:
+    """Rows of a batch-invariant decode unit at this chunk size: chunk_attend_invariant splits
+    every unit's keys over its 4 warps by a fixed rule of the chunk size (4 ways at chunk >= 64,
+    2 at 32, none below: each warp needs >= 16 keys of a page), so a unit holds the 16 rows of
+    one warp times the warps that do not share keys."""
+    return DECODE_ROWS // (4 if chunk_size >= 64 else 2 if chunk_size >= 32 else 1)
+
+
 def decode_smem_bytes(head_dim: int, chunk_size: int) -> int:
     """Dynamic shared memory of chunk_attend (DecodeSmem<D, C> in raw_kernels/chunk_attention.cu):
     the Q tile of ``phase1_rows`` rows and two K/V stages of one page, rows padded by 16 bytes;
