@@ -577,13 +577,13 @@ def build_units(plan: DecodePlan, num_kv_heads: int, group: int):
     head), phase-2 tiles have ``phase1_rows`` rows too, and column 3 holds every unit's first
     key position (the kernel masks the pages that reach a row's new tokens).
 
-    Batch-invariant plans: every tile, piece or item, has at most ``invariant_rows(chunk_size)``
+    Batch-invariant plans: every tile, piece or item, has at most ``invariant_rows(chunk_size, k)``
     rows (chunk_attend_invariant splits each unit's keys over its warps by a fixed rule of the
     chunk size, never by the row count, and never takes the two-tile path).
     """
     kq = int(plan.queries_per_seq)
     if plan.batch_invariant:
-        rows1 = rows2 = invariant_rows(int(plan.chunk_size))
+        rows1 = rows2 = invariant_rows(int(plan.chunk_size), kq)
     else:
         rows1 = phase1_rows(int(plan.chunk_size))
         rows2 = ROWS_PER_UNIT if kq == 1 else rows1

@@ -109,11 +109,14 @@ def phase1_rows(chunk_size: int) -> int:
     return DECODE_WIDE_ROWS if chunk_size <= DECODE_WIDE_MAX_CHUNK else DECODE_ROWS
 
 
-def invariant_rows(chunk_size: int) -> int:
-    """Rows of a batch-invariant decode unit at this chunk size: chunk_attend_invariant splits
-    every unit's keys over its 4 warps by a fixed rule of the chunk size (4 ways at chunk >= 64,
-    2 at 32, none below: each warp needs >= 16 keys of a page), so a unit holds the 16 rows of
-    one warp times the warps that do not share keys."""
+def invariant_rows(chunk_size: int, queries_per_seq: int = 1) -> int:
+    """Rows of a batch-invariant decode unit. chunk_attend_invariant splits every unit's keys
+    over its 4 warps by a fixed rule of (chunk size, k), never of the row count: with one query
+    per sequence 4 ways at chunk >= 64, 2 at 32, none below (each warp needs >= 16 keys of a
+    page); with k > 1 none (many rows per sequence fill the warps). A unit holds 16 rows per
+    warp that does not share keys. Measured choice: docs/design.md, "Batch-invariant decode"."""
+    if queries_per_seq > 1:
+        return DECODE_ROWS
     return DECODE_ROWS // (4 if chunk_size >= 64 else 2 if chunk_size >= 32 else 1)
 
 

@@ -30,9 +30,9 @@
 //
 // Batch-invariant decode (docs/design.md, "Batch-invariant decode"): chunk_attend_invariant is
 // the multi-token body (Invariant = true) with one fixed arithmetic per row: every unit (the
-// planner's fixed key blocks, at most invariant_rows(C) rows: cpattn/kernels.py) splits its keys
-// over the warps by a rule of C alone (KS = 4 at C >= 64, 2 at 32, 1 at 16; never the two-tile
-// path), so every row folds its keys in the same order in every unit. An mma.sync output row depends only on
+// planner's fixed key blocks, at most invariant_rows(C, k) rows: cpattn/kernels.py) splits its
+// keys over the warps by a rule of (C, k) alone (k = 1: KS = 4 at C >= 64, 2 at 32, 1 at 16;
+// k > 1: KS = 1; never the two-tile path), so every row folds its keys the same way in every unit. An mma.sync output row depends only on
 // its own A row, so a row's state is the same bits whatever other rows share its tile: a block
 // read as a shared piece or as one sequence's item gives each sequence the same state.
 #include "attend_core.cuh"
@@ -249,7 +249,7 @@ __device__ __forceinline__ void attend_unit_rt2(
 // One block per unit. Dynamic shared memory: DecodeSmem<D, C>::bytes. Multi = false is the
 // one-query kernel (k = 1, rows (sequence, head)); Multi = true reads queries_per_seq, rows
 // (sequence, query, head), and masks the pages that reach new tokens. Invariant = true (with
-// Multi): units of at most 64 / KS rows, the key split KS a function of C alone.
+// Multi): units of at most 64 / KS rows, the key split KS a function of (C, k) alone.
 template <typename T, int D, int C, bool Multi, bool Invariant = false>
 __device__ __forceinline__ void attend_units(CHUNK_ATTEND_PARAMS) {
   static_assert(Multi || !Invariant, "the batch-invariant kernel is the multi-token body");
@@ -344,9 +344,10 @@ __device__ __forceinline__ void attend_units(CHUNK_ATTEND_PARAMS) {
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
   // few rows: split the keys across warps instead of the rows (needs >= 16 keys per warp);
-  // the batch-invariant kernel splits by C alone, so its rows fold their keys the same way in
+  // the batch-invariant kernel splits by (C, k) alone, so its rows fold their keys the same way in
   // every unit (the planner keeps its units within 64 / KS rows)
-  const int ks_want = Invariant ? (C >= 64 ? 4 : (C >= 32 ? 2 : 1)) : (row_count <= 16 ? 4 : (row_count <= 32 ? 2 : 1));
+  const int ks_want = Invariant ? (kq > 1 ? 1 : (C >= 64 ? 4 : (C >= 32 ? 2 : 1)))
+                                : (row_count <= 16 ? 4 : (row_count <= 32 ? 2 : 1));
   int rblocks;
   if (C >= 64 && ks_want == 4) {
     attend_unit<T, D, C, (C >= 64 ? 4 : 1), Multi>(k_pool, v_pool, layer_page0, chunk_list, cb, nk, kvh,

@@ -346,7 +346,7 @@ def test_the_two_planners_give_the_same_fixed_blocks(sc, data):
                                             queries_per_seq=sc.k, tree_mask=mask, batch_invariant=True)
     assert all(np.array_equal(getattr(hp, n), a) for n, a in old.arrays().items())
     units = buf[:offs[1]].reshape(n_units, -1)
-    assert (units[:, 6] <= invariant_rows(cache.chunk_size)).all() and (units[:, 1] - units[:, 0] <= BLOCK).all()
+    assert (units[:, 6] <= invariant_rows(cache.chunk_size, sc.k)).all() and (units[:, 1] - units[:, 0] <= BLOCK).all()
     # the default planner is unchanged by the option's existence
     assert not ref.build_decode_plan(cache, seqs, queries_per_seq=sc.k, tree_mask=mask).batch_invariant
 
@@ -413,7 +413,7 @@ def emulate_invariant_kernels(cache, plan, buf, offs, num_units, q, Hq, layer=0)
     order). Returns (o, lse) float32 in caller order."""
     d = {n: buf[offs[i]:offs[i + 1]] for i, n in enumerate(fast.DEVICE_ARRAYS)}
     units = d["units"].reshape(num_units, -1)
-    assert (units[:, 6] <= invariant_rows(cache.chunk_size)).all() and (units[:, 1] - units[:, 0] <= BLOCK).all()
+    assert (units[:, 6] <= invariant_rows(cache.chunk_size, plan.queries_per_seq)).all() and (units[:, 1] - units[:, 0] <= BLOCK).all()
     kq, c, Hkv, D = plan.queries_per_seq, cache.chunk_size, cache.num_kv_heads, cache.head_dim
     group = Hq // Hkv
     per_seq = group * kq
