@@ -10,6 +10,7 @@ the whole file runs in well under a minute on 2 CPU cores.
 from __future__ import annotations
 
 import math
+import json
 import os
 
 import numpy as np
@@ -62,6 +63,34 @@ def test_needle_summary_and_same_as_dense():
     assert Q.same_as_dense(rows, "sparse")
     rows[3]["hit"] = True  # sparse finds one that dense misses: still not "exactly as often"
     assert not Q.same_as_dense(rows, "sparse")
+
+
+def test_trials_count_apart_and_compare_to_their_own_dense_trial():
+    rows = [dict(length=100, depth=0.5, trial=t, mode=m, hit=h) for t, m, h in
+            [(0, "dense", True), (0, "sparse", True), (1, "dense", False), (1, "sparse", True)]]
+    assert Q.needle_summary(rows, [Q.DENSE, Q.SPARSE]) == {100: {"dense": 1, "sparse": 2, "trials": 2}}
+    assert not Q.same_as_dense(rows, "sparse")  # trial 1: sparse hits where dense missed
+    rows[3]["hit"] = False
+    assert Q.same_as_dense(rows, "sparse")
+
+
+def test_section_with_trials_and_a_gpu_device():
+    """Several trials per depth: the per-depth cells count hits over the trials; the title names the device."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "bench", "quality_cpu.json")) as fh:
+        res = json.load(fh)
+    rows = res["needles"]["rows"]
+    res["needles"]["rows"] = [dict(r, trial=t, hit=r["hit"] or t == 1) for t in (0, 1) for r in rows]
+    modes = [Q.Mode(m, 0.0) for m in res["modes"] if any(r["mode"] == m for r in rows)]
+    res["needles"]["summary"] = Q.needle_summary(res["needles"]["rows"], modes)
+    res["config"].update(trials=2, needle_offset_chars=100000)
+    res["device"] = "NVIDIA H200 (CuPy backend)"
+    md = Q.markdown(res)
+    assert md.startswith("## Quality of sparse prefill on real text (NVIDIA H200, CuPy backend)")
+    assert "2 trials per depth" in md
+    dense_miss = next(r for r in rows if r["mode"] == "dense" and not r["hit"])
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| {dense_miss['length']} | {dense_miss['depth']:.0%} |"))
+    assert line.split("|")[3].strip().startswith("1/2"), line  # trial 0 missed, trial 1 hit
 
 
 def test_modes_describe_the_defaults():

@@ -187,33 +187,47 @@ def greedy(model, tokenizer, tokens: list[int], mode: Mode, *, chunk_size: int, 
     return out, attn
 
 
+def haystack_stride(length: int) -> int:
+    """Characters between the haystacks of consecutive trials (more than one haystack's text)."""
+    return 8 * length
+
+
+def needle_trial(model, tokenizer, tokens: list[int], secret: str, mode: Mode, *, chunk_size: int,
+                 prefill_chunk: int, max_new_tokens: int) -> dict:
+    """One greedy answer to the needle prompt ``tokens`` under ``mode``: hit, answer, densities."""
+    t0 = time.perf_counter()
+    ids, attn = greedy(model, tokenizer, tokens, mode, chunk_size=chunk_size, prefill_chunk=prefill_chunk,
+                       max_new_tokens=max_new_tokens, stop=lambda out: secret.lower() in tokenizer.decode(out).lower())
+    answer = tokenizer.decode([t for t in ids if t not in tokenizer.eos_ids])
+    d = attn.per_layer(model.config.num_layers)
+    return dict(prompt_tokens=len(tokens), passphrase=secret, mode=mode.name, hit=secret.lower() in answer.lower(),
+                answer=answer, seconds=time.perf_counter() - t0, select_mean=d["select_mean"],
+                q_union_mean=d["q_union_mean"], group_union_mean=d["group_union_mean"])
+
+
 def needle_set(model, tokenizer, text: str, length: int, depths, modes, *, chunk_size: int, prefill_chunk: int,
-               seed: int = 0, offset_chars: int = 0, max_new_tokens: int = 16) -> list[dict]:
-    """One trial per depth and mode: (length, depth, passphrase, mode, hit, answer, density)."""
+               seed: int = 0, offset_chars: int = 0, max_new_tokens: int = 16, trials: int = 1) -> list[dict]:
+    """``trials`` trials per depth and mode: (length, depth, trial, passphrase, mode, hit, answer,
+    density). Trial t takes its haystack from ``offset_chars + t * haystack_stride(length)``
+    characters into ``text`` and its own random word pair."""
     from ..serving.generate import Generator
 
     chat = Generator(model, tokenizer, chunk_size=chunk_size, prefill_chunk=prefill_chunk)
     rng = np.random.default_rng(seed)
-    hay = haystack(tokenizer, text, length, offset_chars)
+    hays = [haystack(tokenizer, text, length, offset_chars + t * haystack_stride(length)) for t in range(trials)]
     rows = []
     for depth in depths:
-        secret = passphrase(rng)
-        doc = plant(hay, depth, f'The secret passphrase is "{secret}".')
-        tokens = chat.prompt_tokens(doc + "\n\n" + QUESTION)
-        for mode in modes:
-            t0 = time.perf_counter()
-            ids, attn = greedy(model, tokenizer, tokens, mode, chunk_size=chunk_size, prefill_chunk=prefill_chunk,
-                               max_new_tokens=max_new_tokens,
-                               stop=lambda out: secret.lower() in tokenizer.decode(out).lower())
-            answer = tokenizer.decode([t for t in ids if t not in tokenizer.eos_ids])
-            hit = secret.lower() in answer.lower()
-            d = attn.per_layer(model.config.num_layers)
-            rows.append(dict(length=length, prompt_tokens=len(tokens), depth=depth, passphrase=secret, mode=mode.name,
-                             hit=bool(hit), answer=answer, seconds=time.perf_counter() - t0,
-                             select_mean=d["select_mean"], q_union_mean=d["q_union_mean"],
-                             group_union_mean=d["group_union_mean"]))
-            log(f"  needle {length} tokens, depth {depth:.0%}, {mode.name}: {'HIT ' if hit else 'miss'} "
-                f"{answer!r} ({rows[-1]['seconds']:.1f} s)")
+        for trial, hay in enumerate(hays):
+            secret = passphrase(rng)
+            doc = plant(hay, depth, f'The secret passphrase is "{secret}".')
+            tokens = chat.prompt_tokens(doc + "\n\n" + QUESTION)
+            for mode in modes:
+                rows.append(needle_trial(model, tokenizer, tokens, secret, mode, chunk_size=chunk_size,
+                                         prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens)
+                            | dict(length=length, depth=depth, trial=trial))
+                r = rows[-1]
+                log(f"  needle {length} tokens, depth {depth:.0%}, trial {trial}, {mode.name}: "
+                    f"{'HIT ' if r['hit'] else 'miss'} {r['answer']!r} ({r['seconds']:.1f} s)")
     return rows
 
 
@@ -223,19 +237,21 @@ def needle_summary(rows: list[dict], modes) -> dict:
     for length in sorted({r["length"] for r in rows}):
         sub = [r for r in rows if r["length"] == length]
         out[length] = {m.name: sum(r["hit"] for r in sub if r["mode"] == m.name) for m in modes}
-        out[length]["trials"] = len({r["depth"] for r in sub})
+        out[length]["trials"] = len({(r["depth"], r.get("trial", 0)) for r in sub})
     return out
 
 
 def same_as_dense(rows: list[dict], mode_name: str) -> bool:
-    dense = {(r["length"], r["depth"]): r["hit"] for r in rows if r["mode"] == "dense"}
-    return all(r["hit"] == dense[(r["length"], r["depth"])] for r in rows if r["mode"] == mode_name)
+    key = lambda r: (r["length"], r["depth"], r.get("trial", 0))  # noqa: E731
+    dense = {key(r): r["hit"] for r in rows if r["mode"] == "dense"}
+    return all(r["hit"] == dense[key(r)] for r in rows if r["mode"] == mode_name)
 
 
 # ============================================================================ report
 def markdown(result: dict) -> str:
     c, P = result["config"], result["perplexity"]
-    lines = ["## Quality of sparse prefill on real text (CPU, NumPy backend)", "",
+    where = "CPU, NumPy backend" if result["device"].startswith("CPU") else result["device"].replace(" (", ", ").rstrip(")")
+    lines = [f"## Quality of sparse prefill on real text ({where})", "",
              f"Generated by `tools/bench_quality.py` (`cpattn.bench.quality`) on {result['device']}, "
              f"{result['date']}, in {result['seconds'] / 60:.1f} minutes. Model {c['model']} "
              f"({c['dtype']} weights and K/V), chunk size {c['chunk_size']}, prompts prefilled in chunks of "
@@ -281,8 +297,12 @@ def markdown(result: dict) -> str:
     lines += markdown_table(header, body)
     N = result["needles"]
     lines += ["", f"### Needles: a passphrase planted in {c['needle_text']}", "",
-              f"One trial per depth ({', '.join(f'{d:.0%}' for d in c['depths'])}) and length, a different "
-              "random word pair each; the question goes through the chat template, the greedy answer "
+              (f"One trial per depth ({', '.join(f'{d:.0%}' for d in c['depths'])}) and length, a different "
+               "random word pair each" if c.get("trials", 1) == 1 else
+               f"{c['trials']} trials per depth ({', '.join(f'{d:.0%}' for d in c['depths'])}) and length, each "
+               f"trial t its own haystack (the text from character {c['needle_offset_chars']} + 8 t x length) "
+               "and its own random word pair")
+              + "; the question goes through the chat template, the greedy answer "
               f"({c['max_new_tokens']} tokens at most, stopped once it holds the pair) is a hit when it contains "
               "the pair.", ""]
     if result.get("needle_note"):
@@ -299,6 +319,11 @@ def markdown(result: dict) -> str:
         for depth in c["depths"]:
             cells = [str(length), f"{depth:.0%}"]
             for m in modes:
+                if c.get("trials", 1) > 1:  # hits of the depth's trials, mean density
+                    rs = [r for r in N["rows"] if r["length"] == int(length) and r["depth"] == depth and r["mode"] == m]
+                    gu = [r["group_union_mean"] for r in rs if r["group_union_mean"] is not None]
+                    cells.append(f"{sum(r['hit'] for r in rs)}/{len(rs)}" + (f" ({np.mean(gu):.3f})" if gu else ""))
+                    continue
                 r = keyed.get((int(length), depth, m))
                 cells.append("n/a" if r is None else ("hit" if r["hit"] else "miss")
                              + ("" if r is None or r["q_union_mean"] is None else
@@ -320,7 +345,13 @@ def run(args) -> dict:
     path = model_path(args.model, fetch_missing=False)
     f = GGUFFile(path)
     log(f"model {path}")
-    model = LlamaModel(f.config(), f.tensor, dtype=args.dtype)
+    if args.backend == "cupy":
+        import cupy
+
+        xp, device = cupy, cupy.cuda.runtime.getDeviceProperties(0)["name"].decode() + " (CuPy backend)"
+    else:
+        xp, device = np, "CPU (NumPy backend)"
+    model = LlamaModel(f.config(), f.tensor, dtype=args.dtype, xp=xp)
     tok = f.tokenizer()
     recall_modes = [recall_mode(r, args.recall_summary, args.recall_sample_rows) for r in args.recall]
     extra = [Mode(f"sparse_qtile{t}", DEFAULT_ALPHA, q_tile=t) for t in args.extra_q_tile]
@@ -341,16 +372,17 @@ def run(args) -> dict:
         p["rel_change"] = (p["ppl"] - ppl[0]["ppl"]) / ppl[0]["ppl"]
         p["max_abs_token_ll_diff"] = float(np.abs(ll - dense_ll).max())
         p["mean_abs_token_ll_diff"] = float(np.abs(ll - dense_ll).mean())
-    needle_text = load_text(args.needle_text, max_chars=args.needle_offset + 10 * max(args.needle_lengths))
+    needle_text = load_text(args.needle_text, max_chars=args.needle_offset + 10 * max(args.needle_lengths)
+                            + (args.trials - 1) * haystack_stride(max(args.needle_lengths)))
     rows = []
     for length in args.needle_lengths:
         log(f"needles at {length} tokens, depths {args.depths}, modes {[m.name for m in needle_modes]}")
         rows += needle_set(model, tok, needle_text, length, args.depths, needle_modes, chunk_size=args.chunk_size,
                            prefill_chunk=args.prefill_chunk, seed=args.seed + length, offset_chars=args.needle_offset,
-                           max_new_tokens=args.max_new_tokens)
+                           max_new_tokens=args.max_new_tokens, trials=args.trials)
     c = f.config()
     result = dict(
-        device="CPU (NumPy backend)", date=datetime.date.today().isoformat(), seconds=0.0,
+        device=device, date=datetime.date.today().isoformat(), seconds=0.0,
         modes=[m.name for m in modes],
         recall_modes=[dict(name=m.name, recall=m.recall, summary=m.summary, sample_rows=m.sample_rows)
                       for m in recall_modes],
@@ -358,6 +390,7 @@ def run(args) -> dict:
                     prefill_chunk=args.prefill_chunk, num_layers=c.num_layers, ppl_text=args.ppl_text,
                     ppl_tokens=args.ppl_tokens, needle_text=f"{args.needle_text} (from character {args.needle_offset})",
                     needle_lengths=args.needle_lengths, depths=list(args.depths), max_new_tokens=args.max_new_tokens,
+                    trials=args.trials, needle_offset_chars=args.needle_offset,
                     alpha=DEFAULT_ALPHA, sink=DEFAULT_SINK, window=DEFAULT_WINDOW, extra_q_tile=args.extra_q_tile,
                     threads=os.cpu_count()),
         perplexity=ppl,
@@ -384,6 +417,8 @@ def parse(argv=None):
     p.add_argument("--needle-lengths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--trials", type=int, default=1, help="needle trials per depth and length (own haystack and pair)")
+    p.add_argument("--backend", default="numpy", choices=("numpy", "cupy"), help="array backend (cupy: the GPU)")
     p.add_argument("--recall", type=float, nargs="*", default=[DEFAULT_RECALL],
                    help=f"recall-rule modes at these targets (default {DEFAULT_RECALL}; none: no recall mode)")
     p.add_argument("--recall-summary", default=RECALL_SUMMARY, choices=SUMMARIES,
