@@ -17,6 +17,9 @@ buffers have fixed capacity (every table could keep every block), so nothing wai
 Numerics: block scores use the mean keys rounded to the storage dtype on the tensor cores
 (fp32 accumulate), so a block whose score lies within rounding of the threshold
 ``alpha * max`` may be kept by one backend and not the other; everything else is identical.
+summary='sampled' (the recall rule's default) scores its sampled rows with one more kernel,
+sampled_block_mass (exact scores on the tensor cores, K read in place from the pool; float32
+estimates vs the reference's float64, so ties at the recall rule's cut may differ).
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .arrays import as_cupy, import_cupy
-from .kernels import PREFILL_ROWS, PREFILL_SEQ_FIELDS, SCORE_ROWS, THREADS, UNION_THREADS, WG_THREADS, get_kernels, \
-    prefill_smem_bytes, prefill_wg_smem_bytes
+from .kernels import PREFILL_ROWS, PREFILL_SEQ_FIELDS, SAMPLED_KEYS, SAMPLED_ROWS, SCORE_ROWS, THREADS, UNION_THREADS, \
+    WG_THREADS, get_kernels, prefill_smem_bytes, prefill_wg_smem_bytes
 from .reference import compact_attention as reference
 from .reference.checks import cdiv, check_bool, check_choice, check_instance, check_scale
 from .reference.chunk_cache import check_cache
@@ -117,10 +120,7 @@ def estimate_mass(xp, q, k, kmean, chunk_size: int, scale: float, summary: str, 
     own = xp.zeros((Hq, Qb), f32)
     if summary == "sampled":
         sel = reference.sampled_rows(n, c, sample_rows)
-        qb = sel // c
-        W = np.zeros((Qb, len(sel)), np.float32)  # query block <- sampled row, rows per sample
-        W[qb, np.arange(len(sel))] = rows_in[qb] / np.bincount(qb, minlength=Qb)[qb]
-        W = xp.asarray(W)
+        W = xp.asarray(sample_weights(n, c, sel))
         hidden = xp.asarray(np.arange(L)[None, :] > (P + sel)[:, None])  # [m, L] keys after the row
         qs = q[xp.asarray(sel)]  # [m, Hq, D]
         for g in range(Hkv):
@@ -161,6 +161,88 @@ def estimate_mass(xp, q, k, kmean, chunk_size: int, scale: float, summary: str, 
         w = xp.where(valid, 1 / (ep.sum(axis=1) + eo), f32(0))  # padded rows count nothing
         past[h] = (ep * w[:, None]).reshape(Qb, c, Pb).sum(axis=1)
         own[h] = (eo * w).reshape(Qb, c).sum(axis=1)
+    return past, own
+
+
+def sample_weights(n: int, chunk_size: int, sel) -> np.ndarray:
+    """float32 [Qb, m]: query block <- sampled row ``sel[i]`` (``reference.sampled_rows``), the
+    rows of its query block each sample stands for (the reference's ``weight``); 0 elsewhere."""
+    c, Qb = chunk_size, cdiv(n, chunk_size)
+    rows_in = np.minimum(c, n - np.arange(Qb) * c)
+    qb = np.asarray(sel) // c
+    W = np.zeros((Qb, len(qb)), np.float32)
+    W[qb, np.arange(len(qb))] = rows_in[qb] / np.bincount(qb, minlength=Qb)[qb]
+    return W
+
+
+# ---------------------------------------------------------------------------- the sampled summary's kernel
+# sampled_block_mass (raw_kernels/compact_attention.cu) writes, per key block j of the sequence
+# up to the chunk end (Pb past pages, then the chunk's Qb own pages), query head h and sampled
+# row i, the block's log-sum-exp of the row's exact scores in log2 units (-inf where the row
+# sees none of its keys): part float32 [Pb + Qb, Hq, m]. mass_from_partials turns that into
+# estimate_mass's (past, own); together they are estimate_mass(summary='sampled') without the
+# float32 copy of every key.
+SAMPLED_WAVES = 4  # sampled_block_mass: key splits such that the grid is about this many blocks per SM
+
+
+def sampled_mass_grid(num_q_heads: int, num_kv_heads: int, m: int, past_blocks: int, n: int, chunk_size: int,
+                      num_sms: int):
+    """(grid, split_steps) of sampled_block_mass for m sampled rows: grid (row tiles of
+    SAMPLED_ROWS rows of the G m rows of a kv head, key splits, kv heads); each key split is
+    ``split_steps`` steps of SAMPLED_KEYS keys, a multiple of the steps one key block spans
+    (at least 8 steps, so the Q fragments' load is amortised), the last split shorter."""
+    G, c = num_q_heads // num_kv_heads, chunk_size
+    steps = cdiv((past_blocks + cdiv(n, c)) * c, SAMPLED_KEYS)
+    per_block = max(1, c // SAMPLED_KEYS)  # steps a key block spans
+    tiles = cdiv(G * m, SAMPLED_ROWS)
+    want = max(1, cdiv(SAMPLED_WAVES * num_sms, tiles * num_kv_heads))  # splits wanted
+    split_steps = max(cdiv(cdiv(steps, want), per_block), cdiv(8, per_block)) * per_block
+    return (tiles, cdiv(steps, split_steps), num_kv_heads), split_steps
+
+
+def sampled_block_mass(cache, layer: int, blocks, q, past_blocks: int, scale: float, sample_rows: int, part=None):
+    """Launch sampled_block_mass for one chunk (on the current stream; no sync).
+
+    Args: blocks cupy int32 [Pb + Qb] the sequence's pool ids up to the chunk end; q cupy
+        [n, Hq, D] storage dtype, the chunk's queries; part: None or a cupy float32
+        [Pb + Qb, Hq, m] that receives the partials (every entry is written).
+    Returns: part float32 [Pb + Qb, Hq, m] (m = len(reference.sampled_rows(n, c, sample_rows))).
+    """
+    import cupy
+
+    n, Hq, D = q.shape
+    c, Hkv = cache.chunk_size, cache.num_kv_heads
+    sel = reference.sampled_rows(n, c, sample_rows)
+    m, nb = len(sel), past_blocks + cdiv(n, c)
+    if part is None:
+        part = cupy.empty((nb, Hq, m), np.float32)
+    elif part.shape != (nb, Hq, m) or part.dtype != np.float32 or not part.flags.c_contiguous:
+        raise ValueError(f"part: expected a C-contiguous float32 array of shape {(nb, Hq, m)}, got "
+                         f"{part.dtype} {part.shape}")
+    rows = cupy.asarray(sel.astype(np.int32))
+    q_rows = cupy.ascontiguousarray(q[cupy.asarray(sel)])  # [m, Hq, D]
+    grid, split_steps = sampled_mass_grid(Hq, Hkv, m, past_blocks, n, c,
+                                          cupy.cuda.Device().attributes["MultiProcessorCount"])
+    k = get_kernels("compact_attention", cache.dtype, cache.head_dim, c)
+    k["sampled_block_mass"](grid, (THREADS,),
+                            (q_rows, rows, np.int32(m), cache.k_pool, np.int64(layer * cache.num_chunks * Hkv), blocks,
+                             np.int32(past_blocks), np.int32(n), np.int32(Hq), np.int32(Hkv), np.int32(split_steps),
+                             np.float32(scale * 1.4426950408889634), part))
+    return part
+
+
+def mass_from_partials(xp, part, past_blocks: int, n: int, chunk_size: int, sample_rows: int):
+    """estimate_mass(summary='sampled')'s (past float32 [Hq, Qb, Pb], own float32 [Hq, Qb]) from
+    sampled_block_mass's ``part`` float32 [Pb + Qb, Hq, m]: each sampled row's softmax is
+    2^(part - its log-sum-exp over every block), summed over the past blocks one by one and over
+    the own blocks, and weighted per query block (``sample_weights``)."""
+    Pb = past_blocks
+    W = xp.asarray(sample_weights(n, chunk_size, reference.sampled_rows(n, chunk_size, sample_rows)))  # [Qb, m]
+    top = part.max(axis=0)  # [Hq, m]: finite, every row sees key 0
+    e = xp.exp2(part - top[None])  # [Pb + Qb, Hq, m]; -inf -> 0
+    w = W[None] / e.sum(axis=0)[:, None, :]  # [Hq, Qb, m]: each sample's weight over its row total
+    past = xp.einsum("hqm,phm->hqp", w, e[:Pb]).astype(np.float32)
+    own = xp.einsum("hqm,hm->hq", w, e[Pb:].sum(axis=0)).astype(np.float32)
     return past, own
 
 
@@ -312,11 +394,14 @@ def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, sc
     s_raw = cupy.zeros((Hq, Qb, max(Pb, 1)), np.float32)
     thr = alpha
     if Pb and (recall is not None or summary == "sampled"):
-        ids = cupy.asarray(np.array(cache.seq_chunks(seq)[: Pb + Cb], np.int64))
-        kk = sequence_keys(cupy, cache.k_pool[layer], ids, P + n, cache.dtype)
-        kmean = means.kmean[layer][ids[:Pb]]  # [Pb, Hkv, D]
-        q32 = to_float32(q, cache.dtype)
-        est_p, est_o = estimate_mass(cupy, q32, kk, kmean, c, scale, summary, sample_rows)
+        if summary == "sampled":  # one kernel over the pool pages in place, then a small combine
+            part = sampled_block_mass(cache, layer, blocks, q, Pb, scale, sample_rows)
+            est_p, est_o = mass_from_partials(cupy, part, Pb, n, c, sample_rows)
+        else:
+            ids = cupy.asarray(np.array(cache.seq_chunks(seq)[: Pb + Cb], np.int64))
+            kk = sequence_keys(cupy, cache.k_pool[layer], ids, P + n, cache.dtype)
+            kmean = means.kmean[layer][ids[:Pb]]  # [Pb, Hkv, D]
+            est_p, est_o = estimate_mass(cupy, to_float32(q, cache.dtype), kk, kmean, c, scale, summary, sample_rows)
         if recall is None:
             s_raw = est_p
         else:
@@ -466,7 +551,8 @@ class BatchedPrefill(reference.BatchedPrefill):
     the stage buffers; ``run`` only launches (plus zero fills), so with ``out`` and ``lse_out``
     given it can be captured in a CUDA graph and replayed while the plan holds (same cache
     version, every sequence still P + n tokens). The recall rule and summary='sampled' score
-    each sequence with array code first (``estimate_mass``): correct, not capturable.
+    each sequence first (summary='sampled': ``sampled_block_mass`` + ``mass_from_partials``;
+    'mean': the array code ``estimate_mass``): correct, not capturable.
     """
 
     def __new__(cls, cache, means):
@@ -536,11 +622,17 @@ class BatchedPrefill(reference.BatchedPrefill):
                     continue
                 Qb, tb = cdiv(n, c), int(plan.q_tiles[b]) // c
                 a0, a = int(lay.seq_info[PREFILL_SEQ_FIELDS.index("score0"), b]), int(plan.qo_indptr[b])
-                ids = cupy.asarray(np.array(d["block_lists"][b][: Pb + Qb], np.int64))
-                kk = sequence_keys(cupy, cache.k_pool[layer], ids, Pb * c + n, cache.dtype)
-                kmean = self.means.kmean[layer][ids[:Pb]]
-                est_p, est_o = estimate_mass(cupy, to_float32(q[a:a + n], cache.dtype), kk, kmean, c, scale, summary,
-                                             opt["sample_rows"])
+                if summary == "sampled":  # the kernel on this sequence's slice of the packed block list
+                    b0 = int(lay.seq_info[PREFILL_SEQ_FIELDS.index("block0"), b])
+                    part = sampled_block_mass(cache, layer, d["blocks"][b0:b0 + Pb + Qb], q[a:a + n], Pb, scale,
+                                              opt["sample_rows"])
+                    est_p, est_o = mass_from_partials(cupy, part, Pb, n, c, opt["sample_rows"])
+                else:
+                    ids = cupy.asarray(np.array(d["block_lists"][b][: Pb + Qb], np.int64))
+                    kk = sequence_keys(cupy, cache.k_pool[layer], ids, Pb * c + n, cache.dtype)
+                    kmean = self.means.kmean[layer][ids[:Pb]]
+                    est_p, est_o = estimate_mass(cupy, to_float32(q[a:a + n], cache.dtype), kk, kmean, c, scale,
+                                                 summary, opt["sample_rows"])
                 if recall is None:
                     sc = est_p
                 else:
@@ -637,4 +729,5 @@ class BatchedPrefill(reference.BatchedPrefill):
 
 
 __all__ = ["BlockMeans", "BatchedPrefill", "BatchedLayout", "batched_layout", "CompactPrefill", "compact_prefill", "dense_prefill", "choose_kernel", "use_wgmma",
-           "KERNEL_CHOICES", "estimate_mass", "recall_choice", "choice_scores", "sequence_keys"]
+           "KERNEL_CHOICES", "estimate_mass", "recall_choice", "choice_scores", "sequence_keys", "sample_weights",
+           "sampled_mass_grid", "sampled_block_mass", "mass_from_partials"]

@@ -71,6 +71,10 @@ CONSTANTS = {
     "CPATTN_APPEND_THREADS": 256,
     # block_score: query rows per block (4 warps x 32)
     "CPATTN_SCORE_ROWS": 128,
+    # sampled_block_mass (summary="sampled"): rows per block (4 warps x 32; rows of the G heads of
+    # one kv head x the sampled rows) and keys per pipeline step
+    "CPATTN_SAMPLED_ROWS": 128,
+    "CPATTN_SAMPLED_KEYS": 64,
     # block_union: threads per block (one past block per thread and sweep)
     "CPATTN_UNION_THREADS": 256,
     # paged_prefill and paged_prefill_wg: query rows per unit (a block)
@@ -91,6 +95,8 @@ DECODE_WIDE_MAX_CHUNK = CONSTANTS["CPATTN_DECODE_WIDE_MAX_CHUNK"]
 UNIT_WIDTH = CONSTANTS["CPATTN_UNIT_WIDTH"]
 APPEND_THREADS = CONSTANTS["CPATTN_APPEND_THREADS"]
 SCORE_ROWS = CONSTANTS["CPATTN_SCORE_ROWS"]
+SAMPLED_ROWS = CONSTANTS["CPATTN_SAMPLED_ROWS"]
+SAMPLED_KEYS = CONSTANTS["CPATTN_SAMPLED_KEYS"]
 UNION_THREADS = CONSTANTS["CPATTN_UNION_THREADS"]
 PREFILL_ROWS = CONSTANTS["CPATTN_PREFILL_ROWS"]
 PREFILL_KEYS = CONSTANTS["CPATTN_PREFILL_KEYS"]
@@ -163,6 +169,8 @@ KERNELS = {
     "compact_attention": (
         ("cpattn::block_mean", lambda t, d, c: f"{t}, {d}, {c}"),
         ("cpattn::block_score", lambda t, d, c: f"{t}, {d}, {c}"),
+        # summary="sampled": the sampled rows' exact mass per key block (estimate_mass's kernel)
+        ("cpattn::sampled_block_mass", lambda t, d, c: f"{t}, {d}, {c}"),
         ("cpattn::paged_prefill", lambda t, d, c: f"{t}, {d}, {c}"),
         ("cpattn::block_union", None),
         ("cpattn::tables_csr", None),

@@ -8,7 +8,8 @@
 // pass the same). They are never defined here, so the two sides cannot disagree.
 #if !defined(CPATTN_THREADS) || !defined(CPATTN_DECODE_ROWS) || !defined(CPATTN_DECODE_WIDE_ROWS) || \
     !defined(CPATTN_DECODE_WIDE_MAX_CHUNK) || !defined(CPATTN_UNIT_WIDTH) || !defined(CPATTN_APPEND_THREADS) || \
-    !defined(CPATTN_SCORE_ROWS) || !defined(CPATTN_UNION_THREADS) || !defined(CPATTN_PREFILL_ROWS) || \
+    !defined(CPATTN_SCORE_ROWS) || !defined(CPATTN_SAMPLED_ROWS) || !defined(CPATTN_SAMPLED_KEYS) || \
+    !defined(CPATTN_UNION_THREADS) || !defined(CPATTN_PREFILL_ROWS) || \
     !defined(CPATTN_PREFILL_KEYS) || !defined(CPATTN_WG_THREADS) || !defined(CPATTN_WG_KEYS) || \
     !defined(CPATTN_WG_STAGES_D64) || !defined(CPATTN_WG_STAGES_D128)
 #error "cpattn constants missing: compile with the -D options of cpattn.kernels.options(file)"

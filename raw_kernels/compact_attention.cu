@@ -7,6 +7,8 @@
 //   block_score     pass 2  s_raw[h, i, j] = sum over rows r of query block i of
 //                           exp(z[r, j] - max_j z[r, j]), z = scale * q_r . kmean_j (two sweeps
 //                           over the past blocks: row max, then the sums)
+//   sampled_block_mass  2   (summary="sampled") per (head, sampled row, key block) the block's
+//                           log-sum-exp of the row's exact scores, K read in place
 //   block_union     3-5     threshold s_raw >= alpha * max_j s_raw (normalising over j cancels),
 //                           sink and window blocks, OR over the tile's query blocks and the
 //                           sub-group's heads; kept pool ids compacted in order; stage counts
@@ -220,6 +222,175 @@ __global__ void __launch_bounds__(CPATTN_THREADS) block_score_varlen(
                             seq_field(seqs, num_seqs, SQ_CHUNK_LEN, b), (int)blockIdx.y, row_blocks[2 * blockIdx.x + 1]};
       },
       kmean_lp, layer_page0, num_q_heads, num_kv_heads, scale_log2);
+}
+
+// ------------------------------------------------------------------- pass 2, summary="sampled"
+// The exact softmax of the sampled rows of each query block (reference sampled_rows) over every
+// key up to the chunk end, reduced per key block; K read in place from the pool pages.
+// grid (ceil(G m / CPATTN_SAMPLED_ROWS), splits, Hkv), CPATTN_THREADS threads.
+//
+// Rows: kv head kvh has G m rows, gr = hh * m + i: query head kvh G + hh, sampled row i (chunk
+// row rows[i], which sees the keys x <= P + rows[i]). A block owns CPATTN_SAMPLED_ROWS of them
+// from blockIdx.x * CPATTN_SAMPLED_ROWS; each warp 32 (two 16-row mma tiles fed by every
+// ldmatrix'd key fragment), Q fragments in registers.
+// Keys: the NB = Pb + Qb pages blocks[0 .. NB) in token order, key x in page x / C, row x % C,
+// x < P + n (P = Pb C). Steps of K = CPATTN_SAMPLED_KEYS keys (C <= K: K / C blocks a step;
+// C > K: C / K steps a block) stream through two shared-memory buffers; block y of the grid
+// takes steps [y split_steps, (y + 1) split_steps), split_steps a multiple of the steps a
+// block spans, so every key block lies in one grid block.
+// Output: part[j * (Hq m) + h * m + i] = log2 of the sum over the keys x of block j that row i
+// sees of 2^(scale_log2 q . k_x) (-inf where it sees none): the block's log-sum-exp in log2
+// units. A grid block's rows are consecutive columns, so a quad's writes are coalesced.
+// cpattn.compact_attention.mass_from_partials turns part into estimate_mass's past and own.
+__device__ __forceinline__ float fast_log2(float x) {  // lg2.approx: ~2^-22 absolute for x in [1, 128]
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename T, int D, int C>
+__global__ void __launch_bounds__(CPATTN_THREADS) sampled_block_mass(
+    const T* __restrict__ q_rows,   // [m, Hq, D] the sampled rows of q (storage dtype)
+    const int* __restrict__ rows,   // [m] their rows in the chunk, each in [0, n)
+    int m, const T* __restrict__ k_pool, long long layer_page0,  // layer * N * Hkv
+    const int* __restrict__ blocks,  // [Pb + Qb] pool ids of the sequence's pages up to the chunk end
+    int Pb, int n, int num_q_heads, int num_kv_heads, int split_steps, float scale_log2,
+    float* __restrict__ part) {     // [Pb + Qb, Hq, m]
+  constexpr int K = CPATTN_SAMPLED_KEYS, LD = D + 8;
+  constexpr int CB = C < K ? C : K;  // keys of one key block within a step
+  constexpr int BPS = K / CB;        // key blocks per step (C < K)
+  constexpr int SPB = C / CB;        // steps per key block (C > K)
+  constexpr int FPB = CB / 8;        // 8-key mma column tiles per key block and step
+  static_assert(CPATTN_SAMPLED_ROWS == 4 * 32 && CPATTN_THREADS == 128, "4 warps of 32 rows");
+  static_assert(K % 16 == 0 && C % 8 == 0 && (C % K == 0 || K % C == 0), "key steps and blocks must nest");
+  static_assert(SPB <= 2, "a key block spans at most two steps (running state of one earlier step)");
+  __shared__ __align__(16) T tile[2][K * LD];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int G = num_q_heads / num_kv_heads, kvh = blockIdx.z, M = G * m;
+  const int NB = Pb + (n + C - 1) / C, P = Pb * C, keys = P + n;
+  const int s0 = blockIdx.y * split_steps, s1 = min((NB * C + K - 1) / K, s0 + split_steps);
+  if (s0 >= s1) return;  // the whole block (no barrier passed yet)
+  const long long ld_part = (long long)num_q_heads * m, col0 = (long long)kvh * M;
+  const int row_base = blockIdx.x * CPATTN_SAMPLED_ROWS + warp * 32 + (lane >> 2);  // + 16 tt + 8 hh
+
+  u32 qf[2][D / 16][4];
+  int lim[2][2];  // [tile][row half]: keys x < lim the row sees (0: no such row)
+#pragma unroll
+  for (int tt = 0; tt < 2; ++tt) {
+    const u32* p[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int gr = row_base + tt * 16 + hh * 8;
+      if (gr < M) {
+        const int i = gr % m, h = kvh * G + gr / m;
+        p[hh] = reinterpret_cast<const u32*>(q_rows + ((long long)i * num_q_heads + h) * D);
+        lim[tt][hh] = P + rows[i] + 1;
+      } else {
+        p[hh] = nullptr;
+        lim[tt][hh] = 0;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int c = kk * 8 + (lane & 3);
+      qf[tt][kk][0] = p[0] ? p[0][c] : 0u;
+      qf[tt][kk][1] = p[1] ? p[1][c] : 0u;
+      qf[tt][kk][2] = p[0] ? p[0][c + 4] : 0u;
+      qf[tt][kk][3] = p[1] ? p[1][c + 4] : 0u;
+    }
+  }
+  auto load_step = [&](int s, T* dst) {  // keys s K .. s K + K - 1 (zeros from P + n on)
+    for (int e = tid; e < K * (D / 8); e += CPATTN_THREADS) {
+      const int r = e / (D / 8), c = (e % (D / 8)) * 8, x = s * K + r;
+      if (x < keys) {
+        const long long page = layer_page0 + (long long)blocks[x / C] * num_kv_heads + kvh;
+        cp_async16(dst + r * LD + c, k_pool + (page * C + x % C) * D + c);
+      } else {
+        *reinterpret_cast<uint4*>(dst + r * LD + c) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    cp_async_commit();
+  };
+  // one key block's (max, sum) of this row -> part (lanes with lane % 4 == 0 hold the quad's)
+  auto put = [&](int j, int tt, int hh, float mx, float l) {
+    const int gr = row_base + tt * 16 + hh * 8;
+    if ((lane & 3) == 0 && gr < M && j < NB)
+      part[(long long)j * ld_part + col0 + gr] = mx == -INFINITY ? -INFINITY : mx + fast_log2(l);
+  };
+  float rm[2][2], rl[2][2];  // C > K: the key block's state after its first step
+#pragma unroll
+  for (int tt = 0; tt < 2; ++tt) rm[tt][0] = rm[tt][1] = -INFINITY, rl[tt][0] = rl[tt][1] = 0.f;
+
+  load_step(s0, tile[0]);
+  for (int s = s0; s < s1; ++s) {
+    const int it = s - s0;
+    if (s + 1 < s1) {
+      load_step(s + 1, tile[(it + 1) & 1]);  // freed by the barrier that ended step s - 1
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* cur = tile[it & 1];
+    float z[2][K / 8][4];
+#pragma unroll
+    for (int tt = 0; tt < 2; ++tt)
+#pragma unroll
+      for (int j = 0; j < K / 8; ++j) z[tt][j][0] = z[tt][j][1] = z[tt][j][2] = z[tt][j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int j = 0; j < K / 16; ++j) {
+        u32 b[4];
+        ldmatrix_x4(b, smem_addr(cur + (j * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+        for (int tt = 0; tt < 2; ++tt) {
+          mma16816<T>(z[tt][2 * j], qf[tt][kk], b[0], b[1]);
+          mma16816<T>(z[tt][2 * j + 1], qf[tt][kk], b[2], b[3]);
+        }
+      }
+    }
+    if ((s + 1) * K > P) {  // a step with own keys: the causal limit per row (past keys: every row sees them)
+#pragma unroll
+      for (int tt = 0; tt < 2; ++tt)
+#pragma unroll
+        for (int j = 0; j < K / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (s * K + j * 8 + (lane & 3) * 2 + (e & 1) >= lim[tt][e >> 1]) z[tt][j][e] = -INFINITY;
+    }
+#pragma unroll
+    for (int b = 0; b < BPS; ++b) {
+#pragma unroll
+      for (int tt = 0; tt < 2; ++tt) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          float mx = -INFINITY;
+#pragma unroll
+          for (int f = 0; f < FPB; ++f) mx = fmaxf(mx, fmaxf(z[tt][b * FPB + f][2 * hh], z[tt][b * FPB + f][2 * hh + 1]));
+          mx = quad_max(mx) * scale_log2;  // raw scores until here; scale_log2 > 0 keeps the order
+          const float base = mx == -INFINITY ? 0.f : mx;
+          float l = 0.f;
+#pragma unroll
+          for (int f = 0; f < FPB; ++f)
+            l += fast_exp2(fmaf(z[tt][b * FPB + f][2 * hh], scale_log2, -base)) +
+                 fast_exp2(fmaf(z[tt][b * FPB + f][2 * hh + 1], scale_log2, -base));
+          l = quad_sum(l);
+          if constexpr (SPB == 1) {
+            put(s * BPS + b, tt, hh, mx, l);
+          } else if (s % SPB == 0) {  // the key block's first step
+            rm[tt][hh] = mx;
+            rl[tt][hh] = l;
+          } else {  // its second: merge with the first, write
+            const float mn = fmaxf(rm[tt][hh], mx);
+            const float mb = mn == -INFINITY ? 0.f : mn;
+            put(s / SPB, tt, hh, mn, rl[tt][hh] * fast_exp2(rm[tt][hh] - mb) + l * fast_exp2(mx - mb));
+          }
+        }
+      }
+    }
+    __syncthreads();  // this buffer is refilled two steps on
+  }
 }
 
 // ------------------------------------------------------------------------------- passes 3-5
