@@ -197,17 +197,26 @@ class GraphedDecoder:
         return Captured(graph, pool)
 
     # ------------------------------------------------------------------ one step
-    def step(self, seqs, tokens) -> np.ndarray:
+    def step(self, seqs, tokens, *, slots=None) -> np.ndarray:
         """Append ``tokens[b]`` to ``seqs[b]`` and return the greedy next tokens (host int64 [B]).
 
         The sequences must be committed (prefilled); ``tokens`` are what the previous step (or
         the prefill) picked. Like ``LlamaModel.decode``, the step commits every sequence.
+
+        ``slots``: None (the step reserves the tokens), or what ``cache.reserve_batch(seqs,
+        tokens)`` returned when the caller reserved them already (the server's scheduler reserves
+        a mixed step's decode rows before it runs; ``MixedStepBackend``): the step then writes
+        the K/V there and reserves nothing.
         """
         cache = self.cache
         t0 = time.perf_counter()
         self.model.check_vocab(cache.check_tokens(tokens, "tokens"))  # the vocabulary: the cache cannot know it
-        slots = cache.reserve_batch(seqs, tokens)  # checks batch, tokens, room, state; raises with nothing changed
+        if slots is None:
+            slots = cache.reserve_batch(seqs, tokens)  # checks batch, tokens, room, state; raises with nothing changed
         seqs, tokens = tuple(cache.check_batch(seqs)), cache.check_tokens(tokens, "tokens")
+        if len(slots.chunk) != len(seqs) or len(tokens) != len(seqs):
+            raise ValueError(f"slots: expected one reserved slot and one token per sequence ({len(seqs)}), got "
+                             f"{len(slots.chunk)} slots and {len(tokens)} tokens")
         new_batch = seqs != self.seqs
         pos = np.array([cache.seq_len(s) - 1 for s in seqs], np.int32)  # of the token just reserved
         if new_batch:

@@ -341,14 +341,22 @@ class LlamaModel:
             return self.logits(x[-1:])[0]
         return xp.concatenate(out) if logits == "all" else None
 
-    def decode(self, attn: CacheAttention, seqs, tokens):
+    def decode(self, attn: CacheAttention, seqs, tokens, *, slots=None):
         """One decode step: token ``tokens[b]`` appended to sequence ``seqs[b]``; returns the
-        next-token logits float32 [batch, vocab]. One plan serves every layer of the step."""
+        next-token logits float32 [batch, vocab]. One plan serves every layer of the step.
+        ``slots``: what ``cache.reserve_batch(seqs, tokens)`` returned when the caller reserved
+        the tokens already (a mixed step's scheduler does), else None (reserved here)."""
         cache, xp = attn.cache, self.xp
         seqs = cache.check_batch(seqs)
         self.check_vocab(cache.check_tokens(tokens, "tokens"))
-        pos = xp.asarray(np.array([cache.seq_len(s) for s in seqs]))
-        slots = cache.reserve_batch(seqs, tokens)
+        if slots is None:
+            pos = xp.asarray(np.array([cache.seq_len(s) for s in seqs]))
+            slots = cache.reserve_batch(seqs, tokens)
+        else:
+            if len(slots.chunk) != len(seqs) or len(tokens) != len(seqs):
+                raise ValueError(f"slots: expected one reserved slot and one token per sequence ({len(seqs)}), got "
+                                 f"{len(slots.chunk)} slots and {len(tokens)} tokens")
+            pos = xp.asarray(np.array([cache.seq_len(s) - 1 for s in seqs]))
         attn.plan(seqs)
         x = self.embed[xp.asarray(np.asarray(tokens, np.int64))].astype(np.float32)
         for layer in range(self.config.num_layers):
@@ -359,5 +367,137 @@ class LlamaModel:
             cache.commit(s)
         return self.logits(x)
 
+    def prefill_pieces(self, batched, pieces, options: dict):
+        """One eager forward over the prefill pieces of several sequences (a mixed step's):
+        ``pieces`` are ``cpattn.serving.server.Piece`` (seq, start, tokens, slots, last), each
+        reserved already, starting on a chunk boundary after committed tokens, one per sequence.
+        Attention is one ``batched.plan`` (a ``BatchedPrefill`` over the cache; ``options`` its
+        selection keywords, alpha 0 dense) and one ``batched.run`` per layer over all pieces;
+        K/V written per piece. Commits every piece's sequence. Returns the residual stream of
+        each piece's last row, float32 [len(pieces), hidden]."""
+        cache, xp = batched.cache, self.xp
+        seqs = [p.seq for p in pieces]
+        lens = [len(p.tokens) for p in pieces]
+        toks = [t for p in pieces for t in p.tokens]
+        self.check_vocab(toks)
+        for p in pieces:
+            if cache.seq_len(p.seq) != p.start + len(p.tokens):
+                raise ValueError(f"pieces: expected sequence {p.seq} to hold {p.start + len(p.tokens)} tokens (its "
+                                 f"piece reserved), got {cache.seq_len(p.seq)}")
+        batched.plan(seqs, lens, self.config.num_q_heads, **options)  # checks the pieces against the tree
+        pos = xp.asarray(np.concatenate([np.arange(p.start, p.start + len(p.tokens)) for p in pieces]))
+        bounds = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        x = self.embed[xp.asarray(np.asarray(toks, np.int64))].astype(np.float32)
+        for layer in range(self.config.num_layers):
+            q, k, v = self._qkv(layer, x, pos)
+            for b, p in enumerate(pieces):
+                cache.write_kv(layer, p.slots, k[bounds[b]:bounds[b + 1]], v[bounds[b]:bounds[b + 1]])
+            o, _ = batched.run(q, layer)
+            x = self._finish_layer(layer, x, o)
+        for s in seqs:
+            cache.commit(s)
+        return x[xp.asarray(bounds[1:] - 1)]
 
-__all__ = ["LlamaConfig", "LlamaModel", "CacheAttention", "attention_api"]
+
+# ============================================================================ mixed steps of the server
+def greedy_tokens(logits) -> list:
+    """Argmax of every row of logits [n, vocab] (NumPy or CuPy) as Python ints (one download)."""
+    picked = logits.argmax(axis=-1)
+    return [int(t) for t in (picked if isinstance(picked, np.ndarray) else picked.get())]
+
+
+class MixedStepBackend:
+    """The real model's mixed steps for ``Server(model, ..., backend=MixedStepBackend(...),
+    step_tokens=N)`` (a ``cpattn.serving.server.StepBackend``): the server schedules (budget,
+    admission with prefix reuse, preemption), this runs each step:
+
+    1. the decode rows, one token per running sequence: ``GraphedDecoder`` (the whole step one
+       CUDA graph, replayed, captured again when the plan or the batch changes) on CuPy with
+       float16 and ``graph`` True or "auto"; otherwise ``LlamaModel.decode`` (eager);
+    2. then every prefill piece of the step in one eager forward (``LlamaModel.prefill_pieces``)
+       whose attention is one ``BatchedPrefill`` plan and one run per layer over all pieces:
+       dense (alpha 0) by default, CompactAttention's sparse selection with ``alpha`` > 0 or a
+       ``recall`` target (``CacheAttention``'s rule and checks);
+    3. the next token of every decode row and of every piece that ends its sequence's prefill
+       (greedy, its last row): that request decodes from the next step on.
+
+    Args:
+        model: a ``LlamaModel``; cache: its chunk cache (``model.new_cache(...)``: a NumPy
+            ``ChunkCache`` or a ``GpuChunkCache``).
+        graph: True, False or "auto" (the CUDA graph where it runs: CuPy and float16).
+        alpha, sink, window, q_tile, recall, summary, sample_rows: prefill selection
+            (``CacheAttention``; alpha 0 dense).
+    ``stats`` (an ``AttentionStats``, replaced by the server at every run): decode plans built
+    (graph captures on the graphed path), decode layer calls, prefill density with a sparse rule
+    (of the last layer's run, per piece; it reads the GPU counters back, a sync per step).
+    """
+
+    def __init__(self, model: LlamaModel, cache, *, graph="auto", alpha: float | None = 0.0, sink: int = 2,
+                 window: int = 4, q_tile: int | None = None, recall: float | None = None, summary: str = "auto",
+                 sample_rows: int = DEFAULT_SAMPLE_ROWS):
+        from ..compact_attention import BatchedPrefill
+        from .backends import AttentionStats
+
+        on_gpu = getattr(cache, "backend", None) == "cupy"
+        if on_gpu != (model.xp is not np):
+            raise ValueError(f"cache: expected a cache on the model's device ({model.xp.__name__}), got a "
+                             f"{getattr(cache, 'backend', type(cache).__name__)} cache")
+        graphable = on_gpu and model.dtype == "float16"
+        if isinstance(graph, str) and graph == "auto":
+            graph = graphable
+        elif not isinstance(graph, bool):
+            raise TypeError(f"graph: expected True, False or 'auto', got {graph!r} ({type(graph).__name__})")
+        elif graph and not graphable:
+            raise ValueError(f"graph: expected False or 'auto' on {model.xp.__name__} with {model.dtype} (CUDA graphs "
+                             f"need CuPy and float16), got True")
+        self.attn = CacheAttention(cache, model.config.num_q_heads, alpha=alpha, sink=sink, window=window,
+                                   q_tile=q_tile, recall=recall, summary=summary, sample_rows=sample_rows)
+        self.options = dict(recall_options(alpha, recall, summary, sample_rows), sink=self.attn.sink,
+                            window=self.attn.window, q_tile=q_tile)
+        self.sparse = self.attn.recall is not None or bool(self.attn.alpha)
+        self.model, self.cache, self.graph = model, cache, graph
+        self.batched = BatchedPrefill(cache, self.attn.means)
+        self.decoder = None
+        if graph:
+            from .graphed import GraphedDecoder
+
+            self.decoder = GraphedDecoder(model, self.attn)
+        self.stats = AttentionStats(cache.num_layers)
+        self.label = ("CUDA kernels, decode one CUDA graph" if graph else
+                      "CUDA kernels, eager" if on_gpu else "NumPy reference") + ", batched prefill"
+        self.captures = 0  # graph captures, over the backend's life
+
+    def sync(self) -> None:
+        if self.model.xp is not np:
+            self.model.xp.cuda.Device().synchronize()  # the graph's stream and the current one
+
+    def mixed_step(self, seqs, tokens, slots, pieces) -> list:
+        out = []
+        L = self.model.config.num_layers
+        if seqs:  # 1. decode rows (their sequences commit inside)
+            if self.decoder is not None:
+                out += [int(t) for t in self.decoder.step(seqs, tokens, slots=slots)]
+                new = self.decoder.times.capture[-1] > 0
+                self.captures += new
+                self.stats.plans_built += new
+            else:
+                out += greedy_tokens(self.model.decode(self.attn, seqs, tokens, slots=slots))
+                self.stats.plans_built += 1
+            self.stats.decode_calls += L
+        if pieces:  # 2. every piece in one forward, attention one BatchedPrefill per layer
+            from .backends import DENSITY_STAGES
+
+            pasts = [p.start for p in pieces]
+            x = self.model.prefill_pieces(self.batched, pieces, self.options)
+            if self.sparse:
+                for d, p, P in zip(self.batched.density(), pieces, pasts):  # of the last layer's run
+                    d = {k: v for k, v in d.items() if k in DENSITY_STAGES}
+                    self.stats.record_prefill(L - 1, P, (len(p.tokens), self.model.config.num_q_heads),
+                                              self.cache.chunk_size, d, None)
+            want = [i for i, p in enumerate(pieces) if p.last]
+            if want:  # 3. the first token (or the next after a recompute) of finished prefills
+                out += greedy_tokens(self.model.logits(x[self.model.xp.asarray(np.asarray(want, np.int64))]))
+        return out
+
+
+__all__ = ["LlamaConfig", "LlamaModel", "CacheAttention", "MixedStepBackend", "attention_api", "greedy_tokens"]

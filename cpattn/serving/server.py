@@ -20,6 +20,13 @@ and preemption*): one step is one pass of the model over the decode tokens of th
 requests plus prefill pieces of admitted and newly arrived requests, at most N tokens in all;
 when the pool runs out the most recently admitted requests are preempted (released, their
 complete chunks left cached) and recomputed later from their prompt plus the tokens they had.
+
+A backend that runs **whole steps** itself (``StepBackend``: a ``mixed_step`` method, e.g.
+``cpattn.serving.llama.MixedStepBackend`` for the real model, whose decode rows are one CUDA
+graph and whose prefill pieces are one ``BatchedPrefill`` per layer) gets each mixed step as
+it was scheduled here: the same admission, budget and preemption, one call per step.
+``run(poll=...)`` lets a caller submit requests while the server runs (arrivals in wall-clock
+time: the benchmark admits what has arrived by the start of each step).
 """
 from __future__ import annotations
 
@@ -48,6 +55,41 @@ class ServingModel(Protocol):
     def qkv(self, layer: int, x, pos): ...  # -> q [n, Hq, D], k, v [n, Hkv, D] storage dtype
     def finish_layer(self, layer: int, x, o): ...  # o [n, Hq, D] storage dtype -> x [n, hidden]
     def greedy(self, x) -> list: ...  # x [n, hidden] -> the next token of every row
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One prefill piece of a mixed step, reserved by the scheduler: ``tokens`` appended to
+    sequence ``seq`` from position ``start`` (a multiple of the chunk size; the earlier tokens are
+    committed), their K/V to be written at ``slots`` (what ``cache.reserve`` returned). ``last``:
+    the piece ends the sequence's prefill, so its last row gives the request's next token."""
+
+    seq: int
+    start: int
+    tokens: list
+    slots: object
+    last: bool
+
+
+@runtime_checkable
+class StepBackend(Protocol):
+    """A backend that runs a whole mixed step (``Server(step_tokens=N)`` only): its cache,
+    ``stats`` (an ``AttentionStats``), ``label``, ``sync`` as ``AttentionBackend`` has, and
+
+        mixed_step(seqs, tokens, slots, pieces) -> next tokens (Python ints)
+
+    ``seqs`` / ``tokens``: the decode rows (one token per running sequence, reserved together at
+    ``slots``, what ``cache.reserve_batch`` returned; empty lists and None slots when no request
+    decodes), ``pieces``: the step's ``Piece`` list. It writes every row's K/V, runs the model,
+    commits every sequence of the step, and returns one token per decode row, then one per piece
+    with ``last`` set, in order (greedy)."""
+
+    cache: object
+    stats: object
+    label: str
+
+    def sync(self) -> None: ...
+    def mixed_step(self, seqs: list, tokens: list, slots, pieces: list) -> list: ...
 
 
 @dataclass
@@ -223,7 +265,8 @@ class Server:
             of admitted and then newly arrived requests in order until the budget is used; at
             most ``min(max_batch, N)`` requests are admitted at once. Admission needs room for
             the first piece only; when the pool runs out the most recently admitted requests
-            are preempted and recomputed later, so nothing is lost.
+            are preempted and recomputed later, so nothing is lost. A ``StepBackend`` (one that
+            runs whole steps, e.g. ``MixedStepBackend`` of the real model) needs it.
     """
 
     def __init__(self, model: ServingModel, num_chunks: int, chunk_size: int = 16, prefill_chunk: int = 64,
@@ -244,6 +287,14 @@ class Server:
         check_optional_int(step_tokens, "step_tokens", chunk_size)
         self.model, self.chunk_size, self.prefill_chunk, self.max_batch = model, chunk_size, prefill_chunk, max_batch
         self.step_tokens = step_tokens
+        self._whole_steps = callable(getattr(backend, "mixed_step", None))  # a StepBackend
+        if self._whole_steps:
+            if step_tokens is None:
+                raise ValueError(f"step_tokens: expected an integer >= chunk_size {chunk_size} with a backend that "
+                                 f"runs whole mixed steps ({type(backend).__name__}), got None")
+            if backend.cache.chunk_size != chunk_size:
+                raise ValueError(f"chunk_size: expected the backend cache's chunk size {backend.cache.chunk_size}, "
+                                 f"got {chunk_size}")
         if isinstance(backend, str):
             backend = make_backend(backend, model.config, num_chunks, chunk_size, options, measure_recall)
         self.backend, self.cache, self.on_step = backend, backend.cache, on_step
@@ -357,10 +408,22 @@ class Server:
         return dt
 
     # ---------------------------------------------------------------- the loop
-    def run(self) -> ServingReport:
-        """Serve every submitted request that is not finished; returns this run's numbers."""
+    def run(self, poll: Callable[["Server"], bool] | None = None) -> ServingReport:
+        """Serve every submitted request that is not finished; returns this run's numbers.
+
+        ``poll`` (mixed steps only): called as ``poll(server)`` at the start of every step; it
+        may ``submit`` requests (arriving at the current step by default) and returns whether
+        more will come. While it says so the run goes on when nothing is live, calling it again
+        each idle turn (no step runs, ``server.step`` does not advance): a poll that waits for
+        its next arrival (e.g. sleeps until it) serves requests arriving in wall-clock time.
+        """
+        if poll is not None and not callable(poll):
+            raise TypeError(f"poll: expected None or a callable, got {type(poll).__name__}")
         if self.step_tokens is not None:
-            return self._run_mixed()
+            return self._run_mixed(poll)
+        if poll is not None:
+            raise ValueError("poll: expected None without step_tokens (requests submitted during a run are served "
+                             "by mixed steps only), got a callable")
         cfg, cache = self.model.config, self.cache
         todo = [r for r in self.requests if r.state != "finished"]
         waiting = sorted((r for r in todo if r.state in ("waiting", "queued")), key=lambda r: (r.arrival, r.rid))
@@ -553,8 +616,21 @@ class Server:
         """One pass of the model over the step's tokens: the decode rows, then each piece.
         Per layer: q, k, v of every row, K/V written, ChunkAttention for the decode rows and
         CompactAttention per piece, one ``finish_layer`` for all. Returns the requests that got
-        a token (decode rows, and pieces that ended their sequence's prefill)."""
+        a token (decode rows, and pieces that ended their sequence's prefill). A ``StepBackend``
+        runs the whole step instead (``mixed_step``)."""
         model, cache, backend = self.model, self.cache, self.backend
+        if self._whole_steps:
+            work = [Piece(r.seq, start, ptoks, ps, start + len(ptoks) == len(self._tokens(r)))
+                    for r, start, ptoks, ps in pieces]
+            nxt = backend.mixed_step([r.seq for r in decode], [r.output[-1] for r in decode], slots, work)
+            got = list(decode) + [r for (r, *_), p in zip(pieces, work) if p.last]
+            if len(nxt) != len(got):
+                raise RuntimeError(f"{type(backend).__name__}.mixed_step: expected {len(got)} next tokens (decode "
+                                   f"rows, then pieces that end a prefill), got {len(nxt)}")
+            self._n_chunks += len(pieces)
+            for r, t in zip(got, nxt):
+                r.output.append(int(t))
+            return got
         nd = len(decode)
         seqs = [r.seq for r in decode]
         toks = [r.output[-1] for r in decode]
@@ -589,9 +665,10 @@ class Server:
             r.output.append(t)
         return got
 
-    def _run_mixed(self) -> ServingReport:
+    def _run_mixed(self, poll=None) -> ServingReport:
         """``run`` with mixed steps (``step_tokens``)."""
         cfg, cache = self.model.config, self.cache
+        more = bool(poll(self)) if poll is not None else False  # requests it submits now are in todo
         todo = [r for r in self.requests if r.state != "finished"]
         admitted = [r for r in todo if r.seq is not None]  # left live by an interrupted run
         for r in admitted:
@@ -609,7 +686,19 @@ class Server:
             self._note(f"r{r.rid} finished ({len(r.output)} tokens) and released; the pool holds "
                        f"{cache.num_cached} cached, {cache.num_referenced} referenced, {cache.num_free} free chunks")
 
-        while waiting or admitted:
+        known, polled = len(self.requests), True
+        while waiting or admitted or more:
+            if poll is not None and not polled:
+                more = bool(poll(self))
+            polled = False
+            for r in self.requests[known:]:  # submitted by poll during the run
+                todo.append(r)
+                insort(waiting, r, key=lambda x: (x.arrival, x.rid))
+            known = len(self.requests)
+            if not (admitted or waiting):  # nothing live, nothing to come at a later step
+                if more:
+                    continue  # idle: poll again (no step)
+                break
             step_clock[self.step] = self._clock
             live = [r for r in todo if r.state != "finished" and r.arrival <= self.step]
             served: list = []
