@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Small decode and prefill workloads for compute-sanitizer (memcheck, racecheck, synccheck):
 every kernel family and the awkward shapes (partial tails, key-split warps, multiple row tiles,
-partial own pages, tiles and sub-groups) run once."""
+partial own pages, tiles and sub-groups) run once; prefill also under summary='sampled'
+(sampled_block_mass: key splits, c 128's two steps a block, c 16's four blocks a step)."""
 import sys
 
 import cupy
@@ -73,7 +74,26 @@ for dtype, D, c, Hkv, ratio, P, n, tile, sub in (("bfloat16", 128, 64, 2, 4, 5 *
                             kernel=kernel)
         cupy.cuda.Device().synchronize()
         assert bool(cupy.isfinite(r.lse).all())
-    print(f"sanitize prefill ({', '.join(kernels)}): {dtype} D={D} c={c} ratio={ratio} P={P} n={n}: ok")
+    # summary='sampled' (sampled_block_mass): the recall rule's default, and under the alpha rule
+    for opt in (dict(recall=0.9, sample_rows=3), dict(alpha=0.06, summary="sampled")):
+        r = compact_prefill(cache, means, seq, cupy.asarray(w.q[0, P:]), q_tile=tile, group_size=sub, kernel="mma",
+                            **opt)
+        cupy.cuda.Device().synchronize()
+        assert bool(cupy.isfinite(r.lse).all())
+    print(f"sanitize prefill ({', '.join(kernels)}; sampled summary): {dtype} D={D} c={c} ratio={ratio} P={P} "
+          f"n={n}: ok")
+
+# sampled_block_mass over several key splits (8 steps of CPATTN_SAMPLED_KEYS keys each), c 128 and c 16
+for dtype, D, c, Hkv, ratio, P, n in (("bfloat16", 128, 128, 2, 4, 40 * 128, 300),
+                                      ("float16", 64, 16, 1, 8, 200 * 16, 37)):
+    w = long_context_qkv(P + n, P + n, Hkv * ratio, Hkv, D, dtype=dtype, locality_len=2 * c, needle_len=c)
+    cache = GpuChunkCache(1, Hkv, D, (P + n) // c + 2, chunk_size=c, dtype=dtype)
+    seq = cache.add_sequence([])
+    cache.extend(seq, list(range(P + n)), w.k, w.v)
+    r = compact_prefill(cache, BlockMeans(cache), seq, cupy.asarray(w.q[0, P:]), recall=0.95, kernel="mma")
+    cupy.cuda.Device().synchronize()
+    assert bool(cupy.isfinite(r.lse).all())
+    print(f"sanitize sampled summary, key splits: {dtype} D={D} c={c} ratio={ratio} P={P} n={n}: ok")
 
 # the model's fused kernels (model_ops.cu) through GraphedDecoder, eager and replayed, on a tiny random Llama
 from cpattn.serving.graphed import GraphedDecoder  # noqa: E402
