@@ -16,6 +16,12 @@ events after warm-up, the L2 flushed before each call, median); per-stage times 
 ``compact_prefill`` records. Outputs through ``cpattn.bench.table``.
 
     cpattn bench prefill --out DIR   (or python tools/bench_prefill.py) [--configs 64:131072:4096 ...] [--no-flex]
+        [--recall 0.99] [--summary auto|mean|sampled]
+
+``--recall R`` selects by the recall rule (alpha then unused) and ``--summary`` picks the
+past's summary ('auto': mean for alpha, sampled for recall); the score stage
+(``stage_score_ms``) is then the estimate (summary='sampled': the sampled_block_mass kernel
+and its combine) plus the recall rule's choice.
 """
 from __future__ import annotations
 
@@ -72,12 +78,23 @@ def cudnn_peer(torch, F, sdpa_kernel, SDPBackend, qt, kt, vt, mask, timer, ours)
     return r
 
 
+def rule_label(r, short: bool = False) -> str:
+    """The selection rule of a row: its alpha ('0.06', short 'a0.06'), or 'recall 0.99' (short
+    'r0.99'), followed by the summary unless 'auto' ('recall 0.99 sampled')."""
+    if r.get("recall_target") is not None:
+        rule = f"{'r' if short else 'recall '}{r['recall_target']}"
+    else:
+        rule = f"{'a' if short else ''}{r['alpha']}"
+    summary = r.get("summary", "auto")
+    return rule if summary == "auto" else f"{rule} {summary}"
+
+
 def plot(rows, path, dev):
     """Grouped bars per configuration (ms). Each group's label carries its configuration on two
     lines and the recall of our selection on a third, so no text is drawn over the bars."""
     series = [("ours sparse", "ours_sparse_ms"), ("ours dense", "ours_dense_ms"), ("SDPA flash", "sdpa_flash_ms"),
               ("SDPA cuDNN", "sdpa_cudnn_ms"), ("Flex dense", "flex_dense_ms"), ("Flex, our blocks", "flex_sparse_ms")]
-    labels = [f"c{r['block']} P{r['past'] // 1024}K n{r['chunk']}\na{r['alpha']} g{r['group_size']}\n"
+    labels = [f"c{r['block']} P{r['past'] // 1024}K n{r['chunk']}\n{rule_label(r, short=True)} g{r['group_size']}\n"
               f"recall {r['recall_mean']:.3f}" for r in rows]
     bar_chart(rows, series, labels, "time per chunk and layer (ms)",
               f"CompactAttention chunked prefill, bf16 Hq32 Hkv8 D128 ({dev})\n"
@@ -106,6 +123,10 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--alpha", type=float, default=0.06)
+    ap.add_argument("--recall", type=float, default=None,
+                    help="select by the recall rule with this target instead of alpha (configs' alpha unused)")
+    ap.add_argument("--summary", choices=("auto", "mean", "sampled"), default="auto",
+                    help="the past's summary of the selection ('auto': mean for alpha, sampled for recall)")
     ap.add_argument("--prompt-len", type=int, default=PROMPT_LEN,
                     help="tokens of the generated prompt (fixed, so a config's data does not depend on "
                          "which other configs run; raised to the longest past + chunk if needed)")
@@ -158,7 +179,9 @@ def main(argv=None):
         means = BlockMeans(cache)
         means.update(cache, seq)
         q = cupy.asarray(w.q[0, P:S_len])
-        r = {"block": c, "past": P, "chunk": n, "alpha": alpha, "group_size": gsz or Hq // Hkv, "q_tile": qtile or n}
+        r = {"block": c, "past": P, "chunk": n, "alpha": alpha, "group_size": gsz or Hq // Hkv, "q_tile": qtile or n,
+             "recall_target": args.recall, "summary": args.summary}
+        rule = dict(alpha=alpha) if args.recall is None else dict(alpha=None, recall=args.recall)
         # ours, sparse with per-stage times (the timer's warm-up and flush, compact_prefill's events)
         stage = {}
         res = None
@@ -166,7 +189,8 @@ def main(argv=None):
         for it in range(timer.warmup + timer.iters):
             timer.flush()
             ev = []
-            res = compact_prefill(cache, means, seq, q, alpha=alpha, group_size=gsz, q_tile=qtile, events=ev)
+            res = compact_prefill(cache, means, seq, q, group_size=gsz, q_tile=qtile, summary=args.summary, events=ev,
+                                  **rule)
             ev[-1][1].synchronize()
             if it >= timer.warmup:
                 times.append(cupy.cuda.get_elapsed_time(ev[0][1], ev[-1][1]))
@@ -272,7 +296,7 @@ def main(argv=None):
         return fmt(r.get(key), spec)
 
     for r in rows:
-        config = f"block {r['block']} past {r['past']} chunk {r['chunk']} alpha {r['alpha']} group {r['group_size']}"
+        config = f"block {r['block']} past {r['past']} chunk {r['chunk']} alpha {rule_label(r)} group {r['group_size']}"
         r.update(summary(dev, date, config, r["ours_sparse_ms"], r["best_dense_peer_ms"]))
     md = [f"## CompactAttention chunked prefill ({dev}, {date})", "",
           "bf16, Hq 32, Hkv 8, D 128, structured prompt from `long_context_qkv` (seed 1), "
@@ -284,7 +308,7 @@ def main(argv=None):
           "| block | past | chunk | alpha | group | q tile | ours sparse | (score / tables / kernel) | ours dense (mma.sync) | SDPA flash | SDPA cuDNN | Flex dense | Flex sparse (our blocks) | sparse vs best dense | density select / q-union / group | keys read | recall mean / min | ours dense TFLOP/s | Flex dense TFLOP/s |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['block']} | {r['past']} | {r['chunk']} | {r['alpha']} | {r['group_size']} | {r['q_tile']} | "
+        md.append(f"| {r['block']} | {r['past']} | {r['chunk']} | {rule_label(r)} | {r['group_size']} | {r['q_tile']} | "
                   f"{f(r, 'ours_sparse_ms')} | "
                   f"{f(r, 'stage_score_ms')} / {f(r, 'stage_tables_ms')} / {f(r, 'stage_attention_ms')} | "
                   f"{f(r, 'ours_dense_ms')} ({f(r, 'ours_dense_mma_ms')}) | {f(r, 'sdpa_flash_ms')} | {cudnn_cell(r)} | {f(r, 'flex_dense_ms')} | {f(r, 'flex_sparse_ms')} | "
