@@ -182,7 +182,9 @@ def sample_weights(n: int, chunk_size: int, sel) -> np.ndarray:
 # sees none of its keys): part float32 [Pb + Qb, Hq, m]. mass_from_partials turns that into
 # estimate_mass's (past, own); together they are estimate_mass(summary='sampled') without the
 # float32 copy of every key.
-SAMPLED_WAVES = 4  # sampled_block_mass: key splits such that the grid is about this many blocks per SM
+# sampled_block_mass: key splits such that the grid is about this many blocks per SM (about 3 fit
+# at once at D 128: many short blocks keep the last wave's idle share small; not yet measured)
+SAMPLED_BLOCKS_PER_SM = 16
 
 
 def sampled_mass_grid(num_q_heads: int, num_kv_heads: int, m: int, past_blocks: int, n: int, chunk_size: int,
@@ -195,7 +197,7 @@ def sampled_mass_grid(num_q_heads: int, num_kv_heads: int, m: int, past_blocks: 
     steps = cdiv((past_blocks + cdiv(n, c)) * c, SAMPLED_KEYS)
     per_block = max(1, c // SAMPLED_KEYS)  # steps a key block spans
     tiles = cdiv(G * m, SAMPLED_ROWS)
-    want = max(1, cdiv(SAMPLED_WAVES * num_sms, tiles * num_kv_heads))  # splits wanted
+    want = max(1, cdiv(SAMPLED_BLOCKS_PER_SM * num_sms, tiles * num_kv_heads))  # splits wanted
     split_steps = max(cdiv(cdiv(steps, want), per_block), cdiv(8, per_block)) * per_block
     return (tiles, cdiv(steps, split_steps), num_kv_heads), split_steps
 
