@@ -217,8 +217,10 @@ def main(argv=None) -> int:
     d.add_argument("--check-requests", type=int_option(0), default=4, metavar="N",
                    help="requests per wave compared with a dense no-cache model (the slow part on a CPU)")
     b = sub.add_parser("bench", help="GPU benchmarks vs PyTorch peers: table, CSV, JSON and PNG under --out",
-                       description="cpattn bench decode|prefill|serving [options]; run 'cpattn bench decode --help'.")
-    b.add_argument("which", choices=("decode", "prefill", "serving"))
+                       description="cpattn bench decode|prefill|serving|mixed [options]; run 'cpattn bench decode "
+                                   "--help'. mixed (the real model in mixed steps under Poisson arrivals vs "
+                                   "transformers) also runs on the NumPy reference without a GPU.")
+    b.add_argument("which", choices=("decode", "prefill", "serving", "mixed"))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)")
     from .serving import cli_models
 
@@ -235,7 +237,7 @@ def main(argv=None) -> int:
     if args.command == "bench":
         from . import gpu_available
 
-        if not gpu_available() and "-h" not in args.rest and "--help" not in args.rest:
+        if args.which != "mixed" and not gpu_available() and "-h" not in args.rest and "--help" not in args.rest:
             print("cpattn bench: needs CuPy and a CUDA GPU (and PyTorch for the peers); none visible here",
                   file=sys.stderr)
             return 2
@@ -243,6 +245,8 @@ def main(argv=None) -> int:
             from .bench.decode import main as bench_main
         elif args.which == "serving":
             from .bench.serving import main as bench_main
+        elif args.which == "mixed":
+            from .bench.mixed_serving import main as bench_main
         else:
             from .bench.prefill import main as bench_main
         return bench_main(args.rest) or 0
