@@ -1,4 +1,5 @@
-"""Benchmarks: ``cpattn bench decode|prefill|serving`` (GPU), the soak and the selection frontier.
+"""Benchmarks: ``cpattn bench decode|prefill|serving|mixed`` (GPU; mixed also on NumPy), the soak and
+the selection frontier.
 
 Each benchmark measures cpattn and the peers a user would pick instead in the same process, and
 writes a markdown table (the BENCHMARKS.md section), CSV, JSON and a PNG plot.
@@ -10,7 +11,9 @@ writes a markdown table (the BENCHMARKS.md section), CSV, JSON and a PNG plot.
   ``torch_interop``: the serving benchmark's torch SDPA peer;
 * ``soak`` (``python -m cpattn.bench.soak``): a long serving loop checked for leaks and
   corruption; ``frontier`` (``python -m cpattn.bench.frontier``): recall against density of
-  block selection and of the exact-mass oracle (CPU).
+  block selection and of the exact-mass oracle (CPU);
+* ``model_serving`` and ``mixed_serving`` (``cpattn bench mixed``): the real model (SmolLM2-135M)
+  against transformers, one batch, and mixed steps under Poisson arrivals in wall-clock time.
 """
 import sys
 
