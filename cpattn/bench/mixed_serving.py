@@ -254,7 +254,7 @@ def run_hf(args, path, prompts, arrivals, pad_id: int) -> dict:
         if dev == "cuda":
             torch.cuda.synchronize()
 
-    def generate(batch: list, clock) -> tuple:
+    def generate(batch: list, clock, new_tokens: int = args.new_tokens) -> tuple:
         L = max(map(len, batch))
         ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), L), dtype=torch.long)
@@ -262,16 +262,13 @@ def run_hf(args, path, prompts, arrivals, pad_id: int) -> dict:
             ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
         stamps = _Stamps(clock)
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=args.new_tokens,
+            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens,
                                  do_sample=False, streamer=stamps)
         sync()
         return out[:, L:].tolist(), stamps.times
 
     t_warm = time.perf_counter()
-    with torch.no_grad():  # warm-up (kernels, allocator): a few short prompts, 2 tokens
-        ids = torch.tensor([p[-min(map(len, prompts)):][:32] for p in prompts[:4]], device=dev)
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
-    sync()
+    generate(prompts[:4], time.perf_counter, 2)  # warm-up (kernels, allocator): the first prompts, 2 tokens
     warm_s = time.perf_counter() - t_warm
     n = len(prompts)
     first, finish, tokens, batches, curve = [None] * n, [None] * n, [None] * n, [], []
