@@ -248,21 +248,58 @@ def mass_from_partials(xp, part, past_blocks: int, n: int, chunk_size: int, samp
     return past, own
 
 
-def recall_choice(xp, past, own, rows_in, forced, recall: float, num_kv_heads: int, group_size: int,
-                  tile_blocks: int):
-    """The reference's ``recall_rule`` on ``xp`` arrays: bool [T, Hkv, S, Pb] (forced blocks not
-    included). ``rows_in`` int [Qb] and ``forced`` bool [Pb] are host arrays."""
+def table_sums(xp, past, own, num_kv_heads: int, group_size: int, tile_blocks: int):
+    """The recall rule's per-table sums of an estimate: (E float64 [T, Hkv, S, Pb], own float64
+    [T, Hkv, S]), ``past`` [Hq, Qb, Pb] and ``own`` [Hq, Qb] summed over each table's heads and
+    query blocks."""
     Hq, Qb, Pb = past.shape
     s, tb = group_size, tile_blocks
     S, T = Hq // num_kv_heads // s, cdiv(Qb, tb)
     pad = xp.zeros((Hq, T * tb, Pb), np.float64)
     pad[:, :Qb] = past
-    E = pad.reshape(num_kv_heads, S, s, T, tb, Pb).sum(axis=(2, 4)).transpose(2, 0, 1, 3)  # [T, Hkv, S, Pb]
+    E = pad.reshape(num_kv_heads, S, s, T, tb, Pb).sum(axis=(2, 4)).transpose(2, 0, 1, 3)
     po = xp.zeros((Hq, T * tb), np.float64)
     po[:, :Qb] = own
+    return E, po.reshape(num_kv_heads, S, s, T, tb).sum(axis=(2, 4)).transpose(2, 0, 1)
+
+
+def sampled_table_sums(xp, part, past_blocks: int, n: int, chunk_size: int, sample_rows: int, num_kv_heads: int,
+                       group_size: int, tile_blocks: int):
+    """``table_sums`` of ``mass_from_partials(part, ...)`` straight from sampled_block_mass's
+    ``part`` float32 [Pb + Qb, Hq, m], without the [Hq, Qb, Pb] estimate: a table's query blocks
+    enter only through their summed sample weights, so per head the past sums are one product
+    (tile weights [T, m] over the row totals) x (the rows' block masses [m, Pb]), in float64.
+    Equal to the two-step path up to float rounding."""
+    Pb, c = past_blocks, chunk_size
+    NB, Hq, m = part.shape
+    s, tb = group_size, tile_blocks
+    W = sample_weights(n, c, reference.sampled_rows(n, c, sample_rows))  # [Qb, m], host
+    Qb = W.shape[0]
+    S, T = Hq // num_kv_heads // s, cdiv(Qb, tb)
+    Wt = xp.asarray(np.add.reduceat(W, np.arange(0, Qb, tb), axis=0))  # [T, m]: a tile's weights
+    e = xp.exp2(part - part.max(axis=0)[None])  # [Pb + Qb, Hq, m]; -inf -> 0
+    w = Wt[None].astype(np.float64) / e.sum(axis=0, dtype=np.float64)[:, None, :]  # [Hq, T, m]
+    Eh = xp.matmul(w, e[:Pb].transpose(1, 2, 0).astype(np.float64))  # [Hq, T, Pb]
+    Oh = (w * e[Pb:].sum(axis=0, dtype=np.float64)[:, None, :]).sum(axis=2)  # [Hq, T]
+    E = Eh.reshape(num_kv_heads, S, s, T, Pb).sum(axis=2).transpose(2, 0, 1, 3)
+    return E, Oh.reshape(num_kv_heads, S, s, T).sum(axis=2).transpose(2, 0, 1)
+
+
+def recall_choice(xp, past, own, rows_in, forced, recall: float, num_kv_heads: int, group_size: int,
+                  tile_blocks: int):
+    """The reference's ``recall_rule`` on ``xp`` arrays: bool [T, Hkv, S, Pb] (forced blocks not
+    included). ``rows_in`` int [Qb] and ``forced`` bool [Pb] are host arrays."""
+    E, O = table_sums(xp, past, own, num_kv_heads, group_size, tile_blocks)
+    return recall_choice_sums(xp, E, O, rows_in, forced, recall, group_size, tile_blocks)
+
+
+def recall_choice_sums(xp, E, O, rows_in, forced, recall: float, group_size: int, tile_blocks: int):
+    """``recall_choice`` from the per-table sums (``table_sums`` or ``sampled_table_sums``)."""
+    Pb = E.shape[3]
+    Qb, tb = len(rows_in), tile_blocks
     fx = xp.asarray(forced)
-    base = po.reshape(num_kv_heads, S, s, T, tb).sum(axis=(2, 4)).transpose(2, 0, 1) + (E * fx).sum(axis=3)
-    rows = np.add.reduceat(rows_in, np.arange(0, Qb, tb)) * s  # [T]
+    base = O + (E * fx).sum(axis=3)
+    rows = np.add.reduceat(rows_in, np.arange(0, Qb, tb)) * group_size  # [T]
     gain = xp.where(fx, 0.0, E)
     order = xp.argsort(-xp.where(fx, -1.0, gain), axis=3)
     g_sorted = xp.take_along_axis(gain, order, axis=3)
@@ -398,7 +435,8 @@ def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, sc
     if Pb and (recall is not None or summary == "sampled"):
         if summary == "sampled":  # one kernel over the pool pages in place, then a small combine
             part = sampled_block_mass(cache, layer, blocks, q, Pb, scale, sample_rows)
-            est_p, est_o = mass_from_partials(cupy, part, Pb, n, c, sample_rows)
+            if recall is None:
+                est_p, est_o = mass_from_partials(cupy, part, Pb, n, c, sample_rows)
         else:
             ids = cupy.asarray(np.array(cache.seq_chunks(seq)[: Pb + Cb], np.int64))
             kk = sequence_keys(cupy, cache.k_pool[layer], ids, P + n, cache.dtype)
@@ -410,7 +448,11 @@ def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, sc
             j = np.arange(Pb)
             forced = (j < sink) | (j >= Pb - window)
             rows_in = np.minimum(c, n - np.arange(Qb) * c)
-            chosen = recall_choice(cupy, est_p, est_o, rows_in, forced, float(recall), Hkv, s, tb)
+            if summary == "sampled":  # the tables' sums straight from the partials
+                E, O = sampled_table_sums(cupy, part, Pb, n, c, sample_rows, Hkv, s, tb)
+            else:
+                E, O = table_sums(cupy, est_p, est_o, Hkv, s, tb)
+            chosen = recall_choice_sums(cupy, E, O, rows_in, forced, float(recall), s, tb)
             s_raw, thr = choice_scores(cupy, chosen, G, tb, Qb), 1.0
         s_raw = cupy.ascontiguousarray(s_raw)
     elif Pb and alpha > 0:  # alpha 0 keeps every block: all-zero scores pass a zero threshold
@@ -628,7 +670,8 @@ class BatchedPrefill(reference.BatchedPrefill):
                     b0 = int(lay.seq_info[PREFILL_SEQ_FIELDS.index("block0"), b])
                     part = sampled_block_mass(cache, layer, d["blocks"][b0:b0 + Pb + Qb], q[a:a + n], Pb, scale,
                                               opt["sample_rows"])
-                    est_p, est_o = mass_from_partials(cupy, part, Pb, n, c, opt["sample_rows"])
+                    if recall is None:
+                        est_p, est_o = mass_from_partials(cupy, part, Pb, n, c, opt["sample_rows"])
                 else:
                     ids = cupy.asarray(np.array(d["block_lists"][b][: Pb + Qb], np.int64))
                     kk = sequence_keys(cupy, cache.k_pool[layer], ids, Pb * c + n, cache.dtype)
@@ -641,7 +684,11 @@ class BatchedPrefill(reference.BatchedPrefill):
                     j = np.arange(Pb)
                     forced = (j < opt["sink"]) | (j >= Pb - opt["window"])
                     rows_in = np.minimum(c, n - np.arange(Qb) * c)
-                    chosen = recall_choice(cupy, est_p, est_o, rows_in, forced, float(recall), Hkv, s, tb)
+                    if summary == "sampled":
+                        E, O = sampled_table_sums(cupy, part, Pb, n, c, opt["sample_rows"], Hkv, s, tb)
+                    else:
+                        E, O = table_sums(cupy, est_p, est_o, Hkv, s, tb)
+                    chosen = recall_choice_sums(cupy, E, O, rows_in, forced, float(recall), s, tb)
                     sc = choice_scores(cupy, chosen, G, tb, Qb)
                 d["s_raw"][a0:a0 + Hq * Qb * Pb] = sc.astype(np.float32).ravel()
             return 1.0 if recall is not None else float(opt["alpha"])
@@ -731,5 +778,6 @@ class BatchedPrefill(reference.BatchedPrefill):
 
 
 __all__ = ["BlockMeans", "BatchedPrefill", "BatchedLayout", "batched_layout", "CompactPrefill", "compact_prefill", "dense_prefill", "choose_kernel", "use_wgmma",
-           "KERNEL_CHOICES", "estimate_mass", "recall_choice", "choice_scores", "sequence_keys", "sample_weights",
+           "KERNEL_CHOICES", "estimate_mass", "recall_choice", "recall_choice_sums", "table_sums", "sampled_table_sums",
+           "choice_scores", "sequence_keys", "sample_weights",
            "sampled_mass_grid", "sampled_block_mass", "mass_from_partials"]

@@ -175,6 +175,35 @@ def test_emulated_kernel_and_combine_are_the_reference_estimate(g, sms):
     np.testing.assert_allclose(own, ref_o, rtol=2e-4, atol=1e-6 * c)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(g=workload(), tile=st.sampled_from([None, 1, 2]), sub=st.sampled_from([None, 1]),
+       recall=st.sampled_from([0.5, 0.9, 0.99, 1.0]))
+def test_table_sums_straight_from_the_partials_are_the_two_step_sums(g, tile, sub, recall):
+    """sampled_table_sums (what compact_prefill and BatchedPrefill use under the recall rule) is
+    table_sums of mass_from_partials, and the recall rule chooses the same from either."""
+    cache, seq, q = make_cache(g["seed"], g["P"], g["n"], g["c"], g["Hq"], g["Hkv"], g["D"], g["dtype"])
+    c, n, Pb, rows, Hkv, Hq = g["c"], g["n"], g["P"] // g["c"], g["rows"], g["Hkv"], g["Hq"]
+    if not Pb:
+        return
+    part = float64_partials(cache, seq, q, Pb, 1 / np.sqrt(g["D"]), rows).astype(np.float32)
+    Qb = cdiv(n, c)
+    tb, s = tile or Qb, sub or Hq // Hkv
+    past, own = gca.mass_from_partials(np, part, Pb, n, c, rows)
+    E2, O2 = gca.table_sums(np, past, own, Hkv, s, tb)
+    E1, O1 = gca.sampled_table_sums(np, part, Pb, n, c, rows, Hkv, s, tb)
+    assert E1.shape == E2.shape == (cdiv(Qb, tb), Hkv, Hq // Hkv // s, Pb) and O1.shape == O2.shape == E1.shape[:3]
+    assert E1.dtype == O1.dtype == np.float64
+    np.testing.assert_allclose(E1, E2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(O1, O2, rtol=1e-5, atol=1e-6)
+    j = np.arange(Pb)
+    forced = (j < 1) | (j >= Pb - 1)
+    rows_in = np.minimum(c, n - np.arange(Qb) * c)
+    got = gca.recall_choice_sums(np, E1, O1, rows_in, forced, recall, s, tb)
+    want = gca.recall_choice(np, past, own, rows_in, forced, recall, Hkv, s, tb)
+    _assert_same_choice_up_to_ties(got | forced, want, past.astype(np.float64), own.astype(np.float64), forced,
+                                   rows_in, recall, Hkv, s, tb)
+
+
 def test_sample_weights_are_the_reference_weights():
     sel = ca.sampled_rows(10, 4, 2)  # [0, 3, 4, 7, 8, 9]: blocks of 4, 4, 2 rows
     W = gca.sample_weights(10, 4, sel)
