@@ -517,7 +517,7 @@ class EmulatedKernels:
 
     def table(self):
         names = ("block_mean", "block_score", "block_union", "tables_csr", "paged_prefill", "block_score_varlen",
-                 "block_union_varlen", "paged_prefill_varlen")
+                 "block_union_varlen", "paged_prefill_varlen", "sampled_block_mass")
         out = {}
         for name in names:
             def launch(grid, block, args, shared_mem=0, _name=name):
@@ -560,6 +560,30 @@ class EmulatedKernels:
             for h in range(grid[1]):
                 self.score_rows(q, kmean_lp, page0, blocks, int(Pb), int(n), int(Hq), int(Hkv), scale_log2,
                                 s_raw.reshape(-1), h, x * 128)
+
+    def sampled_block_mass(self, grid, args):
+        """Every (key block, head, sampled row) log2 log-sum-exp of the row's exact scores over
+        the keys it sees (the grid's split of the work does not change the values)."""
+        q_rows, rows, m, k_pool, page0, blocks, Pb, n, Hq, Hkv, split_steps, scale_log2, part = args
+        C, D = self.C, self.D
+        m, Pb, n, Hq, Hkv = int(m), int(Pb), int(n), int(Hq), int(Hkv)
+        G, NB = Hq // Hkv, int(part.shape[0])
+        x = np.arange(NB * C)
+        for kvh in range(Hkv):
+            pages = int(page0) + blocks[:NB].astype(np.int64) * Hkv + kvh
+            k = self.f32(k_pool.reshape(-1, C, D)[pages]).reshape(-1, D)  # [NB C, D]
+            for hh in range(G):
+                h = kvh * G + hh
+                z = (self.f32(q_rows.reshape(m, Hq, D)[:, h]) @ k.T).astype(np.float32) * np.float32(scale_log2)
+                z[x[None, :] > Pb * C + rows.astype(np.int64)[:, None]] = -np.inf  # [m, NB C]
+                z[:, Pb * C + n:] = -np.inf
+                zb = z.reshape(m, NB, C)
+                top = zb.max(axis=2, keepdims=True)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    lse = np.where(np.isfinite(top[..., 0]),
+                                   top[..., 0] + np.log2(np.exp2(zb - np.where(np.isfinite(top), top, 0)).sum(axis=2)),
+                                   -np.inf)
+                part[:, h, :] = lse.T.astype(np.float32)
 
     def field(self, seqs, B, name, b):
         from cpattn.kernels import PREFILL_SEQ_FIELDS
@@ -693,7 +717,10 @@ def test_gpu_host_code_on_emulated_kernels_batched_equals_per_sequence(g, data):
     from cpattn.testing import get_backend
 
     alpha = data.draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
-    opt = dict(alpha=alpha, sink=data.draw(st.integers(0, 2)), window=data.draw(st.integers(0, 2)),
+    recall = data.draw(st.sampled_from([None, None, 0.5, 0.99]))  # the recall rule on the sampled summary
+    rule = dict(alpha=alpha) if recall is None else dict(alpha=None, recall=recall, summary="sampled",
+                                                          sample_rows=data.draw(st.integers(1, 3)))
+    opt = dict(rule, sink=data.draw(st.integers(0, 2)), window=data.draw(st.integers(0, 2)),
                q_tile=data.draw(st.sampled_from([None, g["c"], 2 * g["c"]])),
                group_size=data.draw(st.sampled_from([None, 1])), kernel="mma")
     emu = EmulatedKernels(g["dtype"], g["D"], g["c"])
@@ -722,7 +749,8 @@ def test_gpu_host_code_on_emulated_kernels_batched_equals_per_sequence(g, data):
             assert o is out
             assert [x for x in emu.launches if x.endswith("varlen")][-2:] == ["block_union_varlen",
                                                                               "paged_prefill_varlen"]
-            assert ("block_score_varlen" in emu.launches) == (alpha > 0 and any(plan.past_lens > 0))
+            assert ("block_score_varlen" in emu.launches) == (recall is None and alpha > 0 and any(plan.past_lens > 0))
+            assert ("sampled_block_mass" in emu.launches) == (recall is not None and any(plan.past_lens > 0))
             o, lse = np.asarray(o).view(np.ndarray), np.asarray(lse).view(np.ndarray)
             indptr, indices = bp.tables()
             dens = bp.density()
@@ -738,7 +766,7 @@ def test_gpu_host_code_on_emulated_kernels_batched_equals_per_sequence(g, data):
         t0, t1 = int(plan.table_indptr[b]), int(plan.table_indptr[b + 1])
         assert np.array_equal(indptr[t0:t1 + 1] - indptr[t0], ip) and np.array_equal(indices[indptr[t0]:indptr[t1]], ind)
         assert dens[b] == pytest.approx(d1, abs=1e-12)
-    if alpha == 0.0:
+    if recall is None and alpha == 0.0:
         host, hseqs, _, _ = build(g)
         for b, (seq, rows) in enumerate(zip(hseqs, packed_rows(lens))):
             oracle, oracle_lse = ca.oracle_prefill(host, seq, q[0, rows], 0)

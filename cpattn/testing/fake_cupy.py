@@ -1,4 +1,5 @@
-"""A CPU stand-in for the parts of CuPy that ``cpattn.chunk_cache.GpuChunkCache`` uses.
+"""A CPU stand-in for the parts of CuPy that ``cpattn.chunk_cache.GpuChunkCache`` uses (and the
+array functions of the GPU selection code, ``ARRAY_FUNCTIONS``).
 
 It lets CPU CI run the GPU cache's host logic (length-table mirroring, argument checks, the
 ``kv_append`` launch arguments) against the NumPy cache. "Device" arrays are NumPy arrays of a
@@ -40,6 +41,20 @@ def _dev(x):
     return np.asarray(x).view(FakeDeviceArray)
 
 
+# the array functions the GPU selection code (cpattn.compact_attention's recall rule and sampled
+# summary) calls on the array module, beyond the constructors above
+ARRAY_FUNCTIONS = ("exp2", "matmul", "where", "argsort", "take_along_axis", "cumsum", "ones_like", "zeros_like",
+                   "arange", "broadcast_to", "concatenate", "einsum")
+
+
+def _on_device(fn):
+    def call(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        return _dev(out) if isinstance(out, np.ndarray) else out
+    call.__name__ = fn.__name__
+    return call
+
+
 def _module() -> types.ModuleType:
     m = types.ModuleType("cupy")
     m.__fake__ = True
@@ -53,6 +68,8 @@ def _module() -> types.ModuleType:
     m.is_available = lambda: False  # nobody may mistake this for a GPU
     for name in ("float16", "float32", "uint16", "int16", "int32", "int64", "uint32"):
         setattr(m, name, getattr(np, name))
+    for name in ARRAY_FUNCTIONS:  # NumPy's, results on the "device"
+        setattr(m, name, _on_device(getattr(np, name)))
     device = types.SimpleNamespace(id=0, attributes={"MultiProcessorCount": 132})
     m.cuda = types.SimpleNamespace(Device=lambda *a: device)
     return m
