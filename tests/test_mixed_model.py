@@ -151,7 +151,7 @@ def test_sparse_prefill_option_reaches_the_batched_prefill(real):
     server, reqs, rep = serve(real, [0, 1], [0, 1], 64, budget=64, new=2, alpha=0.5, sink=0, window=1)
     check_run(server, reqs, rep, 64)
     assert rep.density and rep.density["group_union"] < 1.0
-    assert server.backend.options == dict(alpha=0.5, sink=0, window=1, q_tile=None)
+    assert server.backend.options == dict(alpha=0.5, sink=0, window=1, q_tile=None, group_size=None)
 
 
 def test_arguments(real):

@@ -107,10 +107,15 @@ def test_modes_describe_the_defaults():
 def test_recall_mode_describes_and_passes_the_rule():
     assert Q.RECALL.recall == Q.DEFAULT_RECALL and Q.RECALL.summary == "sampled"
     assert "recall rule (target 0.99" in Q.RECALL.describe() and "2 rows" in Q.RECALL.describe()
-    assert Q.RECALL.attention_options() == dict(sink=2, window=4, q_tile=None, recall=0.99, summary="sampled",
-                                                sample_rows=2)
+    assert Q.RECALL.attention_options() == dict(sink=2, window=4, q_tile=None, group_size=None, recall=0.99,
+                                                summary="sampled", sample_rows=2)
     assert "alpha" not in Q.RECALL.attention_options() and "recall" not in Q.SPARSE.attention_options()
     assert Q.recall_mode(0.95, q_tile=128).name == "recall0.95_qtile128"
+    per_head = Q.recall_mode(0.99, group_size=1)
+    assert per_head.name == "recall0.99_g1" and "tables per 1 query head" in per_head.describe()
+    assert per_head.attention_options()["group_size"] == 1
+    args = Q.parse(["--recall", "0.99", "0.995", "--recall-group-size", "group", "1"])
+    assert args.recall_group_size == [None, 1]
 
 
 # ============================================================================ CacheAttention's options
@@ -144,6 +149,8 @@ def test_cache_attention_rule_options():
         (dict(recall=0.9, sample_rows=2.0), TypeError, "sample_rows"),
         (dict(alpha=None), TypeError, "alpha"), (dict(alpha=1.5), ValueError, "alpha"),
         (dict(sink=-1), ValueError, "sink"), (dict(window=True), TypeError, "window"),
+        (dict(group_size=3), ValueError, "group_size"), (dict(group_size=0), ValueError, "group_size"),
+        (dict(group_size=True), TypeError, "group_size"), (dict(group_size=1.0), TypeError, "group_size"),
     ]
     for options, err, name in bad:
         with pytest.raises(err, match=name):
@@ -222,6 +229,14 @@ def test_recall_rule_runs_through_the_model(seed, blocks, target):
     for _, d in md:
         assert d["select"] == d["q_union"] == d["group_union"]
         assert 0.0 < d["select"] <= 1.0
+    # per-head tables (group_size 1): recall 1 still reads everything, a target one choice per head
+    full1, _ = run(recall=1.0, group_size=1)
+    np.testing.assert_array_equal(full1, dense)
+    head, hd = run(recall=target, group_size=1)
+    assert np.isfinite(head).all() and len(hd) == len(md)
+    for _, d in hd:
+        assert d["select"] == d["q_union"] == d["group_union"] and 0.0 < d["select"] <= 1.0
+    np.testing.assert_array_equal(head[:c], dense[:c])
     assert np.isfinite(mid).all()
     # the first chunk has no past: identical to dense whatever the rule
     np.testing.assert_array_equal(mid[:c], dense[:c])

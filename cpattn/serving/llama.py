@@ -120,6 +120,8 @@ class CacheAttention:
         cache: a ``cpattn.reference.ChunkCache`` (NumPy) or ``cpattn.chunk_cache.GpuChunkCache``.
         num_q_heads: query heads of the model.
         alpha, sink, window, q_tile: CompactAttention selection (alpha 0: every block, dense prefill).
+        group_size: None (a table per whole GQA group) or the query heads of a sub-group whose
+            selection is one table (1: per-head tables; ``compact_prefill``'s ``group_size``).
         recall: None (the alpha rule) or a number in [0, 1]: the recall-target rule of
             ``compact_prefill`` (per table, past blocks by estimated mass until the estimate
             reaches ``recall``); alpha must then be 0 (its default here) or None.
@@ -132,8 +134,13 @@ class CacheAttention:
 
     def __init__(self, cache, num_q_heads: int, *, alpha: float | None = 0.0, sink: int = 2, window: int = 4,
                  q_tile: int | None = None, recall: float | None = None, summary: str = "auto",
-                 sample_rows: int = DEFAULT_SAMPLE_ROWS):
+                 sample_rows: int = DEFAULT_SAMPLE_ROWS, group_size: int | None = None):
         options = recall_options(alpha, recall, summary, sample_rows)  # checked before anything is built
+        if group_size is not None:
+            group_size = check_int(group_size, "group_size", 1)
+            if num_q_heads % cache.num_kv_heads or (num_q_heads // cache.num_kv_heads) % group_size:
+                raise ValueError(f"group_size: expected a divisor of the {num_q_heads} // {cache.num_kv_heads} query "
+                                 f"heads per kv head, got {group_size}")
         sink, window = check_int(sink, "sink", 0), check_int(window, "window", 0)
         num_q_heads = check_int(num_q_heads, "num_q_heads", 1)
         decoder_cls, means_cls, self._prefill = attention_api()
@@ -148,12 +155,13 @@ class CacheAttention:
         self.means = means_cls(cache)
         self.decoder = decoder_cls(cache)
         self.q_tile = q_tile  # checked by compact_prefill against the chunk
+        self.group_size = group_size
         self.densities: list[tuple[int, dict]] = []  # (layer, density) per prefill call with a past
 
     def prefill(self, seq: int, q, layer: int):
         """Attention of the sequence's last ``n`` tokens (K/V written): o [n, Hq, D] storage dtype."""
         r = self._prefill(self.cache, self.means, seq, q, layer, sink=self.sink, window=self.window,
-                          q_tile=self.q_tile, return_lse=False, **self._rule)
+                          q_tile=self.q_tile, group_size=self.group_size, return_lse=False, **self._rule)
         if self.cache.seq_len(seq) > q.shape[0]:
             self.densities.append((layer, r.density()))
         return r.o
@@ -425,7 +433,7 @@ class MixedStepBackend:
         model: a ``LlamaModel``; cache: its chunk cache (``model.new_cache(...)``: a NumPy
             ``ChunkCache`` or a ``GpuChunkCache``).
         graph: True, False or "auto" (the CUDA graph where it runs: CuPy and float16).
-        alpha, sink, window, q_tile, recall, summary, sample_rows: prefill selection
+        alpha, sink, window, q_tile, recall, summary, sample_rows, group_size: prefill selection
             (``CacheAttention``; alpha 0 dense).
     ``stats`` (an ``AttentionStats``, replaced by the server at every run): decode plans built
     (graph captures on the graphed path), decode layer calls, prefill density with a sparse rule
@@ -434,7 +442,7 @@ class MixedStepBackend:
 
     def __init__(self, model: LlamaModel, cache, *, graph="auto", alpha: float | None = 0.0, sink: int = 2,
                  window: int = 4, q_tile: int | None = None, recall: float | None = None, summary: str = "auto",
-                 sample_rows: int = DEFAULT_SAMPLE_ROWS):
+                 sample_rows: int = DEFAULT_SAMPLE_ROWS, group_size: int | None = None):
         from ..compact_attention import BatchedPrefill
         from .backends import AttentionStats
 
@@ -451,9 +459,10 @@ class MixedStepBackend:
             raise ValueError(f"graph: expected False or 'auto' on {model.xp.__name__} with {model.dtype} (CUDA graphs "
                              f"need CuPy and float16), got True")
         self.attn = CacheAttention(cache, model.config.num_q_heads, alpha=alpha, sink=sink, window=window,
-                                   q_tile=q_tile, recall=recall, summary=summary, sample_rows=sample_rows)
+                                   q_tile=q_tile, recall=recall, summary=summary, sample_rows=sample_rows,
+                                   group_size=group_size)
         self.options = dict(recall_options(alpha, recall, summary, sample_rows), sink=self.attn.sink,
-                            window=self.attn.window, q_tile=q_tile)
+                            window=self.attn.window, q_tile=q_tile, group_size=self.attn.group_size)
         self.sparse = self.attn.recall is not None or bool(self.attn.alpha)
         self.model, self.cache, self.graph = model, cache, graph
         self.batched = BatchedPrefill(cache, self.attn.means)
