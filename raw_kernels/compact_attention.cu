@@ -62,6 +62,30 @@ struct ScoreRows {
   int Pb, n, h, row0;
 };
 
+// z = Q K^T for a warp's two 16-row mma tiles (Q fragments qf in registers) against NK keys in
+// shared memory (rows of LD elements, D used): every ldmatrix'd key fragment feeds both tiles.
+template <typename T, int D, int NK, int LD>
+__device__ __forceinline__ void qk_two_tiles(float (&z)[2][NK / 8][4], const u32 (&qf)[2][D / 16][4],
+                                             const T* cur, int lane) {
+#pragma unroll
+  for (int tt = 0; tt < 2; ++tt)
+#pragma unroll
+    for (int j = 0; j < NK / 8; ++j) z[tt][j][0] = z[tt][j][1] = z[tt][j][2] = z[tt][j][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int j = 0; j < NK / 16; ++j) {
+      u32 b[4];
+      ldmatrix_x4(b, smem_addr(cur + (j * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+      for (int tt = 0; tt < 2; ++tt) {
+        mma16816<T>(z[tt][2 * j], qf[tt][kk], b[0], b[1]);
+        mma16816<T>(z[tt][2 * j + 1], qf[tt][kk], b[2], b[3]);
+      }
+    }
+  }
+}
+
 // The body; rows_of() gives the ScoreRows, called where the single-sequence kernel read them
 // (so it compiles to the machine code it had before the batched kernel).
 template <typename T, int D, int C, typename RowsOf>
@@ -133,23 +157,7 @@ __device__ __forceinline__ void block_score_rows(
       }
     }
     float z[2][TJ / 8][4];
-#pragma unroll
-    for (int tt = 0; tt < 2; ++tt)
-#pragma unroll
-      for (int j = 0; j < TJ / 8; ++j) z[tt][j][0] = z[tt][j][1] = z[tt][j][2] = z[tt][j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int j = 0; j < TJ / 16; ++j) {
-        u32 b[4];
-        ldmatrix_x4(b, smem_addr(cur + (j * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8));
-#pragma unroll
-        for (int tt = 0; tt < 2; ++tt) {
-          mma16816<T>(z[tt][2 * j], qf[tt][kk], b[0], b[1]);
-          mma16816<T>(z[tt][2 * j + 1], qf[tt][kk], b[2], b[3]);
-        }
-      }
-    }
+    qk_two_tiles<T, D, TJ, LD>(z, qf, cur, lane);
     if (!sweep) {
 #pragma unroll
       for (int tt = 0; tt < 2; ++tt)
@@ -333,23 +341,7 @@ __global__ void __launch_bounds__(CPATTN_THREADS) sampled_block_mass(
     __syncthreads();
     const T* cur = tile[it & 1];
     float z[2][K / 8][4];
-#pragma unroll
-    for (int tt = 0; tt < 2; ++tt)
-#pragma unroll
-      for (int j = 0; j < K / 8; ++j) z[tt][j][0] = z[tt][j][1] = z[tt][j][2] = z[tt][j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int j = 0; j < K / 16; ++j) {
-        u32 b[4];
-        ldmatrix_x4(b, smem_addr(cur + (j * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8));
-#pragma unroll
-        for (int tt = 0; tt < 2; ++tt) {
-          mma16816<T>(z[tt][2 * j], qf[tt][kk], b[0], b[1]);
-          mma16816<T>(z[tt][2 * j + 1], qf[tt][kk], b[2], b[3]);
-        }
-      }
-    }
+    qk_two_tiles<T, D, K, LD>(z, qf, cur, lane);
     if ((s + 1) * K > P) {  // a step with own keys: the causal limit per row (past keys: every row sees them)
 #pragma unroll
       for (int tt = 0; tt < 2; ++tt)

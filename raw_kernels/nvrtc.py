@@ -24,6 +24,16 @@ def find_libnvrtc():
     return cands[0] if cands else None
 
 
+def load_libnvrtc(path: str) -> ctypes.CDLL:
+    """``ctypes.CDLL`` of the libnvrtc at ``path``, its builtins library (beside it in the pip
+    packages, which put no folder on the loader's search path) loaded first, globally, so that
+    libnvrtc finds it when it compiles."""
+    for b in sorted(glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so*"))):
+        if ".alt." not in b:
+            ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)
+    return ctypes.CDLL(path)
+
+
 def cuda_include_dirs(libnvrtc_path: str) -> list:
     """Folders holding cuda_fp16.h / cuda_bf16.h (CuPy finds them in the CUDA headers; here the
     toolkit beside nvcc, or the pip package beside libnvrtc)."""

@@ -10,7 +10,6 @@ libnvrtc is found.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 
@@ -23,7 +22,7 @@ def main() -> int:
     if path is None:
         print("libnvrtc not found (pip install nvidia-cuda-nvrtc): NVRTC compile check skipped")
         return 0
-    lib = ctypes.CDLL(path)
+    lib = nvrtc.load_libnvrtc(path)
     incs = nvrtc.cuda_include_dirs(path)
     if not incs:
         print("cuda_fp16.h not found (no CUDA headers): NVRTC compile check skipped")

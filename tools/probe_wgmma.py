@@ -47,7 +47,6 @@ bf16 on CuPy: arrays are numpy/cupy uint16 bit patterns (helpers f32_to_bf16_bit
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import shutil
@@ -474,7 +473,7 @@ def compile_only(args) -> int:
     else:
         incs = nvrtc.cuda_include_dirs(path)
         opts = list(NVRTC_OPTIONS) + ([f"-I{incs[0]}"] if incs else [])
-        rc, log = nvrtc.compile_program(ctypes.CDLL(path), CUDA_SOURCE, [], options=opts)
+        rc, log = nvrtc.compile_program(nvrtc.load_libnvrtc(path), CUDA_SOURCE, [], options=opts)
         print(f"NVRTC -arch=sm_90a [{os.path.basename(path)}]: rc={rc}" + (f"\n{log.strip()}" if log.strip() else ""))
         failed |= rc != 0
     print("\ncompile-only:", "FAIL" if failed else "OK")
