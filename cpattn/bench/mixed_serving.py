@@ -46,7 +46,7 @@ from ..cli import int_option, real_option
 from ..reference.checks import cdiv, check_int, check_real
 from . import progress
 from .model_serving import agreement, workload
-from .table import fmt, markdown_table, summary, write_tables
+from .table import fmt, markdown_table, replot_json, summary, write_tables
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -421,10 +421,7 @@ def device_name(backend: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.replot:
-        import json
-
-        with open(args.replot) as fh:
-            plot(json.load(fh), os.path.splitext(args.replot)[0] + ".png")
+        replot_json(args.replot, plot)
         return 0
     from ..serving.backends import resolve_backend
     from ..serving.fetch import model_path

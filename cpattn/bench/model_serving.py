@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from . import progress
-from .table import fmt, markdown_table, summary, write_tables
+from .table import fmt, markdown_table, replot_json, summary, write_tables
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -270,10 +270,7 @@ def plot(d: dict, path: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.replot:
-        import json
-
-        with open(args.replot) as fh:
-            plot(json.load(fh), os.path.splitext(args.replot)[0] + ".png")
+        replot_json(args.replot, plot)
         return 0
     import cupy
 

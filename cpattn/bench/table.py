@@ -69,3 +69,14 @@ def write_tables(out: str, name: str, rows: list, meta: dict, markdown: str, ext
         json.dump(dict(meta, rows=rows, **(extra or {})), fh, indent=1,
                   default=lambda x: x.item() if hasattr(x, "item") else str(x))
     return paths
+
+
+def replot_json(path: str, plot) -> str:
+    """Draw ``plot(result, png)`` again from a JSON a benchmark wrote, the PNG next to it; returns the PNG's path."""
+    import json
+
+    with open(path) as fh:
+        result = json.load(fh)
+    png = os.path.splitext(path)[0] + ".png"
+    plot(result, png)
+    return png
