@@ -183,7 +183,8 @@ def sample_weights(n: int, chunk_size: int, sel) -> np.ndarray:
 # estimate_mass's (past, own); together they are estimate_mass(summary='sampled') without the
 # float32 copy of every key.
 # sampled_block_mass: key splits such that the grid is about this many blocks per SM (about 3 fit
-# at once at D 128: many short blocks keep the last wave's idle share small; not yet measured)
+# at once at D 128). Measured at 128K (tools/tune_sampled_mass.py): 8 to 32 within run-to-run
+# noise of each other (0.70-0.79 ms), 4 and 64 slower.
 SAMPLED_BLOCKS_PER_SM = 16
 
 
@@ -324,6 +325,37 @@ def choice_scores(xp, chosen, G: int, tile_blocks: int, Qb: int):
     return xp.where(sel, np.float32(1), np.float32(-1)).astype(np.float32)
 
 
+def sequence_scores(cache, means, layer: int, blocks, q, past_blocks: int, scale: float, *, recall, summary: str,
+                    sample_rows: int, sink: int, window: int, group_size: int, tile_blocks: int):
+    """One sequence's block scores by the array path (the recall rule, or ``summary='sampled'``):
+    float32 [Hq, Qb, Pb], for ``block_union`` at threshold 1 under the recall rule (its choice as
+    +-1 scores) and at alpha otherwise (the estimate). ``blocks`` cupy int32 [Pb + Qb]: the
+    sequence's pool ids up to the chunk end; q cupy [n, Hq, D] storage dtype."""
+    import cupy
+
+    n, Hq, _ = q.shape
+    c, Hkv, Pb = cache.chunk_size, cache.num_kv_heads, past_blocks
+    Qb, s, tb = cdiv(n, c), group_size, tile_blocks
+    if summary == "sampled":  # one kernel over the pool pages in place, then a small combine
+        part = sampled_block_mass(cache, layer, blocks, q, Pb, scale, sample_rows)
+        if recall is None:
+            return mass_from_partials(cupy, part, Pb, n, c, sample_rows)[0]
+        E, O = sampled_table_sums(cupy, part, Pb, n, c, sample_rows, Hkv, s, tb)  # straight from the partials
+    else:
+        ids = blocks[:Pb + Qb].astype(np.int64)
+        kk = sequence_keys(cupy, cache.k_pool[layer], ids, Pb * c + n, cache.dtype)
+        est_p, est_o = estimate_mass(cupy, to_float32(q, cache.dtype), kk, means.kmean[layer][ids[:Pb]], c, scale,
+                                     summary, sample_rows)
+        if recall is None:
+            return est_p
+        E, O = table_sums(cupy, est_p, est_o, Hkv, s, tb)
+    j = np.arange(Pb)
+    forced = (j < sink) | (j >= Pb - window)
+    rows_in = np.minimum(c, n - np.arange(Qb) * c)
+    chosen = recall_choice_sums(cupy, E, O, rows_in, forced, float(recall), s, tb)
+    return choice_scores(cupy, chosen, Hq // Hkv, tb, Qb)
+
+
 def sequence_keys(xp, k_pool, ids, length: int, dtype: str):
     """float32 [Hkv, length, D]: a layer's keys of the blocks ``ids`` (pool [chunks, Hkv, c, D])."""
     k = to_float32(k_pool[ids], dtype)  # [nb, Hkv, c, D]
@@ -433,27 +465,9 @@ def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, sc
     s_raw = cupy.zeros((Hq, Qb, max(Pb, 1)), np.float32)
     thr = alpha
     if Pb and (recall is not None or summary == "sampled"):
-        if summary == "sampled":  # one kernel over the pool pages in place, then a small combine
-            part = sampled_block_mass(cache, layer, blocks, q, Pb, scale, sample_rows)
-            if recall is None:
-                est_p, est_o = mass_from_partials(cupy, part, Pb, n, c, sample_rows)
-        else:
-            ids = cupy.asarray(np.array(cache.seq_chunks(seq)[: Pb + Cb], np.int64))
-            kk = sequence_keys(cupy, cache.k_pool[layer], ids, P + n, cache.dtype)
-            kmean = means.kmean[layer][ids[:Pb]]  # [Pb, Hkv, D]
-            est_p, est_o = estimate_mass(cupy, to_float32(q, cache.dtype), kk, kmean, c, scale, summary, sample_rows)
-        if recall is None:
-            s_raw = est_p
-        else:
-            j = np.arange(Pb)
-            forced = (j < sink) | (j >= Pb - window)
-            rows_in = np.minimum(c, n - np.arange(Qb) * c)
-            if summary == "sampled":  # the tables' sums straight from the partials
-                E, O = sampled_table_sums(cupy, part, Pb, n, c, sample_rows, Hkv, s, tb)
-            else:
-                E, O = table_sums(cupy, est_p, est_o, Hkv, s, tb)
-            chosen = recall_choice_sums(cupy, E, O, rows_in, forced, float(recall), s, tb)
-            s_raw, thr = choice_scores(cupy, chosen, G, tb, Qb), 1.0
+        s_raw = sequence_scores(cache, means, layer, blocks, q, Pb, scale, recall=recall, summary=summary,
+                                sample_rows=sample_rows, sink=sink, window=window, group_size=s, tile_blocks=tb)
+        thr = alpha if recall is None else 1.0
         s_raw = cupy.ascontiguousarray(s_raw)
     elif Pb and alpha > 0:  # alpha 0 keeps every block: all-zero scores pass a zero threshold
         k["block_score"]((cdiv(n, SCORE_ROWS), Hq), (THREADS,),
@@ -651,12 +665,9 @@ class BatchedPrefill(reference.BatchedPrefill):
 
     def _scores(self, plan, q, layer: int, scale: float) -> float:
         """Fill the packed block scores for this layer; returns the union threshold."""
-        import cupy
-
         cache, d, opt = self.cache, self._d, plan.options
         lay = d["lay"]
-        c, Hkv, Hq = cache.chunk_size, cache.num_kv_heads, plan.num_q_heads
-        G, s = Hq // Hkv, plan.group_size
+        c, Hkv, Hq, s = cache.chunk_size, cache.num_kv_heads, plan.num_q_heads, plan.group_size
         recall = opt["recall"]
         summary = check_summary(opt["summary"], opt["sample_rows"], recall)
         if recall is not None or summary == "sampled":
@@ -666,30 +677,10 @@ class BatchedPrefill(reference.BatchedPrefill):
                     continue
                 Qb, tb = cdiv(n, c), int(plan.q_tiles[b]) // c
                 a0, a = int(lay.seq_info[PREFILL_SEQ_FIELDS.index("score0"), b]), int(plan.qo_indptr[b])
-                if summary == "sampled":  # the kernel on this sequence's slice of the packed block list
-                    b0 = int(lay.seq_info[PREFILL_SEQ_FIELDS.index("block0"), b])
-                    part = sampled_block_mass(cache, layer, d["blocks"][b0:b0 + Pb + Qb], q[a:a + n], Pb, scale,
-                                              opt["sample_rows"])
-                    if recall is None:
-                        est_p, est_o = mass_from_partials(cupy, part, Pb, n, c, opt["sample_rows"])
-                else:
-                    ids = cupy.asarray(np.array(d["block_lists"][b][: Pb + Qb], np.int64))
-                    kk = sequence_keys(cupy, cache.k_pool[layer], ids, Pb * c + n, cache.dtype)
-                    kmean = self.means.kmean[layer][ids[:Pb]]
-                    est_p, est_o = estimate_mass(cupy, to_float32(q[a:a + n], cache.dtype), kk, kmean, c, scale,
-                                                 summary, opt["sample_rows"])
-                if recall is None:
-                    sc = est_p
-                else:
-                    j = np.arange(Pb)
-                    forced = (j < opt["sink"]) | (j >= Pb - opt["window"])
-                    rows_in = np.minimum(c, n - np.arange(Qb) * c)
-                    if summary == "sampled":
-                        E, O = sampled_table_sums(cupy, part, Pb, n, c, opt["sample_rows"], Hkv, s, tb)
-                    else:
-                        E, O = table_sums(cupy, est_p, est_o, Hkv, s, tb)
-                    chosen = recall_choice_sums(cupy, E, O, rows_in, forced, float(recall), s, tb)
-                    sc = choice_scores(cupy, chosen, G, tb, Qb)
+                b0 = int(lay.seq_info[PREFILL_SEQ_FIELDS.index("block0"), b])  # this sequence's slice of the blocks
+                sc = sequence_scores(cache, self.means, layer, d["blocks"][b0:b0 + Pb + Qb], q[a:a + n], Pb, scale,
+                                     recall=recall, summary=summary, sample_rows=opt["sample_rows"], sink=opt["sink"],
+                                     window=opt["window"], group_size=s, tile_blocks=tb)
                 d["s_raw"][a0:a0 + Hq * Qb * Pb] = sc.astype(np.float32).ravel()
             return 1.0 if recall is not None else float(opt["alpha"])
         alpha = float(opt["alpha"])
@@ -779,5 +770,5 @@ class BatchedPrefill(reference.BatchedPrefill):
 
 __all__ = ["BlockMeans", "BatchedPrefill", "BatchedLayout", "batched_layout", "CompactPrefill", "compact_prefill", "dense_prefill", "choose_kernel", "use_wgmma",
            "KERNEL_CHOICES", "estimate_mass", "recall_choice", "recall_choice_sums", "table_sums", "sampled_table_sums",
-           "choice_scores", "sequence_keys", "sample_weights",
+           "choice_scores", "sequence_scores", "sequence_keys", "sample_weights",
            "sampled_mass_grid", "sampled_block_mass", "mass_from_partials"]

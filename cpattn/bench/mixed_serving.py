@@ -5,7 +5,7 @@ The workload is ``model_serving.workload``: ``--requests`` requests share one re
 (``--doc-tokens`` tokens of the Python language reference) as their system prompt, each with its
 own question, and generate ``--new-tokens`` tokens greedily (no early stop). They arrive as a
 Poisson process in wall-clock time (``--rate`` requests per second, exponential gaps drawn from
-``--seed``, the first at t = 0; ``arrival_times``), and both systems serve the same trace:
+``--seed``, the first at t = 0; ``cpattn.serving.workloads.arrival_times``), and both systems serve the same trace:
 
   cpattn        ``Server(step_tokens=--step-tokens)`` with ``MixedStepBackend`` (SmolLM2-135M,
                 float16 storage; CuPy: decode rows one CUDA graph through ``GraphedDecoder``,
@@ -43,7 +43,8 @@ import time
 import numpy as np
 
 from ..cli import int_option, real_option
-from ..reference.checks import cdiv, check_int, check_real
+from ..reference.checks import cdiv
+from ..serving.workloads import arrival_times
 from . import progress
 from .model_serving import agreement, workload
 from .table import fmt, markdown_table, replot_json, summary, write_tables
@@ -81,20 +82,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.step_tokens < a.chunk_size:
         ap.error(f"argument --step-tokens: expected an integer >= --chunk-size {a.chunk_size}, got {a.step_tokens}")
     return a
-
-
-def arrival_times(seed: int, num_requests: int, rate: float) -> list:
-    """Arrival times in seconds of ``num_requests`` requests of a Poisson process of ``rate``
-    requests per second: exponential gaps from ``numpy.random.default_rng(seed)``, shifted so the
-    first arrives at 0; non-decreasing floats. (``workloads.poisson_arrivals`` floors the same
-    draw to server steps; wall-clock arrivals keep the fractions.)"""
-    check_int(seed, "seed", 0)
-    check_int(num_requests, "num_requests", 0)
-    rate = check_real(rate, "rate", lo=0.0, lo_open=True)
-    if not num_requests:
-        return []
-    t = np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, num_requests))
-    return (t - t[0]).tolist()
 
 
 def quantiles(xs) -> dict:

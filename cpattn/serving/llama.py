@@ -136,13 +136,13 @@ class CacheAttention:
                  q_tile: int | None = None, recall: float | None = None, summary: str = "auto",
                  sample_rows: int = DEFAULT_SAMPLE_ROWS, group_size: int | None = None):
         options = recall_options(alpha, recall, summary, sample_rows)  # checked before anything is built
+        sink, window = check_int(sink, "sink", 0), check_int(window, "window", 0)
+        num_q_heads = check_int(num_q_heads, "num_q_heads", 1)
         if group_size is not None:
             group_size = check_int(group_size, "group_size", 1)
             if num_q_heads % cache.num_kv_heads or (num_q_heads // cache.num_kv_heads) % group_size:
                 raise ValueError(f"group_size: expected a divisor of the {num_q_heads} // {cache.num_kv_heads} query "
                                  f"heads per kv head, got {group_size}")
-        sink, window = check_int(sink, "sink", 0), check_int(window, "window", 0)
-        num_q_heads = check_int(num_q_heads, "num_q_heads", 1)
         decoder_cls, means_cls, self._prefill = attention_api()
         self.cache = cache
         self.num_q_heads = num_q_heads

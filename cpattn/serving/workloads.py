@@ -44,13 +44,23 @@ def shared_prompt_workload(seed: int, requests: int, system_len: int, own_len: i
     return [(system + rng.integers(0, vocab, own_len).tolist(), decode_steps + 1) for _ in range(requests)]
 
 
-def poisson_arrivals(seed: int, num_requests: int, rate: float) -> list:
-    """Arrival steps of ``num_requests`` requests of a Poisson process of ``rate`` requests per
-    server step (exponential gaps, floored to steps), the first at step 0; non-decreasing."""
+def arrival_times(seed: int, num_requests: int, rate: float) -> list:
+    """Arrival times of ``num_requests`` requests of a Poisson process of ``rate`` requests per
+    unit of time (exponential gaps from ``numpy.random.default_rng(seed)``), shifted so the first
+    arrives at 0; non-decreasing floats (seconds for wall-clock serving)."""
+    check_int(seed, "seed", 0)
     check_int(num_requests, "num_requests", 0)
     rate = check_real(rate, "rate", lo=0.0, lo_open=True)
+    if not num_requests:
+        return []
     t = np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, num_requests))
-    return np.floor(t - t[0]).astype(int).tolist() if num_requests else []
+    return (t - t[0]).tolist()
+
+
+def poisson_arrivals(seed: int, num_requests: int, rate: float) -> list:
+    """Arrival steps of ``num_requests`` requests of a Poisson process of ``rate`` requests per
+    server step: ``arrival_times`` floored to steps, the first at step 0; non-decreasing."""
+    return np.floor(arrival_times(seed, num_requests, rate)).astype(int).tolist()
 
 
 def arrival_workload(seed: int, num_requests: int, rate: float = 0.5, num_systems: int = 3,
