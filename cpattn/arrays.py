@@ -1,9 +1,35 @@
-"""Array interop: CuPy arrays, ``__cuda_array_interface__`` and DLPack producers, zero copy."""
+"""Array interop: CuPy arrays, ``__cuda_array_interface__`` and DLPack producers, zero copy;
+and ``host_jit``, the numba compilation of host loops (planners, the decode batch)."""
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
 from .reference.dtypes import check_dtype_name, storage_numpy_dtype, storage_view
+
+
+
+def host_jit(fn):
+    """``fn`` compiled with numba on its first call, so ``import cpattn`` stays cheap; the
+    machine code is cached on disk, so a later process only loads it. With NUMBA_DISABLE_JIT=1
+    it runs as plain Python (same results, slow). For host loops only, never GPU code."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            import numba
+
+            try:
+                compiled = numba.njit(cache=True, nogil=True)(fn)
+            except RuntimeError:  # no writable cache directory: compile in every process
+                compiled = numba.njit(nogil=True)(fn)
+        return compiled(*args)
+
+    return call
+
 
 CUPY_EXTRA = "pip install 'cpattn[cuda13x]'"  # or cpattn[cuda12x] for a CUDA 12 driver
 

@@ -16,7 +16,6 @@ stale plan.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import operator
@@ -26,7 +25,7 @@ import weakref
 
 import numpy as np
 
-from .arrays import as_cupy, import_cupy
+from .arrays import as_cupy, host_jit, import_cupy
 from .kernels import DECODE_ROWS as ROWS_PER_UNIT  # rows of a phase-2 unit (and of phase-1 units at chunk 128)
 from .kernels import THREADS, UNIT_WIDTH, decode_smem_bytes, get_kernels, invariant_rows, phase1_rows
 from .reference import chunk_attention as reference
@@ -38,27 +37,6 @@ from .reference.chunk_cache import ChunkCache, check_cache
 
 _I32 = np.int32
 LOG2E = 1.4426950408889634  # the kernels exponentiate with exp2: scores are scaled by scale * log2(e)
-
-# ---------------------------------------------------------------------- compiled loops
-def _jit(fn):
-    """``fn`` compiled with numba on its first call, so ``import cpattn`` stays cheap; the
-    machine code is cached on disk, so a later process only loads it. With NUMBA_DISABLE_JIT=1
-    it runs as plain Python (same results, slow)."""
-    compiled = None
-
-    @functools.wraps(fn)
-    def call(*args):
-        nonlocal compiled
-        if compiled is None:
-            import numba
-
-            try:
-                compiled = numba.njit(cache=True, nogil=True)(fn)
-            except RuntimeError:  # no writable cache directory: compile in every process
-                compiled = numba.njit(nogil=True)(fn)
-        return compiled(*args)
-
-    return call
 
 # ---------------------------------------------------------------------- node table
 # What a plan needs of a node is immutable (pool chunk, creation serial, parent, depth), and a
@@ -137,7 +115,7 @@ def _node_table(cache: ChunkCache) -> _NodeTable:
         t = _TABLES[cache] = _NodeTable(cache)
     return t
 
-@_jit
+@host_jit
 def _plan_core(tails, node_serial, node_parent, node_depth, seen, stamp, block):
     """Depth-first order, shared segments and private suffixes of the paths ending at ``tails``.
 
@@ -352,7 +330,7 @@ def _plan_core(tails, node_serial, node_parent, node_depth, seen, stamp, block):
             private_indptr, private_chunks)
 
 
-@_jit
+@host_jit
 def _split_core(seg_begin, seg_end, seg_chunk_indptr, private_indptr, step, pstep):
     """Pieces of at most ``step`` chunks, items of at most ``pstep`` (0: no split)."""
     S = len(seg_begin)
@@ -496,7 +474,7 @@ def split_plan(plan: DecodePlan, piece_chunks: int | None = None,
 
 
 # ---------------------------------------------------------------------- work units
-@_jit
+@host_jit
 def _units_core(piece_begin, piece_end, piece_chunk_indptr, piece_state_offset, item_pos, item_begin, item_end,
                 private_indptr, path_len, slots, seq_piece_indptr, seq_pieces, H, group, c, rows_per_unit, rows1,
                 kq):

@@ -5,10 +5,10 @@ Installed as ``cpattn.reference``. Readable first, fast second.
 from .chunk_attention import (ChunkAttentionDecode, DecodePlan, attention_state, build_decode_plan, decode,
                               merge_states, oracle_decode, split_plan)
 from .dtypes import STORAGE_DTYPES, round_to_storage, to_float32, to_storage
-from .chunk_cache import CacheError, CacheFullError, ChunkCache, Slots
+from .chunk_cache import CacheError, CacheFullError, ChunkCache, DecodeBatch, Slots
 
 __all__ = [
-    "ChunkCache", "CacheError", "CacheFullError", "Slots", "DecodePlan", "build_decode_plan",
+    "ChunkCache", "CacheError", "CacheFullError", "DecodeBatch", "Slots", "DecodePlan", "build_decode_plan",
     "split_plan", "ChunkAttentionDecode", "decode", "oracle_decode", "merge_states", "attention_state", "STORAGE_DTYPES",
     "to_storage", "to_float32", "round_to_storage",
 ]

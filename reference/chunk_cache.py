@@ -339,6 +339,11 @@ class ChunkCache:
         """Declare every reserved token of ``seq`` written for all layers."""
         self._commit(self.sequence(seq))
 
+    def decode_batch(self, seqs: _Seq[int]) -> "DecodeBatch":
+        """Decode steps of a fixed batch (``DecodeBatch``): ``reserve`` one token per sequence,
+        write its K/V, ``commit``; the sequences must be live and committed."""
+        return DecodeBatch(self, seqs)
+
     def fork(self, seq: int) -> int:
         """A new sequence with the same tokens: full chunks are shared, the partial tail copied."""
         s = self.sequence(seq)
@@ -673,3 +678,45 @@ class ChunkCache:
     def _copy_chunk(self, src: int, dst: int) -> None:
         self.k_pool[:, dst] = self.k_pool[:, src]
         self.v_pool[:, dst] = self.v_pool[:, src]
+
+
+class DecodeBatch:
+    """Decode steps of one fixed batch of sequences: per step ``reserve(tokens)`` (one token per
+    sequence, all or nothing, as ``reserve_batch``), the K/V written at the returned ``Slots``,
+    then ``commit()``. After a reserve, ``positions`` holds each reserved token's position and
+    ``opened`` whether it opened a new chunk (a decode plan must then be rebuilt).
+
+    This is the textbook version: ``reserve_batch`` and one ``commit`` per sequence. A GPU cache
+    returns its own batch (``cpattn.chunk_cache.GpuDecodeBatch``) that keeps the same state in
+    arrays for a fast host step; both give the same slots and leave the same tree.
+    """
+
+    def __init__(self, cache: ChunkCache, seqs: _Seq[int]):
+        self.cache = cache
+        self.seqs = tuple(cache.check_batch(seqs))
+        for i in self.seqs:
+            cache.check_committed(cache.sequence(i, "seqs"), "seqs")
+        self.positions = np.zeros(0, np.int32)  # int32 [B] after a reserve
+        self.opened = np.zeros(0, bool)  # bool [B] after a reserve
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def check_tokens(self, tokens: _Seq[int]) -> np.ndarray:
+        """``tokens`` as int64 [B] (one token id per sequence), else the error ``reserve`` raises."""
+        toks = self.cache.check_tokens(tokens, "tokens")
+        if len(toks) != len(self.seqs):
+            raise ValueError(f"tokens: expected one token per sequence ({len(self.seqs)}), got {len(toks)}")
+        return np.array(toks, np.int64)
+
+    def reserve(self, tokens: _Seq[int]) -> Slots:
+        """One token for each sequence of the batch (``tokens[b]`` for ``seqs[b]``)."""
+        slots = self.cache.reserve_batch(self.seqs, tokens)
+        self.positions = np.array([self.cache.seq_len(i) - 1 for i in self.seqs], np.int32)
+        self.opened = slots.offset == 0
+        return slots
+
+    def commit(self) -> None:
+        """Declare the reserved tokens written for every layer (nothing reserved: no change)."""
+        for i in self.seqs:
+            self.cache.commit(i)

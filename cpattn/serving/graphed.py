@@ -52,7 +52,7 @@ class StepTimes:
     plan: list = field(default_factory=list)  # plan rebuild (0 on replay steps)
     capture: list = field(default_factory=list)  # capture + instantiation (0 on replay steps)
     launch: list = field(default_factory=list)  # graph launch until the next tokens are on the host
-    commit: list = field(default_factory=list)  # the commits, done while the graph replays
+    commit: list = field(default_factory=list)  # the launch call and the commits, done while the graph replays
 
     @property
     def captures(self) -> int:
@@ -66,6 +66,9 @@ class StepTimes:
         return dict(steps=len(self.launch), captures=len(new), host_reserve_us=med(self.reserve),
                     host_commit_us=med(self.commit),
                     host_us_replay_steps=med([self.reserve[i] + self.plan[i] for i in replay]),
+                    # everything the host does in a replayed step: checks, reserve, uploads, the
+                    # launch call and the commits (not the wait for the tokens)
+                    host_step_us=med([self.reserve[i] + self.plan[i] + self.commit[i] for i in replay]),
                     launch_to_tokens_us=med(pick(self.launch, replay)),
                     plan_ms=1e3 * float(np.mean(pick(self.plan, new))) if new else 0.0,
                     capture_ms=1e3 * float(np.mean(pick(self.capture, new))) if new else 0.0,
@@ -119,6 +122,7 @@ class GraphedDecoder:
         self.graph = None
         self._warm = False
         self._last = None  # the tokens the last step returned (host)
+        self.batch = None  # the cache's decode batch of self.seqs (steps without given slots)
 
     # ------------------------------------------------------------------ buffers of one batch
     def _buffers(self, B: int) -> None:
@@ -128,6 +132,7 @@ class GraphedDecoder:
         self.tok_in = cp.zeros(B, np.int64)
         self.tok_out = cp.zeros(B, np.int64)
         self.meta = cp.zeros((3, B), np.int32)  # slot chunk, slot offset, position
+        self._meta_host = np.zeros((3, B), np.int32)
         self.x = cp.empty((B, h), np.float32)
         self.h16 = cp.empty((B, h), f16)
         self.qkv = cp.empty((B, (Hq + 2 * Hkv) * D), f16)
@@ -210,26 +215,38 @@ class GraphedDecoder:
         """
         cache = self.cache
         t0 = time.perf_counter()
-        self.model.check_vocab(cache.check_tokens(tokens, "tokens"))  # the vocabulary: the cache cannot know it
-        if slots is None:
-            slots = cache.reserve_batch(seqs, tokens)  # checks batch, tokens, room, state; raises with nothing changed
-        seqs, tokens = tuple(cache.check_batch(seqs)), cache.check_tokens(tokens, "tokens")
-        if len(slots.chunk) != len(seqs) or len(tokens) != len(seqs):
-            raise ValueError(f"slots: expected one reserved slot and one token per sequence ({len(seqs)}), got "
-                             f"{len(slots.chunk)} slots and {len(tokens)} tokens")
+        if slots is None:  # the batch's state in arrays (GpuDecodeBatch): no per-sequence Python on most steps
+            key = seqs if isinstance(seqs, tuple) else tuple(seqs)
+            if self.batch is None or key != self.batch.seqs:
+                self.batch = cache.decode_batch(seqs)  # checks the batch: live, distinct, committed
+            batch = self.batch
+            toks = batch.check_tokens(tokens)
+            self.model.check_vocab(toks)  # the vocabulary: the cache cannot know it
+            slots = batch.reserve(toks)  # checks room and state; raises with nothing changed
+            seqs, pos, opened = batch.seqs, batch.positions, bool(batch.opened.any())
+        else:
+            batch = None
+            self.model.check_vocab(cache.check_tokens(tokens, "tokens"))
+            seqs, toks = tuple(cache.check_batch(seqs)), np.asarray(cache.check_tokens(tokens, "tokens"), np.int64)
+            if len(slots.chunk) != len(seqs) or len(toks) != len(seqs):
+                raise ValueError(f"slots: expected one reserved slot and one token per sequence ({len(seqs)}), got "
+                                 f"{len(slots.chunk)} slots and {len(toks)} tokens")
+            pos = np.array([cache.seq_len(s) - 1 for s in seqs], np.int32)  # of the token just reserved
+            opened = bool((slots.offset == 0).any())
         new_batch = seqs != self.seqs
-        pos = np.array([cache.seq_len(s) - 1 for s in seqs], np.int32)  # of the token just reserved
         if new_batch:
             self.seqs, self.graph = seqs, None
             self._buffers(len(seqs))
-        host_tokens = self._input = np.asarray(tokens, np.int64)
+        self._input = toks
         with self.stream:
-            if new_batch or not np.array_equal(host_tokens, self._last):
-                self.tok_in.set(host_tokens, stream=self.stream)
-            self.meta.set(np.stack([slots.chunk, slots.offset, pos]).astype(np.int32), stream=self.stream)
+            if new_batch or not np.array_equal(toks, self._last):
+                self.tok_in.set(toks, stream=self.stream)
+            meta = self._meta_host
+            meta[0], meta[1], meta[2] = slots.chunk, slots.offset, pos
+            self.meta.set(meta, stream=self.stream)
             t1 = time.perf_counter()
             captured = 0.0
-            if new_batch or (slots.offset == 0).any():  # a new batch or a new chunk: a new plan
+            if new_batch or opened:  # a new batch or a new chunk: a new plan
                 self.attn.plan(seqs)  # uploads the plan and the lengths on this stream
                 tc = time.perf_counter()
                 self.graph = self.capture() if self.graph_enabled else None
@@ -241,8 +258,11 @@ class GraphedDecoder:
                 self.graph.launch(self.stream)
             else:
                 self.forward()
-            for s in seqs:  # host bookkeeping only: overlaps the replay (the device keeps stream order)
-                cache.commit(s)
+            if batch is not None:  # host bookkeeping only: overlaps the replay (the device keeps stream order)
+                batch.commit()
+            else:
+                for s in seqs:
+                    cache.commit(s)
             t3 = time.perf_counter()
             out = self.tok_out.get(stream=self.stream)  # waits for the step
         self._last = out

@@ -100,7 +100,11 @@ def snapshot(cache) -> dict:
     """Everything a cache holds, as a dict of comparable values (GPU arrays copied to the host).
 
     Covers every attribute of the cache object (so nothing new a cache learns to hold is
-    missed) and the whole tree, node by node, in depth-first order."""
+    missed) and the whole tree, node by node, in depth-first order. A GPU cache's active decode
+    batch is settled first (its arrays written into the tree: nothing a caller sees changes)."""
+    settle = getattr(cache, "settle", None)
+    if settle is not None:
+        settle()
     snap = {}
     for name, value in vars(cache).items():
         frozen = _freeze(value)
