@@ -34,7 +34,7 @@ from .reference import compact_attention as reference
 from .reference.checks import cdiv, check_bool, check_choice, check_instance, check_scale
 from .reference.chunk_cache import check_cache
 from .reference.compact_attention import DEFAULT_ALPHA, DEFAULT_SAMPLE_ROWS, KERNEL_CHOICES, check_chunk, \
-    check_events, check_options, check_summary, dense_options
+    check_events, check_options, check_row_floor, check_summary, dense_options
 from .reference.dtypes import storage_numpy_dtype, to_float32
 
 
@@ -286,6 +286,44 @@ def sampled_table_sums(xp, part, past_blocks: int, n: int, chunk_size: int, samp
     return E, Oh.reshape(num_kv_heads, S, s, T).sum(axis=2).transpose(2, 0, 1)
 
 
+def sampled_row_mass(xp, part, past_blocks: int):
+    """The reference's ``sampled_row_mass`` (past, own) from sampled_block_mass's ``part``
+    float32 [Pb + Qb, Hq, m]: each sampled row's softmax, 2^(part - its log-sum-exp over every
+    block), summed per past block and over the own blocks. Returns past float64 [Hq, m, Pb],
+    own float64 [Hq, m] (past.sum(axis=2) + own = 1)."""
+    Pb = past_blocks
+    e = xp.exp2(part - part.max(axis=0)[None]).astype(np.float64)  # [Pb + Qb, Hq, m]; -inf -> 0
+    tot = e.sum(axis=0)  # [Hq, m]
+    return e[:Pb].transpose(1, 2, 0) / tot[..., None], e[Pb:].sum(axis=0) / tot
+
+
+def row_floor_choice(xp, row_past, row_own, row_block, forced, floor: float, num_kv_heads: int, group_size: int,
+                     tile_blocks: int):
+    """The reference's ``row_floor_rule`` on ``xp`` arrays: bool [T, Hkv, S, Pb], per table the
+    union of its sampled rows' minimal sets at ``floor`` (forced blocks not included).
+    ``row_past`` [Hq, m, Pb], ``row_own`` [Hq, m] on ``xp``; ``row_block`` int [m] (the query block
+    of each sampled row) and ``forced`` bool [Pb] are host arrays."""
+    Hq, m, Pb = row_past.shape
+    s, tb = group_size, tile_blocks
+    S = Hq // num_kv_heads // s
+    tile = np.asarray(row_block) // tb
+    T = int(tile.max()) + 1 if m else 0
+    fx = xp.asarray(forced)
+    base = row_own + (row_past * fx).sum(axis=2)  # [Hq, m]
+    gain = xp.where(fx, 0.0, row_past)
+    order = xp.argsort(-xp.where(fx, -1.0, gain), axis=2, kind="stable")  # ties: the earlier block
+    g_sorted = xp.take_along_axis(gain, order, axis=2)
+    take = base[..., None] + xp.cumsum(g_sorted, axis=2) - g_sorted < floor
+    if floor >= 1.0:
+        take = xp.ones_like(take)
+    take &= ~fx[order]
+    mine = xp.zeros(take.size, np.float32)  # scatter back to block order through flat indices
+    mine[(xp.arange(take.size // Pb)[:, None] * Pb + order.reshape(-1, Pb)).ravel()] = take.ravel()
+    in_tile = xp.asarray((tile[None, :] == np.arange(T)[:, None]).astype(np.float32))  # [T, m]
+    per_head = xp.matmul(in_tile[None], mine.reshape(Hq, m, Pb)) > 0  # [Hq, T, Pb]: any row of the tile
+    return per_head.reshape(num_kv_heads, S, s, T, Pb).any(axis=2).transpose(2, 0, 1, 3)
+
+
 def recall_choice(xp, past, own, rows_in, forced, recall: float, num_kv_heads: int, group_size: int,
                   tile_blocks: int):
     """The reference's ``recall_rule`` on ``xp`` arrays: bool [T, Hkv, S, Pb] (forced blocks not
@@ -326,11 +364,13 @@ def choice_scores(xp, chosen, G: int, tile_blocks: int, Qb: int):
 
 
 def sequence_scores(cache, means, layer: int, blocks, q, past_blocks: int, scale: float, *, recall, summary: str,
-                    sample_rows: int, sink: int, window: int, group_size: int, tile_blocks: int):
+                    sample_rows: int, sink: int, window: int, group_size: int, tile_blocks: int, row_floor=None):
     """One sequence's block scores by the array path (the recall rule, or ``summary='sampled'``):
     float32 [Hq, Qb, Pb], for ``block_union`` at threshold 1 under the recall rule (its choice as
     +-1 scores) and at alpha otherwise (the estimate). ``blocks`` cupy int32 [Pb + Qb]: the
-    sequence's pool ids up to the chunk end; q cupy [n, Hq, D] storage dtype."""
+    sequence's pool ids up to the chunk end; q cupy [n, Hq, D] storage dtype. ``row_floor``
+    (recall rule on summary='sampled' only): the choice also holds every sampled row's minimal
+    set at the floor (``row_floor_choice`` on the same partials)."""
     import cupy
 
     n, Hq, _ = q.shape
@@ -341,6 +381,8 @@ def sequence_scores(cache, means, layer: int, blocks, q, past_blocks: int, scale
         if recall is None:
             return mass_from_partials(cupy, part, Pb, n, c, sample_rows)[0]
         E, O = sampled_table_sums(cupy, part, Pb, n, c, sample_rows, Hkv, s, tb)  # straight from the partials
+        if row_floor is not None:
+            row_p, row_o = sampled_row_mass(cupy, part, Pb)
     else:
         ids = blocks[:Pb + Qb].astype(np.int64)
         kk = sequence_keys(cupy, cache.k_pool[layer], ids, Pb * c + n, cache.dtype)
@@ -353,6 +395,9 @@ def sequence_scores(cache, means, layer: int, blocks, q, past_blocks: int, scale
     forced = (j < sink) | (j >= Pb - window)
     rows_in = np.minimum(c, n - np.arange(Qb) * c)
     chosen = recall_choice_sums(cupy, E, O, rows_in, forced, float(recall), s, tb)
+    if row_floor is not None:  # check_row_floor: only on the sampled summary
+        rows = reference.sampled_rows(n, c, sample_rows)
+        chosen |= row_floor_choice(cupy, row_p, row_o, rows // c, forced, float(row_floor), Hkv, s, tb)
     return choice_scores(cupy, chosen, Hq // Hkv, tb, Qb)
 
 
@@ -405,8 +450,8 @@ class CompactPrefill:
 def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, scale: float | None = None,
                     alpha: float | None = DEFAULT_ALPHA, sink: int = 2, window: int = 4, q_tile: int | None = None,
                     group_size: int | None = None, recall: float | None = None, summary: str = "auto",
-                    sample_rows: int = DEFAULT_SAMPLE_ROWS, return_lse: bool = True, out=None, kernel: str = "auto",
-                    events: list | None = None):
+                    sample_rows: int = DEFAULT_SAMPLE_ROWS, row_floor: float | None = None, return_lse: bool = True,
+                    out=None, kernel: str = "auto", events: list | None = None):
     """CompactAttention for one chunk and layer (see the module docstring): a ``CompactPrefill``.
 
     The chunk is the sequence's last n = q.shape[0] tokens, their K/V written for this layer;
@@ -422,7 +467,8 @@ def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, sc
     if check_cache(cache).backend == "numpy":
         return reference.compact_prefill(cache, means, seq, q, layer, scale=scale, alpha=alpha, sink=sink,
                                          window=window, q_tile=q_tile, group_size=group_size, recall=recall,
-                                         summary=summary, sample_rows=sample_rows, return_lse=return_lse,
+                                         summary=summary, sample_rows=sample_rows, row_floor=row_floor,
+                                         return_lse=return_lse,
                                          out=out, kernel=kernel, events=events)
     import cupy
 
@@ -435,6 +481,7 @@ def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, sc
     c, Hkv, D = cache.chunk_size, cache.num_kv_heads, cache.head_dim
     q_tile, s = check_options(c, n, G, alpha, sink, window, q_tile, group_size, recall)
     summary = check_summary(summary, sample_rows, recall)
+    row_floor = check_row_floor(row_floor, recall, summary)
     check_instance(means, "means", BlockMeans, "cpattn.compact_attention.BlockMeans(cache) for a GPU cache")
     means.check_cache(cache)
     wg = use_wgmma(kernel)
@@ -466,7 +513,8 @@ def compact_prefill(cache, means: BlockMeans, seq: int, q, layer: int = 0, *, sc
     thr = alpha
     if Pb and (recall is not None or summary == "sampled"):
         s_raw = sequence_scores(cache, means, layer, blocks, q, Pb, scale, recall=recall, summary=summary,
-                                sample_rows=sample_rows, sink=sink, window=window, group_size=s, tile_blocks=tb)
+                                sample_rows=sample_rows, sink=sink, window=window, group_size=s, tile_blocks=tb,
+                                row_floor=row_floor)
         thr = alpha if recall is None else 1.0
         s_raw = cupy.ascontiguousarray(s_raw)
     elif Pb and alpha > 0:  # alpha 0 keeps every block: all-zero scores pass a zero threshold
@@ -680,7 +728,7 @@ class BatchedPrefill(reference.BatchedPrefill):
                 b0 = int(lay.seq_info[PREFILL_SEQ_FIELDS.index("block0"), b])  # this sequence's slice of the blocks
                 sc = sequence_scores(cache, self.means, layer, d["blocks"][b0:b0 + Pb + Qb], q[a:a + n], Pb, scale,
                                      recall=recall, summary=summary, sample_rows=opt["sample_rows"], sink=opt["sink"],
-                                     window=opt["window"], group_size=s, tile_blocks=tb)
+                                     window=opt["window"], group_size=s, tile_blocks=tb, row_floor=opt["row_floor"])
                 d["s_raw"][a0:a0 + Hq * Qb * Pb] = sc.astype(np.float32).ravel()
             return 1.0 if recall is not None else float(opt["alpha"])
         alpha = float(opt["alpha"])
@@ -770,5 +818,6 @@ class BatchedPrefill(reference.BatchedPrefill):
 
 __all__ = ["BlockMeans", "BatchedPrefill", "BatchedLayout", "batched_layout", "CompactPrefill", "compact_prefill", "dense_prefill", "choose_kernel", "use_wgmma",
            "KERNEL_CHOICES", "estimate_mass", "recall_choice", "recall_choice_sums", "table_sums", "sampled_table_sums",
+           "sampled_row_mass", "row_floor_choice",
            "choice_scores", "sequence_scores", "sequence_keys", "sample_weights",
            "sampled_mass_grid", "sampled_block_mass", "mass_from_partials"]

@@ -22,7 +22,9 @@ The passes, written as the GPU runs them (each is one function below)::
     3. select                           keep[h,i,j] = s >= alpha * max_j s
                                                       or j < sink or j >= Pb - window      [Hq, Qb, Pb]
        (or, with recall=..., per table: blocks by estimated mass until the estimate reaches the
-        target, ``estimated_mass`` + ``recall_rule``; docs/design.md, "Selection on real attention")
+        target, ``estimated_mass`` + ``recall_rule``, and with row_floor=... also until every
+        sampled row's estimate reaches the floor, ``sampled_row_mass`` + ``row_floor_rule``;
+        docs/design.md, "Selection on real attention")
     4. Q-union                          OR over the query blocks of a tile               [Hq, T, Pb]
     5. group union                      OR over the query heads of a sub-group           [T, Hkv, S, Pb]
     6. tables     build_block_tables    per table: kept past pool ids ascending in token
@@ -239,6 +241,26 @@ def check_summary(summary, sample_rows, recall) -> str:
     return summary
 
 
+def check_row_floor(row_floor, recall, summary: str) -> float | None:
+    """The recall rule's per-row floor: None (off) or a number in [0, 1], every sampled row's
+    estimated recall (``row_floor_rule``). An option of the recall rule on the sampled summary:
+    ``recall`` must be a target and ``summary`` (resolved by ``check_summary``) 'sampled'."""
+    if row_floor is None:
+        return None
+    if not is_real(row_floor):
+        raise TypeError(f"row_floor: expected None or a number in [0, 1], got {row_floor!r} "
+                        f"({type(row_floor).__name__})")
+    if not 0.0 <= float(row_floor) <= 1.0:  # NaN fails the comparison too
+        raise ValueError(f"row_floor: expected None or a number in [0, 1], got {row_floor!r}")
+    if recall is None:
+        raise ValueError(f"row_floor: expected None with recall=None (a floor of the recall rule), "
+                         f"got {row_floor!r}")
+    if summary != "sampled":
+        raise ValueError(f"row_floor: expected None with summary={summary!r} (the floor holds on the sampled "
+                         f"rows of summary='sampled'), got {row_floor!r}")
+    return float(row_floor)
+
+
 def check_means(means, cache) -> None:
     """``means``: a ``BlockMeans`` made for ``cache`` (TypeError for anything else, ValueError for
     the means of another cache)."""
@@ -311,17 +333,11 @@ def estimated_mass(q: np.ndarray, k: np.ndarray, kmean: np.ndarray, chunk_size: 
     qblock = np.arange(n) // c
     q64, k64 = q.astype(np.float64), k.astype(np.float64)
     if summary == "sampled":
-        sel = sampled_rows(n, c, sample_rows)
+        sel, row_past, row_own = sampled_row_mass(q, k, kmean, chunk_size, scale, sample_rows)
         weight = rows_in[qblock[sel]] / np.bincount(qblock[sel], minlength=Qb)[qblock[sel]]  # rows per sample
-        seen = P + sel  # row sel sees keys 0 .. P + sel
         for h in range(Hq):
-            z = (q64[sel, h] @ k64[:, h // G].T) * scale  # [m, P + n]
-            z[np.arange(P + n)[None, :] > seen[:, None]] = -np.inf
-            p = np.exp(z - z.max(axis=1, keepdims=True))
-            p /= p.sum(axis=1, keepdims=True)
-            bp = p[:, :P].reshape(len(sel), Pb, c).sum(axis=2) if Pb else np.zeros((len(sel), 0))
-            np.add.at(past[h], qblock[sel], bp * weight[:, None])
-            np.add.at(own[h], qblock[sel], p[:, P:].sum(axis=1) * weight)
+            np.add.at(past[h], qblock[sel], row_past[h] * weight[:, None])
+            np.add.at(own[h], qblock[sel], row_own[h] * weight)
         return past, own
     own_k = k64[P:]  # [n, Hkv, D]
     own_mean = np.stack([own_k[a:a + c].mean(axis=0) for a in range(0, n, c)])  # [Qb, Hkv, D]
@@ -345,6 +361,36 @@ def estimated_mass(q: np.ndarray, k: np.ndarray, kmean: np.ndarray, chunk_size: 
         np.add.at(past[h], qblock, ep / tot[:, None])
         np.add.at(own[h], qblock, eo / tot)
     return past, own
+
+
+def sampled_row_mass(q: np.ndarray, k: np.ndarray, kmean: np.ndarray, chunk_size: int, scale: float,
+                     sample_rows: int = DEFAULT_SAMPLE_ROWS):
+    """Each sampled row's exact attention mass on every past block and on the chunk: what
+    summary='sampled' measures, before ``estimated_mass`` spreads it over the query blocks.
+
+    Args: as ``estimated_mass`` (``kmean`` only gives the number of past blocks).
+    Returns: rows int64 [m] (``sampled_rows``: chunk row of each sample), past float64
+        [Hq, m, Pb] and own float64 [Hq, m], each row's softmax over every key it sees
+        (keys 0 .. P + row), summed per past block and over the chunk: past.sum(axis=2) + own = 1.
+    """
+    n, Hq, D = q.shape
+    Pb, Hkv = kmean.shape[0], k.shape[1]
+    c, G = chunk_size, Hq // Hkv
+    P = Pb * c
+    sel = sampled_rows(n, c, sample_rows)
+    m = len(sel)
+    q64, k64 = q.astype(np.float64), k.astype(np.float64)
+    past = np.zeros((Hq, m, Pb))
+    own = np.zeros((Hq, m))
+    seen = P + sel  # row sel sees keys 0 .. P + sel
+    for h in range(Hq):
+        z = (q64[sel, h] @ k64[:, h // G].T) * scale  # [m, P + n]
+        z[np.arange(P + n)[None, :] > seen[:, None]] = -np.inf
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        past[h] = p[:, :P].reshape(m, Pb, c).sum(axis=2) if Pb else np.zeros((m, 0))
+        own[h] = p[:, P:].sum(axis=1)
+    return sel, past, own
 
 
 def recall_rule(past: np.ndarray, own: np.ndarray, rows_in: np.ndarray, forced: np.ndarray, recall: float,
@@ -377,6 +423,42 @@ def recall_rule(past: np.ndarray, own: np.ndarray, rows_in: np.ndarray, forced: 
     take &= ~forced[order]
     chosen = np.zeros_like(take)
     np.put_along_axis(chosen, order, take, axis=3)
+    return chosen
+
+
+def row_floor_rule(row_past: np.ndarray, row_own: np.ndarray, row_block: np.ndarray, forced: np.ndarray,
+                   floor: float, num_kv_heads: int, group_size: int, tile_blocks: int) -> np.ndarray:
+    """The recall rule's per-row floor: per table, the union over the table's sampled rows (of
+    each of its query heads) of each row's own minimal set, that row's past blocks in decreasing
+    order of its estimated mass (ties: the earlier block) until its kept mass, own chunk and
+    forced blocks counted in, reaches ``floor`` (the row's estimated recall; 1 for the whole
+    row). ``floor`` 1 takes every block. The pooled target (``recall_rule``) keeps the table's
+    mass; the floor keeps, besides, a block that matters to one row only.
+
+    Args: row_past float64 [Hq, m, Pb], row_own [Hq, m] (``sampled_row_mass``), row_block int
+        [m] the query block of each sampled row, forced bool [Pb].
+    Returns: bool [T, Hkv, S, Pb], the blocks the floor needs (forced ones not included).
+    """
+    Hq, m, Pb = row_past.shape
+    s, tb = group_size, tile_blocks
+    S = Hq // num_kv_heads // s
+    T = cdiv(int(row_block.max()) + 1, tb) if m else 0
+    # each sampled row's minimal set, exactly as recall_rule orders and cuts a table
+    base = row_own + row_past[..., forced].sum(axis=2)  # [Hq, m] own chunk and forced blocks
+    gain = np.where(forced, 0.0, row_past)
+    order = np.argsort(-np.where(forced, -1.0, gain), axis=2, kind="stable")
+    g_sorted = np.take_along_axis(gain, order, axis=2)
+    before = base[..., None] + np.cumsum(g_sorted, axis=2) - g_sorted  # the row's kept estimate before each
+    take = (before < floor) | (floor >= 1.0)
+    take &= ~forced[order]
+    mine = np.zeros_like(take)
+    np.put_along_axis(mine, order, take, axis=2)  # [Hq, m, Pb] in block order
+    # the union over each table's rows: the sampled rows of its tile, the query heads of its sub-group
+    chosen = np.zeros((T, num_kv_heads, S, Pb), bool)
+    tile = np.asarray(row_block) // tb
+    for t in range(T):
+        per_head = mine[:, tile == t].any(axis=1)  # [Hq, Pb]
+        chosen[t] = per_head.reshape(num_kv_heads, S, s, Pb).any(axis=2)
     return chosen
 
 
@@ -419,6 +501,7 @@ class BlockSelection:
     recall: float | None = None  # the recall target (None: the alpha rule)
     summary: str = "mean"  # 'mean' or 'sampled' (check_summary)
     sample_rows: int = DEFAULT_SAMPLE_ROWS
+    row_floor: float | None = None  # the recall rule's per-row floor (None: off)
 
     @property
     def num_tiles(self) -> int:
@@ -428,7 +511,8 @@ class BlockSelection:
 def select_blocks(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int = 0, *,
                   scale: float | None = None, alpha: float | None = DEFAULT_ALPHA, sink: int = 2, window: int = 4,
                   q_tile: int | None = None, group_size: int | None = None, recall: float | None = None,
-                  summary: str = "auto", sample_rows: int = DEFAULT_SAMPLE_ROWS) -> BlockSelection:
+                  summary: str = "auto", sample_rows: int = DEFAULT_SAMPLE_ROWS,
+                  row_floor: float | None = None) -> BlockSelection:
     """Passes 2-5: score the past blocks for the chunk and take the two unions.
 
     Args:
@@ -442,6 +526,9 @@ def select_blocks(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int 
         summary: 'mean', 'sampled' or 'auto' ('mean' for alpha, 'sampled' for recall): how the
             past is estimated (``estimated_mass``); the alpha rule with 'mean' is ``block_scores``.
         sample_rows: rows per query block that summary='sampled' scores exactly.
+        row_floor: None, or with the recall rule on summary='sampled' a number in [0, 1]: besides
+            the pooled target, every sampled row's estimated recall reaches ``row_floor`` (each
+            table also keeps the union of its sampled rows' minimal sets, ``row_floor_rule``).
     Past pages not yet summarised (e.g. a freshly matched prefix) are summarised first.
     """
     q = storage_view(q)
@@ -450,6 +537,7 @@ def select_blocks(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int 
     c, Hkv = cache.chunk_size, cache.num_kv_heads
     q_tile, s = check_options(c, n, G, alpha, sink, window, q_tile, group_size, recall)
     summary = check_summary(summary, sample_rows, recall)
+    row_floor = check_row_floor(row_floor, recall, summary)
     check_means(means, cache)
     Pb, Qb, Hq = P // c, cdiv(n, c), q.shape[1]
     means.update(cache, seq, num_tokens=P)  # checks done: past pages are committed
@@ -480,6 +568,9 @@ def select_blocks(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int 
         selected = scores >= np.float32(alpha) * scores.max(axis=2, keepdims=True)
     else:
         chosen = recall_rule(est_past, est_own, rows_in, forced, float(recall), Hkv, s, tb)  # [T, Hkv, S, Pb]
+        if row_floor is not None:  # and every sampled row's own minimal set at the floor
+            rows, row_past, row_own = sampled_row_mass(qf, k_all, kmean, c, scale, sample_rows)
+            chosen |= row_floor_rule(row_past, row_own, rows // c, forced, row_floor, Hkv, s, tb)
         per_head = chosen.transpose(1, 2, 0, 3)[:, :, None].repeat(s, axis=2).reshape(Hq, T, Pb)
         selected = per_head[:, np.arange(Qb) // tb]
     keep = selected | forced
@@ -503,7 +594,7 @@ def select_blocks(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int 
                           window=int(window), scores=scores, selected=selected, forced=forced, keep=keep,
                           q_union=q_union, group_union=group_union, density=density,
                           recall=None if recall is None else float(recall), summary=summary,
-                          sample_rows=int(sample_rows))
+                          sample_rows=int(sample_rows), row_floor=row_floor)
 
 
 # ============================================================================ 6. block tables
@@ -915,7 +1006,7 @@ def compact_prefill(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: in
                     scale: float | None = None, alpha: float | None = DEFAULT_ALPHA, sink: int = 2,
                     window: int = 4, q_tile: int | None = None, group_size: int | None = None,
                     recall: float | None = None, summary: str = "auto", sample_rows: int = DEFAULT_SAMPLE_ROWS,
-                    return_lse: bool = True, out=None, kernel: str = "auto",
+                    row_floor: float | None = None, return_lse: bool = True, out=None, kernel: str = "auto",
                     events: list | None = None) -> CompactPrefill:
     """CompactAttention for one chunk and layer: select_blocks, build_block_tables, sparse_prefill.
 
@@ -936,7 +1027,7 @@ def compact_prefill(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: in
     P, n, G = check_chunk(cache, seq, q, layer)
     check_scale(scale, cache.head_dim)
     check_options(cache.chunk_size, n, G, alpha, sink, window, q_tile, group_size, recall)
-    check_summary(summary, sample_rows, recall)
+    check_row_floor(row_floor, recall, check_summary(summary, sample_rows, recall))
     check_means(means, cache)
     if out is not None:
         _check_out(cache, out, (n, q.shape[1], cache.head_dim))
@@ -950,7 +1041,7 @@ def compact_prefill(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: in
     mark("means")
     sel = select_blocks(cache, means, seq, q, layer, scale=scale, alpha=alpha, sink=sink,
                         window=window, q_tile=q_tile, group_size=group_size, recall=recall, summary=summary,
-                        sample_rows=sample_rows)
+                        sample_rows=sample_rows, row_floor=row_floor)
     mark("score")  # scores, threshold and unions (the GPU's "score" mark covers the scores alone)
     tables = build_block_tables(cache, seq, sel)
     mark("tables")
@@ -1018,7 +1109,7 @@ def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k
         tokens: [m] ints; q: [L, m, Hq, D], k, v: [L, m, Hkv, D] storage dtype (L = num_layers).
         chunks: chunk length (int) or list of lengths (see ``split_chunks``).
         options: passed to ``compact_prefill`` (alpha, sink, window, q_tile, group_size, scale,
-            recall, summary, sample_rows).
+            recall, summary, sample_rows, row_floor).
     Returns:
         o [L, m, Hq, D] storage dtype, lse float32 [L, m, Hq], results: one list of
         CompactPrefill per chunk (one per layer).
@@ -1041,7 +1132,8 @@ def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k
     if q.ndim != 4 or q.shape[:2] != (L, m):
         raise ValueError(f"q: expected an array [{L}, {m}, num_q_heads, head_dim], got shape {tuple(q.shape)}")
     sizes = split_chunks(m, chunks, c)
-    allowed = ("scale", "alpha", "sink", "window", "q_tile", "group_size", "recall", "summary", "sample_rows")
+    allowed = ("scale", "alpha", "sink", "window", "q_tile", "group_size", "recall", "summary", "sample_rows",
+               "row_floor")
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"options: expected {', '.join(allowed)}, got {unknown}")
@@ -1052,8 +1144,9 @@ def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k
         check_options(c, n, G, options.get("alpha", DEFAULT_ALPHA), options.get("sink", 2),
                       options.get("window", 4), options.get("q_tile"), options.get("group_size"),
                       options.get("recall"))
-    check_summary(options.get("summary", "auto"), options.get("sample_rows", DEFAULT_SAMPLE_ROWS),
-                  options.get("recall"))
+    check_row_floor(options.get("row_floor"), options.get("recall"),
+                    check_summary(options.get("summary", "auto"), options.get("sample_rows", DEFAULT_SAMPLE_ROWS),
+                                  options.get("recall")))
     check_means(means, cache)
     state = cache.sequence(seq)
     cache.check_committed(state)
@@ -1084,7 +1177,8 @@ def chunked_prefill(cache: ChunkCache, means: BlockMeans, seq: int, tokens, q, k
 # rows qo_indptr[b]:qo_indptr[b+1] of one packed q [sum(chunk_lens), Hq, D]. The result is, row
 # for row, ``compact_prefill`` of each sequence on its rows: selection, tables (per sequence,
 # tile, kv head, sub-group) and attention are per sequence; only the launches are shared.
-PLAN_OPTIONS = ("alpha", "sink", "window", "q_tile", "group_size", "recall", "summary", "sample_rows", "kernel")
+PLAN_OPTIONS = ("alpha", "sink", "window", "q_tile", "group_size", "recall", "summary", "sample_rows", "row_floor",
+                "kernel")
 
 
 @dataclass(frozen=True)
@@ -1164,7 +1258,7 @@ def check_chunk_lens(cache: ChunkCache, seqs, chunk_lens) -> tuple:
 def build_prefill_plan(cache: ChunkCache, seqs, chunk_lens, num_q_heads: int, *, alpha: float | None = DEFAULT_ALPHA,
                        sink: int = 2, window: int = 4, q_tile: int | None = None, group_size: int | None = None,
                        recall: float | None = None, summary: str = "auto", sample_rows: int = DEFAULT_SAMPLE_ROWS,
-                       kernel: str = "auto") -> PrefillPlan:
+                       row_floor: float | None = None, kernel: str = "auto") -> PrefillPlan:
     """Check a batched prefill step and lay it out (``PrefillPlan``); changes nothing."""
     ids, lens, past = check_chunk_lens(cache, seqs, chunk_lens)
     check_int(num_q_heads, "num_q_heads", 1, INT32_MAX)
@@ -1178,12 +1272,12 @@ def build_prefill_plan(cache: ChunkCache, seqs, chunk_lens, num_q_heads: int, *,
     for n in lens:
         qt, s = check_options(c, int(n), G, alpha, sink, window, q_tile, group_size, recall)
         tiles.append(qt)
-    check_summary(summary, sample_rows, recall)
+    row_floor = check_row_floor(row_floor, recall, check_summary(summary, sample_rows, recall))
     q_tiles = np.array(tiles, np.int64)
     S = G // s
     num_tiles = -(-lens // q_tiles)
     options = dict(alpha=alpha, sink=int(sink), window=int(window), q_tile=q_tile, group_size=group_size,
-                   recall=recall, summary=summary, sample_rows=int(sample_rows), kernel=kernel)
+                   recall=recall, summary=summary, sample_rows=int(sample_rows), row_floor=row_floor, kernel=kernel)
     return PrefillPlan(seqs=ids, chunk_lens=lens, qo_indptr=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
                        past_lens=past, q_tiles=q_tiles,
                        table_indptr=np.concatenate([[0], np.cumsum(num_tiles * Hkv * S)]).astype(np.int64),

@@ -56,6 +56,8 @@ def selection_options(draw, g):
         opt.update(alpha=draw(st.sampled_from([0.02, 0.1, 0.5, 1.0])))
     else:
         opt.update(recall=draw(st.sampled_from([0.5, 0.9])), summary=draw(st.sampled_from(["auto", "mean"])))
+        if opt["summary"] == "auto":  # the per-row floor needs the sampled summary
+            opt.update(row_floor=draw(st.sampled_from([None, 0.9])))
     return opt
 
 
@@ -719,7 +721,8 @@ def test_gpu_host_code_on_emulated_kernels_batched_equals_per_sequence(g, data):
     alpha = data.draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
     recall = data.draw(st.sampled_from([None, None, 0.5, 0.99]))  # the recall rule on the sampled summary
     rule = dict(alpha=alpha) if recall is None else dict(alpha=None, recall=recall, summary="sampled",
-                                                          sample_rows=data.draw(st.integers(1, 3)))
+                                                          sample_rows=data.draw(st.integers(1, 3)),
+                                                          row_floor=data.draw(st.sampled_from([None, 0.9])))
     opt = dict(rule, sink=data.draw(st.integers(0, 2)), window=data.draw(st.integers(0, 2)),
                q_tile=data.draw(st.sampled_from([None, g["c"], 2 * g["c"]])),
                group_size=data.draw(st.sampled_from([None, 1])), kernel="mma")
@@ -774,3 +777,53 @@ def test_gpu_host_code_on_emulated_kernels_batched_equals_per_sequence(g, data):
             assert err <= budget("prefill", g["dtype"], vmax(host)), err
             np.testing.assert_allclose(lse[rows], oracle_lse, rtol=1e-4, atol=1e-4)
             assert dens[b]["tables"] == 1.0
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(g=batches(), data=st.data())
+def test_gpu_host_code_on_emulated_kernels_row_floor_tables_are_the_reference(g, data):
+    """The recall rule with its per-row floor through the GPU host code (``compact_prefill`` on the
+    emulated cache, the sampled_block_mass kernel emulated, ``row_floor_choice`` on the stand-in
+    for CuPy) keeps the reference ``compact_prefill``'s tables on the same chunk, and reads
+    no fewer blocks than without the floor."""
+    import cpattn.compact_attention as gca
+    from cpattn.testing import get_backend
+
+    opt = dict(recall=data.draw(st.sampled_from([0.5, 0.9])), summary="sampled",
+               sample_rows=data.draw(st.integers(1, 3)), row_floor=data.draw(st.sampled_from([0.8, 0.95])),
+               sink=data.draw(st.integers(0, 2)), window=data.draw(st.integers(0, 2)),
+               q_tile=data.draw(st.sampled_from([None, g["c"]])), group_size=data.draw(st.sampled_from([None, 1])),
+               kernel="mma")
+    emu = EmulatedKernels(g["dtype"], g["D"], g["c"])
+    saved = gca.get_kernels, gca.as_cupy
+
+    def as_device(x, name, dtype=None, shape=None, contiguous=True):
+        return x
+
+    host, hseqs, lens, q = build(g)
+    hmeans = ca.BlockMeans(host)
+    gca.get_kernels, gca.as_cupy = (lambda file, dtype, D, c: emu.table()), as_device
+    try:
+        with get_backend("emulated") as be:
+            cache, seqs, _, _ = build(g, be.make_cache)
+            means = gca.BlockMeans(cache)
+            got = []
+            for seq, rows in zip(seqs, packed_rows(lens)):
+                with_floor = gca.compact_prefill(cache, means, seq, be.asarray(q[0, rows]), 0, **opt)
+                plain = gca.compact_prefill(cache, means, seq, be.asarray(q[0, rows]), 0,
+                                            **dict(opt, row_floor=None))
+                got.append((with_floor.tables(), plain.tables()))
+    finally:
+        gca.get_kernels, gca.as_cupy = saved
+    for seq, rows, ((ip, ind), (ip0, ind0)) in zip(hseqs, packed_rows(lens), got):
+        ref = ca.compact_prefill(host, hmeans, seq, q[0, rows], 0, **opt)
+        rip, rind = ref.tables()
+        sizes, ref_sizes, plain_sizes = np.diff(ip), np.diff(rip), np.diff(ip0)
+        assert (sizes >= plain_sizes).all()  # the floor only adds blocks
+        if np.array_equal(ip, rip) and np.array_equal(ind, rind):
+            continue
+        # float32 partials against the reference's float64: a row that ties the floor at the cut
+        # may take one block more or less; never more than a few tables differ
+        differ = [r for r in range(len(sizes)) if not np.array_equal(ind[ip[r]:ip[r + 1]], rind[rip[r]:rip[r + 1]])]
+        assert len(differ) <= max(1, 0.05 * len(sizes)), differ
+        assert np.abs(sizes - ref_sizes).max() <= 1, (sizes, ref_sizes)

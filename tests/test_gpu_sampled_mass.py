@@ -9,7 +9,9 @@ On the CPU (no GPU needed):
   part exactly once and never splits a key block over two grid blocks: an emulation walks the
   grid with the kernel's own index arithmetic (row gr -> (head, row), step -> key blocks, the
   flat write index) and fills a NaN-poisoned part with float64 partials from the NumPy cache;
-* those partials through ``mass_from_partials`` on NumPy are the reference ``estimated_mass``.
+* those partials through ``mass_from_partials`` on NumPy are the reference ``estimated_mass``,
+  through ``sampled_row_mass`` the reference's per-row masses, and the per-row floor chosen from
+  them (``row_floor_choice``) is the reference ``row_floor_rule``'s (ties at the floor aside).
 On the GPU (marker gpu): the kernel's part against the float64 partials (NaN-poisoned before
 the call), its past/own against the reference ``estimated_mass``, and the recall rule's tables
 through compact_prefill and BatchedPrefill against the choice the array path
@@ -202,6 +204,54 @@ def test_table_sums_straight_from_the_partials_are_the_two_step_sums(g, tile, su
     want = gca.recall_choice(np, past, own, rows_in, forced, recall, Hkv, s, tb)
     _assert_same_choice_up_to_ties(got | forced, want, past.astype(np.float64), own.astype(np.float64), forced,
                                    rows_in, recall, Hkv, s, tb)
+
+
+def assert_same_floor_up_to_ties(got, want, ref_p, ref_o, row_block, forced, floor, Hkv, s, tb):
+    """got and want: floor choices [T, Hkv, S, Pb]. Where they differ, both hold every sampled
+    row of the table at the floor on the float64 row masses, within float32 rounding, and differ
+    by at most one block per row of the table."""
+    Hq, m, Pb = ref_p.shape
+    G = Hq // Hkv
+    bad = np.argwhere((got != want).any(axis=3))
+    assert len(bad) <= max(1, 0.05 * got[..., 0].size), len(bad)
+    for t, kvh, g in bad:
+        h0 = kvh * G + g * s
+        rows = np.flatnonzero(row_block // tb == t)
+        for choice in (got[t, kvh, g], want[t, kvh, g]):
+            kept = choice | forced
+            rec = ref_o[h0:h0 + s, rows] + (ref_p[h0:h0 + s, rows] * kept).sum(axis=2)
+            assert (rec >= floor - 1e-4).all(), (t, kvh, g, rec.min())
+        assert abs(int(got[t, kvh, g].sum()) - int(want[t, kvh, g].sum())) <= s * len(rows), (t, kvh, g)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(g=workload(), tile=st.sampled_from([None, 1, 2]), sub=st.sampled_from([None, 1]),
+       floor=st.sampled_from([0.0, 0.5, 0.9, 0.99, 1.0]))
+def test_row_floor_from_the_partials_is_the_reference_floor(g, tile, sub, floor):
+    """sampled_row_mass of the partials is the reference's per-row mass, and the floor chosen from
+    it on the array module (what compact_prefill and BatchedPrefill run) is the reference's."""
+    cache, seq, q = make_cache(g["seed"], g["P"], g["n"], g["c"], g["Hq"], g["Hkv"], g["D"], g["dtype"])
+    c, n, Pb, rows, Hkv, Hq = g["c"], g["n"], g["P"] // g["c"], g["rows"], g["Hkv"], g["Hq"]
+    scale = 1 / np.sqrt(g["D"])
+    part = float64_partials(cache, seq, q, Pb, scale, rows).astype(np.float32)
+    row_p, row_o = gca.sampled_row_mass(np, part, Pb)
+    means = ca.BlockMeans(cache)
+    means.update(cache, seq, num_tokens=g["P"])
+    k_all = to_float32(cache.read_kv(seq, 0)[0], cache.dtype)
+    sel, ref_p, ref_o = ca.sampled_row_mass(to_float32(q, cache.dtype), k_all, means.gather(cache, seq, 0, Pb), c,
+                                            scale, rows)
+    assert row_p.shape == ref_p.shape == (Hq, len(sel), Pb) and row_o.shape == ref_o.shape == (Hq, len(sel))
+    np.testing.assert_allclose(row_p, ref_p, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(row_o, ref_o, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(row_p.sum(axis=2) + row_o, 1.0, rtol=1e-9)
+    Qb = cdiv(n, c)
+    tb, s = tile or Qb, sub or Hq // Hkv
+    j = np.arange(Pb)
+    forced = (j < 1) | (j >= Pb - 1)
+    got = gca.row_floor_choice(np, row_p, row_o, sel // c, forced, floor, Hkv, s, tb)
+    want = ca.row_floor_rule(ref_p, ref_o, sel // c, forced, floor, Hkv, s, tb)
+    assert got.shape == want.shape == (cdiv(Qb, tb), Hkv, Hq // Hkv // s, Pb)
+    assert_same_floor_up_to_ties(got, want, ref_p, ref_o, sel // c, forced, floor, Hkv, s, tb)
 
 
 def test_sample_weights_are_the_reference_weights():

@@ -12,6 +12,9 @@ local attention and needles. What must hold:
 * the rule keeps a prefix of the blocks in estimated order, the shortest that reaches the
   target (dropping the last one falls short), nested in the target; recall 1 reads every block;
 * compact_prefill(recall=...) reads what select_blocks chose, and its lse gives that recall;
+* the per-row floor (``row_floor``): every sampled row's estimated recall reaches it, the pooled
+  target still holds, every block it adds is in some sampled row's minimal set, and a floor
+  of None (the default) or 0 leaves the recall rule as it was;
 * bad options name the argument and change nothing; the alpha rule's default is unchanged.
 The GPU backend is checked against this reference in tests/test_gpu_prefill.py-style tests at
 the end (marked gpu).
@@ -27,7 +30,7 @@ from cpattn.reference.checks import cdiv
 from cpattn.reference.chunk_cache import ChunkCache
 from cpattn.reference.compact_attention import (
     BlockMeans, attention_mass, compact_prefill, estimated_mass, mass_recall, oracle_prefill, recall_rule,
-    sampled_rows, select_blocks)
+    row_floor_rule, sampled_row_mass, sampled_rows, select_blocks)
 from cpattn.reference.dtypes import to_float32, to_storage
 from cpattn.reference.workloads import long_context_qkv
 
@@ -225,6 +228,97 @@ def test_recall_rule_by_hand():
     assert pick(0.8, forced) == [False, False, True, False]
 
 
+# ============================================================================ the per-row floor
+def sampled_row_recall(sel, cache, means, seq, q, rows):
+    """Each sampled row's estimated recall under ``sel``'s tables: float [Hq, m] (own chunk,
+    forced and kept past blocks of the row's table), and the sampled rows."""
+    qf, k, kmean, P = inputs(cache, means, seq, q)
+    c = cache.chunk_size
+    sel_rows, row_past, row_own = sampled_row_mass(qf, k, kmean, c, 1 / np.sqrt(16), rows)
+    Hq, m, Pb = row_past.shape
+    G, s, tb = Hq // cache.num_kv_heads, sel.group_size, sel.q_tile // c
+    kept = np.stack([sel.group_union[sel_rows[i] // c // tb, h // G, (h % G) // s] for h in range(Hq)
+                     for i in range(m)]).reshape(Hq, m, Pb)
+    return row_own + (row_past * kept).sum(axis=2), sel_rows, row_past, row_own
+
+
+@settings(max_examples=30, deadline=None)
+@given(g=geometry(), data=st.data())
+def test_row_floor_holds_on_every_sampled_row(g, data):
+    cache, means, seq, q = setup(**g)
+    c, Hq, Hkv = g["c"], g["Hq"], g["Hkv"]
+    G = Hq // Hkv
+    opt = dict(recall=data.draw(st.floats(0.3, 0.99)), sample_rows=data.draw(st.integers(1, 3)),
+               q_tile=c * data.draw(st.integers(1, 3)), sink=data.draw(st.integers(0, 2)),
+               window=data.draw(st.integers(0, 2)),
+               group_size=data.draw(st.sampled_from([d for d in range(1, G + 1) if G % d == 0])))
+    floor = data.draw(st.floats(0.3, 0.999))
+    plain = select_blocks(cache, means, seq, q, **opt)
+    sel = select_blocks(cache, means, seq, q, row_floor=floor, **opt)
+    assert sel.row_floor == floor and plain.row_floor is None
+    assert (plain.group_union <= sel.group_union).all()  # the pooled target's choice is kept
+    rec, sel_rows, row_past, row_own = sampled_row_recall(sel, cache, means, seq, q, opt["sample_rows"])
+    assert (rec >= floor * (1 - 1e-12)).all(), rec.min()
+    # every block the floor adds is in the minimal set of some sampled row of its table
+    Pb = row_past.shape[2]
+    tb, s = opt["q_tile"] // c, opt["group_size"]
+    added = sel.group_union & ~plain.group_union
+    for t, kvh, gg, j in np.argwhere(added):
+        needed = False
+        for h in range(kvh * G + gg * s, kvh * G + gg * s + s):
+            for i in np.flatnonzero(sel_rows // c // tb == t):
+                base = row_own[h, i] + row_past[h, i, sel.forced].sum()
+                heavier = ~sel.forced & ((row_past[h, i] > row_past[h, i, j]) |
+                                         ((row_past[h, i] == row_past[h, i, j]) & (np.arange(Pb) < j)))
+                needed |= base + row_past[h, i, heavier].sum() < floor  # the row had not reached it before j
+        assert needed, (t, kvh, gg, j)
+
+
+def test_row_floor_is_needed_without_it():
+    # a fixed prompt where the pooled target leaves sampled rows below the floor: the floor lifts them
+    cache, means, seq, q = setup(seed=11, c=8, past_blocks=12, n=24, Hq=4, Hkv=2)
+    opt = dict(recall=0.6, sample_rows=2, sink=0, window=0)
+    plain = select_blocks(cache, means, seq, q, **opt)
+    rec, *_ = sampled_row_recall(plain, cache, means, seq, q, 2)
+    assert rec.min() < 0.9, rec.min()
+    sel = select_blocks(cache, means, seq, q, row_floor=0.9, **opt)
+    rec, *_ = sampled_row_recall(sel, cache, means, seq, q, 2)
+    assert rec.min() >= 0.9 and sel.density["group_union"] > plain.density["group_union"]
+
+
+@settings(max_examples=15, deadline=None)
+@given(g=geometry(), target=st.sampled_from([0.0, 0.5, 0.9, 0.99]))
+def test_row_floor_off_leaves_the_rule_as_it_was(g, target):
+    cache, means, seq, q = setup(**g)
+    base = select_blocks(cache, means, seq, q, recall=target)
+    for kw in (dict(row_floor=None), dict(row_floor=0.0), dict(row_floor=0)):
+        other = select_blocks(cache, means, seq, q, recall=target, **kw)
+        np.testing.assert_array_equal(other.group_union, base.group_union)
+        np.testing.assert_array_equal(other.scores, base.scores)
+    assert select_blocks(cache, means, seq, q, recall=target, row_floor=1.0).group_union.all()
+
+
+def test_row_floor_rule_by_hand():
+    # one kv head, two heads per table, one query block, 4 past blocks, two sampled rows per head;
+    # the pooled estimate ranks block 1 first, row (0, 1) needs block 3
+    row_past = np.array([[[0.1, 0.5, 0.2, 0.0], [0.0, 0.1, 0.0, 0.6]],
+                         [[0.1, 0.6, 0.1, 0.0], [0.3, 0.3, 0.1, 0.1]]])  # [Hq 2, m 2, Pb 4]
+    row_own = 1 - row_past.sum(axis=2)  # 0.2 0.3 / 0.2 0.2
+    none = np.zeros(4, bool)
+    pick = lambda f, forced=none, s=2: row_floor_rule(row_past, row_own, np.array([0, 0]), forced, f, 1, s, 1)
+    # row (0,0): 0.2 + 0.5 = 0.7, + 0.2 = 0.9; (0,1): 0.3 + 0.6; (1,0): 0.2 + 0.6 = 0.8; (1,1): 0.2 + .3 + .3
+    assert pick(0.7)[0, 0, 0].tolist() == [True, True, False, True]
+    assert pick(0.9)[0, 0, 0].tolist() == [True, True, True, True]
+    # at 0.3 row (0,1) needs nothing (own 0.3), row (1,1) block 0 (tied with block 1: the earlier)
+    assert pick(0.3)[0, 0, 0].tolist() == [True, True, False, False]
+    assert pick(0.15)[0, 0, 0].tolist() == [False] * 4  # every own chunk holds 0.2 or more
+    per_head = pick(0.7, s=1)[0, 0]  # per-head tables: head 0 needs 1 and 3, head 1 needs 1 and 0
+    assert per_head.tolist() == [[False, True, False, True], [True, True, False, False]]
+    forced = np.array([False, False, False, True])  # a forced block counts for every row
+    assert pick(0.7, forced)[0, 0, 0].tolist() == [True, True, False, False]
+    assert pick(1.0)[0, 0, 0].all()
+
+
 # ============================================================================ options
 @pytest.fixture()
 def small():
@@ -242,6 +336,12 @@ def small():
     (dict(summary=None), TypeError, ["summary:", "None"]),
     (dict(sample_rows=0), ValueError, ["sample_rows:", "0"]),
     (dict(sample_rows=2.0), TypeError, ["sample_rows:", "2.0"]),
+    (dict(row_floor=0.9), ValueError, ["row_floor:", "recall=None", "0.9"]),
+    (dict(recall=0.9, summary="mean", row_floor=0.9), ValueError, ["row_floor:", "summary='mean'", "0.9"]),
+    (dict(recall=0.9, row_floor=True), TypeError, ["row_floor:", "True", "bool"]),
+    (dict(recall=0.9, row_floor="0.9"), TypeError, ["row_floor:", "'0.9'"]),
+    (dict(recall=0.9, row_floor=1.5), ValueError, ["row_floor:", "[0, 1]", "1.5"]),
+    (dict(recall=0.9, row_floor=float("nan")), ValueError, ["row_floor:", "nan"]),
 ])
 @pytest.mark.parametrize("fn", [select_blocks, compact_prefill], ids=["select_blocks", "compact_prefill"])
 def test_bad_options_name_the_argument_and_change_nothing(small, fn, kw, err, words):
@@ -322,6 +422,26 @@ def test_device_recall_choice_is_the_reference_rule(seed, Hkv, G, Qb, Pb, data):
     kept = forced | (v >= 1.0 * np.maximum(0, v.max(axis=2, keepdims=True)))
     per_head = np.repeat(got.transpose(1, 2, 0, 3), s, axis=1).reshape(Hkv * G, -1, Pb)[:, np.arange(Qb) // tb]
     np.testing.assert_array_equal(kept, per_head | forced)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), Hkv=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 4]),
+       Qb=st.integers(1, 6), Pb=st.integers(1, 20), rows=st.integers(1, 3), data=st.data())
+def test_device_row_floor_choice_is_the_reference_rule(seed, Hkv, G, Qb, Pb, rows, data):
+    rng = np.random.default_rng(seed)
+    s = data.draw(st.sampled_from([d for d in range(1, G + 1) if G % d == 0]))
+    tb = data.draw(st.integers(1, Qb))
+    m = Qb * rows
+    raw = rng.gamma(0.3, size=(Hkv * G, m, Pb + 1))  # heavy-tailed row masses, no ties
+    raw /= raw.sum(axis=2, keepdims=True)
+    row_past, row_own = raw[..., :Pb], raw[..., Pb]
+    row_block = np.repeat(np.arange(Qb), rows)
+    forced = rng.random(Pb) < 0.2
+    floor = data.draw(st.sampled_from([0.0, 0.5, 0.9, 0.99, 1.0]))
+    want = row_floor_rule(row_past, row_own, row_block, forced, floor, Hkv, s, tb)
+    got = gca.row_floor_choice(np, row_past, row_own, row_block, forced, floor, Hkv, s, tb)
+    assert got.shape == want.shape == (cdiv(Qb, tb), Hkv, G // s, Pb)
+    np.testing.assert_array_equal(got, want)
 
 
 # ============================================================================ on the device (marker gpu)
