@@ -154,6 +154,20 @@ def test_sparse_prefill_option_reaches_the_batched_prefill(real):
     assert server.backend.options == dict(alpha=0.5, sink=0, window=1, q_tile=None, group_size=None)
 
 
+def test_recall_row_floor_option_reaches_the_batched_prefill(real):
+    """The recall rule with its per-row floor: BatchedPrefill's plan gets row_floor, and the floor
+    reads no fewer blocks than the pooled target alone."""
+    got = {}
+    for floor in (None, 0.95):
+        server, reqs, rep = serve(real, [0, 1], [0, 1], 64, budget=64, new=2, recall=0.5, row_floor=floor, sink=0,
+                                  window=1, group_size=1)
+        check_run(server, reqs, rep, 64)
+        assert server.backend.options.get("row_floor") == floor
+        assert server.backend.batched.prefill_plan.options["row_floor"] == floor
+        got[floor] = rep.density["group_union"]
+    assert got[None] <= got[0.95] and got[None] < 1.0
+
+
 def test_arguments(real):
     from cpattn.serving.llama import MixedStepBackend
 
@@ -165,6 +179,10 @@ def test_arguments(real):
         MixedStepBackend(model, cache, graph=1)
     with pytest.raises(ValueError, match="alpha"):
         MixedStepBackend(model, cache, alpha=2.0)
+    with pytest.raises(ValueError, match="row_floor: expected None with recall=None"):
+        MixedStepBackend(model, cache, row_floor=0.9)
+    with pytest.raises(TypeError, match="row_floor: expected None or a number in \\[0, 1\\], got True"):
+        MixedStepBackend(model, cache, recall=0.9, row_floor=True)
     backend = MixedStepBackend(model, cache)
     with pytest.raises(ValueError, match="step_tokens: expected an integer"):
         Server(model, 16, chunk_size=C, backend=backend)

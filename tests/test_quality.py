@@ -116,6 +116,12 @@ def test_recall_mode_describes_and_passes_the_rule():
     assert per_head.attention_options()["group_size"] == 1
     args = Q.parse(["--recall", "0.99", "0.995", "--recall-group-size", "group", "1"])
     assert args.recall_group_size == [None, 1]
+    assert args.recall_row_floor == [None]  # the floor is off unless asked for
+    floored = Q.recall_mode(0.99, group_size=1, row_floor=0.9)
+    assert floored.name == "recall0.99_g1_floor0.9" and "row floor 0.9" in floored.describe()
+    assert floored.attention_options()["row_floor"] == 0.9 and Q.RECALL.row_floor is None
+    args = Q.parse(["--recall-row-floor", "none", "0.9"])
+    assert args.recall_row_floor == [None, 0.9]
 
 
 # ============================================================================ CacheAttention's options
@@ -136,6 +142,10 @@ def test_cache_attention_rule_options():
     r = CacheAttention(cache, 4, alpha=None, recall=np.float32(0.5), summary="mean", sample_rows=3)
     assert (r.alpha, r.recall, r.summary, r.sample_rows) == (None, 0.5, "mean", 3)
     assert CacheAttention(cache, 4, recall=1).recall == 1.0
+    assert CacheAttention(cache, 4, recall=0.99).row_floor is None  # off by default: the rule as before
+    assert "row_floor" not in CacheAttention(cache, 4, recall=0.99)._rule
+    f = CacheAttention(cache, 4, recall=0.99, row_floor=0.9)
+    assert f.row_floor == 0.9 and f._rule["row_floor"] == 0.9
     bad = [  # (options, error type, the argument the message must name)
         (dict(recall=0.99, alpha=0.06), ValueError, "alpha"),  # one rule at a time
         (dict(recall=True), TypeError, "recall"), (dict(recall="0.9"), TypeError, "recall"),
@@ -151,6 +161,12 @@ def test_cache_attention_rule_options():
         (dict(sink=-1), ValueError, "sink"), (dict(window=True), TypeError, "window"),
         (dict(group_size=3), ValueError, "group_size"), (dict(group_size=0), ValueError, "group_size"),
         (dict(group_size=True), TypeError, "group_size"), (dict(group_size=1.0), TypeError, "group_size"),
+        (dict(row_floor=0.9), ValueError, "row_floor"),  # a floor of the recall rule only
+        (dict(recall=0.9, summary="mean", row_floor=0.9), ValueError, "row_floor"),  # on the sampled rows
+        (dict(recall=0.9, row_floor=True), TypeError, "row_floor"), (dict(row_floor=True), TypeError, "row_floor"),
+        (dict(recall=0.9, row_floor="0.9"), TypeError, "row_floor"),
+        (dict(recall=0.9, row_floor=1.5), ValueError, "row_floor"),
+        (dict(recall=0.9, row_floor=float("nan")), ValueError, "row_floor"),
     ]
     for options, err, name in bad:
         with pytest.raises(err, match=name):
@@ -168,9 +184,12 @@ def test_generator_takes_the_recall_rule():
     assert (attn.recall, attn.summary, attn.sample_rows, attn.alpha) == (0.95, "sampled", 3, None)
     attn = Generator(model, None, chunk_size=16, prefill_chunk=32, alpha=0.1).new_session(64)
     assert (attn.recall, attn.alpha) == (None, 0.1)
+    attn = Generator(model, None, chunk_size=16, prefill_chunk=32, recall=0.95, row_floor=0.9).new_session(64)
+    assert attn.row_floor == 0.9
     for options, err, name in ((dict(recall=0.9, alpha=0.1), ValueError, "alpha"),
                                (dict(summary="sampled"), ValueError, "summary"),
-                               (dict(recall=2.0), ValueError, "recall")):
+                               (dict(recall=2.0), ValueError, "recall"),
+                               (dict(row_floor=0.9), ValueError, "row_floor")):
         with pytest.raises(err, match=name):  # at construction, not at the first prefill
             Generator(model, None, chunk_size=16, prefill_chunk=32, **options)
 
@@ -234,6 +253,11 @@ def test_recall_rule_runs_through_the_model(seed, blocks, target):
     np.testing.assert_array_equal(full1, dense)
     head, hd = run(recall=target, group_size=1)
     assert np.isfinite(head).all() and len(hd) == len(md)
+    # the per-row floor: never fewer blocks than the pooled target alone, 1 reads everything
+    floored, fl = run(recall=target, row_floor=0.9)
+    assert np.isfinite(floored).all() and len(fl) == len(md)
+    assert all(f["group_union"] >= d["group_union"] for (_, f), (_, d) in zip(fl, md))
+    np.testing.assert_array_equal(run(recall=target, row_floor=1.0)[0], dense)
     for _, d in hd:
         assert d["select"] == d["q_union"] == d["group_union"] and 0.0 < d["select"] <= 1.0
     np.testing.assert_array_equal(head[:c], dense[:c])

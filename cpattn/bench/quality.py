@@ -75,6 +75,7 @@ class Mode:
     summary: str = "auto"
     sample_rows: int = DEFAULT_SAMPLE_ROWS
     group_size: int | None = None  # None: a table per GQA group; 1: per query head
+    row_floor: float | None = None  # the recall rule's per-row floor (None: off)
 
     def describe(self) -> str:
         tile = "whole chunk" if self.q_tile is None else f"{self.q_tile} rows"
@@ -82,7 +83,8 @@ class Mode:
             est = (f"{self.summary} summary" + (f", {self.sample_rows} rows per query block"
                                                  if self.summary in ("sampled", "auto") else ""))
             heads = "" if self.group_size is None else f", tables per {self.group_size} query head(s)"
-            return (f"recall rule (target {self.recall:g}, {est}, sink {self.sink}, window {self.window}, "
+            floor = "" if self.row_floor is None else f", row floor {self.row_floor:g}"
+            return (f"recall rule (target {self.recall:g}{floor}, {est}, sink {self.sink}, window {self.window}, "
                     f"q_tile {tile}{heads})")
         if self.alpha == 0:
             return "dense (alpha 0)"
@@ -92,15 +94,18 @@ class Mode:
         """CacheAttention's selection keywords of this mode."""
         rule = (dict(alpha=self.alpha) if self.recall is None else
                 dict(recall=self.recall, summary=self.summary, sample_rows=self.sample_rows))
+        if self.row_floor is not None:
+            rule["row_floor"] = self.row_floor
         return dict(sink=self.sink, window=self.window, q_tile=self.q_tile, group_size=self.group_size, **rule)
 
 
 def recall_mode(recall: float, summary: str = RECALL_SUMMARY, sample_rows: int = DEFAULT_SAMPLE_ROWS,
-                q_tile: int | None = None, group_size: int | None = None) -> Mode:
+                q_tile: int | None = None, group_size: int | None = None, row_floor: float | None = None) -> Mode:
     name = (f"recall{recall:g}" + ("" if q_tile is None else f"_qtile{q_tile}")
-            + ("" if group_size is None else f"_g{group_size}"))
+            + ("" if group_size is None else f"_g{group_size}")
+            + ("" if row_floor is None else f"_floor{row_floor:g}"))
     return Mode(name, 0.0, q_tile=q_tile, recall=float(recall), summary=summary, sample_rows=sample_rows,
-                group_size=group_size)
+                group_size=group_size, row_floor=None if row_floor is None else float(row_floor))
 
 
 DENSE = Mode("dense", 0.0)
@@ -266,10 +271,13 @@ def markdown(result: dict) -> str:
              + "".join(f"{m['name']} = the recall-target rule (`compact_prefill(recall={m['recall']:g}, "
                        f"summary='{m['summary']}', sample_rows={m['sample_rows']}"
                        + ("" if m.get("group_size") is None else f", group_size={m['group_size']}")
+                       + ("" if m.get("row_floor") is None else f", row_floor={m['row_floor']:g}")
                        + ")`, through `CacheAttention`): per table (whole chunk x "
                        + ("K/V head" if m.get("group_size") is None else f"{m['group_size']} query head(s)")
-                       + f"), past blocks by estimated mass until the estimate reaches {m['recall']:g}, same sink "
-                       f"and window. "
+                       + f"), past blocks by estimated mass until the estimate reaches {m['recall']:g}"
+                       + ("" if m.get("row_floor") is None else
+                          f" and every sampled row's estimated recall reaches {m['row_floor']:g}")
+                       + ", same sink and window. "
                        for m in result.get("recall_modes", []))
              + "Densities are fractions of the past K/V blocks kept (select: per query block and head; "
              "q_union: after the union over the chunk's query blocks; group_union: after the union over "
@@ -361,8 +369,8 @@ def run(args) -> dict:
         xp, device = np, "CPU (NumPy backend)"
     model = LlamaModel(f.config(), f.tensor, dtype=args.dtype, xp=xp)
     tok = f.tokenizer()
-    recall_modes = [recall_mode(r, args.recall_summary, args.recall_sample_rows, group_size=g)
-                    for g in args.recall_group_size for r in args.recall]
+    recall_modes = [recall_mode(r, args.recall_summary, args.recall_sample_rows, group_size=g, row_floor=f)
+                    for g in args.recall_group_size for r in args.recall for f in args.recall_row_floor]
     extra = [Mode(f"sparse_qtile{t}", DEFAULT_ALPHA, q_tile=t) for t in args.extra_q_tile]
     modes = [DENSE, SPARSE] + recall_modes + extra
     needle_modes = [DENSE, SPARSE] + recall_modes + (extra if args.extra_in_needles else [])
@@ -394,7 +402,7 @@ def run(args) -> dict:
         device=device, date=datetime.date.today().isoformat(), seconds=0.0,
         modes=[m.name for m in modes],
         recall_modes=[dict(name=m.name, recall=m.recall, summary=m.summary, sample_rows=m.sample_rows,
-                           group_size=m.group_size) for m in recall_modes],
+                           group_size=m.group_size, row_floor=m.row_floor) for m in recall_modes],
         config=dict(model=f"{f.name} ({os.path.basename(str(path))})", dtype=args.dtype, chunk_size=args.chunk_size,
                     prefill_chunk=args.prefill_chunk, num_layers=c.num_layers, ppl_text=args.ppl_text,
                     ppl_tokens=args.ppl_tokens, needle_text=f"{args.needle_text} (from character {args.needle_offset})",
@@ -438,6 +446,10 @@ def parse(argv=None):
                    default=[None], metavar="{group,N}",
                    help="the recall modes' table granularity over query heads: 'group' (default, a table per "
                         "K/V head) and/or N query heads per table (1: per-head tables); one mode per value and target")
+    p.add_argument("--recall-row-floor", type=lambda v: None if v == "none" else float(v), nargs="+",
+                   default=[None], metavar="{none,F}",
+                   help="the recall modes' per-row floor: 'none' (default, the pooled target alone) and/or F (every "
+                        "sampled row's estimated recall reaches F too); one mode per value, group size and target")
     p.add_argument("--extra-q-tile", type=int, nargs="*", default=[], help="extra sparse modes with this q_tile")
     p.add_argument("--extra-in-needles", action="store_true", help="run the extra modes on the needles too")
     p.add_argument("--needle-note", default="", help="a sentence printed above the needle table")

@@ -34,7 +34,7 @@ def _generator(args):
 
     return Generator.load(args.model, backend=args.backend, dtype=args.dtype, log=_log, chunk_size=args.chunk_size,
                           prefill_chunk=args.prefill_chunk, alpha=args.alpha, recall=args.recall,
-                          summary=args.summary, sample_rows=args.sample_rows)
+                          summary=args.summary, sample_rows=args.sample_rows, row_floor=args.row_floor)
 
 
 def generate_main(args) -> int:
@@ -43,7 +43,7 @@ def generate_main(args) -> int:
     from .llama import recall_options
 
     try:  # the selection options, before the model is fetched or loaded
-        recall_options(args.alpha, args.recall, args.summary, args.sample_rows)
+        recall_options(args.alpha, args.recall, args.summary, args.sample_rows, args.row_floor)
     except (TypeError, ValueError) as e:
         _log(f"cpattn generate: {e}")
         return 2
@@ -130,6 +130,9 @@ def register(subparsers) -> None:
                    help="the recall rule's estimate of the past (auto: sampled; needs --recall)")
     g.add_argument("--sample-rows", type=int, default=DEFAULT_SAMPLE_ROWS,
                    help="rows per query block scored exactly by --summary sampled (needs --recall)")
+    g.add_argument("--row-floor", type=float, default=None,
+                   help="the recall rule's per-row floor: every sampled row's estimated recall reaches this "
+                        "fraction too (e.g. 0.9; needs --recall and the sampled summary)")
     g.add_argument("--batch", type=int, default=0,
                    help="run N requests sharing --document as system prompt, and report the serving numbers")
     g.add_argument("--document", default="python-docs", help="rust-book, python-docs or a text file (--batch)")

@@ -195,20 +195,22 @@ class Generator:
         alpha, sink, window: CompactAttention selection for prefill (alpha 0: dense).
         recall, summary, sample_rows: the recall-target rule instead of alpha (``CacheAttention``;
             recall None: the alpha rule, alpha then 0 or None with a recall).
+        row_floor: the recall rule's per-row floor (``CacheAttention``; None: off).
     """
 
     def __init__(self, model: LlamaModel, tokenizer, *, chunk_size: int = 64, prefill_chunk: int = 256,
                  alpha: float = 0.0, sink: int = 2, window: int = 4, recall: float | None = None,
-                 summary: str = "auto", sample_rows: int = DEFAULT_SAMPLE_ROWS):
+                 summary: str = "auto", sample_rows: int = DEFAULT_SAMPLE_ROWS, row_floor: float | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.backend = "numpy" if model.xp is np else "cupy"
         self.chunk_size = check_int(chunk_size, "chunk_size", 1)
         self.prefill_chunk = check_int(prefill_chunk, "prefill_chunk", chunk_size)
         if prefill_chunk % chunk_size:
             raise ValueError(f"prefill_chunk: expected a multiple of chunk_size {chunk_size}, got {prefill_chunk}")
-        rule = recall_options(alpha, recall, summary, sample_rows)  # CacheAttention's checks, up front
+        rule = recall_options(alpha, recall, summary, sample_rows, row_floor)  # CacheAttention's checks, up front
         self.alpha = check_real(alpha, "alpha", 0.0, 1.0) if recall is None else 0.0
         self.recall, self.summary, self.sample_rows = rule.get("recall"), summary, sample_rows
+        self.row_floor = rule.get("row_floor")
         self.sink, self.window = sink, window
 
     @classmethod
@@ -240,7 +242,7 @@ class Generator:
                                      max_sequences=max_sequences)
         return CacheAttention(cache, self.model.config.num_q_heads, alpha=self.alpha, sink=self.sink,
                               window=self.window, recall=self.recall, summary=self.summary,
-                              sample_rows=self.sample_rows)
+                              sample_rows=self.sample_rows, row_floor=self.row_floor)
 
     def _pick(self, logits, temperature: float, rng) -> np.ndarray:
         """Next token per row of logits [B, V]: greedy at temperature 0, else sampled."""

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..reference.checks import check_choice, check_int, check_real, is_real
-from ..reference.compact_attention import DEFAULT_SAMPLE_ROWS, check_summary
+from ..reference.compact_attention import DEFAULT_SAMPLE_ROWS, check_row_floor, check_summary
 from ..reference.dtypes import STORAGE_DTYPES, to_float32, to_storage
 
 
@@ -77,15 +77,20 @@ class LlamaConfig:
 
 
 # ============================================================================ attention through cpattn
-def recall_options(alpha, recall, summary, sample_rows) -> dict:
+def recall_options(alpha, recall, summary, sample_rows, row_floor=None) -> dict:
     """The selection rule of ``CacheAttention`` as ``compact_prefill`` keyword arguments:
     ``{"alpha": alpha}`` (the alpha rule, alpha 0 dense) when ``recall`` is None, else
-    ``{"alpha": None, "recall": r, "summary": ..., "sample_rows": ...}``. One rule at a time:
-    with a recall target alpha must be 0 or None; without one, summary and sample_rows must
-    stay at their defaults (they are options of the recall rule here)."""
+    ``{"alpha": None, "recall": r, "summary": ..., "sample_rows": ...}`` (plus ``"row_floor"``
+    when one is given: every sampled row's estimated recall reaches it). One rule at a time:
+    with a recall target alpha must be 0 or None; without one, summary, sample_rows and
+    row_floor must stay at their defaults (they are options of the recall rule here)."""
     if recall is None:
         alpha = check_real(alpha, "alpha", 0.0, 1.0)
         check_summary(summary, sample_rows, None)  # types and ranges first
+        if row_floor is not None:
+            check_row_floor(row_floor, 1.0, "sampled")  # its type and range first
+            raise ValueError(f"row_floor: expected None with recall=None (an option of the recall rule), "
+                             f"got {row_floor!r}")
         if summary != "auto":
             raise ValueError(f"summary: expected 'auto' with recall=None (an option of the recall rule), "
                              f"got {summary!r}")
@@ -102,7 +107,9 @@ def recall_options(alpha, recall, summary, sample_rows) -> dict:
         raise ValueError(f"alpha: expected 0 or None with recall={recall!r} (one selection rule at a time), "
                          f"got {alpha!r}")
     summary = check_summary(summary, sample_rows, r)
-    return dict(alpha=None, recall=r, summary=summary, sample_rows=int(sample_rows))
+    rule = dict(alpha=None, recall=r, summary=summary, sample_rows=int(sample_rows))
+    row_floor = check_row_floor(row_floor, r, summary)
+    return rule if row_floor is None else dict(rule, row_floor=row_floor)
 
 
 def attention_api():
@@ -128,14 +135,18 @@ class CacheAttention:
         summary, sample_rows: the recall rule's estimate of the past ('auto' is 'sampled' there,
             ``sample_rows`` exact rows per query block); options of the recall rule only, so with
             recall None they must stay at their defaults.
+        row_floor: None or, with the recall rule on the sampled summary, a number in [0, 1]:
+            every sampled row's estimated recall reaches it besides the pooled target
+            (``compact_prefill``'s ``row_floor``).
 
     ``densities`` keeps ``(layer, CompactPrefill.density())`` of every prefill call that has a past.
     """
 
     def __init__(self, cache, num_q_heads: int, *, alpha: float | None = 0.0, sink: int = 2, window: int = 4,
                  q_tile: int | None = None, recall: float | None = None, summary: str = "auto",
-                 sample_rows: int = DEFAULT_SAMPLE_ROWS, group_size: int | None = None):
-        options = recall_options(alpha, recall, summary, sample_rows)  # checked before anything is built
+                 sample_rows: int = DEFAULT_SAMPLE_ROWS, group_size: int | None = None,
+                 row_floor: float | None = None):
+        options = recall_options(alpha, recall, summary, sample_rows, row_floor)  # checked before anything is built
         sink, window = check_int(sink, "sink", 0), check_int(window, "window", 0)
         num_q_heads = check_int(num_q_heads, "num_q_heads", 1)
         if group_size is not None:
@@ -150,6 +161,7 @@ class CacheAttention:
         self.recall = options.get("recall")
         self.summary = options.get("summary", "mean")  # what the rule uses ('auto' resolved)
         self.sample_rows = int(sample_rows)
+        self.row_floor = options.get("row_floor")
         self._rule = options  # the rule's keyword arguments of compact_prefill
         self.sink, self.window = sink, window
         self.means = means_cls(cache)
@@ -439,7 +451,7 @@ class MixedStepBackend:
         model: a ``LlamaModel``; cache: its chunk cache (``model.new_cache(...)``: a NumPy
             ``ChunkCache`` or a ``GpuChunkCache``).
         graph: True, False or "auto" (the CUDA graph where it runs: CuPy and float16).
-        alpha, sink, window, q_tile, recall, summary, sample_rows, group_size: prefill selection
+        alpha, sink, window, q_tile, recall, summary, sample_rows, group_size, row_floor: prefill selection
             (``CacheAttention``; alpha 0 dense).
     ``stats`` (an ``AttentionStats``, replaced by the server at every run): decode plans built
     (graph captures on the graphed path), decode layer calls, prefill density with a sparse rule
@@ -448,7 +460,8 @@ class MixedStepBackend:
 
     def __init__(self, model: LlamaModel, cache, *, graph="auto", alpha: float | None = 0.0, sink: int = 2,
                  window: int = 4, q_tile: int | None = None, recall: float | None = None, summary: str = "auto",
-                 sample_rows: int = DEFAULT_SAMPLE_ROWS, group_size: int | None = None):
+                 sample_rows: int = DEFAULT_SAMPLE_ROWS, group_size: int | None = None,
+                 row_floor: float | None = None):
         from ..compact_attention import BatchedPrefill
         from .backends import AttentionStats
 
@@ -466,8 +479,9 @@ class MixedStepBackend:
                              f"need CuPy and float16), got True")
         self.attn = CacheAttention(cache, model.config.num_q_heads, alpha=alpha, sink=sink, window=window,
                                    q_tile=q_tile, recall=recall, summary=summary, sample_rows=sample_rows,
+                                   row_floor=row_floor,
                                    group_size=group_size)
-        self.options = dict(recall_options(alpha, recall, summary, sample_rows), sink=self.attn.sink,
+        self.options = dict(recall_options(alpha, recall, summary, sample_rows, row_floor), sink=self.attn.sink,
                             window=self.attn.window, q_tile=q_tile, group_size=self.attn.group_size)
         self.sparse = self.attn.recall is not None or bool(self.attn.alpha)
         self.model, self.cache, self.graph = model, cache, graph
