@@ -102,3 +102,14 @@ def test_as_cupy_without_cupy_names_the_extra():
 
     with pytest.raises(ModuleNotFoundError, match=r"cuda13x"):
         as_cupy(np.zeros(2), "q")
+
+
+def test_generate_checks_the_row_floor_before_loading_a_model(capsys):
+    """cpattn generate --row-floor: an option of the recall rule, checked before any model is
+    fetched or loaded (exit status 2, the argument named)."""
+    from cpattn.cli import main
+
+    assert main(["generate", "--model", "/nonexistent.gguf", "--row-floor", "0.9", "hello"]) == 2
+    assert "row_floor: expected None with recall=None" in capsys.readouterr().err
+    assert main(["generate", "--model", "/nonexistent.gguf", "--recall", "0.99", "--row-floor", "1.5", "hi"]) == 2
+    assert "row_floor: expected None or a number in [0, 1], got 1.5" in capsys.readouterr().err
