@@ -48,7 +48,8 @@ BLOCK = 256  # threads per block of the row kernels of model_ops.cu
 class StepTimes:
     """Host seconds per decode step, by part (``GraphedDecoder.times``)."""
 
-    reserve: list = field(default_factory=list)  # checks, reserve_batch, the uploads
+    reserve: list = field(default_factory=list)  # checks, the batch's reserve, the uploads
+    upload: list = field(default_factory=list)  # of that: the uploads of tokens and slots
     plan: list = field(default_factory=list)  # plan rebuild (0 on replay steps)
     capture: list = field(default_factory=list)  # capture + instantiation (0 on replay steps)
     launch: list = field(default_factory=list)  # graph launch until the next tokens are on the host
@@ -64,6 +65,7 @@ class StepTimes:
         new = [i for i, c in enumerate(self.capture) if c > 0]
         pick = lambda a, idx: [a[i] for i in idx]  # noqa: E731
         return dict(steps=len(self.launch), captures=len(new), host_reserve_us=med(self.reserve),
+                    host_upload_us=med(self.upload),
                     host_commit_us=med(self.commit),
                     host_us_replay_steps=med([self.reserve[i] + self.plan[i] for i in replay]),
                     # everything the host does in a replayed step: checks, reserve, uploads, the
@@ -233,6 +235,7 @@ class GraphedDecoder:
                                  f"{len(slots.chunk)} slots and {len(toks)} tokens")
             pos = np.array([cache.seq_len(s) - 1 for s in seqs], np.int32)  # of the token just reserved
             opened = bool((slots.offset == 0).any())
+        tu = time.perf_counter()
         new_batch = seqs != self.seqs
         if new_batch:
             self.seqs, self.graph = seqs, None
@@ -269,6 +272,7 @@ class GraphedDecoder:
         t4 = time.perf_counter()
         t = self.times
         t.reserve.append(t1 - t0), t.plan.append(t2 - t1 - captured), t.capture.append(captured)
+        t.upload.append(t1 - tu)
         t.commit.append(t3 - t2), t.launch.append(t4 - t2)
         return out
 
