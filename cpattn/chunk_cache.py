@@ -352,7 +352,12 @@ class GpuDecodeBatch(DecodeBatch):
         self._opened = []
 
     def check_tokens(self, tokens) -> np.ndarray:
-        """``DecodeBatch.check_tokens`` without a Python loop for a 1-D integer array."""
+        """``DecodeBatch.check_tokens`` without a Python loop for a 1-D integer array or a list of ints."""
+        if isinstance(tokens, list):
+            try:
+                tokens = np.asarray(tokens)
+            except ValueError:  # ragged: the reference names it
+                return super().check_tokens(tokens)
         if not (isinstance(tokens, np.ndarray) and tokens.ndim == 1 and np.issubdtype(tokens.dtype, np.integer)):
             return super().check_tokens(tokens)
         if len(tokens) != len(self.seqs):

@@ -91,9 +91,10 @@ def run_cpattn(args, gen, prompts, timer, new_tokens=None, label="cpattn") -> di
     dec = GraphedDecoder(gen.model, attn)
     steps, profile, step_s = new_tokens - 1, None, []
     t1 = time.perf_counter()
+    nxt = np.array([t[-1] for t in tokens], np.int64)
     for s in range(steps):
         a = time.perf_counter()
-        nxt = dec.step(seqs, [t[-1] for t in tokens])
+        nxt = dec.step(seqs, nxt)  # the last step's tokens as they came back (host int64 [B])
         step_s.append(time.perf_counter() - a)
         for t, n in zip(tokens, nxt):
             t.append(int(n))
