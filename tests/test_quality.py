@@ -253,10 +253,13 @@ def test_recall_rule_runs_through_the_model(seed, blocks, target):
     np.testing.assert_array_equal(full1, dense)
     head, hd = run(recall=target, group_size=1)
     assert np.isfinite(head).all() and len(hd) == len(md)
-    # the per-row floor: never fewer blocks than the pooled target alone, 1 reads everything
+    # the per-row floor: never fewer blocks than the pooled target alone, 1 reads everything.
+    # Only layer 0 sees the same queries and keys in both runs (a later layer's inputs depend on
+    # the blocks the layers below it read), so the comparison holds there.
     floored, fl = run(recall=target, row_floor=0.9)
     assert np.isfinite(floored).all() and len(fl) == len(md)
-    assert all(f["group_union"] >= d["group_union"] for (_, f), (_, d) in zip(fl, md))
+    assert [layer for layer, _ in fl] == [layer for layer, _ in md]
+    assert all(f["group_union"] >= d["group_union"] for (layer, f), (_, d) in zip(fl, md) if layer == 0)
     np.testing.assert_array_equal(run(recall=target, row_floor=1.0)[0], dense)
     for _, d in hd:
         assert d["select"] == d["q_union"] == d["group_union"] and 0.0 < d["select"] <= 1.0
