@@ -28,6 +28,7 @@ class GpuChunkCache(ChunkCache):
         self._kern = get_kernels("chunk_cache", self.dtype, self.head_dim, self.chunk_size)
         self.d_slot_lens = cupy.zeros(self.max_sequences, np.int32)
         self._lens_dirty = False
+        self._lens_ahead: "GpuDecodeBatch | None" = None  # the batch whose step advanced the device table
         self._slots_hi = 0  # slots ever handed out are below this (the free list hands out the lowest first)
         self._lazy: "GpuDecodeBatch | None" = None  # the batch whose state lives in its arrays
 
@@ -36,25 +37,37 @@ class GpuChunkCache(ChunkCache):
         if self._lens_dirty:
             hi = self._slots_hi  # slots above it were never used: their length stays 0 on both sides
             self.d_slot_lens[:hi].set(self.slot_lens[:hi])
-            self._lens_dirty = False
+            self._lens_dirty, self._lens_ahead = False, None
+
+    def lens_advanced(self, by: "GpuDecodeBatch | None" = None) -> None:
+        """Declare that work launched on the device advances ``d_slot_lens`` by one at the slots of
+        ``by``'s rows once it has read it (the graphed decode step does: ``GraphedDecoder``). The
+        device table is then stale for every reader (``sync_lens`` uploads the host's), except
+        for ``by`` after its next ``reserve`` (``GpuDecodeBatch.lens_current``) when nothing
+        else changed or uploaded the host table between."""
+        self._lens_dirty, self._lens_ahead = True, by
+
+    def _lens_changed(self) -> None:
+        """The host length table changed: the device copy is stale for everyone."""
+        self._lens_dirty, self._lens_ahead = True, None
 
     # every change of the host length table marks the device copy stale (plan() and writes
     # upload it): a forked sequence or a matched prompt gets its length without a _reserve
     def add_sequence(self, *args, **kwargs) -> int:
         sid = super().add_sequence(*args, **kwargs)
-        self._lens_dirty = True
+        self._lens_changed()
         self._slots_hi = max(self._slots_hi, self._seqs[sid].slot + 1)
         return sid
 
     def fork(self, seq: int) -> int:
         sid = super().fork(seq)
-        self._lens_dirty = True
+        self._lens_changed()
         self._slots_hi = max(self._slots_hi, self._seqs[sid].slot + 1)
         return sid
 
     def release(self, seq: int) -> None:
         super().release(seq)
-        self._lens_dirty = True
+        self._lens_changed()
 
     # ------------------------------------------------------------------ the decode batch
     def decode_batch(self, seqs) -> "GpuDecodeBatch":
@@ -122,7 +135,7 @@ class GpuChunkCache(ChunkCache):
                 states[i].n_tokens += 1
             self.slot_lens[[states[i].slot for i in idx]] = [states[i].n_tokens for i in idx]
             chunk[idx], offset[idx] = ch, off
-            self._lens_dirty = True
+            self._lens_changed()
         for i in np.flatnonzero(~fits):
             part = self._reserve(states[i], [tokens[i]])
             chunk[i], offset[i] = part.chunk[0], part.offset[0]
@@ -130,7 +143,7 @@ class GpuChunkCache(ChunkCache):
 
     def _reserve(self, s, tokens):
         out = super()._reserve(s, tokens)
-        self._lens_dirty = True
+        self._lens_changed()
         return out
 
     def _check_array(self, x, name, shape) -> None:
@@ -324,11 +337,39 @@ class GpuDecodeBatch(DecodeBatch):
             self._tails[b] = s.path[-1]
             out[0, b] = st[TAIL, b] = part.chunk[0]
             st[TAIL_LEN, b] = 1
-        cache._lens_dirty = True
+        if cache._lens_ahead is self:  # each row's length grew by one, as the device step's advance did
+            cache._lens_dirty = True
+        else:
+            cache._lens_changed()
         self._reserved = True
         self.positions = out[2].copy()
         self.opened = out[1] == 0
+        self.num_opened = len(self._opened)
         return Slots(out[0].copy(), out[1].copy())
+
+    # ------------------------------------------------------------------ the device length table
+    @property
+    def row_slots(self) -> np.ndarray:
+        """The length-table slot of each row (int32 [B]), as ``DecodeBatch.row_slots``."""
+        if self.cache._lazy is self:  # active: every row is live (a release settles the batch first)
+            return self._st[SLOT].astype(np.int32)
+        return super().row_slots
+
+    def lens_advanced(self) -> None:
+        """``cache.lens_advanced(by=self)``: a launched step advances the device length table
+        at this batch's rows (``lens_current`` after the next reserve says whether that did its work)."""
+        self.cache.lens_advanced(self)
+
+    def lens_current(self) -> bool:
+        """After a ``reserve``: True when the device length table equals the host's without an
+        upload (the last step's device advance did this reserve's work, and nothing else changed
+        the host table or uploaded it since ``lens_advanced``); the table is then marked current.
+        False otherwise: call ``cache.sync_lens()``."""
+        cache = self.cache
+        if cache._lens_ahead is not self or not self._reserved:
+            return False
+        cache._lens_dirty, cache._lens_ahead = False, None
+        return True
 
     def commit(self) -> None:
         cache = self.cache
@@ -358,7 +399,7 @@ class GpuDecodeBatch(DecodeBatch):
                 tokens = np.asarray(tokens)
             except ValueError:  # ragged: the reference names it
                 return super().check_tokens(tokens)
-        if not (isinstance(tokens, np.ndarray) and tokens.ndim == 1 and np.issubdtype(tokens.dtype, np.integer)):
+        if not (isinstance(tokens, np.ndarray) and tokens.ndim == 1 and tokens.dtype.kind in "iu"):
             return super().check_tokens(tokens)
         if len(tokens) != len(self.seqs):
             raise ValueError(f"tokens: expected one token per sequence ({len(self.seqs)}), got {len(tokens)}")

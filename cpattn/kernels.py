@@ -189,6 +189,7 @@ KERNELS = {
         ("cpattn::rope_split", lambda t, d, c: f"{t}, {d}"),
         ("cpattn::silu_mul", lambda t, d, c: t),
         ("cpattn::argmax_rows", lambda t, d, c: t),
+        ("cpattn::advance_step", None),
     ),
 }
 # kernel file -> the architecture it needs (NVRTC -arch / nvcc -arch); others: the device's own

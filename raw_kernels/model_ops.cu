@@ -126,4 +126,21 @@ __global__ void argmax_rows(const T* __restrict__ logits, long long* __restrict_
   }
 }
 
+// The step's own state for the next step, its last launch: the picked tokens become the next
+// input, each row's slot moves one row on in its chunk and its position one on, and the cache's
+// device length table grows by one at the row's slot: what the host's reserve of the next token
+// does whenever that token stays in its sequence's tail chunk (GraphedDecoder checks, and
+// uploads the host's values when not). meta is int32 [3, rows] (slot chunk, slot offset,
+// position). One thread per row.
+__global__ void advance_step(const long long* __restrict__ picked, long long* __restrict__ next_in,
+                             int* __restrict__ meta, int* __restrict__ slot_lens, const int* __restrict__ row_slot,
+                             int rows) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  next_in[r] = picked[r];
+  meta[rows + r] += 1;
+  meta[2 * rows + r] += 1;
+  slot_lens[row_slot[r]] += 1;
+}
+
 }  // namespace cpattn

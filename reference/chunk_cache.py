@@ -698,9 +698,16 @@ class DecodeBatch:
             cache.check_committed(cache.sequence(i, "seqs"), "seqs")
         self.positions = np.zeros(0, np.int32)  # int32 [B] after a reserve
         self.opened = np.zeros(0, bool)  # bool [B] after a reserve
+        self.num_opened = 0  # opened.sum() after a reserve
 
     def __len__(self) -> int:
         return len(self.seqs)
+
+    @property
+    def row_slots(self) -> np.ndarray:
+        """Each row's slot in the cache's length table ``slot_lens`` (int32 [B]); fixed while
+        the batch's sequences live."""
+        return np.array([self.cache.seq_slot(i) for i in self.seqs], np.int32)
 
     def check_tokens(self, tokens: _Seq[int]) -> np.ndarray:
         """``tokens`` as int64 [B] (one token id per sequence), else the error ``reserve`` raises."""
@@ -714,6 +721,7 @@ class DecodeBatch:
         slots = self.cache.reserve_batch(self.seqs, tokens)
         self.positions = np.array([self.cache.seq_len(i) - 1 for i in self.seqs], np.int32)
         self.opened = slots.offset == 0
+        self.num_opened = int(self.opened.sum())
         return slots
 
     def commit(self) -> None:

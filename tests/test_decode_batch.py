@@ -60,6 +60,7 @@ def test_decode_batch_equals_the_reference(seed, n, steps, pool):
             return
         batches = [cache.decode_batch(live) for cache in caches]
         assert isinstance(batches[0], GpuDecodeBatch) and type(batches[1]) is DecodeBatch
+        np.testing.assert_array_equal(batches[0].row_slots, batches[1].row_slots)
         for _ in range(steps):
             u = rng.random()
             if u < 0.06 and len(live) > 1:  # a release between steps: the old batch refuses, a new one
@@ -101,6 +102,7 @@ def test_decode_batch_equals_the_reference(seed, n, steps, pool):
             np.testing.assert_array_equal(a.offset, b.offset)
             np.testing.assert_array_equal(batches[0].positions, batches[1].positions)
             np.testing.assert_array_equal(batches[0].opened, batches[1].opened)
+            assert batches[0].num_opened == batches[1].num_opened == int(batches[1].opened.sum())
             kv = rng.standard_normal((2, len(live), 1, D)).astype(np.float16)
             for cache in caches:  # only rows reserved and not committed take K/V
                 cache.write_kv(0, a if cache is gpu else b, kv[0], kv[1])
@@ -171,3 +173,56 @@ def test_the_steady_step_stays_in_the_arrays(chunk_size, monkeypatch):
         monkeypatch.undo()
         assert gpu.seq_tokens(ids[1]) == [5] + [10 + t for t in range(chunk_size - 2)]
         assert gpu.slot_lens[[gpu.seq_slot(s) for s in ids]].tolist() == [chunk_size - 1] * 3
+
+
+def test_device_lens_advance_is_taken_only_when_it_did_the_reserves_work():
+    """``lens_advanced`` / ``lens_current`` (what GraphedDecoder's steps rely on): after a step
+    that advanced the device length table at the batch's rows (emulated here as the kernel does:
+    +1 at each row's slot), the next reserve may take the device table as current; whenever that
+    is claimed, and after ``sync_lens`` whenever it is not, device and host tables are equal.
+    Anything else between two steps (a new sequence, a release, another batch's reserve, another
+    reader's upload, a new chunk) withdraws the claim; other readers never see the advance."""
+    rng = np.random.default_rng(5)
+    with get_backend("emulated") as be:
+        from cpattn.chunk_cache import GpuChunkCache
+
+        c = be.chunk_size
+        gpu = GpuChunkCache(1, 1, be.head_dim, 64, chunk_size=c, dtype="float16", max_sequences=8)
+        ids = [gpu.add_sequence([i, 1, 2]) for i in range(3)]
+        extra = gpu.add_sequence([9])
+        for s in ids + [extra]:
+            gpu.reserve(s, [5])
+            gpu.commit(s)
+        batch, other = gpu.decode_batch(ids), gpu.decode_batch([extra])
+        device = lambda: gpu.d_slot_lens.get()[:gpu.max_sequences]  # noqa: E731
+        claims, events = [], []
+        for step in range(6 * c):
+            event = rng.choice(["none"] * 5 + ["add", "other", "sync", "bare"])
+            if step and event == "add":
+                gpu.release(gpu.add_sequence([1, 2, 3]))
+            elif step and event == "other":
+                other.reserve([4])
+                other.commit()
+            elif step and event == "sync":  # another reader uploads: the advance is gone for everyone
+                gpu.sync_lens()
+                np.testing.assert_array_equal(device(), gpu.slot_lens)
+            batch.reserve(rng.integers(0, 9, len(ids)))
+            current = batch.lens_current()
+            if not current:
+                gpu.sync_lens()
+            np.testing.assert_array_equal(device(), gpu.slot_lens, err_msg=f"step {step} {event} {current}")
+            claims.append(current)
+            events.append(event if step else "first")
+            batch.commit()
+            if event != "bare":  # a step without the device advance (e.g. an eager one) claims nothing
+                batch.lens_advanced()
+                gpu.d_slot_lens[batch.row_slots] += 1  # advance_step, once the step has read the table
+                gpu.sync_lens()  # a reader outside the batch sees the host table, not the advance
+                np.testing.assert_array_equal(device(), gpu.slot_lens)
+                batch.lens_advanced()
+                gpu.d_slot_lens[batch.row_slots] += 1
+        # the claim is made exactly on the steps after an advance with nothing between and no new chunk
+        # (a bare step's own claim is about the step before it)
+        steady = [i for i, e in enumerate(events) if e in ("none", "bare") and events[i - 1] != "bare"]
+        assert claims.count(True) >= len(steady) // 2 > 0
+        assert not any(claims[i] for i in range(len(events)) if i not in steady)

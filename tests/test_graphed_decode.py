@@ -70,12 +70,24 @@ def test_graphed_tokens_equal_eager(seed, batch, shared, chunk):
     attn_g, seqs_g, last_g = session(model, prompts, chunk)
     assert last_e == last_g
     dec = GraphedDecoder(model, attn_g)
+    cache = attn_g.cache
     for step in range(steps):
         logits = model.decode(attn_e, seqs_e, last_e)
         want = cp.argmax(logits, axis=-1).get()
         if step:
             dec.logits.fill(np.nan)  # poisoned: the replay must write it
+        if step % 7 == 3:  # the length table changes outside the batch: this step must upload it
+            cache.release(cache.add_sequence([1, 2, 3]))
         got = dec.step(seqs_g, last_g)
+        if step % 7 == 3:
+            assert not dec.times.fresh[-1]
+        # the step left the device one step on (advance_step): next slot, position and length per row
+        meta = dec.meta.get()
+        pos = dec.batch.positions  # of the tokens this step wrote: row pos % chunk of their chunk
+        np.testing.assert_array_equal(meta[2], pos + 1)
+        np.testing.assert_array_equal(meta[1], pos % chunk + 1)
+        rows = [cache.seq_slot(s) for s in seqs_g]
+        np.testing.assert_array_equal(cache.d_slot_lens.get()[rows], cache.slot_lens[rows] + 1)
         np.testing.assert_array_equal(got, want, err_msg=f"step {step}")
         # the two paths round the same float32 math to fp16 at the same points; a sum of squares
         # in another order or another cuBLAS algorithm may move one rounding by an ulp, which the
@@ -89,8 +101,10 @@ def test_graphed_tokens_equal_eager(seed, batch, shared, chunk):
                                      d.private_piece_chunks, d.units_per_sm, cp.cuda.Device().attributes[
                                          "MultiProcessorCount"])
         np.testing.assert_array_equal(d.units.get().ravel(), host[offs[0]:offs[1]])
-        last_e, last_g = want.tolist(), got.tolist()
+        # the next step's tokens: the array this step returned (no checks, no upload) or a copy
+        last_e, last_g = want.tolist(), (got if step % 2 else got.tolist())
     assert dec.times.captures >= 2
+    assert any(dec.times.fresh)  # steps that uploaded nothing ran (and gave the eager tokens)
     for a, b in zip(seqs_e, seqs_g):
         assert attn_e.cache.seq_len(a) == attn_g.cache.seq_len(b)
 

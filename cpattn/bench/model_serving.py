@@ -227,13 +227,24 @@ def section(meta, ours, hf, agree) -> str:
     lines += [f"Where cpattn's decode step goes (device, CUDA events, L2 flushed, median): whole step "
               f"{fmt(p.get('all_ms'), '{:.3f}')} ms = attention (K/V writes + ChunkAttention, 30 layers) "
               f"{fmt(p.get('attention_ms'), '{:.3f}')} ms + the rest of the model (norms, products, RoPE, MLP, "
-              f"logits, pick) {fmt(p.get('model_ms'), '{:.3f}')} ms (parts timed as separate graphs). Host per "
-              f"step before the launch: {h['host_us_replay_steps']:.0f} us (reserve + uploads {h['host_reserve_us']:.0f} us; "
-              f"the commits, {h['host_commit_us']:.0f} us, overlap the replay); launch to tokens on the host {h['launch_to_tokens_us']:.0f} us; "
+              f"logits, pick) {fmt(p.get('model_ms'), '{:.3f}')} ms (parts timed as separate graphs). " + host_sentence(h) +
+              f" launch to tokens on the host {h['launch_to_tokens_us']:.0f} us; "
               f"{h['captures']} of {h['steps']} steps rebuilt the plan ({h['plan_ms']:.2f} ms) and captured the "
               f"step again ({h['capture_ms']:.1f} ms), because some sequence started a chunk; first step "
               f"{h['first_step_s']:.3f} s. Decode throughput counts every step, captures included.", ""]
     return "\n".join(lines)
+
+
+def host_sentence(h: dict) -> str:
+    """Host time per replayed step from ``StepTimes.summary()`` (an older JSON: its own keys)."""
+    if "host_check_us" not in h:
+        return (f"Host per step before the launch: {h['host_us_replay_steps']:.0f} us (reserve + uploads "
+                f"{h['host_reserve_us']:.0f} us; the commits, {h['host_commit_us']:.0f} us, overlap the replay);")
+    return (f"Host per replayed step (median; p90 {h['host_step_us_p90']:.0f} us): {h['host_step_us']:.1f} us = checks "
+            f"{h['host_check_us']:.1f} + reserve {h['host_reserve_us']:.1f} + uploads {h['host_upload_us']:.1f} + "
+            f"length table {h['host_lens_us']:.1f} + launch call {h['host_launch_call_us']:.1f} + commits "
+            f"{h['host_commit_us']:.1f} (overlapping the replay); {h['fresh_steps']} of {h['steps']} steps found the "
+            f"device state advanced by the last step and uploaded nothing;")
 
 
 def plot(d: dict, path: str) -> None:
@@ -252,7 +263,7 @@ def plot(d: dict, path: str) -> None:
     for x, v in enumerate([r["ours"], r["peer"] or 0]):
         a.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=9)
     parts = [("attention (30 layers)", p.get("attention_ms", 0.0)), ("rest of the model", p.get("model_ms", 0.0)),
-             ("host before launch", h["host_us_replay_steps"] / 1e3)]
+             ("host per step", h.get("host_step_us", h.get("host_us_replay_steps", 0.0)) / 1e3)]
     left = 0.0
     for k, (name, v) in enumerate(parts):
         b.barh(0, v, left=left, color=f"C{k + 2}", label=f"{name}: {v:.2f} ms")

@@ -16,12 +16,20 @@ raw_kernels/model_ops.cu and raw_kernels/chunk_*.cu. The numbers are the eager m
 (``LlamaModel.decode``), operation for operation; only the sums of squares of RMSNorm are added
 in another order.
 
-What stays on the host, per step: ``reserve_batch`` (the tree), one upload of the slots and
-positions (int32 [3, B]), the length table (``sync_lens``), the launch, and the download of the
-B next tokens (the tree needs them). The graph stays valid while the plan does: the decode plan
-reads sequence lengths from the device, so it changes only when some sequence starts a new
-chunk (a reserved slot at offset 0) or the batch changes; then the plan is rebuilt and the step
-captured again (about once per ``chunk_size`` steps).
+What stays on the host, per step: the batch's ``reserve`` (the tree; ``GpuDecodeBatch``), the
+launch, the commits (while the graph replays) and the download of the B next tokens (the tree
+needs them). The step's last launch, ``advance_step``, leaves the device ready for the next
+step: the picked tokens as its input, every row's slot one row on, its position one on, and
+the cache's device length table one longer at the row's slot. When the next reserve did exactly
+that (no sequence started a chunk, nothing else changed the length table: the cache tracks it,
+``GpuDecodeBatch.lens_current``) and the tokens are the ones the step returned, nothing is
+checked again or uploaded. Otherwise the slots and positions go up in one copy from pinned
+memory (int32 [3, B]) and the length table with ``sync_lens``.
+
+The graph stays valid while the plan does: the decode plan reads sequence lengths from the
+device, so it changes only when some sequence starts a new chunk (a reserved slot at offset 0)
+or the batch changes; then the plan is rebuilt and the step captured again (about once per
+``chunk_size`` steps).
 
 Memory: every buffer the step reads or writes is allocated once per batch, outside the graph;
 the capture runs on a private CuPy memory pool (a graph must own what it writes: memory freed
@@ -37,6 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..arrays import host_jit
 from ..reference.checks import check_bool
 from .cublas import CublasGemm
 from .llama import CacheAttention, LlamaModel
@@ -44,16 +53,32 @@ from .llama import CacheAttention, LlamaModel
 BLOCK = 256  # threads per block of the row kernels of model_ops.cu
 
 
+@host_jit
+def _next_meta(meta, chunk, offset, pos):
+    """meta[:, b] = (chunk[b], offset[b], pos[b]), this step's slots and positions; returns True
+    when every one is what advance_step made of the last step's (same chunk, the next offset,
+    the next position)."""
+    same = True
+    for b in range(meta.shape[1]):
+        if meta[0, b] != chunk[b] or meta[1, b] + 1 != offset[b] or meta[2, b] + 1 != pos[b]:
+            same = False
+        meta[0, b], meta[1, b], meta[2, b] = chunk[b], offset[b], pos[b]
+    return same
+
+
 @dataclass
 class StepTimes:
     """Host seconds per decode step, by part (``GraphedDecoder.times``)."""
 
-    reserve: list = field(default_factory=list)  # checks, the batch's reserve, the uploads
-    upload: list = field(default_factory=list)  # of that: the uploads of tokens and slots
-    plan: list = field(default_factory=list)  # plan rebuild (0 on replay steps)
+    check: list = field(default_factory=list)  # the batch and the tokens checked (skipped for the last step's own picks)
+    reserve: list = field(default_factory=list)  # the batch's reserve
+    upload: list = field(default_factory=list)  # the uploads of tokens and slots (none on most steps)
+    plan: list = field(default_factory=list)  # plan rebuild, or the length table's upload (none on most steps)
     capture: list = field(default_factory=list)  # capture + instantiation (0 on replay steps)
+    launch_call: list = field(default_factory=list)  # the graph launch call itself
+    commit: list = field(default_factory=list)  # the commits, done while the graph replays
     launch: list = field(default_factory=list)  # graph launch until the next tokens are on the host
-    commit: list = field(default_factory=list)  # the launch call and the commits, done while the graph replays
+    fresh: list = field(default_factory=list)  # True: the device state was the last step's advance (no upload)
 
     @property
     def captures(self) -> int:
@@ -64,18 +89,21 @@ class StepTimes:
         replay = [i for i, c in enumerate(self.capture) if c == 0]
         new = [i for i, c in enumerate(self.capture) if c > 0]
         pick = lambda a, idx: [a[i] for i in idx]  # noqa: E731
-        return dict(steps=len(self.launch), captures=len(new), host_reserve_us=med(self.reserve),
-                    host_upload_us=med(self.upload),
-                    host_commit_us=med(self.commit),
-                    host_us_replay_steps=med([self.reserve[i] + self.plan[i] for i in replay]),
+        host = [self.check[i] + self.reserve[i] + self.upload[i] + self.plan[i] + self.launch_call[i] + self.commit[i]
+                for i in range(len(self.launch))]
+        return dict(steps=len(self.launch), captures=len(new), fresh_steps=int(sum(self.fresh)),
+                    host_check_us=med(pick(self.check, replay)), host_reserve_us=med(pick(self.reserve, replay)),
+                    host_upload_us=med(pick(self.upload, replay)), host_lens_us=med(pick(self.plan, replay)),
+                    host_launch_call_us=med(pick(self.launch_call, replay)),
+                    host_commit_us=med(pick(self.commit, replay)),
                     # everything the host does in a replayed step: checks, reserve, uploads, the
                     # launch call and the commits (not the wait for the tokens)
-                    host_step_us=med([self.reserve[i] + self.plan[i] + self.commit[i] for i in replay]),
+                    host_step_us=med(pick(host, replay)),
+                    host_step_us_p90=float(np.percentile(pick(host, replay), 90)) * 1e6 if replay else 0.0,
                     launch_to_tokens_us=med(pick(self.launch, replay)),
                     plan_ms=1e3 * float(np.mean(pick(self.plan, new))) if new else 0.0,
                     capture_ms=1e3 * float(np.mean(pick(self.capture, new))) if new else 0.0,
-                    first_step_s=(self.reserve[0] + self.plan[0] + self.capture[0] + self.launch[0])
-                    if self.launch else 0.0)
+                    first_step_s=(host[0] + self.capture[0] + self.launch[0]) if self.launch else 0.0)
 
 
 @dataclass
@@ -134,7 +162,9 @@ class GraphedDecoder:
         self.tok_in = cp.zeros(B, np.int64)
         self.tok_out = cp.zeros(B, np.int64)
         self.meta = cp.zeros((3, B), np.int32)  # slot chunk, slot offset, position
-        self._meta_host = np.zeros((3, B), np.int32)
+        self._meta_host = np.frombuffer(cp.cuda.alloc_pinned_memory(3 * B * 4), np.int32, 3 * B).reshape(3, B)
+        self.row_slot = cp.zeros(B, np.int32)  # each row's slot in the cache's length table
+        self._advanced = False  # the device state (meta, lengths, tok_in) is what advance_step made of the last step
         self.x = cp.empty((B, h), np.float32)
         self.h16 = cp.empty((B, h), f16)
         self.qkv = cp.empty((B, (Hq + 2 * Hkv) * D), f16)
@@ -184,8 +214,10 @@ class GraphedDecoder:
             kern["add_rms_norm"]((B,), (BLOCK,), (self.x, self.proj, m.final_norm, self.h16, np.int32(h), eps))
             mm(self.h16, m.output, self.logits, st)
             kern["argmax_rows"]((B,), (BLOCK,), (self.logits, self.tok_out, np.int32(c.vocab_size)))
-            if copy_back:
-                self.tok_in[...] = self.tok_out
+            if copy_back:  # the next step's tokens, slots, positions and lengths (advance_step)
+                kern["advance_step"](((B + BLOCK - 1) // BLOCK,), (BLOCK,),
+                                     (self.tok_out, self.tok_in, self.meta, cache.d_slot_lens, self.row_slot,
+                                      np.int32(B)))
 
     def capture(self, parts: str = "all", copy_back: bool = True):
         """A CUDA graph of ``forward(parts)`` (on a private memory pool kept with it)."""
@@ -222,10 +254,14 @@ class GraphedDecoder:
             if self.batch is None or key != self.batch.seqs:
                 self.batch = cache.decode_batch(seqs)  # checks the batch: live, distinct, committed
             batch = self.batch
-            toks = batch.check_tokens(tokens)
-            self.model.check_vocab(toks)  # the vocabulary: the cache cannot know it
+            if tokens is self._last and len(tokens) == len(batch):
+                toks = tokens  # the last step's own picks: int64 ids below the vocabulary
+            else:
+                toks = batch.check_tokens(tokens)
+                self.model.check_vocab(toks)  # the vocabulary: the cache cannot know it
+            tc = time.perf_counter()
             slots = batch.reserve(toks)  # checks room and state; raises with nothing changed
-            seqs, pos, opened = batch.seqs, batch.positions, bool(batch.opened.any())
+            seqs, pos, opened = batch.seqs, batch.positions, batch.num_opened > 0
         else:
             batch = None
             self.model.check_vocab(cache.check_tokens(tokens, "tokens"))
@@ -235,32 +271,47 @@ class GraphedDecoder:
                                  f"{len(slots.chunk)} slots and {len(toks)} tokens")
             pos = np.array([cache.seq_len(s) - 1 for s in seqs], np.int32)  # of the token just reserved
             opened = bool((slots.offset == 0).any())
-        tu = time.perf_counter()
+            tc = time.perf_counter()
+        tr = time.perf_counter()
         new_batch = seqs != self.seqs
         if new_batch:
             self.seqs, self.graph = seqs, None
             self._buffers(len(seqs))
+            self.row_slot.set(batch.row_slots if batch is not None else
+                              np.array([cache.seq_slot(s) for s in seqs], np.int32))
+        advanced, self._advanced = self._advanced, False  # False until this step's launch is on the stream
         self._input = toks
         with self.stream:
-            if new_batch or not np.array_equal(toks, self._last):
+            if new_batch or (toks is not self._last and not np.array_equal(toks, self._last)):
                 self.tok_in.set(toks, stream=self.stream)
-            meta = self._meta_host
-            meta[0], meta[1], meta[2] = slots.chunk, slots.offset, pos
-            self.meta.set(meta, stream=self.stream)
-            t1 = time.perf_counter()
+            # The last step's advance_step moved every row one on; when this reserve did the same
+            # (no new chunk, nothing else touched the length table) the device is current as it is.
+            same = _next_meta(self._meta_host, slots.chunk, slots.offset, pos)
+            fresh = (not new_batch and not opened and advanced and same and batch is not None
+                     and batch.lens_current())
+            if not fresh:
+                self.meta.set(self._meta_host, stream=self.stream)  # pinned: an asynchronous copy
+            tu = time.perf_counter()
             captured = 0.0
             if new_batch or opened:  # a new batch or a new chunk: a new plan
                 self.attn.plan(seqs)  # uploads the plan and the lengths on this stream
-                tc = time.perf_counter()
+                tg = time.perf_counter()
                 self.graph = self.capture() if self.graph_enabled else None
-                captured = time.perf_counter() - tc
-            else:
+                captured = time.perf_counter() - tg
+            elif not fresh:
                 cache.sync_lens()
-            t2 = time.perf_counter()
+            tp = time.perf_counter()
             if self.graph is not None:
                 self.graph.launch(self.stream)
             else:
                 self.forward()
+            tl = time.perf_counter()
+            # the step advances the device length table at the batch's rows (advance_step)
+            if batch is not None:
+                batch.lens_advanced()
+            else:
+                cache.lens_advanced()
+            self._advanced = True
             if batch is not None:  # host bookkeeping only: overlaps the replay (the device keeps stream order)
                 batch.commit()
             else:
@@ -271,9 +322,9 @@ class GraphedDecoder:
         self._last = out
         t4 = time.perf_counter()
         t = self.times
-        t.reserve.append(t1 - t0), t.plan.append(t2 - t1 - captured), t.capture.append(captured)
-        t.upload.append(t1 - tu)
-        t.commit.append(t3 - t2), t.launch.append(t4 - t2)
+        t.check.append(tc - t0), t.reserve.append(tr - tc), t.upload.append(tu - tr)
+        t.plan.append(tp - tu - captured), t.capture.append(captured), t.launch_call.append(tl - tp)
+        t.commit.append(t3 - tl), t.launch.append(t4 - tp), t.fresh.append(fresh)
         return out
 
     # ------------------------------------------------------------------ where the step goes
