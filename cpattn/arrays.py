@@ -54,7 +54,7 @@ def as_cupy(x, name: str, dtype: str | None = None, shape=None, contiguous: bool
     """
     cupy = import_cupy("a GPU array argument")
 
-    if isinstance(x, np.ndarray):
+    if isinstance(x, np.ndarray) and not isinstance(x, cupy.ndarray):  # (the CPU stand-in's arrays are both)
         raise TypeError(f"{name}: expected a GPU array (CuPy, __cuda_array_interface__ or DLPack), "
                         f"got a NumPy array on the host")
     if not isinstance(x, cupy.ndarray):

@@ -47,6 +47,7 @@ import numpy as np
 
 from ..arrays import host_jit
 from ..reference.checks import check_bool
+from ..reference.chunk_attention import check_plan
 from .cublas import CublasGemm
 from .llama import CacheAttention, LlamaModel
 
@@ -330,17 +331,28 @@ class GraphedDecoder:
     # ------------------------------------------------------------------ where the step goes
     def profile(self, timer) -> dict:
         """Device time of the captured step and of its parts (median ms of ``timer``, a
-        ``cpattn.bench.timing.GpuTimer``), on the current plan. The parts replay the same step
-        (the K/V writes are idempotent) without feeding tokens back."""
+        ``cpattn.bench.timing.GpuTimer``), on the current plan. The parts replay the last step
+        on its own inputs without feeding tokens back; then the whole step once more, so the
+        cache and the next step are as the last step left them (a part alone is no step: the
+        "attention" part writes every layer's K/V from the one k/v buffer, which holds the last
+        layer's, and the "model" part feeds itself the last layer's attention output)."""
         if self.seqs is None or self.graph is None:
             raise RuntimeError("profile: expected a captured step (call step() with graph=True first)")
+        check_plan(self.cache, self.attn.decoder.decode_plan)  # capturing anew needs the plan of now; nothing changed yet
         out = {}
         with self.stream:
-            self.tok_in.set(self._input, stream=self.stream)  # the last step's own inputs: idempotent
+            # the last step's own inputs (advance_step moved the device state on): the same K/V
+            # rows, the same lengths
+            self.tok_in.set(self._input, stream=self.stream)
+            self.meta.set(self._meta_host, stream=self.stream)
+            self.cache.sync_lens()  # the host table: the last step's lengths (the next reserve uploads again)
+            self._advanced = False  # the next step uploads its slots and positions
+            graphs = {}
             for part in ("all", "attention", "model"):
-                g = self.capture(part, copy_back=False)
+                graphs[part] = g = self.capture(part, copy_back=False)
                 out[f"{part}_ms"] = timer.median_ms(lambda: g.launch(self.stream))
-            self.tok_in[...] = self.tok_out  # as the step left it
+            graphs["all"].launch(self.stream)  # every layer's K/V and the picked tokens as the step made them
+            self.tok_in.set(self._last, stream=self.stream)  # what the step's advance left for the next step
             self.stream.synchronize()
         return out
 

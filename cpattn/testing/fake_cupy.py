@@ -14,11 +14,108 @@ the GPU cache its attention (the reference, on the device length table).
 """
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from contextlib import contextmanager
 
 import numpy as np
+
+# The launches a stream capture is recording (a list), else None: while a stream captures,
+# stand-in kernels are recorded instead of run, as CUDA records them into a graph, and the
+# synchronous copies (get, set) that a capture forbids raise.
+_capture: list | None = None
+
+
+def launch(fn):
+    """A stand-in kernel (or library call): runs at once, or is recorded by the capturing stream."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if _capture is not None:
+            _capture.append(lambda: fn(*args, **kwargs))
+            return None
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def _not_capturing(what: str) -> None:
+    if _capture is not None:
+        raise RuntimeError(f"{what} during a stream capture (CUDA refuses a synchronous copy there)")
+
+
+class FakeGraph:
+    """A captured graph: the recorded launches, replayed in order (arguments as recorded: the
+    arrays they name are read and written at replay, as a CUDA graph reads its pointers)."""
+
+    def __init__(self, launches: list):
+        self.launches = launches
+
+    def launch(self, stream=None) -> None:
+        _not_capturing("a graph launch")
+        for fn in self.launches:
+            fn()
+
+
+class FakeStream:
+    """``cupy.cuda.Stream``: work runs at once (nothing is asynchronous here); ``begin_capture``
+    / ``end_capture`` record the stand-in launches in between into a ``FakeGraph``."""
+
+    current = None
+    ptr = 0
+
+    def __init__(self, non_blocking: bool = False):
+        self._outer = []
+
+    def __enter__(self):
+        self._outer.append(FakeStream.current)
+        FakeStream.current = self
+        return self
+
+    def __exit__(self, *exc):
+        FakeStream.current = self._outer.pop()
+        return False
+
+    def synchronize(self) -> None:
+        _not_capturing("a stream synchronize")
+
+    def begin_capture(self) -> None:
+        global _capture
+        if _capture is not None:
+            raise RuntimeError("begin_capture: a capture is already running")
+        _capture = []
+
+    def end_capture(self) -> FakeGraph:
+        global _capture
+        if _capture is None:
+            raise RuntimeError("end_capture: no capture is running")
+        graph, _capture = FakeGraph(_capture), None
+        return graph
+
+
+class FakeEvent:
+    """``cupy.cuda.Event``: the host clock at ``record`` (nothing here is asynchronous)."""
+
+    t = 0.0
+
+    def record(self, stream=None) -> None:
+        import time
+
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+
+class FakeMemoryPool:
+    def malloc(self, nbytes):  # never called: the stand-in's arrays are NumPy's
+        raise NotImplementedError
+
+
+@contextmanager
+def _using_allocator(alloc=None):
+    yield
 
 
 class FakeDeviceArray(np.ndarray):
@@ -30,10 +127,12 @@ class FakeDeviceArray(np.ndarray):
     def data(self):  # CuPy: a MemoryPointer with .ptr
         return types.SimpleNamespace(ptr=self.ctypes.data)
 
-    def get(self):
+    def get(self, stream=None):
+        _not_capturing("get")
         return np.array(self, copy=True)
 
-    def set(self, host):
+    def set(self, host, stream=None):
+        _not_capturing("set")
         self[...] = host
 
 
@@ -44,7 +143,9 @@ def _dev(x):
 # the array functions the GPU selection code (cpattn.compact_attention's recall rule and sampled
 # summary) calls on the array module, beyond the constructors above
 ARRAY_FUNCTIONS = ("exp2", "matmul", "where", "argsort", "take_along_axis", "cumsum", "ones_like", "zeros_like",
-                   "arange", "broadcast_to", "concatenate", "einsum")
+                   "arange", "broadcast_to", "concatenate", "einsum",
+                   # and the eager model's (cpattn.serving.llama), which prefills the graphed decoder's sequences
+                   "sqrt", "exp", "empty_like", "argmax")
 
 
 def _on_device(fn):
@@ -70,11 +171,16 @@ def _module() -> types.ModuleType:
         setattr(m, name, getattr(np, name))
     for name in ARRAY_FUNCTIONS:  # NumPy's, results on the "device"
         setattr(m, name, _on_device(getattr(np, name)))
-    device = types.SimpleNamespace(id=0, attributes={"MultiProcessorCount": 132})
-    m.cuda = types.SimpleNamespace(Device=lambda *a: device)
+    device = types.SimpleNamespace(id=0, attributes={"MultiProcessorCount": 132}, synchronize=lambda: None)
+    m.cuda = types.SimpleNamespace(
+        Device=lambda *a: device, Stream=FakeStream, MemoryPool=FakeMemoryPool, using_allocator=_using_allocator,
+        alloc_pinned_memory=bytearray,  # np.frombuffer takes it as the pinned buffer
+        get_current_stream=lambda: FakeStream.current or FakeStream(), Event=FakeEvent,
+        get_elapsed_time=lambda start, stop: 1e3 * (stop.t - start.t))
     return m
 
 
+@launch
 def kv_append(grid, block, args):
     """Emulated ``cpattn::kv_append<T, D, C>``: scatter n tokens' K/V rows of one layer."""
     k, v, slot_chunk, slot_off, k_pool, v_pool, layer_page0, num_kv_heads, n = args
@@ -99,7 +205,12 @@ def kv_append(grid, block, args):
 
 def get_kernels(file, dtype, head_dim, chunk_size):
     """Any head_dim that is a multiple of 8 (kv_append's vector) and any chunk size: the
-    emulation has none of the compiled variants' limits, so CPU tests can stay small."""
+    emulation has none of the compiled variants' limits, so CPU tests can stay small.
+    ``model_ops``: the graphed decode step's kernels (``fake_model_ops``)."""
+    if file == "model_ops":
+        from . import fake_model_ops
+
+        return fake_model_ops.KERNELS
     assert file == "chunk_cache" and head_dim % 8 == 0, (file, head_dim)
     return {"kv_append": kv_append}
 
@@ -107,16 +218,26 @@ def get_kernels(file, dtype, head_dim, chunk_size):
 @contextmanager
 def installed():
     import cpattn.chunk_cache
+    import cpattn.kernels
+    import cpattn.serving.graphed
 
+    from . import fake_model_ops
+
+    global _capture
     missing = object()
     saved_mod = sys.modules.get("cupy", missing)  # the real CuPy comes back afterwards
-    saved_loader = cpattn.chunk_cache.get_kernels
+    saved = [(cpattn.chunk_cache, "get_kernels", get_kernels), (cpattn.kernels, "get_kernels", get_kernels),
+             (cpattn.serving.graphed, "CublasGemm", fake_model_ops.FakeGemm)]
+    saved = [(mod, name, getattr(mod, name), new) for mod, name, new in saved]
     sys.modules["cupy"] = _module()
-    cpattn.chunk_cache.get_kernels = get_kernels
+    for mod, name, _, new in saved:
+        setattr(mod, name, new)
     try:
         yield
     finally:
-        cpattn.chunk_cache.get_kernels = saved_loader
+        _capture = None
+        for mod, name, old, _ in saved:
+            setattr(mod, name, old)
         if saved_mod is missing:
             del sys.modules["cupy"]
         else:

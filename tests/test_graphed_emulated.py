@@ -1,0 +1,132 @@
+"""``GraphedDecoder`` on the CPU: the emulated backend's stand-ins for CuPy, the model's kernels
+and cuBLAS (``cpattn.testing.fake_cupy``, ``fake_model_ops``) record a capture and replay it,
+so the decoder's own host logic runs in CI: buffers per batch, capture and recapture, and what a
+step leaves on the "device" for the next one (``advance_step``: tokens, slots, positions and
+the length table), which lets a steady step upload nothing.
+
+The differential: one decoder over every step (steady steps take the no-upload path) against a
+fresh decoder per step (every step uploads everything and captures anew). The emulated math is
+deterministic, so the tokens must be identical bitwise, step for step, whatever happens between
+steps (other sequences added, the length table uploaded by another reader, the tokens given as
+a list or as the array the step returned, a profile replay). The kernels' numerics against the
+eager model are tests/test_graphed_decode.py's (GPU)."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cpattn.reference.chunk_cache import CacheError
+from cpattn.testing.backends import get_backend
+
+
+def tiny_model(seed, xp, vocab=96, hidden=32, inter=48, layers=2, hq=4, hkv=2, d=8):
+    from cpattn.serving.llama import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                      num_q_heads=hq, num_kv_heads=hkv, head_dim=d, rope_theta=1e4, context_length=4096)
+    rng = np.random.default_rng(seed)
+    t = {"token_embd.weight": rng.standard_normal((vocab, hidden)), "output_norm.weight": 1 + 0.1 * rng.standard_normal(hidden)}
+    for i in range(layers):
+        p = f"blk.{i}."
+        t[p + "attn_norm.weight"] = 1 + 0.1 * rng.standard_normal(hidden)
+        t[p + "ffn_norm.weight"] = 1 + 0.1 * rng.standard_normal(hidden)
+        for name, shape in (("attn_q", (hq * d, hidden)), ("attn_k", (hkv * d, hidden)), ("attn_v", (hkv * d, hidden)),
+                            ("attn_output", (hidden, hq * d)), ("ffn_gate", (inter, hidden)),
+                            ("ffn_up", (inter, hidden)), ("ffn_down", (hidden, inter))):
+            t[p + name + ".weight"] = 2 * rng.standard_normal(shape) / np.sqrt(shape[1])
+    return LlamaModel(cfg, {k: v.astype(np.float32) for k, v in t.items()}, dtype="float16", xp=xp)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """The emulated backend entered, the model's attention names its stand-ins."""
+    import cpattn.serving.llama as llama
+
+    with get_backend("emulated") as be:
+        api = be.api
+        monkeypatch.setattr(llama, "attention_api", lambda: (api.ChunkAttentionDecode, api.BlockMeans,
+                                                             api.compact_prefill))
+        yield be
+
+
+def session(model, prompts, chunk):
+    from cpattn.serving.llama import CacheAttention
+
+    cache = model.new_cache(48, chunk_size=chunk, max_sequences=len(prompts) + 3)
+    attn = CacheAttention(cache, model.config.num_q_heads)
+    seqs, first = [], []
+    for p in prompts:
+        s = cache.add_sequence(p, max_match=len(p) - 1)
+        logits = model.prefill(attn, s, p[cache.seq_len(s):], chunk_tokens=chunk)
+        seqs.append(s)
+        first.append(int(np.asarray(logits).argmax()))
+    return attn, seqs, first
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 5), shared=st.integers(0, 2),
+       chunk=st.sampled_from([4, 8]), events=st.lists(st.sampled_from(["none", "none", "none", "add", "sync", "list",
+                                                                         "profile"]), min_size=12, max_size=30))
+def test_steady_steps_give_the_tokens_of_fresh_ones(emulated, seed, batch, shared, chunk, events):
+    from cpattn.bench.timing import GpuTimer
+    from cpattn.serving.graphed import GraphedDecoder
+
+    model = tiny_model(seed % 1000, __import__("cupy"))
+    rng = np.random.default_rng(seed)
+    doc = rng.integers(0, model.config.vocab_size, shared * chunk).tolist()
+    prompts = [doc + rng.integers(0, model.config.vocab_size, int(rng.integers(1, 2 * chunk))).tolist()
+               for _ in range(batch)]
+    attn_a, seqs_a, first = session(model, prompts, chunk)
+    attn_b, seqs_b, first_b = session(model, prompts, chunk)
+    assert first == first_b
+    dec = GraphedDecoder(model, attn_a)
+    cache = attn_a.cache
+    last_a, last_b = np.array(first, np.int64), first
+    for step, event in enumerate(events):
+        if event == "add":  # another sequence comes and goes: the length table changed outside the batch
+            for attn in (attn_a, attn_b):
+                attn.cache.release(attn.cache.add_sequence([1, 2, 3]))
+        elif event == "sync":  # another reader uploads the host table (it sees the host's, not the advance)
+            cache.sync_lens()
+            rows = [cache.seq_slot(s) for s in seqs_a]
+            np.testing.assert_array_equal(cache.d_slot_lens.get()[rows], cache.slot_lens[rows])
+        elif event == "profile" and step:
+            if attn_a.decoder.decode_plan.version == cache.version:
+                dec.profile(GpuTimer(warmup=0, iters=1, flush_bytes=0))
+            else:  # the tree changed since the plan (another sequence came and went): capturing anew refuses
+                with pytest.raises(CacheError, match="build a new plan"):
+                    dec.profile(GpuTimer(warmup=0, iters=1, flush_bytes=0))
+        if step:
+            dec.logits.fill(np.nan)  # poisoned: the replay must write it
+        got = dec.step(seqs_a, last_a.tolist() if event == "list" else last_a)
+        want = GraphedDecoder(model, attn_b).step(seqs_b, last_b)  # everything uploaded, captured anew
+        np.testing.assert_array_equal(got, want, err_msg=f"step {step} ({event})")
+        assert not np.isnan(dec.logits.astype(np.float32)).any()
+        if event in ("add", "sync") or step == 0:
+            assert not dec.times.fresh[-1], "the step must upload after a change outside the batch"
+        # the device is one step on: next slot, position and length of every row
+        meta, pos = dec.meta.get(), dec.batch.positions
+        np.testing.assert_array_equal(meta[2], pos + 1)
+        np.testing.assert_array_equal(meta[1], pos % chunk + 1)
+        rows = [cache.seq_slot(s) for s in seqs_a]
+        np.testing.assert_array_equal(cache.d_slot_lens.get()[rows], cache.slot_lens[rows] + 1)
+        last_a, last_b = got, want.tolist()
+    steady = [i for i, e in enumerate(events) if i and e in ("none", "list") and events[i - 1] != "sync"]
+    assert dec.times.captures >= 1
+    if len(steady) > 4:
+        assert any(dec.times.fresh), "no step took the no-upload path"
+
+
+def test_capture_refuses_synchronous_copies(emulated):
+    """The stand-in capture is strict like CUDA's: a copy inside it raises."""
+    import cupy
+
+    s = cupy.cuda.Stream()
+    a = cupy.zeros(3, np.int32)
+    s.begin_capture()
+    try:
+        with pytest.raises(RuntimeError, match="capture"):
+            a.get()
+    finally:
+        s.end_capture()
+    assert a.get().tolist() == [0, 0, 0]
