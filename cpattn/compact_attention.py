@@ -203,19 +203,20 @@ def sampled_mass_grid(num_q_heads: int, num_kv_heads: int, m: int, past_blocks: 
     return (tiles, cdiv(steps, split_steps), num_kv_heads), split_steps
 
 
-def sampled_block_mass(cache, layer: int, blocks, q, past_blocks: int, scale: float, sample_rows: int, part=None):
+def sampled_block_mass(cache, layer: int, blocks, q, past_blocks: int, scale: float, sample_rows: int, part=None,
+                       last_block: bool = False):
     """Launch sampled_block_mass for one chunk (on the current stream; no sync).
 
     Args: blocks cupy int32 [Pb + Qb] the sequence's pool ids up to the chunk end; q cupy
         [n, Hq, D] storage dtype, the chunk's queries; part: None or a cupy float32
         [Pb + Qb, Hq, m] that receives the partials (every entry is written).
-    Returns: part float32 [Pb + Qb, Hq, m] (m = len(reference.sampled_rows(n, c, sample_rows))).
+    Returns: part float32 [Pb + Qb, Hq, m] (m = len(reference.sampled_rows(n, c, sample_rows, last_block))).
     """
     import cupy
 
     n, Hq, D = q.shape
     c, Hkv = cache.chunk_size, cache.num_kv_heads
-    sel = reference.sampled_rows(n, c, sample_rows)
+    sel = reference.sampled_rows(n, c, sample_rows, last_block)
     m, nb = len(sel), past_blocks + cdiv(n, c)
     if part is None:
         part = cupy.empty((nb, Hq, m), np.float32)
@@ -369,18 +370,25 @@ def sequence_scores(cache, means, layer: int, blocks, q, past_blocks: int, scale
     float32 [Hq, Qb, Pb], for ``block_union`` at threshold 1 under the recall rule (its choice as
     +-1 scores) and at alpha otherwise (the estimate). ``blocks`` cupy int32 [Pb + Qb]: the
     sequence's pool ids up to the chunk end; q cupy [n, Hq, D] storage dtype. ``row_floor``
-    (recall rule on summary='sampled' only): the choice also holds every sampled row's minimal
-    set at the floor (``row_floor_choice`` on the same partials)."""
+    (recall rule on summary='sampled' only): the choice also holds the minimal set at the floor of
+    every sampled row and of every row of the chunk's last query block (their partials come from
+    the same launch; the pooled sums use the sampled rows alone; ``row_floor_choice``)."""
     import cupy
 
     n, Hq, _ = q.shape
     c, Hkv, Pb = cache.chunk_size, cache.num_kv_heads, past_blocks
     Qb, s, tb = cdiv(n, c), group_size, tile_blocks
+    last = row_floor is not None  # the floor samples the chunk's last query block in full
     if summary == "sampled":  # one kernel over the pool pages in place, then a small combine
-        part = sampled_block_mass(cache, layer, blocks, q, Pb, scale, sample_rows)
+        part = sampled_block_mass(cache, layer, blocks, q, Pb, scale, sample_rows, last_block=last)
         if recall is None:
             return mass_from_partials(cupy, part, Pb, n, c, sample_rows)[0]
-        E, O = sampled_table_sums(cupy, part, Pb, n, c, sample_rows, Hkv, s, tb)  # straight from the partials
+        if last:  # the pooled estimate on the sample_rows samples alone (the reference's), a subset of the rows
+            rows = reference.sampled_rows(n, c, sample_rows, last_block=True)
+            base = np.searchsorted(rows, reference.sampled_rows(n, c, sample_rows))
+            E, O = sampled_table_sums(cupy, part[:, :, cupy.asarray(base)], Pb, n, c, sample_rows, Hkv, s, tb)
+        else:
+            E, O = sampled_table_sums(cupy, part, Pb, n, c, sample_rows, Hkv, s, tb)  # straight from the partials
         if row_floor is not None:
             row_p, row_o = sampled_row_mass(cupy, part, Pb)
     else:
@@ -396,7 +404,7 @@ def sequence_scores(cache, means, layer: int, blocks, q, past_blocks: int, scale
     rows_in = np.minimum(c, n - np.arange(Qb) * c)
     chosen = recall_choice_sums(cupy, E, O, rows_in, forced, float(recall), s, tb)
     if row_floor is not None:  # check_row_floor: only on the sampled summary
-        rows = reference.sampled_rows(n, c, sample_rows)
+        rows = reference.sampled_rows(n, c, sample_rows, last_block=True)
         chosen |= row_floor_choice(cupy, row_p, row_o, rows // c, forced, float(row_floor), Hkv, s, tb)
     return choice_scores(cupy, chosen, Hq // Hkv, tb, Qb)
 

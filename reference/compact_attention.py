@@ -296,13 +296,16 @@ def block_scores(q: np.ndarray, kmean: np.ndarray, chunk_size: int, scale: float
     return s / s.sum(axis=2, keepdims=True)
 
 
-def sampled_rows(n: int, chunk_size: int, rows: int) -> np.ndarray:
+def sampled_rows(n: int, chunk_size: int, rows: int, last_block: bool = False) -> np.ndarray:
     """Chunk rows scored exactly by summary="sampled": ``rows`` rows evenly spaced over each
-    query block, its first and last row included (fewer in a block that has fewer). int64, ascending."""
+    query block, its first and last row included (fewer in a block that has fewer), and with
+    ``last_block`` every row of the chunk's last query block (the rule's ``row_floor`` asks for
+    it: the rows that give the next token when the chunk ends a prompt). int64, ascending."""
     out = []
     for a in range(0, n, chunk_size):
         m = min(chunk_size, n - a)
-        out.append(a + np.unique(np.round(np.linspace(0, m - 1, min(rows, m))).astype(np.int64)))
+        take = m if last_block and a + m == n else min(rows, m)
+        out.append(a + np.unique(np.round(np.linspace(0, m - 1, take)).astype(np.int64)))
     return np.concatenate(out)
 
 
@@ -364,7 +367,7 @@ def estimated_mass(q: np.ndarray, k: np.ndarray, kmean: np.ndarray, chunk_size: 
 
 
 def sampled_row_mass(q: np.ndarray, k: np.ndarray, kmean: np.ndarray, chunk_size: int, scale: float,
-                     sample_rows: int = DEFAULT_SAMPLE_ROWS):
+                     sample_rows: int = DEFAULT_SAMPLE_ROWS, last_block: bool = False):
     """Each sampled row's exact attention mass on every past block and on the chunk: what
     summary='sampled' measures, before ``estimated_mass`` spreads it over the query blocks.
 
@@ -377,7 +380,7 @@ def sampled_row_mass(q: np.ndarray, k: np.ndarray, kmean: np.ndarray, chunk_size
     Pb, Hkv = kmean.shape[0], k.shape[1]
     c, G = chunk_size, Hq // Hkv
     P = Pb * c
-    sel = sampled_rows(n, c, sample_rows)
+    sel = sampled_rows(n, c, sample_rows, last_block)
     m = len(sel)
     q64, k64 = q.astype(np.float64), k.astype(np.float64)
     past = np.zeros((Hq, m, Pb))
@@ -528,7 +531,10 @@ def select_blocks(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int 
         sample_rows: rows per query block that summary='sampled' scores exactly.
         row_floor: None, or with the recall rule on summary='sampled' a number in [0, 1]: besides
             the pooled target, every sampled row's estimated recall reaches ``row_floor`` (each
-            table also keeps the union of its sampled rows' minimal sets, ``row_floor_rule``).
+            table also keeps the union of its sampled rows' minimal sets, ``row_floor_rule``),
+            and so does every row of the chunk's last query block (the rows that give the next
+            token when the chunk ends a prompt: ``sampled_rows(last_block=True)``); the pooled
+            estimate stays on the ``sample_rows`` samples.
     Past pages not yet summarised (e.g. a freshly matched prefix) are summarised first.
     """
     q = storage_view(q)
@@ -568,8 +574,9 @@ def select_blocks(cache: ChunkCache, means: BlockMeans, seq: int, q, layer: int 
         selected = scores >= np.float32(alpha) * scores.max(axis=2, keepdims=True)
     else:
         chosen = recall_rule(est_past, est_own, rows_in, forced, float(recall), Hkv, s, tb)  # [T, Hkv, S, Pb]
-        if row_floor is not None:  # and every sampled row's own minimal set at the floor
-            rows, row_past, row_own = sampled_row_mass(qf, k_all, kmean, c, scale, sample_rows)
+        if row_floor is not None:  # and the own minimal set at the floor of every sampled row, and of
+            # every row of the last query block (the rows that give the next token when the chunk ends a prompt)
+            rows, row_past, row_own = sampled_row_mass(qf, k_all, kmean, c, scale, sample_rows, last_block=True)
             chosen |= row_floor_rule(row_past, row_own, rows // c, forced, row_floor, Hkv, s, tb)
         per_head = chosen.transpose(1, 2, 0, 3)[:, :, None].repeat(s, axis=2).reshape(Hq, T, Pb)
         selected = per_head[:, np.arange(Qb) // tb]

@@ -122,6 +122,10 @@ def test_sampled_rows_cover_every_query_block():
     assert sampled_rows(9, 4, 3).tolist() == [0, 2, 3, 4, 6, 7, 8]  # rounded linspace, a block of one row
     assert sampled_rows(8, 4, 1).tolist() == [0, 4]
     assert sampled_rows(5, 4, 9).tolist() == [0, 1, 2, 3, 4]
+    # the floor's rows: every row of the last query block besides
+    assert sampled_rows(10, 4, 2, last_block=True).tolist() == [0, 3, 4, 7, 8, 9]  # (a block of 2: all already)
+    assert sampled_rows(12, 4, 2, last_block=True).tolist() == [0, 3, 4, 7, 8, 9, 10, 11]
+    assert sampled_rows(12, 4, 1, last_block=True).tolist() == [0, 4, 8, 9, 10, 11]
 
 
 # ============================================================================ the rule
@@ -229,12 +233,13 @@ def test_recall_rule_by_hand():
 
 
 # ============================================================================ the per-row floor
-def sampled_row_recall(sel, cache, means, seq, q, rows):
-    """Each sampled row's estimated recall under ``sel``'s tables: float [Hq, m] (own chunk,
-    forced and kept past blocks of the row's table), and the sampled rows."""
+def sampled_row_recall(sel, cache, means, seq, q, rows, last_block=True):
+    """Each floored row's estimated recall under ``sel``'s tables: float [Hq, m] (own chunk,
+    forced and kept past blocks of the row's table), and the rows (the sampled ones and, with
+    ``last_block``, every row of the last query block: those the floor holds on)."""
     qf, k, kmean, P = inputs(cache, means, seq, q)
     c = cache.chunk_size
-    sel_rows, row_past, row_own = sampled_row_mass(qf, k, kmean, c, 1 / np.sqrt(16), rows)
+    sel_rows, row_past, row_own = sampled_row_mass(qf, k, kmean, c, 1 / np.sqrt(16), rows, last_block)
     Hq, m, Pb = row_past.shape
     G, s, tb = Hq // cache.num_kv_heads, sel.group_size, sel.q_tile // c
     kept = np.stack([sel.group_union[sel_rows[i] // c // tb, h // G, (h % G) // s] for h in range(Hq)

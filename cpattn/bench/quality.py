@@ -276,7 +276,7 @@ def markdown(result: dict) -> str:
                        + ("K/V head" if m.get("group_size") is None else f"{m['group_size']} query head(s)")
                        + f"), past blocks by estimated mass until the estimate reaches {m['recall']:g}"
                        + ("" if m.get("row_floor") is None else
-                          f" and every sampled row's estimated recall reaches {m['row_floor']:g}")
+                          f" and every sampled row's estimated recall reaches {m['row_floor']:g} (the last query block's rows all sampled)")
                        + ", same sink and window. "
                        for m in result.get("recall_modes", []))
              + "Densities are fractions of the past K/V blocks kept (select: per query block and head; "

@@ -132,7 +132,8 @@ def register(subparsers) -> None:
                    help="rows per query block scored exactly by --summary sampled (needs --recall)")
     g.add_argument("--row-floor", type=float, default=None,
                    help="the recall rule's per-row floor: every sampled row's estimated recall reaches this "
-                        "fraction too (e.g. 0.9; needs --recall and the sampled summary)")
+                        "fraction too, the last query block's rows all sampled (e.g. 0.9; needs --recall "
+                        "and the sampled summary)")
     g.add_argument("--batch", type=int, default=0,
                    help="run N requests sharing --document as system prompt, and report the serving numbers")
     g.add_argument("--document", default="python-docs", help="rust-book, python-docs or a text file (--batch)")

@@ -180,22 +180,25 @@ class EmulatedDecode:
         return tuple(map(self._api.device, res)) if isinstance(res, tuple) else self._api.device(res)
 
 
-class EmulatedMeans:
-    """The reference ``BlockMeans`` of a cache's ``DeviceLengthView``, called with the cache
-    itself (as a caller of the GPU names does): the cache is passed on as its view."""
+def emulated_means(view):
+    """The reference ``BlockMeans`` of a cache's ``DeviceLengthView`` that also takes the cache
+    itself wherever it takes its cache (as a caller of the GPU names passes it)."""
+    from ..reference.compact_attention import BlockMeans
 
-    def __init__(self, means, cache, view):
-        self._means, self._cache, self._view = means, cache, view
+    class EmulatedMeans(BlockMeans):
+        pass
 
-    def __getattr__(self, name):
-        attr = getattr(self._means, name)
-        if not callable(attr):
-            return attr
+    def through_view(name):
+        method = getattr(BlockMeans, name)
 
-        def call(*args, **kwargs):
-            args = tuple(self._view if a is self._cache else a for a in args)
-            return attr(*args, **{k: self._view if v is self._cache else v for k, v in kwargs.items()})
+        def call(self, cache, *args, **kwargs):
+            return method(self, view if cache is view.gpu_cache else cache, *args, **kwargs)
+        call.__name__ = name
         return call
+
+    for name in ("check_num_blocks", "check_cache", "update", "summarise", "is_current", "gather"):
+        setattr(EmulatedMeans, name, through_view(name))
+    return EmulatedMeans(view)
 
 
 class EmulatedApi:
@@ -223,17 +226,19 @@ class EmulatedApi:
     def BlockMeans(self, cache):
         from ..reference.compact_attention import BlockMeans
 
-        return EmulatedMeans(BlockMeans(self.view(cache)), cache, self.view(cache))
+        if not hasattr(cache, "d_slot_lens"):
+            return BlockMeans(cache)
+        return emulated_means(self.view(cache))
 
     def compact_prefill(self, cache, means, *args, **kwargs):
         from ..reference.compact_attention import compact_prefill
 
-        return compact_prefill(self.view(cache), getattr(means, "_means", means), *args, **kwargs)
+        return compact_prefill(self.view(cache), means, *args, **kwargs)
 
     def dense_prefill(self, cache, means, *args, **kwargs):
         from ..reference.compact_attention import dense_prefill
 
-        return dense_prefill(self.view(cache), getattr(means, "_means", means), *args, **kwargs)
+        return dense_prefill(self.view(cache), means, *args, **kwargs)
 
 
 class EmulatedBackend(CupyBackend):
