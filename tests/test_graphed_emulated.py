@@ -134,3 +134,33 @@ def test_capture_refuses_synchronous_copies(emulated):
     finally:
         s.end_capture()
     assert a.get().tolist() == [0, 0, 0]
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 4), chunk=st.sampled_from([4, 8]),
+       steps=st.integers(6, 20))
+def test_steps_with_slots_reserved_by_the_caller(emulated, seed, batch, chunk, steps):
+    """The mixed-step path (``MixedStepBackend``): the caller reserves each step's tokens
+    (``reserve_batch``) and hands the slots in; such a step always uploads them, and the device
+    advance it leaves behind is stale for every other reader (the next sync uploads the host
+    table). Same tokens as a fresh decoder per step."""
+    from cpattn.serving.graphed import GraphedDecoder
+
+    model = tiny_model(seed % 1000, __import__("cupy"))
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, model.config.vocab_size, int(rng.integers(1, 2 * chunk))).tolist()
+               for _ in range(batch)]
+    attn_a, seqs_a, first = session(model, prompts, chunk)
+    attn_b, seqs_b, _ = session(model, prompts, chunk)
+    dec, cache = GraphedDecoder(model, attn_a), attn_a.cache
+    last_a, last_b = first, first
+    for step in range(steps):
+        slots = cache.reserve_batch(seqs_a, last_a)
+        got = dec.step(seqs_a, last_a, slots=slots)
+        want = GraphedDecoder(model, attn_b).step(seqs_b, last_b)
+        np.testing.assert_array_equal(got, want, err_msg=f"step {step}")
+        assert not dec.times.fresh[-1]
+        rows = [cache.seq_slot(s) for s in seqs_a]
+        cache.sync_lens()  # a reader between steps sees the host lengths, not the advance
+        np.testing.assert_array_equal(cache.d_slot_lens.get()[rows], cache.slot_lens[rows])
+        last_a, last_b = got.tolist(), want.tolist()
