@@ -27,7 +27,7 @@ import numpy as np
 
 from .arrays import as_cupy, host_jit, import_cupy
 from .kernels import DECODE_ROWS as ROWS_PER_UNIT  # rows of a phase-2 unit (and of phase-1 units at chunk 128)
-from .kernels import THREADS, UNIT_WIDTH, decode_smem_bytes, get_kernels, invariant_rows, phase1_rows
+from .kernels import THREADS, UNIT_FIELDS, UNIT_WIDTH, decode_smem_bytes, get_kernels, invariant_rows, phase1_rows
 from .reference import chunk_attention as reference
 from .reference.checks import INT32_MAX, check_bool, check_instance, check_int, check_scale
 from .reference.chunk_attention import INVARIANT_BLOCK_CHUNKS, SPLIT_FIELDS, DecodePlan, batch_states, \
@@ -685,6 +685,13 @@ class ChunkAttentionDecode:
         self.decode_plan: DecodePlan | None = None  # the current plan (host arrays)
         self.num_q_heads: int | None = None
         self._dev = {}  # DEVICE_ARRAYS name -> view of the one uploaded buffer
+        # The plan buffer keeps its place while later plans fit it and launch alike (same units,
+        # state rows, batch, kernels): then ``plan_reused`` is True and a CUDA graph captured on
+        # the plan before replays the new one (GraphedDecoder keeps its graph across a new chunk).
+        self.plan_reused = False
+        self._launch_shape = None
+        self._caps = np.zeros(len(DEVICE_ARRAYS), np.int64)
+        self._buf = self._starts = self._padded = None
 
     # ------------------------------------------------------------------ plan
     def plan(self, seqs, num_q_heads: int, *, queries_per_seq: int = 1, tree_mask=None) -> DecodePlan:
@@ -698,14 +705,36 @@ class ChunkAttentionDecode:
                                                 self.private_piece_chunks, self.units_per_sm, self._sms,
                                                 queries_per_seq=queries_per_seq, tree_mask=tree_mask,
                                                 batch_invariant=self.batch_invariant)
-        buf = cupy.asarray(host)  # the one upload
-        self._dev = {name: buf[offs[i]:offs[i + 1]] for i, name in enumerate(DEVICE_ARRAYS)}
-        self._dev["units"] = self._dev["units"].reshape(num_units, UNIT_WIDTH)
         rows = (plan.num_state_rows + plan.num_items) * plan.queries_per_seq
-        if rows * num_q_heads > self._states_cap:  # grow only; fixed while a graph replays
-            self._states_cap = rows * num_q_heads
+        lens = np.diff(offs)
+        # what a launch bakes in besides the buffers' places: state rows of the pieces, batch, kernels
+        shape = (plan.num_state_rows, plan.batch_size, plan.queries_per_seq, decode_kernels(plan), int(num_q_heads))
+        self.plan_reused = (shape == self._launch_shape and rows * num_q_heads <= self._states_cap
+                            and bool((lens <= self._caps).all()))
+        if not self.plan_reused:  # new buffers with room to grow: a captured launch keeps its pointers,
+            # its grid and its state buffers while the next plans fit (plan_reused)
+            spare_units = max(num_units // 4, 32)
+            self._caps = lens + np.maximum(lens // 4, 64)
+            self._caps[0] = (num_units + spare_units) * UNIT_WIDTH
+            self._starts = np.concatenate([[0], np.cumsum(self._caps)[:-1]])
+            self._buf = cupy.empty(int(self._caps.sum()), np.int32)
+            self._padded = np.zeros(int(self._caps.sum()), np.int32)
+            self._states_cap = (rows + max(rows // 4, 64)) * num_q_heads
             self._o_states = cupy.empty(self._states_cap * cache.head_dim, np.float32)
             self._lse_states = cupy.empty(self._states_cap, np.float32)
+        padded, starts = self._padded, self._starts
+        for i in range(len(DEVICE_ARRAYS)):
+            padded[starts[i]:starts[i] + lens[i]] = host[offs[i]:offs[i + 1]]
+        # the units past the plan's do nothing: no rows, no chunks (chunk_attend then reads only
+        # chunk_list[0], loads no page and stores no state)
+        spare = padded[lens[0]:self._caps[0]].reshape(-1, UNIT_WIDTH)
+        spare[:] = 0
+        spare[:, UNIT_FIELDS.index("len_slot")] = -1
+        self._buf.set(padded)  # the one upload
+        self._dev = {name: self._buf[starts[i]:starts[i] + lens[i]] for i, name in enumerate(DEVICE_ARRAYS)}
+        self._dev["units"] = self._dev["units"].reshape(num_units, UNIT_WIDTH)
+        self._dev["launch_units"] = self._buf[:self._caps[0]].reshape(-1, UNIT_WIDTH)  # the grid: spares included
+        self._launch_shape = shape
         self.num_q_heads = int(num_q_heads)
         cache.sync_lens()
         self.decode_plan = plan
@@ -735,7 +764,7 @@ class ChunkAttentionDecode:
         ``units`` (a device int32 [n, UNIT_WIDTH] subset of ``self.units``; default all): the
         partial states, no merge. For profiling."""
         q, scale = self._check_q(q, layer, scale)
-        units = self._dev["units"] if units is None else as_cupy(units, "units", None, None)
+        units = self._dev["launch_units"] if units is None else as_cupy(units, "units", None, None)
         if units.dtype != np.int32 or units.ndim != 2 or units.shape[1] != UNIT_WIDTH:
             raise ValueError(f"units: expected a device int32 array [n, {UNIT_WIDTH}], got {units.dtype} {units.shape}")
         cache = self.cache

@@ -17,23 +17,10 @@ from cpattn import gpu_available
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")]
 
 
-def tiny_model(seed, xp, vocab=512, hidden=256, inter=384, layers=3, hq=4, hkv=2, d=64):
-    from cpattn.serving.llama import LlamaConfig, LlamaModel
+def tiny_model(seed, xp):
+    from cpattn.testing.models import random_llama
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
-                      num_q_heads=hq, num_kv_heads=hkv, head_dim=d, rope_theta=1e4, context_length=4096)
-    rng = np.random.default_rng(seed)
-    t = {"token_embd.weight": rng.standard_normal((vocab, hidden)), "output_norm.weight": 1 + 0.1 * rng.standard_normal(hidden)}
-    for i in range(layers):
-        p = f"blk.{i}."
-        t[p + "attn_norm.weight"] = 1 + 0.1 * rng.standard_normal(hidden)
-        t[p + "ffn_norm.weight"] = 1 + 0.1 * rng.standard_normal(hidden)
-        for name, shape in (("attn_q", (hq * d, hidden)), ("attn_k", (hkv * d, hidden)), ("attn_v", (hkv * d, hidden)),
-                            ("attn_output", (hidden, hq * d)), ("ffn_gate", (inter, hidden)),
-                            ("ffn_up", (inter, hidden)), ("ffn_down", (hidden, inter))):
-            t[p + name + ".weight"] = rng.standard_normal(shape) / np.sqrt(shape[1])
-    t = {k: v.astype(np.float32) for k, v in t.items()}
-    return LlamaModel(cfg, t, dtype="float16", xp=xp)
+    return random_llama(seed, xp, vocab=512, hidden=256, inter=384, layers=3, hq=4, hkv=2, d=64, gain=1.0)
 
 
 def session(model, prompts, chunk):

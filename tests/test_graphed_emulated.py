@@ -19,32 +19,24 @@ from cpattn.reference.chunk_cache import CacheError
 from cpattn.testing.backends import get_backend
 
 
-def tiny_model(seed, xp, vocab=96, hidden=32, inter=48, layers=2, hq=4, hkv=2, d=8):
-    from cpattn.serving.llama import LlamaConfig, LlamaModel
+def tiny_model(seed, xp, layers=2):
+    from cpattn.testing.models import random_llama
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
-                      num_q_heads=hq, num_kv_heads=hkv, head_dim=d, rope_theta=1e4, context_length=4096)
-    rng = np.random.default_rng(seed)
-    t = {"token_embd.weight": rng.standard_normal((vocab, hidden)), "output_norm.weight": 1 + 0.1 * rng.standard_normal(hidden)}
-    for i in range(layers):
-        p = f"blk.{i}."
-        t[p + "attn_norm.weight"] = 1 + 0.1 * rng.standard_normal(hidden)
-        t[p + "ffn_norm.weight"] = 1 + 0.1 * rng.standard_normal(hidden)
-        for name, shape in (("attn_q", (hq * d, hidden)), ("attn_k", (hkv * d, hidden)), ("attn_v", (hkv * d, hidden)),
-                            ("attn_output", (hidden, hq * d)), ("ffn_gate", (inter, hidden)),
-                            ("ffn_up", (inter, hidden)), ("ffn_down", (hidden, inter))):
-            t[p + name + ".weight"] = 2 * rng.standard_normal(shape) / np.sqrt(shape[1])
-    return LlamaModel(cfg, {k: v.astype(np.float32) for k, v in t.items()}, dtype="float16", xp=xp)
+    return random_llama(seed, xp, vocab=96, hidden=32, inter=48, layers=layers, hq=4, hkv=2, d=8, gain=2.0)
 
 
 @pytest.fixture
 def emulated(monkeypatch):
-    """The emulated backend entered, the model's attention names its stand-ins."""
+    """The emulated backend entered: the model decodes with the GPU decoder itself (its kernels
+    emulated from their launch arguments, ``fake_decode_kernels``) and prefills with the
+    reference on the device lengths."""
     import cpattn.serving.llama as llama
 
     with get_backend("emulated") as be:
+        from cpattn.chunk_attention import ChunkAttentionDecode
+
         api = be.api
-        monkeypatch.setattr(llama, "attention_api", lambda: (api.ChunkAttentionDecode, api.BlockMeans,
+        monkeypatch.setattr(llama, "attention_api", lambda: (ChunkAttentionDecode, api.BlockMeans,
                                                              api.compact_prefill))
         yield be
 
@@ -103,12 +95,13 @@ def test_steady_steps_give_the_tokens_of_fresh_ones(emulated, seed, batch, share
                     dec.profile(GpuTimer(warmup=0, iters=1, flush_bytes=0))
         if step:
             dec.logits.fill(np.nan)  # poisoned: the replay must write it
+        replans = dec.times.replans
         got = dec.step(seqs_a, last_a.tolist() if event == "list" else last_a)
         want = GraphedDecoder(model, attn_b).step(seqs_b, last_b)  # everything uploaded, captured anew
         np.testing.assert_array_equal(got, want, err_msg=f"step {step} ({event})")
         assert not np.isnan(dec.logits.astype(np.float32)).any()
         # the no-upload path exactly on the steps that may take it: no new chunk, nothing changed since the last
-        assert dec.times.fresh[-1] == (step not in withdrawn and dec.times.capture[-1] == 0), (step, event)
+        assert dec.times.fresh[-1] == (step not in withdrawn and dec.times.replans == replans), (step, event)
         # the device is one step on: next slot, position and length of every row
         meta, pos = dec.meta.get(), dec.batch.positions
         np.testing.assert_array_equal(meta[2], pos + 1)
@@ -117,8 +110,9 @@ def test_steady_steps_give_the_tokens_of_fresh_ones(emulated, seed, batch, share
         np.testing.assert_array_equal(cache.d_slot_lens.get()[rows], cache.slot_lens[rows] + 1)
         last_a, last_b = got, want.tolist()
     assert dec.times.captures >= 1
-    if seed == 3 and batch == 2:  # the explicit example: steady steps do take the no-upload path
-        assert sum(dec.times.fresh) >= 4
+    if seed == 3 and batch == 2:  # the explicit example: steady steps take the no-upload path, and a new
+        # chunk the plan written into the captured one's buffers (no new capture)
+        assert sum(dec.times.fresh) >= 4 and dec.times.replans > dec.times.captures
 
 
 def test_capture_refuses_synchronous_copies(emulated):

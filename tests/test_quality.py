@@ -18,6 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cpattn.testing.models as testing_models
+
 from cpattn.bench import quality as Q
 
 REQUIRED = os.environ.get("CPATTN_REQUIRE_MODEL") == "1"
@@ -194,25 +196,8 @@ def test_generator_takes_the_recall_rule():
             Generator(model, None, chunk_size=16, prefill_chunk=32, **options)
 
 
-def random_llama(seed, vocab=97, hidden=64, inter=96, layers=2, hq=4, hkv=2, d=16):
-    """A small Llama with random weights (float64 draws, rounded by the model)."""
-    from cpattn.serving.llama import LlamaConfig, LlamaModel
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
-                      num_q_heads=hq, num_kv_heads=hkv, head_dim=d, context_length=1024)
-    rng = np.random.default_rng(seed)
-    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
-    for i in range(layers):
-        shapes.update({f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.ffn_norm.weight": (hidden,),
-                       f"blk.{i}.attn_q.weight": (hq * d, hidden), f"blk.{i}.attn_k.weight": (hkv * d, hidden),
-                       f"blk.{i}.attn_v.weight": (hkv * d, hidden), f"blk.{i}.attn_output.weight": (hidden, hq * d),
-                       f"blk.{i}.ffn_gate.weight": (inter, hidden), f"blk.{i}.ffn_up.weight": (inter, hidden),
-                       f"blk.{i}.ffn_down.weight": (hidden, inter)})
-    t = {}
-    for name, shape in shapes.items():
-        w = rng.standard_normal(shape)
-        t[name] = (1 + 0.1 * w if len(shape) == 1 else 3 * w / np.sqrt(shape[-1])).astype(np.float32)
-    return LlamaModel(cfg, t, dtype="float16")
+def random_llama(seed):
+    return testing_models.random_llama(seed, context_length=1024)
 
 
 @settings(max_examples=6, deadline=None)

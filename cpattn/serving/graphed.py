@@ -80,6 +80,7 @@ class StepTimes:
     commit: list = field(default_factory=list)  # the commits, done while the graph replays
     launch: list = field(default_factory=list)  # graph launch until the next tokens are on the host
     fresh: list = field(default_factory=list)  # True: the device state was the last step's advance (no upload)
+    replans: int = 0  # steps that built a new plan (a capture, or the plan written into the captured one's buffers)
 
     @property
     def captures(self) -> int:
@@ -92,7 +93,7 @@ class StepTimes:
         pick = lambda a, idx: [a[i] for i in idx]  # noqa: E731
         host = [self.check[i] + self.reserve[i] + self.upload[i] + self.plan[i] + self.launch_call[i] + self.commit[i]
                 for i in range(len(self.launch))]
-        return dict(steps=len(self.launch), captures=len(new), fresh_steps=int(sum(self.fresh)),
+        return dict(steps=len(self.launch), captures=len(new), replans=self.replans, fresh_steps=int(sum(self.fresh)),
                     host_check_us=med(pick(self.check, replay)), host_reserve_us=med(pick(self.reserve, replay)),
                     host_upload_us=med(pick(self.upload, replay)), host_lens_us=med(pick(self.plan, replay)),
                     host_launch_call_us=med(pick(self.launch_call, replay)),
@@ -296,9 +297,13 @@ class GraphedDecoder:
             captured = 0.0
             if new_batch or opened:  # a new batch or a new chunk: a new plan
                 self.attn.plan(seqs)  # uploads the plan and the lengths on this stream
-                tg = time.perf_counter()
-                self.graph = self.capture() if self.graph_enabled else None
-                captured = time.perf_counter() - tg
+                # the new plan in the old one's buffers, launched alike: the graph replays it as it is
+                reused = not new_batch and self.graph is not None and self.attn.decoder.plan_reused
+                if not reused:
+                    tg = time.perf_counter()
+                    self.graph = self.capture() if self.graph_enabled else None
+                    captured = time.perf_counter() - tg
+                self.times.replans += 1
             elif not fresh:
                 cache.sync_lens()
             tp = time.perf_counter()

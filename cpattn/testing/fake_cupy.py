@@ -211,12 +211,17 @@ def get_kernels(file, dtype, head_dim, chunk_size):
         from . import fake_model_ops
 
         return fake_model_ops.KERNELS
+    if file == "chunk_attention":  # the decode kernels of one query per sequence
+        from . import fake_decode_kernels
+
+        return dict(fake_decode_kernels.KERNELS)  # (the launcher sets attributes on them)
     assert file == "chunk_cache" and head_dim % 8 == 0, (file, head_dim)
     return {"kv_append": kv_append}
 
 
 @contextmanager
 def installed():
+    import cpattn.chunk_attention
     import cpattn.chunk_cache
     import cpattn.kernels
     import cpattn.serving.graphed
@@ -227,6 +232,7 @@ def installed():
     missing = object()
     saved_mod = sys.modules.get("cupy", missing)  # the real CuPy comes back afterwards
     saved = [(cpattn.chunk_cache, "get_kernels", get_kernels), (cpattn.kernels, "get_kernels", get_kernels),
+             (cpattn.chunk_attention, "get_kernels", get_kernels),
              (cpattn.serving.graphed, "CublasGemm", fake_model_ops.FakeGemm)]
     saved = [(mod, name, getattr(mod, name), new) for mod, name, new in saved]
     sys.modules["cupy"] = _module()
