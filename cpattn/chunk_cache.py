@@ -98,7 +98,12 @@ class GpuChunkCache(ChunkCache):
         return super().check_batch(seqs, name)
 
     def live_states(self, ids: list):
-        self.settle()
+        """``ChunkCache.live_states`` for planners, which read each state's slot, path and length:
+        the active decode batch writes its lengths into the states and stays active (its arrays
+        stay exact while nothing changes the tree, and every change settles it); the newest
+        tokens of the tail nodes may still be in its arrays."""
+        if self._lazy is not None:
+            self._lazy.flush_lengths()
         return super().live_states(ids)
 
     def nodes(self):
@@ -283,7 +288,8 @@ class GpuDecodeBatch(DecodeBatch):
         """Take the batch's state into the arrays; False (nothing taken) when a sequence has
         reserved tokens not committed: the reference path then raises what it raises."""
         cache = self.cache
-        states = cache.live_states(list(self.seqs))  # settles any other active batch
+        cache.settle()  # any other active batch: its state into the tree, deactivated
+        states = cache.live_states(list(self.seqs))
         if states is None:
             cache.check_batch(list(self.seqs))  # raises: a sequence was released
         if any(s.n_committed != s.n_tokens for s in states):
@@ -306,6 +312,10 @@ class GpuDecodeBatch(DecodeBatch):
         """The array state into the tree: tail tokens and sequence lengths (``cache.settle``)."""
         for b in np.flatnonzero(self._st[FILL]).tolist():
             self._flush_row(b)
+        self.flush_lengths()
+
+    def flush_lengths(self) -> None:
+        """The sequence lengths into their states (``cache.live_states``)."""
         for s, n in zip(self._states, self._st[LENGTH].tolist()):
             s.n_tokens, s.n_committed = n, n - 1 if self._reserved else n
 

@@ -115,6 +115,10 @@ def test_decode_batch_equals_the_reference(seed, n, steps, pool):
             elif v < 0.2:  # a read in the middle of a step settles the arrays
                 s = live[int(rng.integers(len(live)))]
                 assert gpu.seq_len(s) == ref.seq_len(s) and gpu.seq_tokens(s) == ref.seq_tokens(s)
+            elif v < 0.35:  # a planner's read in the middle of a step: lengths and paths exact, the batch active
+                states = gpu.live_states(list(live))
+                assert [st.n_tokens for st in states] == [ref.seq_len(s) for s in live]
+                assert [[n.chunk for n in st.path] for st in states] == [ref.seq_chunks(s) for s in live]
             for batch in batches:
                 batch.commit()
             if rng.random() < 0.2:
