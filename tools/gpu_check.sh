@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check in as few device calls as possible: install from source, then the chosen steps.
 # Full logs go to $OUT (or ./gpu_out); a short summary is printed last.
-#   tools/gpu_check.sh [tests] [sanitize] [bench-decode] [bench-prefill] [soak] [serving] [mixed] [all]  (default: all)
+#   tools/gpu_check.sh [tests] [sanitize] [bench-decode] [bench-prefill] [soak] [serving] [mixed] [model] [all]  (default: all)
 # A device call is limited to 10 minutes: "tests sanitize" fit in one, each benchmark in one.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -46,6 +46,15 @@ if has mixed; then  # the real model in mixed steps under Poisson arrivals vs tr
     summary+=("bench mixed: exit $rc; $(ls "$OUT"/mixed_serving_*.md 2>/dev/null || echo missing)")
   else
     summary+=("bench mixed: skipped (no model file: cpattn models fetch smollm2, or CPATTN_MODELS=DIR holding it)")
+  fi
+fi
+if has model; then  # the real model served in one batch vs transformers (needs the model file); MODEL_ARGS e.g. --requests 256 --new-tokens 64 --skip-hf
+  if python3 -c 'import sys; from cpattn.serving.fetch import is_fetched; sys.exit(0 if is_fetched("smollm2") else 1)'; then
+    timeout 500 python3 -m cpattn.bench.model_serving --out "$OUT" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/bench_model.log" | tail -25
+    rc=${PIPESTATUS[0]}
+    summary+=("bench model: exit $rc; $(ls "$OUT"/model_serving_*.md 2>/dev/null || echo missing)")
+  else
+    summary+=("bench model: skipped (no model file: cpattn models fetch smollm2, or CPATTN_MODELS=DIR holding it)")
   fi
 fi
 echo "==== summary"; printf '%s\n' "${summary[@]}"

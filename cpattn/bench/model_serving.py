@@ -229,8 +229,11 @@ def section(meta, ours, hf, agree) -> str:
               f"{fmt(p.get('attention_ms'), '{:.3f}')} ms + the rest of the model (norms, products, RoPE, MLP, "
               f"logits, pick) {fmt(p.get('model_ms'), '{:.3f}')} ms (parts timed as separate graphs). " + host_sentence(h) +
               f" launch to tokens on the host {h['launch_to_tokens_us']:.0f} us; "
-              f"{h['captures']} of {h['steps']} steps rebuilt the plan ({h['plan_ms']:.2f} ms) and captured the "
-              f"step again ({h['capture_ms']:.1f} ms), because some sequence started a chunk; first step "
+              + (f"{h['replans']} of {h['steps']} steps rebuilt the plan because some sequence started a chunk, "
+                 f"{h['captures']} of them captured the step again ({h['capture_ms']:.1f} ms; the others wrote the "
+                 "plan into the captured one's buffers); first step " if "replans" in h else
+                 f"{h['captures']} of {h['steps']} steps rebuilt the plan ({h['plan_ms']:.2f} ms) and captured the "
+                 f"step again ({h['capture_ms']:.1f} ms), because some sequence started a chunk; first step ") +
               f"{h['first_step_s']:.3f} s. Decode throughput counts every step, captures included.", ""]
     return "\n".join(lines)
 
@@ -242,7 +245,7 @@ def host_sentence(h: dict) -> str:
                 f"{h['host_reserve_us']:.0f} us; the commits, {h['host_commit_us']:.0f} us, overlap the replay);")
     return (f"Host per replayed step (median; p90 {h['host_step_us_p90']:.0f} us): {h['host_step_us']:.1f} us = checks "
             f"{h['host_check_us']:.1f} + reserve {h['host_reserve_us']:.1f} + uploads {h['host_upload_us']:.1f} + "
-            f"length table {h['host_lens_us']:.1f} + launch call {h['host_launch_call_us']:.1f} + commits "
+            f"plan or length table {h['host_lens_us']:.1f} + launch call {h['host_launch_call_us']:.1f} + commits "
             f"{h['host_commit_us']:.1f} (overlapping the replay); {h['fresh_steps']} of {h['steps']} steps found the "
             f"device state advanced by the last step and uploaded nothing;")
 
