@@ -713,7 +713,7 @@ class ChunkAttentionDecode:
                             and bool((lens <= self._caps).all()))
         if not self.plan_reused:  # new buffers with room to grow: a captured launch keeps its pointers,
             # its grid and its state buffers while the next plans fit (plan_reused)
-            spare_units = max(num_units // 4, 32)
+            spare_units = max(num_units // 16, 16)
             self._caps = lens + np.maximum(lens // 4, 64)
             self._caps[0] = (num_units + spare_units) * UNIT_WIDTH
             self._starts = np.concatenate([[0], np.cumsum(self._caps)[:-1]])
@@ -764,7 +764,12 @@ class ChunkAttentionDecode:
         ``units`` (a device int32 [n, UNIT_WIDTH] subset of ``self.units``; default all): the
         partial states, no merge. For profiling."""
         q, scale = self._check_q(q, layer, scale)
-        units = self._dev["launch_units"] if units is None else as_cupy(units, "units", None, None)
+        if units is None:  # a capture takes the spare units too: the graph then runs the next plans that fit
+            import cupy
+
+            units = self._dev["launch_units" if cupy.cuda.get_current_stream().is_capturing() else "units"]
+        else:
+            units = as_cupy(units, "units", None, None)
         if units.dtype != np.int32 or units.ndim != 2 or units.shape[1] != UNIT_WIDTH:
             raise ValueError(f"units: expected a device int32 array [n, {UNIT_WIDTH}], got {units.dtype} {units.shape}")
         cache = self.cache

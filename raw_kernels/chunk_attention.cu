@@ -262,6 +262,7 @@ __device__ __forceinline__ void attend_units(CHUNK_ATTEND_PARAMS) {
   const int* u = units + (long long)blockIdx.x * kUnitFields;
   const int cb = u[U_CHUNK_BEGIN], ce = u[U_CHUNK_END], len_slot = u[U_LEN_SLOT];
   const int pos_begin = u[U_POS_BEGIN], row0 = u[U_ROW0], row_count = u[U_ROW_COUNT], kvh = u[U_KV_HEAD];
+  if (row_count == 0) return;  // a spare unit of a plan buffer with room to grow (the whole block: uniform)
   const int out_base = u[U_OUT_BASE];
   const int nk = len_slot < 0 ? (ce - cb) * C : slot_lens[len_slot] - u[U_LEN_MINUS];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;

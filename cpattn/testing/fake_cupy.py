@@ -80,6 +80,9 @@ class FakeStream:
     def synchronize(self) -> None:
         _not_capturing("a stream synchronize")
 
+    def is_capturing(self) -> bool:
+        return _capture is not None
+
     def begin_capture(self) -> None:
         global _capture
         if _capture is not None:
