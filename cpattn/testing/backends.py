@@ -126,17 +126,6 @@ class DeviceLengthView(ChunkCache):
         return np.array(self.gpu_cache.d_slot_lens).view(np.ndarray)
 
 
-class CapturedView(DeviceLengthView):
-    """The cache as a replayed graph sees it: device lengths, and the version its plan was built
-    for. A graph never checks the version (the decode plan of a batch stays right while the
-    batch's own paths do: ``GraphedDecoder`` replans when one of them starts a chunk); the
-    reference's check would ask for a new plan on any tree change elsewhere."""
-
-    def __init__(self, cache, version: int):
-        super().__init__(cache)
-        self.__dict__["version"] = version
-
-
 class EmulatedDecode:
     """``ChunkAttentionDecode`` for an emulated GPU cache: plan like the GPU one (then upload the
     lengths), run the reference on the device lengths, outputs on the "device"."""
@@ -157,25 +146,7 @@ class EmulatedDecode:
         self.cache.sync_lens()  # what the GPU plan does once it is built
         return plan
 
-    def _replay(self, plan, q, layer, scale, out):
-        """A captured run: the reference decode of the plan it was captured with (a CUDA graph
-        replays its plan's buffers, however the tree has changed since) on the device lengths."""
-        from ..reference.chunk_attention import decode
-        from ..reference.dtypes import to_storage
-
-        o = decode(CapturedView(self.cache, plan.version), plan, q, layer, scale)
-        out[...] = to_storage(o, self.cache.dtype)
-
     def run(self, q, layer=0, **kwargs):
-        from . import fake_cupy
-
-        if fake_cupy._capture is not None:  # recorded like the kernels: the plan as it is now, into out
-            out = kwargs.pop("out", None)
-            if out is None or kwargs.keys() - {"scale"}:
-                raise RuntimeError("run: expected out= (and at most scale=) during a stream capture")
-            self._dec.run(q, layer, out=out, **kwargs)  # the checks, once (the launch does none)
-            fake_cupy.launch(self._replay)(self._dec.decode_plan, q, layer, kwargs.get("scale"), out)
-            return out
         res = self._dec.run(q, layer, **kwargs)
         return tuple(map(self._api.device, res)) if isinstance(res, tuple) else self._api.device(res)
 
