@@ -743,6 +743,7 @@ class ChunkAttentionDecode:
         self.batch_invariant = check_bool(batch_invariant, "batch_invariant")
         self.cache = check_cache(cache)
         self.decode_plan: DecodePlan | None = None  # the current plan
+        self.plan_reused = False  # (the GPU decoder's: the last plan went into the buffers of the one before)
         self.num_q_heads: int | None = None
 
     def plan(self, seqs, num_q_heads: int, *, queries_per_seq: int = 1, tree_mask=None) -> DecodePlan:
